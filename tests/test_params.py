@@ -1,0 +1,124 @@
+"""params/*.yaml and their validation: WorkflowConfig.from_yaml, --set, path resolution, the runner's checks."""
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from waveglow_lib import notebook_runner as nr
+from waveglow_lib.config import GUIDE_MEL_LENGTHS, WorkflowConfig, parse_set_option
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ROOT / "params"
+
+
+@pytest.mark.parametrize("name", ["demo", "ljspeech", "ci", "ascend"])
+def test_params_files_load_and_name_their_run(name):
+    cfg = WorkflowConfig.from_yaml(PARAMS / f"{name}.yaml")
+    assert cfg.name == name
+
+
+def test_demo_lists_every_parameter_with_its_default():
+    import yaml
+
+    data = yaml.safe_load((PARAMS / "demo.yaml").read_text())
+    assert set(data) == {f.name for f in fields(WorkflowConfig)}
+    assert WorkflowConfig.from_dict(data).to_dict() == WorkflowConfig().to_dict()
+
+
+def test_each_params_file_says_what_it_is_for():
+    ci = WorkflowConfig.from_yaml(PARAMS / "ci.yaml")
+    assert ci.corpus == "demo" and ci.checkpoint == "demo" and 1 <= ci.limit <= 3
+    assert ci.bench_quick and ci.bench_batch_sizes == [1, 2] and ci.bench_repeats == 1
+    lj = WorkflowConfig.from_yaml(PARAMS / "ljspeech.yaml")
+    assert lj.limit == len(GUIDE_MEL_LENGTHS) and lj.corpus.endswith("LJSpeech-1.1")
+    assert lj.checkpoint.endswith("waveglow_256channels_universal_v5.pt")
+    ascend = WorkflowConfig.from_yaml(PARAMS / "ascend.yaml")
+    assert (ascend.backend, ascend.soc_version, ascend.gear_policy) == ("om", "Ascend310P3", "exact")
+    assert ascend.device.startswith("npu")
+
+
+def write(tmp_path, text):
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ValueError, match="'batchsize'") as info:
+        WorkflowConfig.from_yaml(write(tmp_path, "name: x\nbatchsize: 4\n"))
+    assert "p.yaml" in str(info.value)
+    with pytest.raises(ValueError, match="'sigmaa'"):
+        WorkflowConfig.from_yaml(PARAMS / "demo.yaml", {"sigmaa": 0.5})
+
+
+@pytest.mark.parametrize("text, key", [
+    ("limit: ten\n", "limit"),
+    ("limit: true\n", "limit"),          # a bool is not an int
+    ("sigma: high\n", "sigma"),
+    ("metrics: 1\n", "metrics"),
+    ("bench_batch_sizes: 4\n", "bench_batch_sizes"),
+    ("name: 7\n", "name"),
+])
+def test_wrong_type_is_named(tmp_path, text, key):
+    with pytest.raises(TypeError, match=f"'{key}'"):
+        WorkflowConfig.from_yaml(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("text, key", [
+    ("backend: tensorrt\n", "backend"),
+    ("precision: fp8\n", "precision"),
+    ("batch_size: 0\n", "batch_size"),
+    ("limit: -1\n", "limit"),
+    ("sigma: -0.1\n", "sigma"),
+])
+def test_bad_value_is_named(tmp_path, text, key):
+    with pytest.raises(ValueError, match=f"'{key}'"):
+        WorkflowConfig.from_yaml(write(tmp_path, text))
+
+
+def test_int_is_accepted_for_float_and_file_errors_are_clear(tmp_path):
+    assert WorkflowConfig.from_yaml(write(tmp_path, "sigma: 1\n")).sigma == 1.0
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        WorkflowConfig.from_yaml(tmp_path / "nope.yaml")
+    with pytest.raises(ValueError, match="expected a mapping"):
+        WorkflowConfig.from_yaml(write(tmp_path, "- a\n- b\n"))
+
+
+def test_set_options_are_yaml_values():
+    assert parse_set_option(["limit=2", "sigma=0.5", "metrics=false", "bench_batch_sizes=[1, 4]", "name=x"]) == {
+        "limit": 2, "sigma": 0.5, "metrics": False, "bench_batch_sizes": [1, 4], "name": "x"}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_set_option(["limit"])
+    cfg = WorkflowConfig.from_yaml(PARAMS / "demo.yaml", parse_set_option(["limit=2", "backend=onnxruntime"]))
+    assert (cfg.limit, cfg.backend) == (2, "onnxruntime")
+
+
+def test_paths_resolve_against_the_project_folder(tmp_path, monkeypatch):
+    (tmp_path / "params").mkdir()
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "params" / "x.yaml").write_text("name: x\ncorpus: data/LJ\ncheckpoint: demo\n")
+    for where in (tmp_path, tmp_path / "notebooks"):   # the CLI's folder, and a JupyterLab kernel's folder
+        monkeypatch.chdir(where)
+        cfg = nr.notebook_config("params/x.yaml", {"runs_dir": "out"})
+        assert cfg.corpus == str(tmp_path / "data" / "LJ")
+        assert cfg.checkpoint == "demo"             # a keyword, not a path
+        assert cfg.run_dir == tmp_path / "out" / "x"
+    absolute = nr.resolve_paths(WorkflowConfig(corpus=str(tmp_path / "c")), base="/elsewhere")
+    assert absolute.corpus == str(tmp_path / "c")
+
+
+def test_runner_rejects_bad_parameters_before_running_anything(tmp_path):
+    with pytest.raises(ValueError, match="'bogus'"):
+        nr.run_notebooks(PARAMS / "ci.yaml", {"bogus": 1, "runs_dir": str(tmp_path)})
+    with pytest.raises(TypeError, match="'limit'"):
+        nr.run_notebooks(PARAMS / "ci.yaml", {"limit": "two", "runs_dir": str(tmp_path)})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_reports_a_bad_parameter_by_name(tmp_path, capsys):
+    code = nr.main(["run", "--params", str(PARAMS / "ci.yaml"), "--set", f"runs_dir={tmp_path}", "--set", "limt=2"])
+    assert code == 2
+    assert "'limt'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,282 @@
+"""How good is the synthesised audio, and do the backends agree?
+
+Metrics against the original recording (per utterance):
+- log-mel distance: mean |log M_ref - log M_syn| over the common frames and all 80 bands, in natural-log
+  units of the mel magnitude (the Tacotron2 mel the model is conditioned on). 0 = identical mels; a gain
+  change by a factor g moves it by |ln g|.
+- MCD (mel-cepstral distortion), computed from the same log mels:
+      c_t = DCT-II_ortho(log M_t)[1 .. K]          (K = 13 coefficients, c_0 = overall level left out)
+      MCD = mean_t (10 / ln 10) * sqrt(2 * sum_k (c_ref[t, k] - c_syn[t, k])^2)     [dB]
+  This is Kubichek's formula applied to DCT cepstra of the mel filterbank output, not SPTK's all-pass
+  warped mel-cepstra, so compare its values between runs of this workflow, not with published MCDs.
+- STOI (`pystoi`, at the native rate; pystoi resamples to 10 kHz itself) and wide-band PESQ (`pesq`, after
+  resampling both signals to 16 kHz): optional packages, skipped with a note when missing.
+The original and the synthesised audio are aligned sample-for-sample (a vocoder keeps the timing), so no
+time warping is done: both are cut to the shorter length.
+
+Between signals that should be equal (backend parity, the round trip): `snr_db`.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .config import STFTConfig, WorkflowConfig
+
+#: SNR of identical signals is infinite; report this instead so metrics.json holds plain numbers
+SNR_CAP_DB = 200.0
+#: cepstral coefficients c_1 .. c_K used by MCD
+MCD_COEFFS = 13
+#: PESQ is defined at 8 kHz (narrow band) and 16 kHz (wide band); we use wide band
+PESQ_RATE = 16000
+_MCD_SCALE = 10.0 / math.log(10.0) * math.sqrt(2.0)
+
+
+# --- signal-level helpers -------------------------------------------------------------------------
+def _as_1d(x: Any, what: str) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().cpu().float().numpy()
+    arr = np.asarray(x, dtype=np.float64)
+    arr = np.squeeze(arr)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"{what}: expected a non-empty 1-D signal, got shape {np.shape(x)}")
+    return arr
+
+
+def _common_length(reference: Any, estimate: Any) -> tuple[np.ndarray, np.ndarray]:
+    ref, est = _as_1d(reference, "reference"), _as_1d(estimate, "estimate")
+    n = min(ref.size, est.size)
+    return ref[:n], est[:n]
+
+
+def snr_db(reference: Any, estimate: Any) -> float:
+    """10·log10(Σ ref² / Σ (ref − est)²) over the common length, capped at SNR_CAP_DB."""
+    ref, est = _common_length(reference, estimate)
+    signal = float(np.sum(ref * ref))
+    noise = float(np.sum((ref - est) ** 2))
+    if signal == 0.0:
+        raise ValueError("snr_db: the reference signal is all zeros")
+    if noise == 0.0:
+        return SNR_CAP_DB
+    return min(SNR_CAP_DB, 10.0 * math.log10(signal / noise))
+
+
+# --- mel-level metrics ----------------------------------------------------------------------------
+def _common_frames(mel_ref: Any, mel_est: Any) -> tuple[np.ndarray, np.ndarray]:
+    a = np.asarray(mel_ref.detach().cpu() if hasattr(mel_ref, "detach") else mel_ref, dtype=np.float64)
+    b = np.asarray(mel_est.detach().cpu() if hasattr(mel_est, "detach") else mel_est, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
+        raise ValueError(f"expected two [n_mel, frames] log mels with the same n_mel, got {a.shape} and {b.shape}")
+    t = min(a.shape[1], b.shape[1])
+    if t == 0:
+        raise ValueError("a log mel has no frames")
+    return a[:, :t], b[:, :t]
+
+
+def log_mel_distance(mel_ref: Any, mel_est: Any) -> float:
+    """Mean absolute difference of two log mels [n_mel, frames] over their common frames."""
+    a, b = _common_frames(mel_ref, mel_est)
+    return float(np.mean(np.abs(a - b)))
+
+
+def mel_cepstrum(log_mel: Any, n_coeffs: int = MCD_COEFFS) -> np.ndarray:
+    """c_1 .. c_K of the orthonormal DCT-II along the mel axis: [n_coeffs, frames]."""
+    from scipy.fft import dct
+
+    mel = np.asarray(log_mel, dtype=np.float64)
+    if not 1 <= n_coeffs < mel.shape[0]:
+        raise ValueError(f"n_coeffs must be in 1..{mel.shape[0] - 1}, got {n_coeffs}")
+    return dct(mel, type=2, norm="ortho", axis=0)[1:n_coeffs + 1]
+
+
+def mel_cepstral_distortion(mel_ref: Any, mel_est: Any, n_coeffs: int = MCD_COEFFS) -> float:
+    """MCD in dB from two log mels (formula in the module docstring)."""
+    a, b = _common_frames(mel_ref, mel_est)
+    diff = mel_cepstrum(a, n_coeffs) - mel_cepstrum(b, n_coeffs)
+    return float(np.mean(_MCD_SCALE * np.sqrt(np.sum(diff * diff, axis=0))))
+
+
+# --- optional perceptual metrics ------------------------------------------------------------------
+def _optional(module: str, metric: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"{metric} needs the '{module}' package: pip install {module} "
+                          "(or the project's [metrics] extra)") from None
+
+
+def stoi_score(reference: Any, estimate: Any, sample_rate: int, extended: bool = False) -> float:
+    """Short-time objective intelligibility in [0, 1] (pystoi)."""
+    pystoi = _optional("pystoi", "STOI")
+    ref, est = _common_length(reference, estimate)
+    try:
+        return float(pystoi.stoi(ref, est, sample_rate, extended=extended))
+    except Exception as exc:  # e.g. too short for one of its 30-frame segments once silence is removed
+        raise ValueError(f"STOI could not score this pair: {type(exc).__name__}: {exc}") from None
+
+
+def pesq_score(reference: Any, estimate: Any, sample_rate: int) -> float:
+    """Wide-band PESQ (MOS-LQO, about 1.0 … 4.64) after resampling both signals to 16 kHz."""
+    pesq = _optional("pesq", "PESQ")
+    from .audio import resample
+
+    ref, est = _common_length(reference, estimate)
+    ref16, est16 = resample(ref, sample_rate, PESQ_RATE), resample(est, sample_rate, PESQ_RATE)
+    try:
+        return float(pesq.pesq(PESQ_RATE, ref16, est16, "wb"))
+    except Exception as exc:  # pesq raises its own error types (no utterance found, buffer too short)
+        raise ValueError(f"PESQ could not score this pair: {type(exc).__name__}: {exc}") from None
+
+
+def quality_metrics(reference: Any, estimate: Any, sample_rate: int = 22050,
+                    stft: STFTConfig = STFTConfig(), perceptual: bool = True) -> dict[str, Any]:
+    """All per-utterance metrics of `estimate` against `reference` (both mono float audio).
+
+    Perceptual metrics whose package is missing (or that cannot score the pair) are None, with the reason
+    in `notes`, so one missing extra never stops an evaluation.
+    """
+    from .audio import mel_spectrogram
+
+    ref, est = _common_length(reference, estimate)
+    mel_ref = mel_spectrogram(ref.astype(np.float32), stft)
+    mel_est = mel_spectrogram(est.astype(np.float32), stft)
+    result: dict[str, Any] = {
+        "seconds": ref.size / sample_rate,
+        "log_mel_distance": log_mel_distance(mel_ref, mel_est),
+        "mcd_db": mel_cepstral_distortion(mel_ref, mel_est),
+        "stoi": None,
+        "pesq": None,
+        "notes": [],
+    }
+    if perceptual:
+        for key, fn in (("stoi", stoi_score), ("pesq", pesq_score)):
+            try:
+                result[key] = fn(ref, est, sample_rate)
+            except (ImportError, ValueError) as exc:
+                result["notes"].append(str(exc))
+    return result
+
+
+# --- backend parity and the round trip ------------------------------------------------------------
+def parity_table(outputs: Mapping[str, Sequence[Any]], reference: str) -> list[dict[str, Any]]:
+    """One row per backend: SNR (dB) and max |difference| against `reference`, over the same utterances.
+
+    `outputs[name]` holds that backend's audio for each utterance, in the same order and made from the same
+    mel and noise, so any difference is the backend's arithmetic.
+    """
+    if reference not in outputs:
+        raise ValueError(f"reference backend {reference!r} has no outputs (have: {', '.join(outputs)})")
+    ref = outputs[reference]
+    rows = []
+    for name, audios in outputs.items():
+        if len(audios) != len(ref):
+            raise ValueError(f"backend {name!r} has {len(audios)} outputs, {reference!r} has {len(ref)}")
+        pairs = [_common_length(r, a) for r, a in zip(ref, audios)]
+        snrs = [snr_db(r, a) for r, a in pairs]
+        rows.append({
+            "backend": name,
+            "reference": reference,
+            "utterances": len(pairs),
+            "snr_db_min": min(snrs),
+            "snr_db_mean": float(np.mean(snrs)),
+            "max_abs_diff": max(float(np.max(np.abs(r - a))) for r, a in pairs),
+        })
+    return rows
+
+
+def round_trip(model: Any, audio: Any, stft: STFTConfig = STFTConfig()) -> dict[str, Any]:
+    """audio → mel → `noise_from_audio` → `infer(sigma=1)`: the flow is invertible, so the audio comes back.
+
+    This holds for any weights (the untrained demo model too), which makes it the check that the model, its
+    inverse and the mel front-end fit together. Returns the trimmed input, the reconstruction and their SNR.
+    """
+    import torch
+
+    from .audio import mel_spectrogram
+
+    x = _as_1d(audio, "audio").astype(np.float32)
+    hop = int(model.hop_length)
+    frames = x.size // hop
+    if frames < 1:
+        raise ValueError(f"round_trip: audio has {x.size} samples, fewer than one hop ({hop})")
+    x = x[:frames * hop]
+    mel = mel_spectrogram(x, stft)[:, :frames]
+    param = next(model.parameters())
+    mel_t = torch.from_numpy(np.ascontiguousarray(mel))[None].to(param.device, param.dtype)
+    audio_t = torch.from_numpy(x)[None].to(param.device, param.dtype)
+    with torch.no_grad():
+        z = model.noise_from_audio(mel_t, audio_t)
+        back = model.infer(mel_t, sigma=1.0, z=z)
+    back_np = back[0].detach().float().cpu().numpy()
+    return {
+        "audio": x,
+        "reconstructed": back_np,
+        "seconds": x.size / stft.sampling_rate,
+        "snr_db": snr_db(x, back_np),
+        "log_mel_distance": log_mel_distance(mel, mel_spectrogram(back_np.astype(np.float32), stft)[:, :frames]),
+    }
+
+
+# --- metrics.json ---------------------------------------------------------------------------------
+def summarise(utterances: Sequence[Mapping[str, Any]],
+              keys: Sequence[str] = ("log_mel_distance", "mcd_db", "stoi", "pesq")) -> dict[str, Any]:
+    """Mean of each metric over the utterances that have a finite value of it (None where none has)."""
+    summary: dict[str, Any] = {"utterances": len(utterances)}
+    for key in keys:
+        values = [u[key] for u in utterances if u.get(key) is not None and math.isfinite(u[key])]
+        summary[key] = float(np.mean(values)) if values else None
+    return summary
+
+
+def _finite_or_none(obj: Any) -> Any:
+    """JSON has no NaN/Infinity: store such values as null rather than writing invalid JSON."""
+    if isinstance(obj, Mapping):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def collect_metrics(cfg: WorkflowConfig, *, utterances: Sequence[Mapping[str, Any]] | None = None,
+                    parity: Sequence[Mapping[str, Any]] | None = None,
+                    round_trip: Mapping[str, Any] | None = None,
+                    extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Gather a run's numbers into runs/<name>/metrics.json (written atomically) and return them.
+
+    Sections already computed (the notebooks compute them once to show them) are passed in; arrays in
+    them (e.g. the round trip's audio) are left out of the file. `utterances` defaults to the per-utterance
+    quality of the run's synthesised audio against the originals (`evaluate_run`).
+    """
+    from .io import atomic_write_json
+
+    if utterances is None:
+        utterances = evaluate_run(cfg)
+    record: dict[str, Any] = {
+        "name": cfg.name,
+        "backend": cfg.backend,
+        "precision": cfg.precision,
+        "sigma": cfg.sigma,
+        "seed": cfg.seed,
+        "summary": summarise(utterances),
+        "utterances": [dict(u) for u in utterances],
+    }
+    if parity is not None:
+        record["parity"] = [dict(row) for row in parity]
+    if round_trip is not None:
+        record["round_trip"] = {k: v for k, v in round_trip.items() if not isinstance(v, np.ndarray)}
+    if extra:
+        record.update(extra)
+    record = _finite_or_none(record)
+    atomic_write_json(cfg.run_dir / "metrics.json", record)
+    return record

@@ -1,0 +1,269 @@
+"""The main job: execute notebooks/00 … 05 in order with papermill into runs/<name>/ and render report.html.
+
+    python -m waveglow_lib run --params params/demo.yaml [--set key=value ...]
+
+- The params file and the --set overrides are validated (unknown keys, wrong types, by name) before any
+  notebook runs. The resolved parameters, with relative paths made absolute, go to runs/<name>/params.yaml,
+  and every notebook gets that file as its `params_file` parameter, so all of them see the same run.
+- Kernels run the interpreter that runs this module (its ipykernel), whatever `python3` kernelspec a user's
+  Jupyter config points at: the notebooks ask for `python3` and `_ThisInterpreterKernelManager` maps that
+  name to `sys.executable -m ipykernel_launcher`.
+- A failing notebook stops the run with `NotebookRunError` naming the notebook and the cell; the executed
+  notebooks so far (the failing one included, with its traceback) stay in runs/<name>/notebooks/ and the
+  report is still rendered from them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .config import WorkflowConfig, parse_set_option
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+NOTEBOOKS_DIR = PACKAGE_DIR.parent / "notebooks"
+NOTEBOOKS = (
+    "00_setup.ipynb",
+    "01_preprocess.ipynb",
+    "02_export_onnx.ipynb",
+    "03_convert_atc.ipynb",
+    "04_infer.ipynb",
+    "05_listen_evaluate.ipynb",
+)
+#: the kernel name the notebooks carry in their metadata
+KERNEL_NAME = "python3"
+#: config fields holding paths; "demo" is a keyword, not a path
+_PATH_FIELDS = ("corpus", "checkpoint", "runs_dir")
+
+
+class NotebookRunError(RuntimeError):
+    """A notebook failed: names the notebook, the cell and the error; `.output` is the executed notebook."""
+
+    def __init__(self, message: str, notebook: str, cell: int | None, output: Path):
+        super().__init__(message)
+        self.notebook, self.cell, self.output = notebook, cell, output
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    params_file: Path
+    notebooks: list[Path] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    report: Path | None = None
+
+
+# --- parameters -----------------------------------------------------------------------------------
+def project_dir(cwd: str | Path | None = None) -> Path:
+    """The folder relative paths are resolved against: the working directory, except inside notebooks/.
+
+    JupyterLab starts a notebook's kernel in the notebook's folder; the params files are written for the
+    repository root (where `python -m waveglow_lib run` is started), so inside notebooks/ we step up.
+    """
+    here = Path(cwd or os.getcwd()).resolve()
+    if here.name == "notebooks" and (here.parent / "params").is_dir():
+        return here.parent
+    return here
+
+
+def resolve_paths(cfg: WorkflowConfig, base: str | Path | None = None) -> WorkflowConfig:
+    """A copy of `cfg` with relative corpus / checkpoint / runs_dir made absolute against `base`."""
+    base = Path(base) if base is not None else project_dir()
+    changes = {}
+    for key in _PATH_FIELDS:
+        value = getattr(cfg, key)
+        if value != "demo" and not Path(value).expanduser().is_absolute():
+            changes[key] = str((base / Path(value).expanduser()).resolve())
+    return cfg.with_overrides(**changes) if changes else cfg
+
+
+def notebook_config(params_file: str | Path, overrides: Mapping[str, Any] | None = None) -> WorkflowConfig:
+    """What each notebook calls after its `parameters` cell: validated parameters, paths resolved."""
+    base = project_dir()
+    path = Path(params_file)
+    if not path.is_absolute():
+        path = base / path
+    return resolve_paths(WorkflowConfig.from_yaml(path, overrides), base)
+
+
+# --- the kernel -----------------------------------------------------------------------------------
+def _this_interpreter_spec():
+    from jupyter_client.kernelspec import KernelSpec
+
+    return KernelSpec(argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                      display_name=f"Python {sys.version_info[0]}.{sys.version_info[1]} ({sys.executable})",
+                      language="python", metadata={"debugger": True})
+
+
+def _kernel_manager_class():
+    """An nbclient kernel manager whose `python3` is this interpreter (built lazily: jupyter is optional)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+
+    class _ThisInterpreterSpecs(KernelSpecManager):
+        def get_kernel_spec(self, kernel_name):
+            if kernel_name == KERNEL_NAME:
+                return _this_interpreter_spec()
+            return super().get_kernel_spec(kernel_name)
+
+    class _ThisInterpreterKernelManager(AsyncKernelManager):
+        @default("kernel_spec_manager")
+        def _default_specs(self):
+            return _ThisInterpreterSpecs(data_dir=self.data_dir)
+
+    return _ThisInterpreterKernelManager
+
+
+# --- running --------------------------------------------------------------------------------------
+def _failing_cell(exc: Exception) -> tuple[int | None, str]:
+    count = getattr(exc, "exec_count", None)
+    ename, evalue = getattr(exc, "ename", type(exc).__name__), getattr(exc, "evalue", str(exc))
+    source = (getattr(exc, "source", "") or "").strip().splitlines()
+    first = f" («{source[0][:80]}»)" if source else ""
+    return count, f"cell In [{count}]{first}: {ename}: {evalue}"
+
+
+def run_notebooks(params: str | Path | WorkflowConfig, overrides: Mapping[str, Any] | None = None, *,
+                  notebooks: Sequence[str] | None = None, notebooks_dir: str | Path | None = None,
+                  report: bool = True, timeout: float | None = None, progress: bool = True) -> RunResult:
+    """Execute the notebooks in order into runs/<name>/notebooks/, then render runs/<name>/report.html."""
+    import papermill as pm
+
+    base = project_dir()
+    if isinstance(params, WorkflowConfig):
+        cfg = params.with_overrides(**dict(overrides or {}))
+    else:
+        cfg = WorkflowConfig.from_yaml(params, overrides)  # bad keys / types fail here, before any notebook
+    cfg = resolve_paths(cfg, base)
+    source_dir = Path(notebooks_dir) if notebooks_dir is not None else NOTEBOOKS_DIR
+    names = list(notebooks) if notebooks is not None else list(NOTEBOOKS)
+    missing = [n for n in names if not (source_dir / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{source_dir}: notebook(s) not found: {', '.join(missing)}")
+
+    run_dir = cfg.run_dir
+    out_dir = run_dir / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params_file = run_dir / "params.yaml"
+    cfg.to_yaml(params_file)
+    result = RunResult(run_dir=run_dir, params_file=params_file)
+    manager = _kernel_manager_class()
+    try:
+        for name in names:
+            output = out_dir / name
+            start = time.perf_counter()
+            try:
+                pm.execute_notebook(
+                    str(source_dir / name), str(output),
+                    parameters={"params_file": str(params_file), "overrides": {}},
+                    kernel_name=KERNEL_NAME, kernel_manager_class=manager, cwd=str(base),
+                    progress_bar=progress, execution_timeout=timeout)
+            except pm.PapermillExecutionError as exc:
+                result.notebooks.append(output)
+                cell, what = _failing_cell(exc)
+                raise NotebookRunError(f"{name} failed at {what} (executed notebook kept: {output})",
+                                       name, cell, output) from None
+            finally:
+                result.seconds[name] = round(time.perf_counter() - start, 2)
+            result.notebooks.append(output)
+    finally:
+        if report and result.notebooks:
+            result.report = render_report(result.notebooks, run_dir / "report.html", title=f"WaveGlow run {cfg.name!r}")
+    return result
+
+
+# --- the report -----------------------------------------------------------------------------------
+def merge_notebooks(paths: Sequence[str | Path]):
+    """One notebook holding all cells, each notebook under its own heading; widget states merged."""
+    import nbformat
+
+    merged = nbformat.v4.new_notebook()
+    states: dict[str, Any] = {}
+    toc = ["# Contents\n"]
+    for number, path in enumerate(paths):
+        path = Path(path)
+        nb = nbformat.read(path, as_version=4)
+        for cell in nb.cells:  # cell ids must stay unique in the merged notebook
+            cell.id = f"n{number}-{cell.get('id', '')}"[:64]
+        if not merged.metadata:
+            merged.metadata = {k: v for k, v in nb.metadata.items() if k in ("kernelspec", "language_info")}
+        anchor = path.stem
+        toc.append(f"- [{path.stem}](#{anchor})")
+        merged.cells.append(nbformat.v4.new_markdown_cell(f'<a id="{anchor}"></a>\n\n# Notebook `{path.name}`'))
+        merged.cells.extend(nb.cells)
+        widgets = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {})
+        states.update(widgets.get("state", {}))
+    merged.cells.insert(0, nbformat.v4.new_markdown_cell("\n".join(toc)))
+    if states:
+        merged.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {
+            "version_major": 2, "version_minor": 0, "state": states}}
+    return merged
+
+
+def render_report(paths: Sequence[str | Path], output: str | Path, title: str = "WaveGlow run") -> Path:
+    """nbconvert HTML of the executed notebooks, concatenated into one self-contained page."""
+    from nbconvert import HTMLExporter
+
+    from .io import atomic_write_text
+
+    merged = merge_notebooks(paths)
+    merged.metadata["title"] = title
+    html, _ = HTMLExporter(template_name="lab").from_notebook_node(merged)
+    return atomic_write_text(output, html)
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+def add_run_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `run` on the package CLI (`python -m waveglow_lib run`)."""
+    parser = subparsers.add_parser(
+        "run", help="execute the notebooks 00…05 with papermill into runs/<name>/ and write report.html",
+        description=__doc__.split("\n\n")[0] + " Stops at the first failing notebook, naming it and the cell.")
+    parser.add_argument("--params", default="params/demo.yaml", help="params file (default: %(default)s)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one parameter (YAML value), repeatable, e.g. --set limit=2")
+    parser.add_argument("--notebooks", nargs="+", metavar="NAME", default=None,
+                        help=f"run only these notebooks, in the order given (default: all of {', '.join(NOTEBOOKS)})")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per cell before giving up (default: none)")
+    parser.add_argument("--no-report", action="store_true", help="skip report.html")
+    parser.set_defaults(func=run_command)
+    return parser
+
+
+def run_command(args: argparse.Namespace) -> int:
+    try:
+        result = run_notebooks(args.params, parse_set_option(args.overrides), notebooks=args.notebooks,
+                               report=not args.no_report, timeout=args.timeout)
+    except NotebookRunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        report = exc.output.parent.parent / "report.html"
+        if report.exists():
+            print(f"report of what ran: {report}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    total = sum(result.seconds.values())
+    for name, seconds in result.seconds.items():
+        print(f"{name:28s} {seconds:8.1f} s")
+    print(f"done in {total:.1f} s: {result.run_dir}")
+    if result.report:
+        print(f"report: {result.report}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry point (the package CLI registers the same sub-command)."""
+    parser = argparse.ArgumentParser(prog="python -m waveglow_lib.notebook_runner")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_run_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
