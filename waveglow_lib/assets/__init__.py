@@ -1,0 +1,1 @@
+"""Bundled demo model and demo corpus, and the scripts that regenerate them."""

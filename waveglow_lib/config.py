@@ -1,0 +1,265 @@
+"""All settings in one place: model hyper-parameters, STFT/mel settings, workflow parameters.
+
+The workflow parameters are what `params/*.yaml`, the notebooks' `parameters` cells and the CLI flags
+share; `WorkflowConfig.from_yaml` rejects unknown keys and wrong types by name before anything runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+ASSETS_DIR = PACKAGE_DIR / "assets"
+DEMO_MODEL_PATH = ASSETS_DIR / "demo_waveglow.safetensors.gz"
+DEMO_CORPUS_DIR = ASSETS_DIR / "demo_corpus"
+
+#: mel frame counts of LJ001-0001 ... LJ001-0010 (the guide's test set and ATC gears)
+GUIDE_MEL_LENGTHS = (832, 164, 833, 443, 699, 490, 723, 154, 651, 760)
+#: the guide's published throughput, utterances/s by batch size (theirs, not measured here)
+GUIDE_THROUGHPUT = {
+    "Ascend 310P3 (guide)": {1: 0.59, 4: 2.34, 8: 4.68, 16: 9.35},
+    "NVIDIA T4 (guide)": {1: 0.037, 4: 0.057, 8: 0.061, 16: 0.076},
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """WaveGlow hyper-parameters, named as in NVIDIA's config.json (`WN_config` flattened)."""
+
+    n_mel_channels: int = 80
+    n_flows: int = 12
+    n_group: int = 8
+    n_early_every: int = 4
+    n_early_size: int = 2
+    n_layers: int = 8
+    n_channels: int = 256
+    kernel_size: int = 3
+    #: "glow": one cond_layer per WN (NVIDIA glow.py); "glow_old": cond_layers per layer and the
+    #: coupling halves swap on odd flows (NVIDIA glow_old.py)
+    layout: str = "glow"
+    #: the upsampler is a ConvTranspose1d(kernel 1024, stride 256) in NVIDIA's code: stride = hop length
+    upsample_kernel: int = 1024
+    upsample_stride: int = 256
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.layout not in ("glow", "glow_old"):
+            problems.append(f"layout must be 'glow' or 'glow_old', got {self.layout!r}")
+        if self.n_group % 2 or self.n_group <= 0:
+            problems.append(f"n_group must be a positive even number, got {self.n_group}")
+        if self.n_channels % 2 or self.n_channels <= 0:
+            problems.append(f"n_channels must be a positive even number, got {self.n_channels}")
+        if self.kernel_size % 2 == 0:
+            problems.append(f"kernel_size must be odd, got {self.kernel_size}")
+        if self.n_early_size % 2:
+            problems.append(f"n_early_size must be even, got {self.n_early_size}")
+        if self.upsample_stride % self.n_group:
+            problems.append("upsample_stride must be a multiple of n_group")
+        if self.n_flows < 1 or self.n_layers < 1 or self.n_early_every < 1:
+            problems.append("n_flows, n_layers and n_early_every must be >= 1")
+        elif self.n_remaining_channels < 2:
+            problems.append("n_early_size * number of early outputs leaves fewer than 2 channels")
+        if problems:
+            raise ValueError("invalid WaveGlow config: " + "; ".join(problems))
+
+    @property
+    def n_early_outputs(self) -> int:
+        return (self.n_flows - 1) // self.n_early_every
+
+    @property
+    def n_remaining_channels(self) -> int:
+        return self.n_group - self.n_early_size * self.n_early_outputs
+
+    @property
+    def hop_length(self) -> int:
+        return self.upsample_stride
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        """Accepts our flat keys or NVIDIA's nested `waveglow_config` (with `WN_config`)."""
+        data = dict(data)
+        wn = data.pop("WN_config", None) or {}
+        data.update(wn)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown WaveGlow config keys: {', '.join(unknown)}")
+        return cls(**{k: _coerce(k, v, _field_type(cls, k)) for k, v in data.items()})
+
+
+@dataclass(frozen=True)
+class STFTConfig:
+    """NVIDIA's `data_config` (Tacotron2 STFT mel) for waveglow_256channels_universal_v5.pt."""
+
+    sampling_rate: int = 22050
+    filter_length: int = 1024
+    hop_length: int = 256
+    win_length: int = 1024
+    n_mel_channels: int = 80
+    mel_fmin: float = 0.0
+    mel_fmax: float = 8000.0
+    max_wav_value: float = 32768.0
+    #: log(clamp(x, clip_val)): also the value a silent frame gets, used to pad mels in batches
+    clip_val: float = 1e-5
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class WorkflowConfig:
+    """Parameters of one run of the workflow (one params/*.yaml file)."""
+
+    name: str = "demo"
+    #: LJSpeech-layout folder (wavs/ + metadata.csv); "demo" means the bundled demo corpus
+    corpus: str = "demo"
+    #: number of utterances, in sorted file order like the guide's `ls wavs/*.wav | head -n10`; 0 = all
+    limit: int = 10
+    #: checkpoint path; "demo" means the bundled (untrained) demo model
+    checkpoint: str = "demo"
+    #: parent of the run folder runs/<name>/
+    runs_dir: str = "runs"
+    resample: bool = False
+    downmix: bool = False
+    #: torch | onnxruntime | openvino | om | auto
+    backend: str = "auto"
+    #: cpu | cuda | npu:<id>
+    device: str = "cpu"
+    #: fp32 | bf16 | fp16 | int8
+    precision: str = "fp32"
+    batch_size: int = 1
+    sigma: float = 0.6
+    seed: int = 1234
+    denoiser_strength: float = 0.0
+    opset: int = 17
+    #: exact | buckets
+    gear_policy: str = "exact"
+    n_buckets: int = 8
+    soc_version: str = "Ascend310P3"
+    #: batch sizes of the throughput table
+    bench_batch_sizes: list = field(default_factory=lambda: [1, 4, 8, 16])
+    bench_repeats: int = 3
+    bench_quick: bool = False
+    #: run the metrics that need optional packages (pystoi, pesq) when installed
+    metrics: bool = True
+
+    CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
+        "backend": ("auto", "torch", "onnxruntime", "openvino", "om"),
+        "precision": ("fp32", "bf16", "fp16", "int8"),
+        "gear_policy": ("exact", "buckets"),
+    }
+
+    def __post_init__(self) -> None:
+        for key, choices in self.CHOICES.items():
+            value = getattr(self, key)
+            if value not in choices:
+                raise ValueError(f"parameter {key!r}: {value!r} is not one of {', '.join(choices)}")
+        for key in ("batch_size", "bench_repeats", "n_buckets"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"parameter {key!r} must be >= 1, got {getattr(self, key)}")
+        if self.limit < 0:
+            raise ValueError(f"parameter 'limit' must be >= 0 (0 = all), got {self.limit}")
+        if self.sigma < 0:
+            raise ValueError(f"parameter 'sigma' must be >= 0, got {self.sigma}")
+
+    # --- resolved paths --------------------------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    @property
+    def corpus_dir(self) -> Path:
+        return DEMO_CORPUS_DIR if self.corpus == "demo" else Path(self.corpus).expanduser()
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return None if self.checkpoint == "demo" else Path(self.checkpoint).expanduser()
+
+    # --- I/O -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "parameters") -> "WorkflowConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"{source}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
+                f"known: {', '.join(sorted(known))}")
+        values = {k: _coerce(k, v, _field_type(cls, k), source) for k, v in data.items()}
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> "WorkflowConfig":
+        import yaml
+
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"params file not found: {path}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of parameter: value, got {type(data).__name__}")
+        data.update(overrides or {})
+        return cls.from_dict(data, source=str(path))
+
+    def to_yaml(self, path: str | Path) -> None:
+        import yaml
+
+        from .io import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def with_overrides(self, **changes: Any) -> "WorkflowConfig":
+        data = self.to_dict()
+        data.update(changes)
+        return type(self).from_dict(data)
+
+
+def parse_set_option(items: list[str] | None) -> dict[str, Any]:
+    """`--set key=value` pairs; values are parsed as YAML scalars (so 4, 0.6, true, [1,4] work)."""
+    import yaml
+
+    result: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        result[key.strip()] = yaml.safe_load(value)
+    return result
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(key: str, value: Any, expected: Any, source: str = "config") -> Any:
+    """Type check with the few conversions YAML users expect (int → float, str → Path-like str)."""
+    origin = typing.get_origin(expected)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is float or expected is str:
+        ok = isinstance(value, expected)
+    elif expected is list or origin is list:
+        ok = isinstance(value, (list, tuple))
+        value = list(value) if ok else value
+    elif origin in (typing.Union, types.UnionType):
+        ok = True
+    else:
+        ok = True
+    if not ok:
+        raise TypeError(f"{source}: parameter {key!r} expects {getattr(expected, '__name__', expected)}, "
+                        f"got {type(value).__name__} {value!r}")
+    return value
