@@ -1,0 +1,358 @@
+"""Audio in and out of the model: WAV loading, resampling/down-mixing, and the Tacotron2 STFT mel.
+
+The mel front-end reproduces NVIDIA's tacotron2 `stft.STFT` + `layers.TacotronSTFT.mel_spectrogram`
+(the features `waveglow_256channels_universal_v5.pt` was trained on):
+
+* reflect-pad `filter_length // 2` samples on both sides (their `F.pad(..., mode='reflect')`), so frame t
+  is centred on sample t * hop and there are `1 + N // hop` frames;
+* windowed DFT of each frame with the periodic Hann window (`scipy.signal.get_window('hann', win_length,
+  fftbins=True)`) zero-padded to `filter_length` in the centre; their conv1d with the rows of
+  `np.fft.fft(np.eye(filter_length))` is exactly a real FFT, which is what we compute (in float64, so the
+  only difference from their float32 convolution is their own rounding);
+* magnitude sqrt(re^2 + im^2), the Slaney mel filterbank of `librosa.filters.mel` (htk=False,
+  norm='slaney'; built here in numpy, librosa is not a dependency), then `log(clamp(x, 1e-5))`.
+
+`STFT.inverse` is their inverse transform: overlap-add of the windowed inverse DFT, divided by the
+window's sum-square envelope where it is not ~0 (their `window_sumsquare` + `tiny`). Their pinv-based
+synthesis basis, scaled by filter_length / hop and then multiplied back, equals the plain inverse real
+DFT for any spectrum a real signal can have, so `irfft` is used.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import STFTConfig
+
+__all__ = [
+    "AudioError",
+    "STFT",
+    "downmix",
+    "frames_for_samples",
+    "hz_to_mel",
+    "load_wav",
+    "mel_filterbank",
+    "mel_spectrogram",
+    "mel_to_hz",
+    "resample",
+]
+
+
+class AudioError(ValueError):
+    """A WAV file or an audio array the workflow cannot use; the message names the file or the problem."""
+
+
+# --------------------------------------------------------------------------------------------------
+# WAV loading
+# --------------------------------------------------------------------------------------------------
+def load_wav(path: str | Path, expected_rate: int | None = 22050, resample: bool = False,
+             downmix: bool = False) -> tuple[np.ndarray, int]:
+    """Read a WAV file as float32 mono in [-1, 1] and its sample rate.
+
+    Integer PCM is scaled like NVIDIA's loader (int16 / 32768); 8-bit unsigned, 24- and 32-bit PCM get
+    the matching full-scale divisor, float WAVs are taken as they are (clipped to [-1, 1], with a
+    warning, if they exceed it). A rate other than
+    `expected_rate` (None accepts any) is an error unless `resample=True`; more than one channel is an
+    error unless `downmix=True` (mean of the channels).
+    """
+    from scipy.io import wavfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"{path}: no such WAV file")
+    if path.stat().st_size == 0:
+        raise AudioError(f"{path}: the file is empty (0 bytes), not a WAV file")
+    try:
+        with warnings.catch_warnings():
+            # unknown chunks (LIST/INFO written by sox, ffmpeg, DAWs) are harmless: scipy skips them
+            warnings.simplefilter("ignore", wavfile.WavFileWarning)
+            rate, data = wavfile.read(path)
+    except Exception as exc:  # scipy raises ValueError, EOFError, struct.error ... for broken files
+        raise AudioError(f"{path}: not a readable WAV file ({type(exc).__name__}: {exc})") from None
+
+    if data.shape[0] == 0:
+        raise AudioError(f"{path}: the WAV file holds zero samples")
+    audio = _pcm_to_float(data, path)
+    if audio.ndim == 2:
+        if audio.shape[1] == 1:
+            audio = audio[:, 0]
+        elif not downmix:
+            raise AudioError(f"{path}: {audio.shape[1]} channels, expected mono; pass downmix=True "
+                             f"(--set downmix=true) to average the channels")
+        else:
+            audio = _downmix(audio)
+
+    if expected_rate is not None and rate != expected_rate:
+        if not resample:
+            raise AudioError(f"{path}: sample rate {rate} Hz, expected {expected_rate} Hz; pass "
+                             f"resample=True (--set resample=true) to convert it")
+        audio = _resample(audio, rate, expected_rate)
+        rate = expected_rate
+        # the polyphase filter can overshoot full scale by a hair; the mel front-end expects [-1, 1]
+        audio = np.clip(audio, -1.0, 1.0)
+    return np.ascontiguousarray(audio, dtype=np.float32), int(rate)
+
+
+def _pcm_to_float(data: np.ndarray, path: Path) -> np.ndarray:
+    """Scale integer PCM to [-1, 1) by its full-scale value (scipy left-justifies 24-bit into int32)."""
+    if data.dtype == np.int16:
+        return data.astype(np.float32) / 32768.0
+    if data.dtype == np.int32:
+        return (data.astype(np.float64) / 2147483648.0).astype(np.float32)
+    if data.dtype == np.uint8:
+        return (data.astype(np.float32) - 128.0) / 128.0
+    if data.dtype in (np.float32, np.float64):
+        if not np.all(np.isfinite(data)):
+            raise AudioError(f"{path}: the WAV file holds NaN or Inf samples")
+        peak = float(np.max(np.abs(data))) if data.size else 0.0
+        if peak > 1.0:  # float WAVs may exceed full scale; players clip them, so do we (loudly)
+            warnings.warn(f"{path}: float samples peak at {peak:.3f}, beyond full scale; clipping to "
+                          f"[-1, 1]", stacklevel=3)
+            data = np.clip(data, -1.0, 1.0)
+        return data.astype(np.float32)
+    raise AudioError(f"{path}: unsupported WAV sample format {data.dtype}")
+
+
+def _downmix(audio: np.ndarray) -> np.ndarray:
+    return audio.astype(np.float64).mean(axis=1).astype(np.float32)
+
+
+def _resample(audio: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
+    from scipy.signal import resample_poly
+
+    ratio = Fraction(int(target_rate), int(orig_rate))
+    out = resample_poly(audio.astype(np.float64), ratio.numerator, ratio.denominator)
+    return out.astype(np.float32)
+
+
+def resample(audio: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
+    """Polyphase resampling (scipy `resample_poly`) by the exact rational ratio target/orig."""
+    if orig_rate <= 0 or target_rate <= 0:
+        raise AudioError(f"sample rates must be positive, got {orig_rate} -> {target_rate}")
+    audio = np.asarray(audio, dtype=np.float32)
+    return audio if orig_rate == target_rate else _resample(audio, orig_rate, target_rate)
+
+
+def downmix(audio: np.ndarray) -> np.ndarray:
+    """[N, channels] -> [N] mean of the channels (mono input comes back unchanged)."""
+    audio = np.asarray(audio, dtype=np.float32)
+    return audio if audio.ndim == 1 else _downmix(audio)
+
+
+def frames_for_samples(n_samples: int, hop: int = 256) -> int:
+    """Mel frames NVIDIA's centred STFT gives for `n_samples` samples: 1 + n // hop."""
+    return 1 + int(n_samples) // int(hop)
+
+
+# --------------------------------------------------------------------------------------------------
+# Slaney mel filterbank (librosa.filters.mel with htk=False, norm='slaney')
+# --------------------------------------------------------------------------------------------------
+_F_SP = 200.0 / 3.0          # Hz per mel on the linear part
+_MIN_LOG_HZ = 1000.0         # the scale turns logarithmic at 1 kHz ...
+_MIN_LOG_MEL = _MIN_LOG_HZ / _F_SP   # ... which is mel 15
+_LOGSTEP = np.log(6.4) / 27.0
+
+
+def hz_to_mel(freq: Any) -> np.ndarray:
+    """Slaney's Auditory Toolbox mel scale (librosa `hz_to_mel(htk=False)`): linear below 1 kHz."""
+    freq = np.asarray(freq, dtype=np.float64)
+    linear = freq / _F_SP
+    log = _MIN_LOG_MEL + np.log(np.maximum(freq, _MIN_LOG_HZ) / _MIN_LOG_HZ) / _LOGSTEP
+    return np.where(freq >= _MIN_LOG_HZ, log, linear)
+
+
+def mel_to_hz(mel: Any) -> np.ndarray:
+    """Inverse of `hz_to_mel`."""
+    mel = np.asarray(mel, dtype=np.float64)
+    linear = _F_SP * mel
+    log = _MIN_LOG_HZ * np.exp(_LOGSTEP * (np.maximum(mel, _MIN_LOG_MEL) - _MIN_LOG_MEL))
+    return np.where(mel >= _MIN_LOG_MEL, log, linear)
+
+
+@functools.lru_cache(maxsize=16)
+def _mel_filterbank_cached(sampling_rate: int, n_fft: int, n_mels: int, fmin: float,
+                           fmax: float) -> np.ndarray:
+    fft_freqs = np.linspace(0.0, sampling_rate / 2.0, n_fft // 2 + 1)
+    # n_mels + 2 points equally spaced in mel: the edges and centres of the triangles
+    edges = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))
+    widths = np.diff(edges)
+    offsets = edges[:, None] - fft_freqs[None, :]
+    rising = -offsets[:-2] / widths[:-1, None]
+    falling = offsets[2:] / widths[1:, None]
+    weights = np.maximum(0.0, np.minimum(rising, falling))
+    # Slaney normalisation: each triangle has unit area in Hz
+    weights *= (2.0 / (edges[2:] - edges[:-2]))[:, None]
+    weights.setflags(write=False)
+    return weights
+
+
+def mel_filterbank(sampling_rate: int = 22050, n_fft: int = 1024, n_mels: int = 80, fmin: float = 0.0,
+                   fmax: float | None = 8000.0) -> np.ndarray:
+    """[n_mels, n_fft // 2 + 1] float64 Slaney mel filterbank, as `librosa.filters.mel` builds it."""
+    fmax = sampling_rate / 2.0 if fmax is None else float(fmax)
+    return _mel_filterbank_cached(int(sampling_rate), int(n_fft), int(n_mels), float(fmin), fmax).copy()
+
+
+# --------------------------------------------------------------------------------------------------
+# STFT (NVIDIA tacotron2 stft.STFT)
+# --------------------------------------------------------------------------------------------------
+#: librosa.util.tiny of NVIDIA's float32 window sum: below this the envelope counts as zero
+_TINY = float(np.finfo(np.float32).tiny)
+
+
+class STFT:
+    """NVIDIA's tacotron2 STFT: centred (reflect-padded) Hann-windowed transform and its inverse.
+
+    Works on torch tensors [B, N] (use `as_batch` for numpy/1-D input). Computes in float64 on CPU and
+    CUDA (float32 elsewhere); results stay on the input's device.
+    """
+
+    def __init__(self, filter_length: int = 1024, hop_length: int = 256, win_length: int = 1024,
+                 window: str = "hann") -> None:
+        from scipy.signal import get_window
+
+        if not 0 < win_length <= filter_length:
+            raise ValueError(f"win_length must be in 1..filter_length, got {win_length} > {filter_length}")
+        if hop_length <= 0:
+            raise ValueError(f"hop_length must be positive, got {hop_length}")
+        self.filter_length = int(filter_length)
+        self.hop_length = int(hop_length)
+        self.win_length = int(win_length)
+        win = get_window(window, self.win_length, fftbins=True)
+        # centre the window in filter_length samples, like librosa.util.pad_center
+        left = (self.filter_length - self.win_length) // 2
+        padded = np.zeros(self.filter_length)
+        padded[left:left + self.win_length] = win
+        self.window = torch.from_numpy(padded)
+
+    @classmethod
+    def from_config(cls, config: STFTConfig) -> "STFT":
+        return _stft_for(config.filter_length, config.hop_length, config.win_length)
+
+    @property
+    def n_freqs(self) -> int:
+        return self.filter_length // 2 + 1
+
+    @property
+    def pad(self) -> int:
+        return self.filter_length // 2
+
+    def n_frames(self, n_samples: int) -> int:
+        return 1 + (n_samples + 2 * self.pad - self.filter_length) // self.hop_length
+
+    def check(self, audio: torch.Tensor, what: str = "audio") -> None:
+        """Reject what NVIDIA's code would choke on (or silently turn into NaN mels)."""
+        if audio.ndim != 2:
+            raise AudioError(f"{what}: expected [N] or [B, N] samples, got shape {tuple(audio.shape)}")
+        if audio.shape[-1] <= self.pad:
+            raise AudioError(f"{what}: {audio.shape[-1]} samples is too short; the STFT's reflect padding "
+                             f"needs more than filter_length // 2 = {self.pad} samples")
+        if not bool(torch.isfinite(audio).all()):
+            raise AudioError(f"{what}: contains NaN or Inf samples")
+
+    def _spectrum(self, audio: torch.Tensor) -> torch.Tensor:
+        """Complex spectrum [B, n_freqs, frames] of [B, N] audio."""
+        self.check(audio)
+        dtype = _compute_dtype(audio.device)
+        x = audio.to(dtype)
+        x = torch.nn.functional.pad(x[:, None, :], (self.pad, self.pad), mode="reflect")[:, 0, :]
+        frames = x.unfold(-1, self.filter_length, self.hop_length)          # [B, T, filter_length]
+        frames = frames * self.window.to(device=x.device, dtype=dtype)
+        return torch.fft.rfft(frames, dim=-1).transpose(1, 2)                # [B, F, T]
+
+    def transform(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, N] audio -> (magnitude, phase), each [B, filter_length // 2 + 1, 1 + N // hop]."""
+        spec = self._spectrum(audio)
+        return spec.abs(), torch.atan2(spec.imag, spec.real)
+
+    def magnitude(self, audio: torch.Tensor) -> torch.Tensor:
+        return self._spectrum(audio).abs()
+
+    def inverse(self, magnitude: torch.Tensor, phase: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """(magnitude, phase) [B, F, T] -> audio [B, length].
+
+        `length=None` trims like NVIDIA (filter_length // 2 off both ends: (T - 1) * hop samples); a
+        `length` up to (T - 1) * hop + filter_length // 2 keeps that many samples from the start, which
+        for T = 1 + N // hop recovers all N input samples (NVIDIA's output is the first (T - 1) * hop).
+        """
+        dtype = _compute_dtype(magnitude.device)
+        spec = torch.polar(magnitude.to(dtype), phase.to(dtype))                 # [B, F, T]
+        frames = torch.fft.irfft(spec.transpose(1, 2), n=self.filter_length, dim=-1)
+        window = self.window.to(device=magnitude.device, dtype=dtype)
+        n_frames = frames.shape[1]
+        total = self.filter_length + self.hop_length * (n_frames - 1)
+        signal = self._overlap_add(frames * window, total)
+        envelope = self._overlap_add((window ** 2).expand(1, n_frames, -1), total)[0]
+        nonzero = envelope > _TINY
+        signal[:, nonzero] = signal[:, nonzero] / envelope[nonzero]
+        end = total - self.pad if length is None else self.pad + int(length)
+        if end > total:
+            raise ValueError(f"length {length} is longer than {n_frames} frames can give "
+                             f"({total - self.pad} samples)")
+        return signal[:, self.pad:end]
+
+    def _overlap_add(self, frames: torch.Tensor, total: int) -> torch.Tensor:
+        """[B, T, filter_length] -> [B, total]: frame t added at sample t * hop."""
+        folded = torch.nn.functional.fold(
+            frames.transpose(1, 2), output_size=(1, total), kernel_size=(1, self.filter_length),
+            stride=(1, self.hop_length))
+        return folded[:, 0, 0, :]
+
+
+@functools.lru_cache(maxsize=8)
+def _stft_for(filter_length: int, hop_length: int, win_length: int) -> STFT:
+    return STFT(filter_length, hop_length, win_length)
+
+
+def _compute_dtype(device: torch.device) -> torch.dtype:
+    # float64 keeps our numbers at the true values; some accelerators (mps, npu) lack it
+    return torch.float64 if device.type in ("cpu", "cuda") else torch.float32
+
+
+def as_batch(audio: Any) -> tuple[torch.Tensor, dict]:
+    """numpy / torch audio [N] or [B, N] -> torch [B, N] plus what `restore` needs to give it back."""
+    was_numpy = not isinstance(audio, torch.Tensor)
+    tensor = torch.from_numpy(np.asarray(audio)) if was_numpy else audio
+    if not tensor.is_floating_point():
+        raise AudioError(f"audio: expected float samples in [-1, 1], got {tensor.dtype} (divide int16 "
+                         f"PCM by 32768, or read it with load_wav)")
+    if tensor.ndim not in (1, 2):
+        raise AudioError(f"audio: expected [N] or [B, N] samples, got shape {tuple(tensor.shape)}")
+    info = {"numpy": was_numpy, "squeeze": tensor.ndim == 1, "dtype": tensor.dtype}
+    return (tensor[None] if tensor.ndim == 1 else tensor).detach(), info
+
+
+def restore(result: torch.Tensor, info: dict, dtype: Any = "input") -> Any:
+    """Undo `as_batch`: same container (numpy/torch), batch axis dropped for 1-D input.
+
+    `dtype="input"` keeps the input's float dtype; None gives float32.
+    """
+    if info["squeeze"]:
+        result = result[0]
+    target = info["dtype"] if dtype == "input" else torch.float32
+    result = result.to(target)
+    return result.cpu().numpy() if info["numpy"] else result
+
+
+# --------------------------------------------------------------------------------------------------
+# mel spectrogram (NVIDIA tacotron2 layers.TacotronSTFT.mel_spectrogram)
+# --------------------------------------------------------------------------------------------------
+def mel_spectrogram(audio: Any, stft: STFTConfig = STFTConfig()) -> Any:
+    """Log-mel spectrogram of float audio in [-1, 1]: [N] -> [n_mel, 1 + N // hop], [B, N] -> [B, n_mel, T].
+
+    numpy in gives numpy float32 out; torch in gives a float32 tensor on the input's device.
+    """
+    batch, info = as_batch(audio)
+    transform = STFT.from_config(stft)
+    magnitude = transform.magnitude(batch)
+    basis = torch.from_numpy(mel_filterbank(stft.sampling_rate, stft.filter_length, stft.n_mel_channels,
+                                            stft.mel_fmin, stft.mel_fmax))
+    mel = torch.matmul(basis.to(device=magnitude.device, dtype=magnitude.dtype), magnitude)
+    log_mel = torch.log(torch.clamp(mel, min=stft.clip_val))
+    return restore(log_mel, info, dtype=None)
