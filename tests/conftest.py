@@ -50,7 +50,7 @@ class ReferenceModules:
 
 
 def make_reference(layout: str = "glow", seed: int = 0, save_to: Path | None = None,
-                   legacy_format: bool = False, **overrides):
+                   legacy_format: bool = False, before_save=None, **overrides):
     """A randomised NVIDIA-layout WaveGlow (glow or glow_old) built from the test stand-in classes.
 
     With `save_to`, it is also saved like NVIDIA's train.py does ({"model": ..., "optimizer": ...}),
@@ -68,6 +68,8 @@ def make_reference(layout: str = "glow", seed: int = 0, save_to: Path | None = N
                 w = conv.conv.weight
                 w.add_(0.1 * torch.randn(w.shape, generator=torch.Generator().manual_seed(seed)))
         if save_to is not None:
+            if before_save is not None:
+                before_save(model)
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
             torch.save({"model": model, "iteration": 580000, "optimizer": optimizer.state_dict(),
                         "learning_rate": 1e-4}, save_to, _use_new_zipfile_serialization=not legacy_format)

@@ -159,3 +159,36 @@ def test_demo_model_loads():
         assert param.abs().max() > 0, name
     audio = _audio(model, frames=20)
     assert torch.isfinite(audio).all() and 0.01 < audio.std() < 0.9
+
+
+def test_pickles_from_old_torch_with_thnn_backend_load(tmp_path, monkeypatch):
+    """torch < 1.4 pickled every module's `_backend` as a call of torch.nn.backends.thnn._get_thnn_function_backend."""
+    import types
+
+    thnn = types.ModuleType("torch.nn.backends.thnn")
+
+    def _get_thnn_function_backend():
+        return None
+
+    _get_thnn_function_backend.__module__ = thnn.__name__
+    _get_thnn_function_backend.__qualname__ = "_get_thnn_function_backend"
+    thnn._get_thnn_function_backend = _get_thnn_function_backend
+
+    class Backend:
+        def __reduce__(self):
+            return (_get_thnn_function_backend, ())
+
+    def add_backend(model):
+        for module in model.modules():
+            module.__dict__["_backend"] = Backend()
+
+    path = tmp_path / "old_torch.pt"
+    monkeypatch.setitem(sys.modules, thnn.__name__, thnn)
+    reference = make_reference("glow", seed=12, save_to=path, legacy_format=True, before_save=add_backend)
+    monkeypatch.delitem(sys.modules, thnn.__name__)
+    model = load_waveglow(path)
+    mel = torch.randn(1, 80, 5) - 4
+    z = torch.randn(model.noise_shape(1, 5))
+    with torch.no_grad():
+        expected = reference.infer(mel, 1.0, noise=z)
+    assert snr_db(expected, model.infer(mel, 1.0, z=z)) > 80

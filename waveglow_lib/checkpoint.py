@@ -83,6 +83,11 @@ SAFE_GLOBALS = {
 }
 
 
+def _no_backend() -> None:
+    """torch < 1.4 modules kept a `_backend` attribute pickled as a call of this name; it is unused."""
+    return None
+
+
 def _reconstructor(cls: type, base: type, state: Any) -> Any:
     """copyreg._reconstructor for protocol 0/1 pickles, restricted to our inert classes."""
     if not (isinstance(cls, type) and issubclass(cls, PickledObject)) or base is not object:
@@ -99,6 +104,8 @@ def _safe_global(module: str, name: str) -> Any:
         return SAFE_GLOBALS[qualified]
     if qualified == "copyreg._reconstructor":
         return _reconstructor
+    if qualified == "torch.nn.backends.thnn._get_thnn_function_backend":
+        return _no_backend
     if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.device)):
         return getattr(torch, name)
     if module == "torch" and name == "device":
