@@ -1,0 +1,252 @@
+"""Stage 4, infer: mel `.bin` files → `out/<id>_out.bin` float32 audio, with any backend, in true batches.
+
+Utterances are sorted by length and grouped into batches of `cfg.batch_size`; each mel is padded with
+`log(clip_val)` (the value a silent frame has) to the batch's longest (or to the `.om`'s next gear), the
+noise of each utterance is its own noise zero-padded, and each output is trimmed back to its own
+`frames × 256` samples. The noise is drawn per utterance from (seed, utterance id), so every backend
+and every batch size is fed the same numbers and outputs can be compared sample by sample.
+
+Resumable: an utterance whose `<id>_out.bin` exists is skipped; each file is written atomically as soon
+as its batch finishes, so a crash loses only the batch in flight.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..config import ModelConfig, STFTConfig, WorkflowConfig
+from ..io import atomic_write_json, read_bin, write_bin
+
+#: settings that change the audio: outputs made with other values are not silently mixed with new ones
+OUTPUT_SETTINGS = ("checkpoint", "sigma", "seed", "backend", "precision")
+
+
+def utterance_noise(model_config: ModelConfig, frames: int, seed: int, utt_id: str) -> np.ndarray:
+    """Standard-normal noise `[n_group, frames*hop/n_group]` for one utterance, float32.
+
+    Drawn from numpy's PCG64 seeded with (seed, sha256(utt_id)): independent of backend, batch size,
+    batch composition and processing order. Multiply by sigma before use.
+    """
+    digest = int.from_bytes(hashlib.sha256(str(utt_id).encode("utf-8")).digest()[:8], "little")
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, digest])
+    length = frames * model_config.hop_length // model_config.n_group
+    return rng.standard_normal((model_config.n_group, length), dtype=np.float32)
+
+
+@dataclass
+class Utterance:
+    id: str
+    frames: int
+    bin_path: Path
+
+
+def plan_batches(utterances: list[Utterance], batch_size: int) -> list[list[Utterance]]:
+    """Longest first, consecutive lengths together: padding stays small and memory peaks at the start."""
+    ordered = sorted(utterances, key=lambda u: (-u.frames, u.id))
+    return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def make_batch(mels: list[np.ndarray], noises: list[np.ndarray], sigma: float, length: int,
+               rows: int | None = None, pad_value: float = float(np.log(STFTConfig().clip_val))
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Stack utterances into padded `mel [B, n_mel, length]` and `z [B, n_group, length*hop/n_group]`.
+
+    Mels are padded with `pad_value` (log of the mel floor = silence), noise with zeros; `rows` pads the
+    batch itself (an `.om` compiled for a fixed batch) with silent rows.
+    """
+    n_mel, n_group = mels[0].shape[0], noises[0].shape[0]
+    per_frame = noises[0].shape[1] // mels[0].shape[1]
+    rows = rows or len(mels)
+    mel = np.full((rows, n_mel, length), pad_value, dtype=np.float32)
+    z = np.zeros((rows, n_group, length * per_frame), dtype=np.float32)
+    for i, (m, n) in enumerate(zip(mels, noises)):
+        mel[i, :, : m.shape[1]] = m
+        z[i, :, : n.shape[1]] = sigma * n
+    return mel, z
+
+
+def vocode(backend, mels: list[np.ndarray], noises: list[np.ndarray], sigma: float, hop_length: int,
+           pad_value: float = float(np.log(STFTConfig().clip_val))) -> list[np.ndarray]:
+    """Run one padded batch through `backend`; returns each utterance's audio trimmed to its length."""
+    longest = max(m.shape[1] for m in mels)
+    length = backend.pad_length(longest)
+    rows = max(len(mels), backend.fixed_batch or 0)
+    mel, z = make_batch(mels, noises, sigma, length, rows=rows, pad_value=pad_value)
+    audio = backend.run(mel, z)
+    return [audio[i, : m.shape[1] * hop_length].copy() for i, m in enumerate(mels)]
+
+
+def model_files(cfg: WorkflowConfig) -> dict[str, Path]:
+    from .convert import OM_NAME, ONNX_NAME, OPENVINO_NAME, ORT_OPT_NAME
+
+    onnx_dir = cfg.run_dir / "onnx"
+    return {"onnx": onnx_dir / ONNX_NAME, "openvino_ir": onnx_dir / OPENVINO_NAME,
+            "onnx_optimized": onnx_dir / ORT_OPT_NAME, "om": cfg.run_dir / "om" / f"{OM_NAME}.om"}
+
+
+def backend_name(cfg: WorkflowConfig) -> str:
+    """The backend `cfg.backend` stands for (`auto` resolved against the files the earlier stages made)."""
+    from ..backends import resolve_backend
+
+    files = model_files(cfg)
+    return resolve_backend(cfg.backend, device=cfg.device, onnx_path=files["onnx"], om_path=files["om"])
+
+
+def open_backend(cfg: WorkflowConfig, model=None, model_config: ModelConfig | None = None,
+                 name: str | None = None):
+    """The backend `name` (default: `cfg.backend`, `auto` resolved), on the best file earlier stages made."""
+    from ..backends import ModelSpec, get_backend
+
+    files = model_files(cfg)
+    name = name or backend_name(cfg)
+    if name == "torch":
+        if model is None:
+            from ..checkpoint import load_waveglow
+
+            model = load_waveglow(cfg.checkpoint_path)
+        return get_backend("torch", model=model, device=cfg.device, precision=cfg.precision)
+    spec = ModelSpec.from_model_config(model_config or model.config)
+    if name == "om":
+        return get_backend("om", om_path=files["om"], device=cfg.device, precision=cfg.precision, spec=spec)
+    path = files["onnx"]
+    if name == "openvino" and files["openvino_ir"].is_file():
+        path = files["openvino_ir"]
+    if name == "onnxruntime" and files["onnx_optimized"].is_file() and cfg.device == "cpu":
+        path = files["onnx_optimized"]
+    return get_backend(name, onnx_path=path, device=cfg.device, precision=cfg.precision, spec=spec)
+
+
+def resolve_model_config(cfg: WorkflowConfig, model=None) -> ModelConfig:
+    """The model's config: from the model, else from the export record, else by loading the checkpoint."""
+    if model is not None:
+        return model.config
+    info_path = model_files(cfg)["onnx"].with_suffix(".json")
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if "model_config" in info:
+            return ModelConfig.from_dict(info["model_config"])
+    from ..checkpoint import load_waveglow
+
+    return load_waveglow(cfg.checkpoint_path).config
+
+
+def check_mel(path: Path, mel: np.ndarray) -> None:
+    if not np.isfinite(mel).all():
+        bad = int(np.count_nonzero(~np.isfinite(mel)))
+        raise ValueError(f"{path}: mel has {bad} NaN/Inf values; re-run preprocess for this file")
+
+
+def infer(cfg: WorkflowConfig, *, model=None, backend=None, out_dir: str | Path | None = None,
+          force: bool = False) -> dict:
+    """Vocode every utterance of `mel/manifest.json` into `out/<id>_out.bin`; returns a summary.
+
+    `cfg.sigma` defaults to 0.6: the flow is trained with sigma 1.0, but NVIDIA's inference default
+    samples at 0.6, a lower temperature that trades a little naturalness for audibly less background
+    noise/hiss. `backend=` takes an opened Backend (it is not closed here); else one is opened from `cfg`
+    (`model=` avoids reloading the checkpoint for the torch backend). Per-item timings go to
+    `out/timings.json`. Outputs made earlier with different output settings (sigma, seed, backend,
+    precision, checkpoint) are refused unless `force=True`, which redoes everything.
+    """
+    from .preprocess import load_manifest
+
+    mel_dir = cfg.run_dir / "mel"
+    manifest = load_manifest(mel_dir)
+    out_dir = Path(out_dir) if out_dir else cfg.run_dir / "out"
+    model_config = resolve_model_config(cfg, model)
+    hop = model_config.hop_length
+    pad_value = float(np.log(STFTConfig().clip_val))
+
+    # validate everything that can be checked without reading the data, before writing anything
+    utterances = []
+    for item in manifest["items"]:
+        path = mel_dir / item.get("bin", f"{item['id']}.bin")
+        shape = tuple(item["shape"])
+        if len(shape) != 2 or shape[0] != model_config.n_mel_channels:
+            raise ValueError(f"{path}: mel has shape {list(shape)}, this model needs "
+                             f"[{model_config.n_mel_channels}, T] (n_mel_channels differ)")
+        if int(item["mel_frames"]) != shape[1]:
+            raise ValueError(f"{path}: manifest says {item['mel_frames']} frames but shape {list(shape)}")
+        expected = shape[0] * shape[1] * 4
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: mel file listed in {mel_dir / 'manifest.json'} is missing")
+        if path.stat().st_size != expected:
+            raise ValueError(f"{path}: {path.stat().st_size} bytes, but manifest shape {list(shape)} of "
+                             f"float32 needs {expected} bytes (truncated file, or a manifest from another run?)")
+        utterances.append(Utterance(item["id"], shape[1], path))
+
+    name = backend.name if backend is not None else backend_name(cfg)
+    settings = {"checkpoint": cfg.checkpoint, "sigma": cfg.sigma, "seed": cfg.seed,
+                "backend": name, "precision": cfg.precision}
+    timings_path = out_dir / "timings.json"
+    record = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    if record and not force:
+        old = {k: record.get("settings", {}).get(k) for k in OUTPUT_SETTINGS}
+        changed = {k: (old[k], settings[k]) for k in OUTPUT_SETTINGS if old[k] != settings[k]}
+        if changed:
+            raise ValueError(f"{out_dir}: holds outputs made with other settings "
+                             f"({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changed.items())}); "
+                             "pass force=True (CLI --force) to redo them, or use another run name / out_dir")
+    if force:
+        record = {}
+    items_record: dict = record.get("items", {})
+
+    def finished(u: Utterance) -> bool:
+        target = out_dir / f"{u.id}_out.bin"
+        return not force and target.is_file() and target.stat().st_size == u.frames * hop * 4
+
+    todo = [u for u in utterances if not finished(u)]
+    skipped = [u.id for u in utterances if u not in todo]
+    own_backend = backend is None
+    if own_backend and todo:
+        backend = open_backend(cfg, model=model, model_config=model_config, name=name)
+    description = getattr(backend, "description", getattr(backend, "name", "?")) if backend else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {"settings": {**settings, "batch_size": cfg.batch_size, "backend_used": description,
+                           "device": cfg.device}, "items": items_record}
+    atomic_write_json(timings_path, record)
+
+    written: list[str] = []
+    started = time.perf_counter()
+    try:
+        with tqdm(total=len(todo), desc=f"infer ({getattr(backend, 'name', '-')})", unit="utt") as bar:
+            for index, batch in enumerate(plan_batches(todo, cfg.batch_size)):
+                mels = []
+                for u in batch:
+                    mel = read_bin(u.bin_path, (model_config.n_mel_channels, u.frames))
+                    check_mel(u.bin_path, mel)
+                    mels.append(mel)
+                noises = [utterance_noise(model_config, u.frames, cfg.seed, u.id) for u in batch]
+                t0 = time.perf_counter()
+                audios = vocode(backend, mels, noises, cfg.sigma, hop, pad_value)
+                seconds = time.perf_counter() - t0
+                padded = backend.pad_length(max(u.frames for u in batch))
+                device_ms = getattr(backend, "device_times_ms", None)
+                for u, audio in zip(batch, audios):
+                    if not np.isfinite(audio).all():
+                        raise RuntimeError(f"{u.bin_path}: the {backend.name} backend produced NaN/Inf audio "
+                                           f"(precision {cfg.precision}?)")
+                    write_bin(out_dir / f"{u.id}_out.bin", audio)
+                    items_record[u.id] = {
+                        "frames": u.frames, "samples": int(audio.size), "batch": index,
+                        "batch_items": len(batch), "padded_frames": padded, "batch_seconds": round(seconds, 6),
+                        "seconds": round(seconds * u.frames / sum(b.frames for b in batch), 6),
+                        "audio_seconds": round(audio.size / STFTConfig().sampling_rate, 4),
+                        **({"device_ms": device_ms[-1]} if device_ms else {})}
+                    written.append(u.id)
+                atomic_write_json(timings_path, record)
+                bar.update(len(batch))
+    finally:
+        if own_backend and backend is not None:
+            backend.close()
+    total = time.perf_counter() - started
+    audio_seconds = sum(items_record[i]["audio_seconds"] for i in written)
+    return {"out_dir": str(out_dir), "backend": description, "written": written, "skipped": skipped,
+            "seconds": round(total, 3), "audio_seconds": round(audio_seconds, 3),
+            "real_time_factor": round(total / audio_seconds, 4) if audio_seconds else None,
+            "timings": str(timings_path)}
