@@ -205,11 +205,13 @@ def infer(cfg: WorkflowConfig, *, model=None, backend=None, out_dir: str | Path 
     own_backend = backend is None
     if own_backend and todo:
         backend = open_backend(cfg, model=model, model_config=model_config, name=name)
-    description = getattr(backend, "description", getattr(backend, "name", "?")) if backend else None
+    description = (getattr(backend, "description", getattr(backend, "name", "?")) if backend
+                   else record.get("settings", {}).get("backend_used"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    record = {"settings": {**settings, "batch_size": cfg.batch_size, "backend_used": description,
-                           "device": cfg.device}, "items": items_record}
-    atomic_write_json(timings_path, record)
+    if todo or not timings_path.is_file():
+        record = {"settings": {**settings, "batch_size": cfg.batch_size, "backend_used": description,
+                               "device": cfg.device}, "items": items_record}
+        atomic_write_json(timings_path, record)
 
     written: list[str] = []
     started = time.perf_counter()
