@@ -30,6 +30,8 @@ from .config import STFTConfig, WorkflowConfig
 SNR_CAP_DB = 200.0
 #: cepstral coefficients c_1 .. c_K used by MCD
 MCD_COEFFS = 13
+#: where `throughput_table` keeps its rows in the run folder (collected into metrics.json)
+THROUGHPUT_FILE = "throughput.json"
 #: PESQ is defined at 8 kHz (narrow band) and 16 kHz (wide band); we use wide band
 PESQ_RATE = 16000
 _MCD_SCALE = 10.0 / math.log(10.0) * math.sqrt(2.0)
@@ -222,6 +224,160 @@ def round_trip(model: Any, audio: Any, stft: STFTConfig = STFTConfig()) -> dict[
     }
 
 
+# --- over a run folder ----------------------------------------------------------------------------
+def _run_items(cfg: WorkflowConfig) -> tuple[dict, list[dict]]:
+    from .stages.preprocess import load_manifest
+
+    manifest = load_manifest(cfg.run_dir / "mel")
+    return manifest, manifest["items"]
+
+
+def _run_stft(manifest: Mapping[str, Any]) -> STFTConfig:
+    """The STFT settings the run's mels were made with (recorded by preprocess)."""
+    stft = manifest.get("settings", {}).get("stft")
+    return STFTConfig(**stft) if stft else STFTConfig()
+
+
+def evaluate_run(cfg: WorkflowConfig, perceptual: bool | None = None) -> list[dict[str, Any]]:
+    """Per utterance of the run: `quality_metrics` of `wav/<id>_syn.wav` against the original wav.
+
+    `perceptual` (STOI, PESQ) defaults to `cfg.metrics`.
+    """
+    from tqdm.auto import tqdm
+
+    from .audio import load_wav
+
+    manifest, items = _run_items(cfg)
+    stft = _run_stft(manifest)
+    rate = stft.sampling_rate
+    wav_dir = cfg.run_dir / "wav"
+    rows = []
+    for item in tqdm(items, desc="evaluate", unit="utt"):
+        syn_path = wav_dir / f"{item['id']}_syn.wav"
+        if not syn_path.is_file():
+            raise FileNotFoundError(f"{syn_path}: synthesised wav not found; run the postprocess stage first")
+        reference, _ = load_wav(item["wav"], expected_rate=rate, resample=cfg.resample, downmix=cfg.downmix)
+        synthesised, _ = load_wav(syn_path, expected_rate=rate)
+        metrics = quality_metrics(reference, synthesised, rate, stft,
+                                  perceptual=cfg.metrics if perceptual is None else perceptual)
+        rows.append({"id": item["id"], **metrics})
+    return rows
+
+
+def usable_backends(cfg: WorkflowConfig) -> list[str]:
+    """The backends that can run this run's model here: installed, and their model file made."""
+    from .backends import available_backends
+    from .stages.infer import model_files
+
+    files = model_files(cfg)
+    needs = {"torch": None, "onnxruntime": files["onnx"], "openvino": files["onnx"], "om": files["om"]}
+    return [name for name, (ok, _) in available_backends().items()
+            if ok and (needs.get(name) is None or needs[name].is_file())]
+
+
+def backend_outputs(cfg: WorkflowConfig, names: Sequence[str] | None = None, *, model: Any = None,
+                    n_utterances: int = 2, precision: str = "fp32") -> dict[str, list[np.ndarray]]:
+    """Audio of the run's `n_utterances` shortest utterances from each backend, all fed the same mel and noise.
+
+    The backends are opened the way the infer stage opens them (same files, same padding and trimming),
+    at `precision` (fp32 by default: parity is about the backends' arithmetic, not reduced precision).
+    The shortest utterances keep this quick; any utterance shows the same arithmetic differences.
+    """
+    from .io import read_bin
+    from .stages.infer import open_backend, resolve_model_config, utterance_noise, vocode
+
+    manifest, items = _run_items(cfg)
+    items = sorted(items, key=lambda item: (int(item["mel_frames"]), item["id"]))[:n_utterances]
+    names = list(names) if names is not None else usable_backends(cfg)
+    config = resolve_model_config(cfg, model)
+    mel_dir = cfg.run_dir / "mel"
+    mels = [read_bin(mel_dir / item.get("bin", f"{item['id']}.bin"), tuple(item["shape"])) for item in items]
+    noises = [utterance_noise(config, int(item["mel_frames"]), cfg.seed, item["id"]) for item in items]
+    run_cfg = cfg.with_overrides(precision=precision)
+    pad = float(np.log(_run_stft(manifest).clip_val))
+    outputs: dict[str, list[np.ndarray]] = {}
+    for name in names:
+        backend = open_backend(run_cfg, model=model, model_config=config, name=name)
+        try:
+            outputs[name] = [vocode(backend, [m], [z], cfg.sigma, config.hop_length, pad)[0]
+                             for m, z in zip(mels, noises)]
+        finally:
+            backend.close()
+    return outputs
+
+
+def throughput_table(cfg: WorkflowConfig, batch_sizes: Sequence[int] | None = None, *, backend: str | None = None,
+                     model: Any = None, repeats: int | None = None) -> list[dict[str, Any]]:
+    """Utterances/s (the guide's unit), audio-seconds/s and real-time factor by batch size, on this run's
+    utterances and backend, batched exactly as the infer stage batches them.
+
+    Real-time factor = processing seconds / audio seconds (below 1 is faster than real time). Each batch
+    size is timed `repeats` times (default `cfg.bench_repeats`) after one warm-up batch; the median
+    counts. The rows are saved to runs/<name>/throughput.json. For the full harness (peers, precisions,
+    the guide's workload) see `python -m waveglow_lib bench`.
+    """
+    import statistics
+    import time
+
+    from .io import read_bin
+    from .stages.infer import (Utterance, backend_name, open_backend, plan_batches, resolve_model_config,
+                               utterance_noise, vocode)
+
+    manifest, items = _run_items(cfg)
+    config = resolve_model_config(cfg, model)
+    name = backend or backend_name(cfg)
+    hop, rate = config.hop_length, _run_stft(manifest).sampling_rate
+    pad = float(np.log(_run_stft(manifest).clip_val))
+    mel_dir = cfg.run_dir / "mel"
+    utterances = [Utterance(item["id"], int(item["mel_frames"]), mel_dir / item.get("bin", f"{item['id']}.bin"))
+                  for item in items]
+    mels = {u.id: read_bin(u.bin_path, (config.n_mel_channels, u.frames)) for u in utterances}
+    noises = {u.id: utterance_noise(config, u.frames, cfg.seed, u.id) for u in utterances}
+    audio_seconds = sum(u.frames * hop for u in utterances) / rate
+    repeats = repeats or cfg.bench_repeats
+    rows = []
+    runner = open_backend(cfg, model=model, model_config=config, name=name)
+    try:
+        shortest = min(utterances, key=lambda u: u.frames)
+        vocode(runner, [mels[shortest.id]], [noises[shortest.id]], cfg.sigma, hop, pad)   # warm-up
+        for batch_size in batch_sizes or cfg.bench_batch_sizes:
+            batches = plan_batches(utterances, int(batch_size))
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for batch in batches:
+                    vocode(runner, [mels[u.id] for u in batch], [noises[u.id] for u in batch], cfg.sigma, hop, pad)
+                times.append(time.perf_counter() - start)
+            seconds = statistics.median(times)
+            rows.append({"backend": name, "precision": cfg.precision, "batch_size": int(batch_size),
+                         "utterances": len(utterances), "seconds": seconds,
+                         "utterances_per_second": len(utterances) / seconds,
+                         "audio_seconds_per_second": audio_seconds / seconds,
+                         "real_time_factor": seconds / audio_seconds})
+    finally:
+        runner.close()
+    from .io import atomic_write_json
+
+    atomic_write_json(cfg.run_dir / THROUGHPUT_FILE, rows)
+    return rows
+
+
+def guide_throughput_rows(measured: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The guide's table layout: one row per batch size, utterances/s here beside the guide's devices."""
+    from .config import GUIDE_THROUGHPUT
+
+    sizes = sorted({int(r["batch_size"]) for r in measured} | {b for t in GUIDE_THROUGHPUT.values() for b in t})
+    by_size = {int(r["batch_size"]): r for r in measured}
+    rows = []
+    for size in sizes:
+        here = by_size.get(size, {})
+        row = {"batch": f"batch{size}", "this machine (utt/s)": here.get("utterances_per_second"),
+               "audio s/s": here.get("audio_seconds_per_second"), "real-time factor": here.get("real_time_factor")}
+        row.update({device: table.get(size) for device, table in GUIDE_THROUGHPUT.items()})
+        rows.append(row)
+    return rows
+
+
 # --- metrics.json ---------------------------------------------------------------------------------
 def summarise(utterances: Sequence[Mapping[str, Any]],
               keys: Sequence[str] = ("log_mel_distance", "mcd_db", "stoi", "pesq")) -> dict[str, Any]:
@@ -256,8 +412,11 @@ def collect_metrics(cfg: WorkflowConfig, *, utterances: Sequence[Mapping[str, An
 
     Sections already computed (the notebooks compute them once to show them) are passed in; arrays in
     them (e.g. the round trip's audio) are left out of the file. `utterances` defaults to the per-utterance
-    quality of the run's synthesised audio against the originals (`evaluate_run`).
+    quality of the run's synthesised audio against the originals (`evaluate_run`); the throughput rows
+    `throughput_table` saved are included when present.
     """
+    import json
+
     from .io import atomic_write_json
 
     if utterances is None:
@@ -275,6 +434,9 @@ def collect_metrics(cfg: WorkflowConfig, *, utterances: Sequence[Mapping[str, An
         record["parity"] = [dict(row) for row in parity]
     if round_trip is not None:
         record["round_trip"] = {k: v for k, v in round_trip.items() if not isinstance(v, np.ndarray)}
+    throughput_path = cfg.run_dir / THROUGHPUT_FILE
+    if throughput_path.is_file():
+        record["throughput"] = json.loads(throughput_path.read_text())
     if extra:
         record.update(extra)
     record = _finite_or_none(record)

@@ -36,6 +36,8 @@ NOTEBOOKS = (
 )
 #: the kernel name the notebooks carry in their metadata
 KERNEL_NAME = "python3"
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 #: config fields holding paths; "demo" is a keyword, not a path
 _PATH_FIELDS = ("corpus", "checkpoint", "runs_dir")
 
@@ -196,13 +198,37 @@ def merge_notebooks(paths: Sequence[str | Path]):
         toc.append(f"- [{path.stem}](#{anchor})")
         merged.cells.append(nbformat.v4.new_markdown_cell(f'<a id="{anchor}"></a>\n\n# Notebook `{path.name}`'))
         merged.cells.extend(nb.cells)
-        widgets = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {})
+        widgets = nb.metadata.get("widgets", {}).get(WIDGET_STATE, {})
         states.update(widgets.get("state", {}))
+        _freeze_progress_bars(nb.cells, widgets.get("state", {}))
     merged.cells.insert(0, nbformat.v4.new_markdown_cell("\n".join(toc)))
     if states:
-        merged.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {
+        merged.metadata["widgets"] = {WIDGET_STATE: {
             "version_major": 2, "version_minor": 0, "state": states}}
     return merged
+
+
+def _freeze_progress_bars(cells: Sequence[Any], state: Mapping[str, Any]) -> None:
+    """Replace tqdm's notebook bars by their final text: the report must not need the widget JavaScript
+    (fetched from a CDN) to say how far a stage got, and their text fallback was taken at 0 %."""
+    import html
+
+    def model(ref: str) -> Mapping[str, Any]:
+        return state.get(ref.replace("IPY_MODEL_", ""), {})
+
+    for cell in cells:
+        for output in cell.get("outputs", []):
+            view = output.get("data", {}).get(WIDGET_VIEW)
+            box = model(view["model_id"]) if view else {}
+            children = [model(ref) for ref in box.get("state", {}).get("children", [])]
+            if box.get("model_name") != "HBoxModel" or [c.get("model_name") for c in children] != \
+                    ["HTMLModel", "FloatProgressModel", "HTMLModel"]:
+                continue
+            left, bar, right = (c.get("state", {}) for c in children)
+            text = html.unescape(f"{left.get('value', '')} {right.get('value', '')}").replace("\u2007", " ")
+            if bar.get("bar_style") == "danger":
+                text += " (stopped)"
+            output["data"] = {"text/plain": text}
 
 
 def render_report(paths: Sequence[str | Path], output: str | Path, title: str = "WaveGlow run") -> Path:
