@@ -1,0 +1,67 @@
+"""`python -m waveglow_lib`: help for every command, parameter precedence, a whole run, clear errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipeline_helpers import short_corpus, tiny_checkpoint
+from waveglow_lib.__main__ import build_parser, config_from_args, main
+
+STAGES = ["preprocess", "export", "convert", "infer", "postprocess", "run-all"]
+
+
+@pytest.mark.parametrize("command", STAGES)
+def test_help_of_each_command(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert f"python -m waveglow_lib {command}" in text and "--params" in text and "--set" in text
+
+
+def test_module_entry_point_lists_the_commands():
+    done = subprocess.run([sys.executable, "-m", "waveglow_lib", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0
+    for command in STAGES:
+        assert command in done.stdout
+
+
+def test_params_then_set_then_flags(tmp_path):
+    params = tmp_path / "p.yaml"
+    params.write_text("name: fromfile\nbatch_size: 4\nsigma: 0.5\nseed: 7\n")
+    args = build_parser().parse_args(["infer", "--params", str(params), "--set", "sigma=0.7", "--set",
+                                      "seed=9", "--seed", "11"])
+    cfg = config_from_args(args)
+    assert (cfg.name, cfg.batch_size, cfg.sigma, cfg.seed) == ("fromfile", 4, 0.7, 11)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["infer", "--backend", "tensorrt"])
+
+
+def test_run_all_from_the_command_line(tmp_path, capsys):
+    code = main(["run-all", "--runs-dir", str(tmp_path), "--name", "cli", "--checkpoint", str(tiny_checkpoint()),
+                 "--corpus", str(short_corpus()), "--limit", "2", "--backend", "onnxruntime", "--batch-size", "2",
+                 "--targets", "atc"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["infer"]["backend"].startswith("onnxruntime") and len(summary["infer"]["written"]) == 2
+    assert sorted(p.name for p in (tmp_path / "cli" / "wav").glob("*.wav")) == ["LJ001-0002_syn.wav",
+                                                                               "LJ001-0006_syn.wav"]
+    assert (tmp_path / "cli" / "om" / "convert_atc.sh").is_file() and (tmp_path / "cli" / "params.yaml").is_file()
+    # the run folder's params.yaml re-creates the run's settings: everything is found finished
+    assert main(["infer", "--params", str(tmp_path / "cli" / "params.yaml")]) == 0
+    assert len(json.loads(capsys.readouterr().out)["skipped"]) == 2
+    # other output settings are refused rather than mixed in
+    assert main(["infer", "--params", str(tmp_path / "cli" / "params.yaml"), "--sigma", "0.9"]) == 2
+    assert "other settings (sigma: 0.6 -> 0.9)" in capsys.readouterr().err
+
+
+def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
+    assert main(["infer", "--runs-dir", str(tmp_path), "--name", "empty"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "empty/mel/manifest.json: manifest not found" in err
+    assert len(err.splitlines()) == 1
+    assert main(["infer", "--set", "nonsense=1"]) == 2
+    assert "unknown parameter(s) 'nonsense'" in capsys.readouterr().err

@@ -1,0 +1,53 @@
+"""Export: the (mel, z) graph checked and verified against PyTorch in the same call, the guide's
+variant, and the stage's skip/force behaviour."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from pipeline_helpers import make_cfg, tiny_checkpoint, tiny_model, tiny_onnx
+from waveglow_lib.stages.export import ExportError, export, export_onnx
+
+
+def test_noise_input_graph():
+    path = tiny_onnx()
+    info = json.loads(path.with_suffix(".json").read_text())
+    assert info["exporter"] == "legacy" and info["opset"] == 17 and info["snr_db"] >= 60
+    assert info["probe_shape"] == [3, 37 * 256]  # batch and length other than the traced ones
+    graph = onnx.load(path).graph
+    assert [i.name for i in graph.input] == ["mel", "z"] and [o.name for o in graph.output] == ["audio"]
+    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input]
+    assert dims == [["batch", 80, "frames"], ["batch", 8, "noise_length"]]
+
+
+def test_guide_variant_draws_noise_in_the_graph(tmp_path):
+    import onnxruntime as ort
+
+    info = export_onnx(tiny_model(), tmp_path / "WaveGlow_onnx.onnx", opset=13, variant="guide")
+    assert info["inputs"] == ["mel"] and info["outputs"] == ["output_audio"] and info["opset"] == 13
+    model = onnx.load(tmp_path / "WaveGlow_onnx.onnx")
+    assert "RandomNormalLike" in {n.op_type for n in model.graph.node}
+    session = ort.InferenceSession(str(tmp_path / "WaveGlow_onnx.onnx"), providers=["CPUExecutionProvider"])
+    mel = np.full((1, 80, 11), -5.0, np.float32)
+    first, second = (session.run(None, {"mel": mel})[0] for _ in range(2))
+    assert first.shape == (1, 11 * 256) and not np.allclose(first, second)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ExportError, match="variant"):
+        export_onnx(tiny_model(), tmp_path / "x.onnx", variant="other")
+    with pytest.raises(ExportError, match="exporter must be"):
+        export_onnx(tiny_model(), tmp_path / "x.onnx", exporter="magic")
+    assert not list(tmp_path.iterdir())
+
+
+def test_stage_skips_a_current_export(tmp_path):
+    cfg = make_cfg(tmp_path)
+    first = export(cfg)["noise_input"]
+    assert first["status"] == "exported" and (cfg.run_dir / "onnx" / "waveglow.onnx").is_file()
+    assert export(cfg)["noise_input"]["status"].startswith("skipped")
+    assert export(cfg.with_overrides(opset=18))["noise_input"]["opset"] == 18  # a changed opset re-exports
+    assert tiny_checkpoint().is_file()
