@@ -135,6 +135,9 @@ class WorkflowConfig:
     #: fp32 | bf16 | fp16 | int8
     precision: str = "fp32"
     batch_size: int = 1
+    #: padded batches: recompute each padded utterance's last receptive field alone (a short window),
+    #: so batched output equals unbatched output; false = plain padding (the tail differs slightly)
+    exact_batching: bool = True
     sigma: float = 0.6
     seed: int = 1234
     denoiser_strength: float = 0.0
