@@ -95,7 +95,10 @@ def test_convert_writes_script_without_atc(tmp_path, monkeypatch):
     assert result["command"] in script.read_text().splitlines()
     assert '--input_shape="mel:2,80,-1;z:2,8,-1"' in result["command"]
     gears = json.loads((cfg.run_dir / "om" / "waveglow.gears.json").read_text())
-    assert gears["batch"] == 2 and gears["mel_lengths"] == [125, 281]  # lengths 99, 125, 281 in 2 buckets
+    # lengths 99, 125, 281 in 2 buckets, plus the exact-batching window (4 frames for the tiny model)
+    assert gears["batch"] == 2 and gears["mel_lengths"] == [4, 125, 281]
+    assert convert(cfg.with_overrides(exact_batching=False, batch_size=1), targets=("atc",),
+                   force=True)["atc"]["gears"] == [125, 281]
 
 
 def test_convert_runs_atc_when_on_path(tmp_path, monkeypatch):

@@ -53,13 +53,28 @@ def test_batched_equals_unbatched_per_utterance(tmp_path, unbatched):
     _, reference = unbatched
     cfg = preprocessed_run(tmp_path, batch_size=3)
     result = infer(cfg, model=tiny_model())
-    timings = json.loads((cfg.run_dir / "out" / "timings.json").read_text())
-    assert {item["batch_items"] for item in timings["items"].values()} == {3}
-    assert {item["padded_frames"] for item in timings["items"].values()} == {281}
+    timings = json.loads((cfg.run_dir / "out" / "timings.json").read_text())["items"]
+    assert {item["batch_items"] for item in timings.values()} == {3}
+    assert {item["padded_frames"] for item in timings.values()} == {281}
+    assert all(item["exact"] for item in timings.values()) and timings["LJ001-0008"]["tail_frames"] == 8
     batched = outputs(cfg.run_dir / "out")
+    plain = infer(cfg.with_overrides(exact_batching=False), model=tiny_model(), out_dir=tmp_path / "plain")
+    padded_only = outputs(tmp_path / "plain")
     for utt_id in SHORT_IDS:
-        assert snr_db(reference[utt_id], batched[utt_id]) >= 50, utt_id
-    assert result["real_time_factor"] > 0
+        assert snr_db(reference[utt_id], batched[utt_id]) >= 100, utt_id  # equal up to float rounding
+        assert np.array_equal(batched[utt_id][:-96], padded_only[utt_id][:-96])  # only the tail is redone
+    for utt_id in ("LJ001-0002", "LJ001-0008"):  # padded: plain padding changes their last samples
+        assert snr_db(reference[utt_id], padded_only[utt_id]) < 100, utt_id
+    assert result["real_time_factor"] > 0 and len(plain["written"]) == 3
+
+
+def test_tail_window_of_the_official_model():
+    from waveglow_lib.config import ModelConfig
+    from waveglow_lib.stages.infer import receptive_field, tail_window
+
+    assert receptive_field(ModelConfig()) == 12 * 255  # 12 flows, dilations 1..128, kernel 3
+    assert tail_window(ModelConfig()) == (195, 3060 * 8)  # (2·3060 + 96 steps) / 32 steps per frame
+    assert tail_window(TINY_PIPELINE) == (4, 96)
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
@@ -132,11 +147,20 @@ def test_om_backend_through_the_stage_pads_to_gears_and_batch(tmp_path, unbatche
     cfg = preprocessed_run(tmp_path, backend="om", device="npu:0", batch_size=2, with_onnx=True)
     (cfg.run_dir / "om").mkdir()
     (cfg.run_dir / "om" / "waveglow.om").write_bytes(b"om")
-    (cfg.run_dir / "om" / "waveglow.gears.json").write_text('{"batch": 2, "mel_lengths": [128, 300]}')
+    # gears as convert writes them for batch 2: two buckets plus the tail window (4 frames here)
+    (cfg.run_dir / "om" / "waveglow.gears.json").write_text('{"batch": 2, "mel_lengths": [4, 128, 300]}')
     infer(cfg)
     session = FakeInferSession.instances[-1]
-    assert [c[0] for c in session.calls] == [(2, 80, 300), (2, 80, 128)] and session.released == "finalize"
+    assert [c[0] for c in session.calls] == [(2, 80, 300), (2, 80, 4), (2, 80, 128), (2, 80, 4)]
+    assert session.released == "finalize"
     for utt_id, audio in outputs(cfg.run_dir / "out").items():
+        assert snr_db(reference[utt_id], audio) >= 100, utt_id
+    # without the window gear the tails cannot be redone: recorded as not exact, still close
+    (cfg.run_dir / "om" / "waveglow.gears.json").write_text('{"batch": 2, "mel_lengths": [128, 300]}')
+    infer(cfg, out_dir=tmp_path / "no_window_gear")
+    timings = json.loads((tmp_path / "no_window_gear" / "timings.json").read_text())["items"]
+    assert [u for u in SHORT_IDS if not timings[u]["exact"]] == list(SHORT_IDS)
+    for utt_id, audio in outputs(tmp_path / "no_window_gear").items():
         assert snr_db(reference[utt_id], audio) >= 50, utt_id
 
 

@@ -203,6 +203,17 @@ def convert_atc(cfg: WorkflowConfig, onnx_path: Path, *, lengths: Sequence[int] 
         raise ConvertError(f"{onnx_path}: exported as the guide's variant; convert expects the (mel, z) graph")
     lengths = list(lengths) if lengths is not None else manifest_lengths(cfg)
     gears = mel_gears(lengths, cfg.gear_policy, cfg.n_buckets)
+    if cfg.exact_batching and (cfg.batch_size > 1 or cfg.gear_policy == "buckets") and "model_config" in info:
+        # padded batches recompute each padded utterance's tail from a window of this many frames
+        from ..config import ModelConfig
+        from .infer import tail_window
+
+        window = tail_window(ModelConfig.from_dict(info["model_config"]))[0]
+        if window not in gears:
+            gears = sorted(gears + [window])
+        if len(gears) > MAX_GEARS:
+            raise ConvertError(f"{len(gears)} gears (with the exact-batching window gear {window}): ATC allows "
+                               f"at most {MAX_GEARS}; lower n_buckets or set exact_batching=false")
     om_dir = cfg.run_dir / "om"
     om_dir.mkdir(parents=True, exist_ok=True)
     output = om_dir / OM_NAME

@@ -3,7 +3,9 @@
 Utterances are sorted by length and grouped into batches of `cfg.batch_size`; each mel is padded with
 `log(clip_val)` (the value a silent frame has) to the batch's longest (or to the `.om`'s next gear), the
 noise of each utterance is its own noise zero-padded, and each output is trimmed back to its own
-`frames × 256` samples. The noise is drawn per utterance from (seed, utterance id), so every backend
+`frames × 256` samples. WaveGlow's convolutions are not causal, so the last samples of a padded
+utterance see the padding; with `cfg.exact_batching` (default) those tails are recomputed from a short
+window (see `tail_window`), which makes batched output equal unbatched output. The noise is drawn per utterance from (seed, utterance id), so every backend
 and every batch size is fed the same numbers and outputs can be compared sample by sample.
 
 Resumable: an utterance whose `<id>_out.bin` exists is skipped; each file is written atomically as soon
@@ -71,15 +73,89 @@ def make_batch(mels: list[np.ndarray], noises: list[np.ndarray], sigma: float, l
     return mel, z
 
 
-def vocode(backend, mels: list[np.ndarray], noises: list[np.ndarray], sigma: float, hop_length: int,
-           pad_value: float = float(np.log(STFTConfig().clip_val))) -> list[np.ndarray]:
-    """Run one padded batch through `backend`; returns each utterance's audio trimmed to its length."""
-    longest = max(m.shape[1] for m in mels)
-    length = backend.pad_length(longest)
+def receptive_field(model_config: ModelConfig) -> int:
+    """How far (in noise steps, i.e. groups of n_group samples) one output step sees along time, each side.
+
+    Every flow's WN stacks dilated convolutions (kernel k, dilations 1, 2, ..., 2^(L-1)), everything else
+    is pointwise in time; the upsampler is causal. 12 flows × 255 = 3060 steps (≈ 96 frames) for the
+    official model.
+    """
+    c = model_config
+    return c.n_flows * (c.kernel_size // 2) * (2 ** c.n_layers - 1)
+
+
+def tail_window(model_config: ModelConfig) -> tuple[int, int]:
+    """(frames, samples): the window rerun to make a padded utterance exact, and the tail it replaces.
+
+    In a padded batch only an utterance's last `receptive_field` steps see the padding. Rerunning its
+    last `frames` mel frames alone gives those samples exactly: the window's own left edge (zero padding
+    of the convolutions, and the upsampler's 3 missing frames of context) is far enough away.
+    """
+    c = model_config
+    steps = c.hop_length // c.n_group
+    reach = receptive_field(c)
+    context = (c.upsample_kernel - c.upsample_stride) // c.n_group
+    return -(-(2 * reach + context) // steps), reach * c.n_group
+
+
+def _run_padded(backend, mels, noises, sigma, length, pad_value) -> list[np.ndarray]:
     rows = max(len(mels), backend.fixed_batch or 0)
     mel, z = make_batch(mels, noises, sigma, length, rows=rows, pad_value=pad_value)
     audio = backend.run(mel, z)
-    return [audio[i, : m.shape[1] * hop_length].copy() for i, m in enumerate(mels)]
+    hop = audio.shape[1] // length
+    return [audio[i, : m.shape[1] * hop].copy() for i, m in enumerate(mels)]
+
+
+def vocode(backend, mels: list[np.ndarray], noises: list[np.ndarray], sigma: float, model_config: ModelConfig,
+           *, exact: bool = True, pad_value: float = float(np.log(STFTConfig().clip_val))
+           ) -> tuple[list[np.ndarray], dict]:
+    """Run one padded batch through `backend`; each utterance's audio comes back trimmed to its length.
+
+    With `exact`, every utterance shorter than the padded length gets its tail (the samples whose
+    receptive field reaches into the padding) recomputed from a short window of its own mel and noise,
+    all windows in one batch; utterances shorter than the window are rerun alone. The result equals
+    running each utterance by itself. A backend that cannot take the window length (an `.om` without that
+    gear) leaves those tails as padded: their indices are listed in `stats["inexact"]`.
+    """
+    lengths = [m.shape[1] for m in mels]
+    padded = backend.pad_length(max(lengths))
+    audios = _run_padded(backend, mels, noises, sigma, padded, pad_value)
+    stats = {"padded_frames": padded, "tail_frames": 0, "inexact": []}
+    short = [i for i, n in enumerate(lengths) if n < padded]
+    if not exact:
+        stats["inexact"] = short
+        return audios, stats
+    window, tail = tail_window(model_config)
+    steps = model_config.hop_length // model_config.n_group
+    windowed, alone = [], []
+    for i in short:
+        if lengths[i] > window and _fits(backend, window):
+            windowed.append(i)
+        elif _fits(backend, lengths[i]):
+            alone.append(i)
+        else:
+            stats["inexact"].append(i)
+    chunk = backend.fixed_batch or max(1, len(windowed))
+    for k in range(0, len(windowed), chunk):
+        ids = windowed[k:k + chunk]
+        starts = [lengths[i] - window for i in ids]
+        outs = _run_padded(backend, [mels[i][:, s:] for i, s in zip(ids, starts)],
+                           [noises[i][:, s * steps:] for i, s in zip(ids, starts)], sigma, window, pad_value)
+        for i, out in zip(ids, outs):
+            audios[i][-tail:] = out[-tail:]
+        stats["tail_frames"] += window * len(ids)
+    for i in alone:
+        audios[i] = _run_padded(backend, [mels[i]], [noises[i]], sigma, lengths[i], pad_value)[0]
+        stats["tail_frames"] += lengths[i]
+    return audios, stats
+
+
+def _fits(backend, frames: int) -> bool:
+    """The backend accepts a mel of exactly this length (always, unless it has compiled gears)."""
+    try:
+        return backend.pad_length(frames) == frames
+    except Exception:  # beyond the largest gear
+        return False
 
 
 def model_files(cfg: WorkflowConfig) -> dict[str, Path]:
@@ -225,18 +301,20 @@ def infer(cfg: WorkflowConfig, *, model=None, backend=None, out_dir: str | Path 
                     mels.append(mel)
                 noises = [utterance_noise(model_config, u.frames, cfg.seed, u.id) for u in batch]
                 t0 = time.perf_counter()
-                audios = vocode(backend, mels, noises, cfg.sigma, hop, pad_value)
+                audios, stats = vocode(backend, mels, noises, cfg.sigma, model_config,
+                                       exact=cfg.exact_batching, pad_value=pad_value)
                 seconds = time.perf_counter() - t0
-                padded = backend.pad_length(max(u.frames for u in batch))
                 device_ms = getattr(backend, "device_times_ms", None)
-                for u, audio in zip(batch, audios):
+                for position, (u, audio) in enumerate(zip(batch, audios)):
                     if not np.isfinite(audio).all():
                         raise RuntimeError(f"{u.bin_path}: the {backend.name} backend produced NaN/Inf audio "
                                            f"(precision {cfg.precision}?)")
                     write_bin(out_dir / f"{u.id}_out.bin", audio)
                     items_record[u.id] = {
                         "frames": u.frames, "samples": int(audio.size), "batch": index,
-                        "batch_items": len(batch), "padded_frames": padded, "batch_seconds": round(seconds, 6),
+                        "batch_items": len(batch), "padded_frames": stats["padded_frames"],
+                        "tail_frames": stats["tail_frames"], "exact": position not in stats["inexact"],
+                        "batch_seconds": round(seconds, 6),
                         "seconds": round(seconds * u.frames / sum(b.frames for b in batch), 6),
                         "audio_seconds": round(audio.size / STFTConfig().sampling_rate, 4),
                         **({"device_ms": device_ms[-1]} if device_ms else {})}
