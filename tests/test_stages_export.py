@@ -51,3 +51,11 @@ def test_stage_skips_a_current_export(tmp_path):
     assert export(cfg)["noise_input"]["status"].startswith("skipped")
     assert export(cfg.with_overrides(opset=18))["noise_input"]["opset"] == 18  # a changed opset re-exports
     assert tiny_checkpoint().is_file()
+
+
+def test_dynamo_exporter_also_works(tmp_path):
+    """The fallback route (torch.export with a derived noise-length dimension) in case the legacy
+    TorchScript exporter disappears from a later torch."""
+    info = export_onnx(tiny_model(), tmp_path / "dynamo.onnx", exporter="dynamo")
+    assert info["exporter"] == "dynamo" and info["snr_db"] >= 60 and info["probe_shape"] == [3, 37 * 256]
+    assert info["inputs"] == ["mel", "z"] and info["outputs"] == ["audio"]
