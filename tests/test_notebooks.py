@@ -163,3 +163,156 @@ def test_ci_run_keeps_the_widgets(ci_run):
         assert views, f"{name}: no widget displayed"
         models = nb.metadata["widgets"][WIDGET_STATE]["state"].values()
         assert any(m["model_name"] == "DropdownModel" for m in models)
+
+
+# --- a real JupyterLab server (headless), the way a person runs the notebooks ---------------------
+class JupyterLab:
+    """`jupyter lab --no-browser` on 127.0.0.1 with a token, driven through its REST and kernel websocket
+    API like the browser does: a session per notebook (kernel started in notebooks/, as JupyterLab does),
+    cells sent as execute_requests, widget comm messages answered as the widget manager would."""
+
+    def __init__(self, root: Path, workdir: Path):
+        import secrets
+        import socket
+        import time
+        import urllib.request
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.token = secrets.token_hex(16)
+        self.base = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(workdir / "runtime"), "PYTHONPATH": str(root)}
+        self.log = open(workdir / "jupyterlab.log", "w")
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("jupyter-lab")), "--no-browser", "--ip=127.0.0.1",
+             f"--port={self.port}", f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={root}",
+             "--ServerApp.port_retries=0", "--allow-root"], cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.base}/api/status?token={self.token}", timeout=2)
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"jupyter lab did not start: {(workdir / 'jupyterlab.log').read_text()[-2000:]}")
+                time.sleep(0.3)
+
+    def api(self, method: str, path: str, body: dict | None = None) -> dict:
+        import urllib.request
+
+        request = urllib.request.Request(f"{self.base}{path}?token={self.token}", method=method,
+                                         data=None if body is None else json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            text = response.read().decode()
+        return json.loads(text) if text else {}
+
+    def open(self, notebook: str) -> "KernelChannel":
+        session = self.api("POST", "/api/sessions", {"path": f"notebooks/{notebook}", "type": "notebook",
+                                                     "name": notebook, "kernel": {"name": "python3"}})
+        return KernelChannel(self, session["kernel"]["id"], session["id"])
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+class KernelChannel:
+    def __init__(self, server: JupyterLab, kernel_id: str, session_id: str):
+        import uuid
+
+        import websocket
+
+        self.server, self.kernel_id, self.session = server, kernel_id, uuid.uuid4().hex
+        self.ws = websocket.create_connection(
+            f"ws://127.0.0.1:{server.port}/api/kernels/{kernel_id}/channels?session_id={self.session}"
+            f"&token={server.token}", timeout=300)
+        self.comms: dict[str, dict] = {}      # comm_id -> the widget state the kernel opened it with
+
+    def send(self, msg_type: str, content: dict, channel: str = "shell") -> str:
+        import datetime
+        import uuid
+
+        msg_id = uuid.uuid4().hex
+        self.ws.send(json.dumps({
+            "header": {"msg_id": msg_id, "msg_type": msg_type, "session": self.session, "username": "test",
+                       "version": "5.3", "date": datetime.datetime.now(datetime.timezone.utc).isoformat()},
+            "parent_header": {}, "metadata": {}, "content": content, "channel": channel, "buffers": []}))
+        return msg_id
+
+    def collect(self, msg_id: str) -> list[dict]:
+        """iopub messages of one request, until the kernel is idle again."""
+        messages = []
+        while True:
+            msg = json.loads(self.ws.recv())
+            if msg.get("parent_header", {}).get("msg_id") != msg_id or msg["channel"] != "iopub":
+                continue
+            kind = msg["header"]["msg_type"]
+            if kind == "status" and msg["content"]["execution_state"] == "idle":
+                return messages
+            if kind == "comm_open":
+                self.comms[msg["content"]["comm_id"]] = msg["content"]["data"].get("state", {})
+            messages.append(msg)
+
+    def execute(self, code: str) -> list[dict]:
+        return self.collect(self.send("execute_request", {"code": code, "silent": False, "store_history": True,
+                                                          "user_expressions": {}, "allow_stdin": False,
+                                                          "stop_on_error": True}))
+
+    def close(self) -> None:
+        self.ws.close()
+        self.server.api("DELETE", f"/api/kernels/{self.kernel_id}")
+
+
+def _errors(messages: list[dict]) -> list[str]:
+    return [f"{m['content']['ename']}: {m['content']['evalue']}" for m in messages if m["header"]["msg_type"] == "error"]
+
+
+def _mimetypes(messages: list[dict]) -> set[str]:
+    return {mime for m in messages if m["header"]["msg_type"] in ("display_data", "execute_result")
+            for mime in m["content"]["data"]}
+
+
+def test_jupyterlab_runs_a_notebook_top_to_bottom_and_its_dropdown_works(ci_run, tmp_path):
+    """01_preprocess in a real `jupyter lab` kernel (started in notebooks/, like a person's): every cell runs,
+    the Dropdown widget opens its comm, and picking another utterance shows its plot and player."""
+    run, _ = ci_run
+    nb = nbformat.read(NOTEBOOKS / "01_preprocess.ipynb", as_version=4)
+    server = JupyterLab(ROOT, tmp_path)
+    try:
+        kernel = server.open("01_preprocess.ipynb")
+        try:
+            where = kernel.execute("import os, sys; print(os.getcwd()); print(sys.prefix)")
+            printed = "".join(m["content"].get("text", "") for m in where)
+            assert printed.splitlines() == [str(NOTEBOOKS), sys.prefix], printed     # this venv's kernel
+            outputs = []
+            for cell in nb.cells:
+                if cell.cell_type != "code":
+                    continue
+                source = cell.source
+                if "parameters" in cell.metadata.get("tags", []):   # a person edits the parameters cell
+                    source += f"\nparams_file = {str(run / 'params.yaml')!r}"
+                messages = kernel.execute(source)
+                assert not _errors(messages), f"{source.splitlines()[0]}: {_errors(messages)}"
+                outputs.append(messages)
+            assert {"image/png", "text/html"} <= _mimetypes([m for ms in outputs for m in ms])
+            dropdowns = [cid for cid, state in kernel.comms.items() if state.get("_model_name") == "DropdownModel"]
+            assert len(dropdowns) == 1
+            assert kernel.comms[dropdowns[0]]["_options_labels"] == ["LJ001-0001", "LJ001-0002"]
+            # the browser's widget manager, on a pick: update the model's synced `index`
+            picked = kernel.collect(kernel.send("comm_msg", {"comm_id": dropdowns[0], "data": {
+                "method": "update", "state": {"index": 1}, "buffer_paths": []}}))
+            assert not _errors(picked)
+            assert {"image/png", "text/html"} <= _mimetypes(picked)     # the figure and the audio player
+            first = [m["content"]["data"]["image/png"] for ms in outputs for m in ms if "image/png" in m["content"].get("data", {})]
+            again = [m["content"]["data"]["image/png"] for m in picked if "image/png" in m["content"].get("data", {})]
+            assert again[0] != first[0]                                     # another utterance's figure
+        finally:
+            kernel.close()
+    finally:
+        server.close()

@@ -299,7 +299,7 @@ def backend_outputs(cfg: WorkflowConfig, names: Sequence[str] | None = None, *, 
     for name in names:
         backend = open_backend(run_cfg, model=model, model_config=config, name=name)
         try:
-            outputs[name] = [vocode(backend, [m], [z], cfg.sigma, config.hop_length, pad)[0]
+            outputs[name] = [vocode(backend, [m], [z], cfg.sigma, config, pad_value=pad)[0][0]
                              for m, z in zip(mels, noises)]
         finally:
             backend.close()
@@ -307,13 +307,13 @@ def backend_outputs(cfg: WorkflowConfig, names: Sequence[str] | None = None, *, 
 
 
 def throughput_table(cfg: WorkflowConfig, batch_sizes: Sequence[int] | None = None, *, backend: str | None = None,
-                     model: Any = None, repeats: int | None = None) -> list[dict[str, Any]]:
+                     model: Any = None, repeats: int = 1) -> list[dict[str, Any]]:
     """Utterances/s (the guide's unit), audio-seconds/s and real-time factor by batch size, on this run's
     utterances and backend, batched exactly as the infer stage batches them.
 
     Real-time factor = processing seconds / audio seconds (below 1 is faster than real time). Each batch
-    size is timed `repeats` times (default `cfg.bench_repeats`) after one warm-up batch; the median
-    counts. The rows are saved to runs/<name>/throughput.json. For the full harness (peers, precisions,
+    size (default `cfg.bench_batch_sizes`) is timed `repeats` times after one warm-up batch; the median
+    counts. One pass by default: this is the notebook's quick look, the bench harness does the repeats. The rows are saved to runs/<name>/throughput.json. For the full harness (peers, precisions,
     the guide's workload) see `python -m waveglow_lib bench`.
     """
     import statistics
@@ -334,19 +334,19 @@ def throughput_table(cfg: WorkflowConfig, batch_sizes: Sequence[int] | None = No
     mels = {u.id: read_bin(u.bin_path, (config.n_mel_channels, u.frames)) for u in utterances}
     noises = {u.id: utterance_noise(config, u.frames, cfg.seed, u.id) for u in utterances}
     audio_seconds = sum(u.frames * hop for u in utterances) / rate
-    repeats = repeats or cfg.bench_repeats
     rows = []
     runner = open_backend(cfg, model=model, model_config=config, name=name)
     try:
         shortest = min(utterances, key=lambda u: u.frames)
-        vocode(runner, [mels[shortest.id]], [noises[shortest.id]], cfg.sigma, hop, pad)   # warm-up
+        vocode(runner, [mels[shortest.id]], [noises[shortest.id]], cfg.sigma, config, pad_value=pad)   # warm-up
         for batch_size in batch_sizes or cfg.bench_batch_sizes:
             batches = plan_batches(utterances, int(batch_size))
             times = []
             for _ in range(repeats):
                 start = time.perf_counter()
                 for batch in batches:
-                    vocode(runner, [mels[u.id] for u in batch], [noises[u.id] for u in batch], cfg.sigma, hop, pad)
+                    vocode(runner, [mels[u.id] for u in batch], [noises[u.id] for u in batch], cfg.sigma, config,
+                           exact=cfg.exact_batching, pad_value=pad)
                 times.append(time.perf_counter() - start)
             seconds = statistics.median(times)
             rows.append({"backend": name, "precision": cfg.precision, "batch_size": int(batch_size),
