@@ -153,6 +153,8 @@ def test_om_backend_through_the_stage_pads_to_gears_and_batch(tmp_path, unbatche
     session = FakeInferSession.instances[-1]
     assert [c[0] for c in session.calls] == [(2, 80, 300), (2, 80, 4), (2, 80, 128), (2, 80, 4)]
     assert session.released == "finalize"
+    timings = json.loads((cfg.run_dir / "out" / "timings.json").read_text())["items"]
+    assert timings["LJ001-0006"]["batch_device_ms"] == 1.5 + 3.0  # the fake's times of the batch's 2 calls
     for utt_id, audio in outputs(cfg.run_dir / "out").items():
         assert snr_db(reference[utt_id], audio) >= 100, utt_id
     # without the window gear the tails cannot be redone: recorded as not exact, still close
