@@ -122,3 +122,12 @@ def test_cli_reports_a_bad_parameter_by_name(tmp_path, capsys):
     assert code == 2
     assert "'limt'" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_params_round_trip_through_the_run_folder_copy(tmp_path):
+    cfg = WorkflowConfig.from_yaml(PARAMS / "ascend.yaml", {"limit": 3, "bench_batch_sizes": [1, 4]})
+    cfg.to_yaml(tmp_path / "params.yaml")
+    assert WorkflowConfig.from_yaml(tmp_path / "params.yaml") == cfg
+    assert cfg.with_overrides(backend="torch").backend == "torch" and cfg.backend == "om"
+    with pytest.raises(ValueError, match="'backend'"):
+        cfg.with_overrides(backend="tpu")

@@ -281,7 +281,8 @@ def backend_outputs(cfg: WorkflowConfig, names: Sequence[str] | None = None, *, 
 
     The backends are opened the way the infer stage opens them (same files, same padding and trimming),
     at `precision` (fp32 by default: parity is about the backends' arithmetic, not reduced precision).
-    The shortest utterances keep this quick; any utterance shows the same arithmetic differences.
+    The shortest utterances keep this quick; any utterance shows the same arithmetic differences. The `om`
+    backend runs on `cfg.device`; on an NPU run the others run on the CPU (the reference stays PyTorch fp32).
     """
     from .io import read_bin
     from .stages.infer import open_backend, resolve_model_config, utterance_noise, vocode
@@ -293,10 +294,11 @@ def backend_outputs(cfg: WorkflowConfig, names: Sequence[str] | None = None, *, 
     mel_dir = cfg.run_dir / "mel"
     mels = [read_bin(mel_dir / item.get("bin", f"{item['id']}.bin"), tuple(item["shape"])) for item in items]
     noises = [utterance_noise(config, int(item["mel_frames"]), cfg.seed, item["id"]) for item in items]
-    run_cfg = cfg.with_overrides(precision=precision)
     pad = float(np.log(_run_stft(manifest).clip_val))
     outputs: dict[str, list[np.ndarray]] = {}
     for name in names:
+        device = "cpu" if cfg.device.startswith("npu") and name != "om" else cfg.device
+        run_cfg = cfg.with_overrides(precision=precision, device=device)
         backend = open_backend(run_cfg, model=model, model_config=config, name=name)
         try:
             outputs[name] = [vocode(backend, [m], [z], cfg.sigma, config, pad_value=pad)[0][0]
