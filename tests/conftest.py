@@ -5,6 +5,7 @@ import importlib
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,7 +77,10 @@ def make_reference(layout: str = "glow", seed: int = 0, save_to: Path | None = N
         return model.eval()
 
 
-def snr_db(reference: torch.Tensor, estimate: torch.Tensor) -> float:
-    reference, estimate = reference.double(), estimate.double()
-    noise = (reference - estimate).pow(2).sum()
-    return float(10 * torch.log10(reference.pow(2).sum() / noise.clamp_min(1e-300)))
+def snr_db(reference, estimate) -> float:
+    """SNR in dB of two arrays or tensors of the same shape (any batch layout), uncapped."""
+    reference = np.asarray(torch.as_tensor(reference).detach().double().cpu())
+    estimate = np.asarray(torch.as_tensor(estimate).detach().double().cpu())
+    assert reference.shape == estimate.shape, (reference.shape, estimate.shape)
+    noise = np.sum((reference - estimate) ** 2)
+    return float(10 * np.log10(np.sum(reference ** 2) / max(noise, 1e-300)))

@@ -16,6 +16,8 @@ import torch
 
 from waveglow_lib.config import ModelConfig, WorkflowConfig
 
+from conftest import snr_db  # noqa: F401  (one SNR helper for all tests; the stage tests import it from here)
+
 #: tiny but complete: early outputs, two dilations, odd and even flows
 TINY_PIPELINE = ModelConfig(n_flows=4, n_group=8, n_early_every=2, n_early_size=2, n_layers=2,
                             n_channels=16, kernel_size=3)
@@ -26,12 +28,6 @@ SHORT_IDS = ("LJ001-0002", "LJ001-0006", "LJ001-0008")
 
 _CACHE_DIR = Path(tempfile.mkdtemp(prefix="waveglow_pipeline_tests_"))
 atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
-
-
-def snr_db(reference, estimate) -> float:
-    reference = np.asarray(reference, dtype=np.float64)
-    noise = np.sum((reference - np.asarray(estimate, dtype=np.float64)) ** 2)
-    return float(10 * np.log10(np.sum(reference ** 2) / max(noise, 1e-300)))
 
 
 @functools.lru_cache(maxsize=None)

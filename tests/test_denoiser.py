@@ -17,6 +17,8 @@ from waveglow_lib.audio import AudioError
 from waveglow_lib.config import DEMO_CORPUS_DIR
 from waveglow_lib.denoiser import Denoiser
 
+from conftest import snr_db
+
 N_FFT, HOP, SR = 1024, 256, 22050
 
 
@@ -72,11 +74,6 @@ def hum(n: int, phase: float = 0.0, amplitude: float = 0.02) -> np.ndarray:
 def speech(utt: str = "LJ001-0008") -> np.ndarray:
     rate, data = wavfile.read(DEMO_CORPUS_DIR / "wavs" / f"{utt}.wav")
     return (data / 32768.0).astype(np.float32)
-
-
-def snr_db(reference: np.ndarray, estimate: np.ndarray) -> float:
-    reference, estimate = reference.astype(np.float64), estimate.astype(np.float64)
-    return float(10 * np.log10(np.sum(reference ** 2) / max(np.sum((reference - estimate) ** 2), 1e-300)))
 
 
 class FakeVocoder(torch.nn.Module):

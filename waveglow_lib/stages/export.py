@@ -31,12 +31,6 @@ class ExportError(RuntimeError):
     """The export failed or its graph does not reproduce the model; the message names the file."""
 
 
-def snr_db(reference: np.ndarray, estimate: np.ndarray) -> float:
-    reference = np.asarray(reference, dtype=np.float64)
-    noise = np.sum((reference - np.asarray(estimate, dtype=np.float64)) ** 2)
-    return float(10 * np.log10(np.sum(reference ** 2) / max(noise, 1e-300)))
-
-
 def _wrappers(model, sigma: float):
     import torch
 
@@ -185,7 +179,9 @@ def _verify(model, onnx_path: Path, variant: str, seed: int) -> dict:
     if audio.shape != reference.shape:
         raise ExportError(f"{onnx_path}: ONNX Runtime output {audio.shape} != PyTorch {reference.shape} "
                           "(dynamic axes lost in export?)")
-    snr = snr_db(reference, audio)
+    from ..evaluate import snr_db
+
+    snr = snr_db(np.ravel(reference), np.ravel(audio))
     if not snr >= MIN_SNR_DB:
         raise ExportError(f"{onnx_path}: ONNX Runtime reproduces PyTorch at only {snr:.1f} dB SNR "
                           f"(need {MIN_SNR_DB} dB)")
