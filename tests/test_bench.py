@@ -1,0 +1,145 @@
+"""bench.py: the harness's behaviour on a tiny model with --quick (never a timing assertion)."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from waveglow_lib import bench
+from waveglow_lib.backends.base import Backend, ModelSpec
+from waveglow_lib.config import GUIDE_MEL_LENGTHS, ModelConfig, WorkflowConfig
+from waveglow_lib.model import WaveGlow
+
+from conftest import TINY, randomise_
+
+
+class NoiseBackend(Backend):
+    """A path that is very fast and breaks the audio: it returns noise (or NaN)."""
+
+    name = "broken"
+
+    def __init__(self, model, nan: bool = False):
+        super().__init__(ModelSpec.from_model_config(model.config))
+        self.nan = nan
+
+    def _run(self, mel, z):
+        audio = np.random.default_rng(0).standard_normal((mel.shape[0], mel.shape[2] * 256)).astype(np.float32)
+        if self.nan:
+            audio[:, 5] = np.nan
+        return audio
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    torch.manual_seed(0)
+    model = randomise_(WaveGlow(ModelConfig(**TINY))).eval()
+    model.refresh_inverses()
+    cfg = WorkflowConfig(name="t", runs_dir=str(out / "runs"))
+    rows = [bench.ROWS["fast-fp32"], bench.ROWS["onnxruntime-fp32"],
+            bench.Row("broken", "broken", "fp32", "breaks the audio", factory=lambda m, t: NoiseBackend(m)),
+            bench.Row("nan", "broken", "fp32", "NaN audio", factory=lambda m, t: NoiseBackend(m, nan=True))]
+    return bench.run_bench(cfg, model=model, quick=True, rows=rows, out_dir=out, progress=False), out
+
+
+def test_rows_have_every_field_with_finite_numbers(result):
+    res, _ = result
+    rows = res["rows"]
+    assert {r["row"] for r in rows} == {"reference", "fast-fp32", "onnxruntime-fp32", "broken", "nan"}
+    assert sorted({r["batch_size"] for r in rows}) == [1, 2]  # --quick
+    numeric = ("utterances_per_second", "utterances_per_second_p10", "utterances_per_second_p90",
+               "audio_seconds_per_second", "audio_seconds_per_second_p10", "audio_seconds_per_second_p90",
+               "effective_gflops", "percent_of_peak", "peak_memory_mib", "speedup_vs_reference", "seconds_median")
+    for r in rows:
+        for key in numeric:
+            assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] >= 0, (r["row"], key, r[key])
+        assert r["utterances_per_second_p10"] <= r["utterances_per_second"] <= r["utterances_per_second_p90"]
+        assert len(r["seconds"]) == r["repeats"] == 1
+        # ratios are computed from the same run's numbers
+        ref = next(x for x in rows if x["row"] == "reference" and x["batch_size"] == r["batch_size"])
+        assert r["speedup_vs_reference"] == pytest.approx(r["audio_seconds_per_second"] / ref["audio_seconds_per_second"], rel=1e-2)
+        assert r["effective_gflops"] == pytest.approx(
+            res["settings"]["reference_gflop_per_audio_second"] * r["audio_seconds_per_second"], rel=2e-2, abs=0.02)
+        assert r["ratio_vs_openvino_bf16"] is None  # that row was not asked for
+    audio = res["settings"]["audio_seconds_per_pass"]
+    assert audio == pytest.approx(sum(bench.QUICK_LENGTHS) * 256 / 22050, rel=1e-3)
+    assert set(res["peaks_gflops"]) >= {"fp32"} and all(v > 0 for v in res["peaks_gflops"].values())
+    assert res["machine"]["isa"].keys() >= {"AMX-BF16", "AVX-512 BF16", "AVX-512 VNNI"}
+    assert res["machine"]["versions"]["torch"] == torch.__version__
+
+
+def test_quality_gate_rejects_paths_that_break_the_audio(result):
+    res, _ = result
+    by_row = {(r["row"], r["batch_size"]): r for r in res["rows"]}
+    for bs in (1, 2):
+        assert by_row[("reference", bs)]["quality_ok"] and by_row[("reference", bs)]["snr_db"] == 200.0
+        assert by_row[("fast-fp32", bs)]["quality_ok"] and by_row[("fast-fp32", bs)]["snr_db"] > 100
+        assert by_row[("onnxruntime-fp32", bs)]["quality_ok"]
+        broken = by_row[("broken", bs)]
+        assert not broken["quality_ok"] and broken["log_mel_distance"] > bench.MAX_LOG_MEL_DISTANCE
+        nan = by_row[("nan", bs)]
+        assert not nan["quality_ok"] and nan["finite"] is False
+    # the broken paths are the fastest rows, yet auto never picks them
+    assert res["auto"]["overall"] not in ("broken", "nan") and res["auto"]["overall"] is not None
+    assert set(res["auto"]["per_batch_size"]) == {"1", "2"}
+    assert not {"broken", "nan"} & set(res["auto"]["per_batch_size"].values())
+    assert res["auto"]["rejected"] == ["broken", "nan"]
+    assert res["targets"]["row"] == res["auto"]["overall"]
+
+
+def test_quality_ok_thresholds():
+    assert bench.quality_ok({"finite": True, "log_mel_distance": 0.01, "snr_db": 40.0})
+    assert not bench.quality_ok({"finite": True, "log_mel_distance": 0.2, "snr_db": 40.0})
+    assert not bench.quality_ok({"finite": True, "log_mel_distance": 0.01, "snr_db": 10.0})
+    assert not bench.quality_ok({"finite": False, "log_mel_distance": None, "snr_db": None})
+
+
+def test_files_written_with_guide_rows_labelled_theirs(result):
+    res, out = result
+    on_disk = json.loads((out / "bench.json").read_text())
+    assert on_disk["rows"] == json.loads(json.dumps(res["rows"]))
+    md = (out / "bench.md").read_text()
+    assert md == bench.render_markdown(res)
+    assert "(theirs, not measured here)" in md and "Ascend 310P3 (guide)" in md and "0.59 utt/s" in md
+    assert "NVIDIA glow.py algorithm" in md and "## Batch 2" in md and "Rejected by the gate: broken, nan" in md
+
+
+def test_flop_counts_match_the_official_architecture():
+    official = ModelConfig()
+    # per flow: dilated in_layers 8·512·256·3, res_skip 7·512·256 + 256·256, cond_layer 640·4096; start/end
+    # 768·n_half with n_half 4/3/2 over 4 flows each; inverse 1x1 8²/6²/4²; upsampler 8·80·80·4 per step
+    per_flow = 8 * 512 * 256 * 3 + 7 * 512 * 256 + 256 * 256 + 640 * 4096
+    expected = 12 * per_flow + 4 * 768 * (4 + 3 + 2) + 4 * (64 + 36 + 16) + 8 * 80 * 80 * 4
+    assert bench.reference_macs_per_step(official) == expected == 81_235_408  # 81.2 M, as the issue says
+    assert round(bench.reference_flops_per_audio_second(official) / 1e9) == 448
+    # the folded network: conditioning at frame rate and skip folded into end, about 27 % less work
+    assert 0.70 < bench.folded_macs_per_step(official) / bench.reference_macs_per_step(official) < 0.75
+
+
+def test_lengths_and_rows_parsing():
+    assert bench.parse_lengths("guide") == list(GUIDE_MEL_LENGTHS)
+    assert bench.parse_lengths("guide/16")[:3] == [52, 10, 52]
+    assert bench.parse_lengths("12, 7") == [12, 7]
+    for bad in ("guide/x", "guide/0", "a,b", "0"):
+        with pytest.raises(ValueError, match="--lengths"):
+            bench.parse_lengths(bad)
+    chosen = bench._select_rows(["fast-bf16"], True)
+    assert [r.id for r in chosen] == ["reference", "fast-bf16"]  # the reference is always measured
+    assert len(bench._select_rows("all", True)) == len(bench.ROWS)
+    with pytest.raises(ValueError, match="unknown row"):
+        bench._select_rows(["nope"], True)
+
+
+def test_cli_bench_quick(tmp_path, capsys):
+    from waveglow_lib.__main__ import main
+
+    code = main(["bench", "--quick", "--backends", "reference,fast-fp32", "--batch-sizes", "2",
+                 "--out-dir", str(tmp_path), "--name", "cli"])
+    assert code == 0
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["settings"]["model"] == "bundled demo model" and saved["settings"]["batch_sizes"] == [2]
+    assert "# WaveGlow throughput" in capsys.readouterr().out
+    assert main(["bench", "--quick", "--lengths", "guide/x", "--out-dir", str(tmp_path)]) == 2

@@ -1,0 +1,42 @@
+"""`fast` backend (CPU): our folded WaveGlow on blocked GEMMs (waveglow_lib.fast.FastEngine).
+
+No export needed: it is built from the PyTorch model at load time (folding takes about a second for the
+official model). Same inputs and outputs as every backend, so its audio is compared sample by sample.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Backend, BackendError, ModelSpec
+
+PRECISIONS = ("fp32", "bf16")
+
+
+class FastBackend(Backend):
+    """`FastEngine(model, precision, threads=, block_frames=)`; bf16 needs AVX512-BF16 or AMX, else it runs
+    fp32 and says so in `description` (and `precision`)."""
+
+    name = "fast"
+
+    def __init__(self, model, device: str = "cpu", precision: str = "bf16", threads: int | None = None,
+                 block_frames: int = 128) -> None:
+        from ..fast import FastEngine
+
+        if model is None:
+            raise BackendError("fast backend needs the model: get_backend('fast', model=load_waveglow(...))")
+        if str(device or "cpu") != "cpu":
+            raise BackendError(f"fast backend: device {device!r} not supported (cpu only; on CUDA use torch)")
+        if precision not in PRECISIONS:
+            raise BackendError(f"fast backend: precision {precision!r} not supported (one of {', '.join(PRECISIONS)})")
+        super().__init__(ModelSpec.from_model_config(model.config), precision, device)
+        self.engine = FastEngine(model, precision=precision, block_frames=block_frames, threads=threads)
+        self.precision = self.engine.precision
+        note = "" if self.engine.precision == precision else f" (asked {precision}: no native bf16 on this CPU)"
+        self.description = (f"fast: folded WaveGlow, blocked GEMMs, {self.engine.precision}{note}, "
+                            f"{self.engine.threads} threads")
+
+    def _run(self, mel: np.ndarray, z: np.ndarray) -> np.ndarray:
+        return self.engine.run(mel, z)
+
+    def close(self) -> None:
+        self.engine = None
