@@ -103,7 +103,7 @@ def test_unsupported_options_are_clear_errors():
 
 def test_available_and_auto(tmp_path):
     table = available_backends()
-    assert set(table) == {"torch", "onnxruntime", "openvino", "om"}
+    assert set(table) == {"torch", "onnxruntime", "openvino", "om", "fast"}
     assert table["torch"][0] and table["onnxruntime"][0] and table["openvino"][0]
     assert resolve_backend("auto") == "torch"  # nothing exported yet
     assert resolve_backend("auto", onnx_path=tiny_onnx()) in ("openvino", "onnxruntime")

@@ -128,7 +128,7 @@ class WorkflowConfig:
     runs_dir: str = "runs"
     resample: bool = False
     downmix: bool = False
-    #: torch | onnxruntime | openvino | om | auto
+    #: torch | onnxruntime | openvino | om | fast (bench.py: the fast CPU path, fast.py) | auto
     backend: str = "auto"
     #: cpu | cuda | npu:<id>
     device: str = "cpu"
@@ -154,7 +154,7 @@ class WorkflowConfig:
     metrics: bool = True
 
     CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
-        "backend": ("auto", "torch", "onnxruntime", "openvino", "om"),
+        "backend": ("auto", "torch", "onnxruntime", "openvino", "om", "fast"),
         "precision": ("fp32", "bf16", "fp16", "int8"),
         "gear_policy": ("exact", "buckets"),
     }

@@ -6,6 +6,7 @@
 | onnxruntime  | exported ONNX (mel, z)       | cpu, cuda[:N] (CUDA EP), npu[:N] (CANN EP) | fp32  |
 | openvino     | exported ONNX or OpenVINO IR | cpu                            | fp32, bf16 (fp16) |
 | om           | ATC `.om` via ais_bench      | npu[:N]                        | as compiled       |
+| fast         | folded model, blocked GEMMs  | cpu (fast.py)                  | fp32, bf16        |
 
 Optional packages are imported only when their backend is asked for.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 from .base import (GUIDE_INPUTS, GUIDE_OUTPUT, ONNX_INPUTS, ONNX_OUTPUT, Backend, BackendError,
                    BackendUnavailable, ModelSpec)
 
-BACKEND_NAMES = ("torch", "onnxruntime", "openvino", "om")
+BACKEND_NAMES = ("torch", "onnxruntime", "openvino", "om", "fast")
 #: `auto` on a CPU: the first usable of these, in order. Measured on the demo model and corpus (2 cores,
 #: fp32, batch 1): onnxruntime 4.3 s, openvino 4.6 s, torch 20.8 s for 42.6 s of audio (bench.py refines)
 AUTO_CPU_ORDER = ("onnxruntime", "openvino", "torch")
@@ -39,6 +40,10 @@ def get_backend(name: str, *, model=None, onnx_path=None, device: str = "cpu", p
     spec = opts.pop("spec", None)
     if spec is None and model is not None:
         spec = ModelSpec.from_model_config(model.config)
+    if name == "fast":  # needs model=, like torch
+        from .fast_backend import FastBackend
+
+        return FastBackend(model, device=device, precision=precision, **opts)
     if name == "torch":
         from .torch_backend import TorchBackend
 
@@ -86,6 +91,9 @@ def available_backends() -> dict[str, tuple[bool, str]]:
         result["openvino"] = (True, f"openvino {openvino.__version__.split('-')[0]}")
     except ImportError:
         result["openvino"] = (False, "pip install openvino")
+    from ..fast import native_bf16
+
+    result["fast"] = (True, f"built in (PyTorch GEMMs; native bf16: {'yes' if native_bf16() else 'no, runs fp32'})")
     from .om_backend import om_available
 
     result["om"] = om_available()

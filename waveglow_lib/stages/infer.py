@@ -181,12 +181,12 @@ def open_backend(cfg: WorkflowConfig, model=None, model_config: ModelConfig | No
 
     files = model_files(cfg)
     name = name or backend_name(cfg)
-    if name == "torch":
+    if name in ("torch", "fast"):  # built from the model itself, no exported file
         if model is None:
             from ..checkpoint import load_waveglow
 
             model = load_waveglow(cfg.checkpoint_path)
-        return get_backend("torch", model=model, device=cfg.device, precision=cfg.precision)
+        return get_backend(name, model=model, device=cfg.device, precision=cfg.precision)
     spec = ModelSpec.from_model_config(model_config or model.config)
     if name == "om":
         return get_backend("om", om_path=files["om"], device=cfg.device, precision=cfg.precision, spec=spec)
