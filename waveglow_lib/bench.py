@@ -31,8 +31,10 @@ the ~1 dB level difference a listener notices) and its SNR is ≥ 20 dB. `auto` 
 
 Budget: one full pass of the official model over the guide's 66.8 s of audio takes minutes per row on
 2 cores (the reference runs at ~0.3× real time). The default run is therefore `--lengths guide/16`
-(4.2 s of audio per pass), batch sizes 1/4/8/16, 3 repeats, the six default rows: about 12 minutes on
-2 EPYC cores. `--lengths guide --repeats 3` is the full table (hours on 2 cores). `--quick` (tests,
+(4.2 s of audio per pass), batch sizes 1/4/8/16, 3 repeats, the six default rows: about 15 minutes on
+2 EPYC cores (25 minutes with `--backends all --profile` while other jobs shared the machine). Short
+utterances favour the graph runtimes a little (fixed per-call costs); `--lengths guide/4 --batch-sizes 1,16`
+is a closer look at real lengths in about 10 minutes for four rows. `--lengths guide --repeats 3` is the full table (hours on 2 cores). `--quick` (tests,
 smoke runs): the demo model unless one is given, three short lengths, batch 1 and 2, one repeat.
 """
 from __future__ import annotations
@@ -742,7 +744,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Register `bench` on the CLI's sub-command parser (called by __main__)."""
     parser = subparsers.add_parser(
         "bench", help="throughput table: backends × precision × batch size, with quality beside speed",
-        description=__doc__.split("\n\n")[0] + " Default: about 12 minutes on 2 cores (see --lengths).")
+        description=__doc__.split("\n\n")[0] + " Default: about 15 minutes on 2 cores (see --lengths).")
     parser.add_argument("--model", default=None,
                         help="official (87.7 M parameters, random weights; default) | demo | a checkpoint path")
     parser.add_argument("--lengths", default=None,
