@@ -93,7 +93,7 @@ class FastWaveGlow(WaveGlow):
     """The folded network. It reuses WaveGlow's flow code (`forward`, `infer`, `noise_from_audio`): only
     the coupling networks differ, and they take the mel itself, so `condition` is the identity."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, wns: list[FastWN] | None = None):
         nn.Module.__init__(self)  # not WaveGlow.__init__: no upsampler, other WN modules
         self.config = c = config
         self.WN = nn.ModuleList()
@@ -103,7 +103,7 @@ class FastWaveGlow(WaveGlow):
             if self._has_early_output(k):
                 n_remaining -= c.n_early_size
             self.convinv.append(Invertible1x1Conv(n_remaining))
-            self.WN.append(FastWN(n_remaining // 2, c))
+            self.WN.append(wns[k] if wns is not None else FastWN(n_remaining // 2, c))
         self.n_remaining_channels = n_remaining
         self.refresh_inverses()
 
@@ -114,42 +114,46 @@ class FastWaveGlow(WaveGlow):
 @torch.no_grad()
 def fold_waveglow(model) -> FastWaveGlow:
     """A `FastWaveGlow` computing what `model` (a WaveGlow) computes; the weights are folded in float64."""
+    fast = FastWaveGlow(model.config, wns=[fold_wn(model, k) for k in range(model.config.n_flows)])
+    for k, conv in enumerate(fast.convinv):
+        conv.conv.weight.copy_(model.convinv[k].conv.weight)
+    fast.refresh_inverses()
+    return fast.to(next(model.parameters()).dtype).eval()
+
+
+@torch.no_grad()
+def fold_wn(model, k: int) -> FastWN:
+    """Flow k's coupling network of `model` (a WaveGlow), folded (float32; computed in float64)."""
     c = model.config
-    fast = FastWaveGlow(c)
-    steps = c.upsample_stride // c.n_group
-    taps = c.upsample_kernel // c.upsample_stride
-    g, n_mel = c.n_group, c.n_mel_channels
+    wn = model.WN[k]
+    n, layers, n_mel, g = c.n_channels, c.n_layers, c.n_mel_channels, c.n_group
+    fwn = FastWN(wn.start.weight.shape[1], c)
+    steps, taps = fwn.steps, fwn.taps
     # upsampler as a map mel[m, frame f - j] → folded channel (band c·g + sample offset) at step 32f + p:
     # W_up[m, band, 256 j + 8 p + g'] ; reshape its kernel axis as (j, p, g')
     w_up = model.upsample.weight.double().reshape(n_mel, n_mel, taps, steps, g)
-    b_up = model.upsample.bias.double()
-    for k, (wn, fwn) in enumerate(zip(model.WN, fast.WN)):
-        n, layers = c.n_channels, c.n_layers
-        w_cond = wn.cond_layer.weight.double()[..., 0].reshape(2 * n * layers, n_mel, g)  # [out, band, g']
+    w_cond = wn.cond_layer.weight.double()[..., 0].reshape(2 * n * layers, n_mel, g)  # [out, band, g']
+    bias = wn.cond_layer.bias.double() + torch.einsum("obg,b->o", w_cond, model.upsample.bias.double())
+    w_end, b_end = wn.end.weight.double()[..., 0], wn.end.bias.double()
+    fwn.start.load_state_dict(wn.start.state_dict())
+    for i in range(layers):
+        rows = slice(2 * n * i, 2 * n * (i + 1))
         # composed kernel [out, p, m, j] = Σ_band,g' w_cond[out, band, g'] · w_up[m, band, j, p, g'];
         # frame f - j meets conv tap taps-1-j of the left-padded mel, hence the flip
-        kernel = torch.einsum("obg,mbjpg->opmj", w_cond, w_up).flip(-1)
-        bias = wn.cond_layer.bias.double() + torch.einsum("obg,b->o", w_cond, b_up)
-        w_end, b_end = wn.end.weight.double()[..., 0], wn.end.bias.double()
-        fwn.start.weight.copy_(wn.start.weight)
-        fwn.start.bias.copy_(wn.start.bias)
-        for i in range(layers):
-            rows = slice(2 * n * i, 2 * n * (i + 1))
-            fwn.in_layers[i].weight.copy_(wn.in_layers[i].weight)
-            fwn.cond_layers[i].weight.copy_(kernel[rows].reshape(-1, n_mel, taps))
-            fwn.cond_layers[i].bias.copy_((bias[rows] + wn.in_layers[i].bias.double()).repeat_interleave(steps))
-            w_rs = wn.res_skip_layers[i].weight.double()[..., 0]
-            b_rs = wn.res_skip_layers[i].bias.double()
-            if i < layers - 1:  # rows: residual (C) then end ∘ skip (2·n_half)
-                weight = torch.cat([w_rs[:n], w_end @ w_rs[n:]])
-                bias_rs = torch.cat([b_rs[:n], w_end @ b_rs[n:]])
-            else:  # the last layer carries end's own bias
-                weight, bias_rs = w_end @ w_rs, w_end @ b_rs + b_end
-            fwn.res_skip_layers[i].weight.copy_(weight[..., None])
-            fwn.res_skip_layers[i].bias.copy_(bias_rs)
-        fast.convinv[k].conv.weight.copy_(model.convinv[k].conv.weight)
-    fast.refresh_inverses()
-    return fast.to(next(model.parameters()).dtype).eval()
+        kernel = torch.einsum("obg,mbjpg->opmj", w_cond[rows], w_up).flip(-1)
+        fwn.in_layers[i].weight.copy_(wn.in_layers[i].weight)
+        fwn.cond_layers[i].weight.copy_(kernel.reshape(-1, n_mel, taps))
+        fwn.cond_layers[i].bias.copy_((bias[rows] + wn.in_layers[i].bias.double()).repeat_interleave(steps))
+        w_rs = wn.res_skip_layers[i].weight.double()[..., 0]
+        b_rs = wn.res_skip_layers[i].bias.double()
+        if i < layers - 1:  # rows: residual (C) then end ∘ skip (2·n_half)
+            weight = torch.cat([w_rs[:n], w_end @ w_rs[n:]])
+            bias_rs = torch.cat([b_rs[:n], w_end @ b_rs[n:]])
+        else:  # the last layer carries end's own bias
+            weight, bias_rs = w_end @ w_rs, w_end @ b_rs + b_end
+        fwn.res_skip_layers[i].weight.copy_(weight[..., None])
+        fwn.res_skip_layers[i].bias.copy_(bias_rs)
+    return fwn.eval()
 
 
 # --- the engine --------------------------------------------------------------------------------------
@@ -170,17 +174,17 @@ class _Layer:
 
     def __init__(self, fwn: FastWN, i: int, dtype: torch.dtype):
         n, steps, taps = fwn.n_channels, fwn.steps, fwn.taps
-        gain = torch.ones(2 * n, dtype=torch.float64)
+        gain = torch.ones(2 * n)  # ×2 is exact in any binary format
         gain[:n] = 2.0
-        w_in = fwn.in_layers[i].weight.detach().double() * gain[:, None, None]  # [2n, n, kernel]
+        w_in = fwn.in_layers[i].weight.detach().float() * gain[:, None, None]  # [2n, n, kernel]
         self.taps = w_in.shape[2]
         self.w_in = w_in.permute(2, 1, 0).reshape(-1, 2 * n).contiguous().to(dtype)  # rows (tap, channel)
         self.dilation = fwn.in_layers[i].dilation[0]
         conv = fwn.cond_layers[i]  # [2n·steps (o, p), n_mel, taps] → [(tap, mel), (p, o)]
-        w_cond = conv.weight.detach().double().reshape(2 * n, steps, -1, taps) * gain[:, None, None, None]
+        w_cond = conv.weight.detach().float().reshape(2 * n, steps, -1, taps) * gain[:, None, None, None]
         w_cond = w_cond.permute(3, 2, 1, 0)
         self.w_cond = w_cond.reshape(taps * w_cond.shape[1], steps * 2 * n).contiguous().to(dtype)
-        b_cond = conv.bias.detach().double().reshape(2 * n, steps) * gain[:, None]
+        b_cond = conv.bias.detach().float().reshape(2 * n, steps) * gain[:, None]
         self.b_cond = b_cond.t().reshape(-1).contiguous().to(dtype)
         rs = fwn.res_skip_layers[i]
         self.w_rs = rs.weight.detach()[..., 0].t().contiguous().to(dtype)
@@ -204,24 +208,24 @@ class FastEngine:
             raise ValueError(f"FastEngine: precision must be 'bf16' or 'fp32', got {precision!r}")
         if block_frames < 1:
             raise ValueError(f"FastEngine: block_frames must be >= 1, got {block_frames}")
-        fast = model if isinstance(model, FastWaveGlow) else fold_waveglow(model.float())
-        fast = fast.float()
         if precision == "bf16" and not native_bf16():
             precision = "fp32"
         self.precision = precision
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        self.config = c = fast.config
+        self.config = c = model.config
         self.block_frames = block_frames
         self.threads = threads or torch.get_num_threads()
         self.steps, self.taps = c.upsample_stride // c.n_group, c.upsample_kernel // c.upsample_stride
         self.pad = (c.kernel_size - 1) // 2 * 2 ** (c.n_layers - 1)  # rows of zeros around each utterance
         self.flows = []
-        for k, fwn in enumerate(fast.WN):
+        for k in range(c.n_flows):  # one flow folded at a time: the fp32 folded weights never all exist
+            fwn = model.WN[k] if isinstance(model, FastWaveGlow) else fold_wn(model, k)
             layers = [_Layer(fwn, i, self.dtype) for i in range(c.n_layers)]
-            start_w = fwn.start.weight.detach()[..., 0].t().contiguous()
-            w_inv = fast.convinv[k].W_inverse.detach()[..., 0].t().contiguous().float()
-            self.flows.append((layers, start_w, fwn.start.bias.detach().clone(), w_inv))
-        self.n_remaining_channels = fast.n_remaining_channels
+            start_w = fwn.start.weight.detach()[..., 0].t().float().contiguous()
+            w_inv = model.convinv[k].W_inverse.detach()[..., 0].t().float().contiguous()
+            self.flows.append((layers, start_w, fwn.start.bias.detach().float().clone(), w_inv))
+            del fwn
+        self.n_remaining_channels = model.n_remaining_channels
 
     def noise_shape(self, batch: int, frames: int) -> tuple[int, int, int]:
         return batch, self.config.n_group, frames * self.config.hop_length // self.config.n_group
