@@ -105,8 +105,12 @@ def test_available_and_auto(tmp_path):
     table = available_backends()
     assert set(table) == {"torch", "onnxruntime", "openvino", "om", "fast"}
     assert table["torch"][0] and table["onnxruntime"][0] and table["openvino"][0]
-    assert resolve_backend("auto") == "torch"  # nothing exported yet
-    assert resolve_backend("auto", onnx_path=tiny_onnx()) in ("openvino", "onnxruntime")
+    # on a CPU auto is the built-in fast engine, exported or not (the graph runtimes are opt-in)
+    assert resolve_backend("auto") == "fast"
+    assert resolve_backend("auto", onnx_path=tiny_onnx()) == "fast"
+    # fast is CPU-only: an NPU run without its .om goes to the graph runtimes (whose errors say what is missing)
+    assert resolve_backend("auto", device="npu:0", onnx_path=tiny_onnx()) == "onnxruntime"
+    assert resolve_backend("auto", device="cuda") == "torch"
     assert resolve_backend("onnxruntime") == "onnxruntime"
     with pytest.raises(BackendError):
         resolve_backend("nope")

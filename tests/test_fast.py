@@ -7,7 +7,9 @@ import torch
 
 from waveglow_lib.backends import available_backends, get_backend
 from waveglow_lib.config import ModelConfig
-from waveglow_lib.fast import FastEngine, FastWaveGlow, fold_waveglow, native_bf16
+from waveglow_lib import fast
+from waveglow_lib.evaluate import MAX_LOG_MEL_DISTANCE, MIN_SNR_DB
+from waveglow_lib.fast import FastEngine, FastWaveGlow, auto_engine, fold_waveglow, native_bf16
 from waveglow_lib.model import WaveGlow
 
 from conftest import TINY, randomise_, snr_db
@@ -90,3 +92,45 @@ def test_fast_backend_through_get_backend():
         get_backend("fast")
     with pytest.raises(Exception, match="precision"):
         get_backend("fast", model=model, precision="fp16")
+
+
+# --- precision: auto --------------------------------------------------------------------------------------
+def test_auto_keeps_bf16_only_with_native_bf16_and_a_passing_probe():
+    model = tiny_model(seed=6)
+    engine, record = auto_engine(model, threads=1)
+    if native_bf16():
+        assert engine.precision == record["precision"] == "bf16"
+        assert record["finite"] and record["snr_db"] >= MIN_SNR_DB
+        assert 0 < record["log_mel_distance"] <= MAX_LOG_MEL_DISTANCE  # bf16 rounding shows, within the gate
+    else:
+        assert engine.precision == record["precision"] == "fp32" and "no native bf16" in record["reason"]
+    backend = get_backend("fast", model=model, precision="auto", threads=1)
+    assert backend.precision == record["precision"] and backend.probe["precision"] == record["precision"]
+    assert "auto:" in backend.description
+
+
+def test_auto_without_native_bf16_runs_fp32(monkeypatch):
+    monkeypatch.setattr(fast, "native_bf16", lambda: False)
+    engine, record = auto_engine(tiny_model(seed=6), threads=1)
+    assert engine.precision == "fp32" and record == {"precision": "fp32", "reason": record["reason"]}
+    assert "no native bf16" in record["reason"]
+
+
+def test_auto_rejects_a_bf16_path_that_breaks_the_audio(monkeypatch):
+    """The gate itself: a bf16 engine whose output is wrecked (loud noise added) must not be kept."""
+    monkeypatch.setattr(fast, "native_bf16", lambda: True)  # on a CPU without it, bf16 runs emulated: slow, same math
+    honest_run = FastEngine.run
+
+    def broken_bf16(self, mel, z):
+        audio = honest_run(self, mel, z)
+        if self.precision != "bf16":
+            return audio
+        return audio + np.random.default_rng(0).normal(0.0, 3.0 * audio.std() + 1e-3, audio.shape).astype(np.float32)
+
+    monkeypatch.setattr(FastEngine, "run", broken_bf16)
+    model = tiny_model(seed=6)
+    engine, record = auto_engine(model, threads=1)
+    assert engine.precision == record["precision"] == "fp32"
+    assert record["reason"].startswith("bf16 failed") and record["snr_db"] < MIN_SNR_DB
+    mel, z = inputs(model, batch=1, frames=12)  # the engine kept is the honest fp32 one
+    assert snr_db(model.infer(mel, 1.0, z), engine.run(mel, z)) > 100

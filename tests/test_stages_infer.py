@@ -88,6 +88,20 @@ def test_every_backend_gets_the_same_noise(tmp_path, unbatched, backend):
         assert snr_db(reference[utt_id], audio) >= 50, (backend, utt_id)
 
 
+def test_auto_runs_fast_and_records_the_precision_it_chose(tmp_path, unbatched):
+    cfg, reference = unbatched
+    cfg = cfg.with_overrides(backend="auto", precision="auto")
+    out_dir = tmp_path / "auto"
+    result = infer(cfg, out_dir=out_dir)
+    assert result["backend"].startswith("fast")
+    settings = json.loads((out_dir / "timings.json").read_text())["settings"]
+    probe = settings["precision_probe"]
+    assert settings["precision_used"] == probe["precision"] in ("bf16", "fp32") and probe["reason"]
+    floor = 100 if probe["precision"] == "fp32" else 30  # bf16 passed the gate (≥ 20 dB) on speech
+    for utt_id, audio in outputs(out_dir).items():
+        assert snr_db(reference[utt_id], audio) >= floor, utt_id
+
+
 class CrashAfter:
     """Wraps a backend; raises after `n` batches (a crash in the middle of a run)."""
 

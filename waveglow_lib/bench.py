@@ -25,9 +25,10 @@ show), the measured matmul peak for the row's precision and the % of it, speed-u
 and quality against the reference row at the same batch size with the same noise: SNR and log-mel distance
 (evaluate.log_mel_distance: mean |Δ ln mel|).
 
-Quality gate (`MAX_LOG_MEL_DISTANCE`, `MIN_SNR_DB`): a row passes when its output is finite, its log-mel
-distance to fp32 is ≤ 0.05 (mean |Δ ln mel| — a 5 % mean deviation of the mel magnitude, ≈ 0.43 dB, below
-the ~1 dB level difference a listener notices) and its SNR is ≥ 20 dB. `auto` = the fastest passing row.
+Quality gate (`evaluate.quality_ok`, the same one `precision: auto` applies): a row passes when its output
+is finite, its log-mel distance to fp32 is ≤ 0.05 (mean |Δ ln mel| — a 5 % mean deviation of the mel
+magnitude, ≈ 0.43 dB, below the ~1 dB level difference a listener notices) and its SNR is ≥ 20 dB.
+`auto` = the fastest passing row.
 
 Budget: one full pass of the official model over the guide's 66.8 s of audio takes minutes per row on
 2 cores (the reference runs at ~0.3× real time). The default run is therefore `--lengths guide/16`
@@ -54,10 +55,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .config import GUIDE_MEL_LENGTHS, GUIDE_THROUGHPUT, ModelConfig, STFTConfig, WorkflowConfig
+from .evaluate import MAX_LOG_MEL_DISTANCE, MIN_SNR_DB, quality_check, quality_ok
 
-#: quality gate (see module docstring)
-MAX_LOG_MEL_DISTANCE = 0.05
-MIN_SNR_DB = 20.0
 #: the guide's utterances, mean audio length in seconds (their utterances/s → audio-s/s)
 GUIDE_MEAN_SECONDS = sum(GUIDE_MEL_LENGTHS) * 256 / 22050 / len(GUIDE_MEL_LENGTHS)
 DEFAULT_LENGTHS = "guide/16"
@@ -364,29 +363,6 @@ def open_row(row: Row, model, threads: int | None, cache_dir: Path):
 
 
 # --- measuring ------------------------------------------------------------------------------------------
-def _quality(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> dict:
-    from .audio import mel_spectrogram
-    from .evaluate import log_mel_distance, snr_db
-
-    if not all(np.isfinite(o).all() for o in outputs):
-        return {"snr_db": None, "log_mel_distance": None, "finite": False}
-    ref = np.concatenate(reference)
-    est = np.concatenate(outputs)
-    try:
-        snr = snr_db(ref, est)
-    except ValueError:  # an all-zero reference
-        snr = None
-    lmd = float(np.mean([log_mel_distance(mel_spectrogram(r), mel_spectrogram(o)) for r, o in zip(reference, outputs)]))
-    return {"snr_db": round(snr, 2) if snr is not None else None, "log_mel_distance": round(lmd, 5), "finite": True}
-
-
-def quality_ok(quality: Mapping[str, Any]) -> bool:
-    """The gate: finite audio, log-mel distance ≤ MAX_LOG_MEL_DISTANCE, SNR ≥ MIN_SNR_DB (vs fp32)."""
-    return bool(quality.get("finite")) and quality.get("log_mel_distance") is not None \
-        and quality["log_mel_distance"] <= MAX_LOG_MEL_DISTANCE \
-        and (quality.get("snr_db") is None or quality["snr_db"] >= MIN_SNR_DB)
-
-
 def _percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
@@ -533,7 +509,7 @@ def _select_rows(rows, native_bf16: bool) -> list[Row]:
 def _row_result(row: Row, bs: int, times: list[float], peak_mib: float, outputs: dict, n_utts: int,
                 audio_seconds: float, useful_flops: float, peaks: dict, load: dict) -> dict:
     median = statistics.median(times)
-    quality = _quality(outputs[REFERENCE], outputs[row.id])
+    quality = quality_check(outputs[REFERENCE], outputs[row.id])
     gflops = useful_flops / median / 1e9
     peak = peaks.get(row.precision)
     return {

@@ -132,8 +132,9 @@ class WorkflowConfig:
     backend: str = "auto"
     #: cpu | cuda | npu:<id>
     device: str = "cpu"
-    #: fp32 | bf16 | fp16 | int8
-    precision: str = "fp32"
+    #: auto | fp32 | bf16 | fp16 | int8. auto: the fast backend runs bf16 where the CPU has it natively and a
+    #: quality probe passes (fast.auto_engine), else fp32; every other backend runs fp32
+    precision: str = "auto"
     batch_size: int = 1
     #: padded batches: recompute each padded utterance's last receptive field alone (a short window),
     #: so batched output equals unbatched output; false = plain padding (the tail differs slightly)
@@ -155,7 +156,7 @@ class WorkflowConfig:
 
     CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
         "backend": ("auto", "torch", "onnxruntime", "openvino", "om", "fast"),
-        "precision": ("fp32", "bf16", "fp16", "int8"),
+        "precision": ("auto", "fp32", "bf16", "fp16", "int8"),
         "gear_policy": ("exact", "buckets"),
     }
 

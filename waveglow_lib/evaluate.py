@@ -15,6 +15,11 @@ The original and the synthesised audio are aligned sample-for-sample (a vocoder 
 time warping is done: both are cut to the shorter length.
 
 Between signals that should be equal (backend parity, the round trip): `snr_db`.
+
+The quality gate for reduced-precision paths (`quality_check` / `quality_ok`; used by the benchmark's
+`auto` pick and by `precision: auto`): against fp32 with the same mel and noise, the output must be finite,
+its log-mel distance ≤ MAX_LOG_MEL_DISTANCE = 0.05 (a 5 % mean deviation of the mel magnitude, ≈ 0.43 dB,
+below the ~1 dB level difference a listener notices) and its SNR ≥ MIN_SNR_DB = 20 dB.
 """
 from __future__ import annotations
 
@@ -35,6 +40,9 @@ THROUGHPUT_FILE = "throughput.json"
 #: PESQ is defined at 8 kHz (narrow band) and 16 kHz (wide band); we use wide band
 PESQ_RATE = 16000
 _MCD_SCALE = 10.0 / math.log(10.0) * math.sqrt(2.0)
+#: the quality gate (module docstring)
+MAX_LOG_MEL_DISTANCE = 0.05
+MIN_SNR_DB = 20.0
 
 
 # --- signal-level helpers -------------------------------------------------------------------------
@@ -133,6 +141,30 @@ def pesq_score(reference: Any, estimate: Any, sample_rate: int) -> float:
         return float(pesq.pesq(PESQ_RATE, ref16, est16, "wb"))
     except Exception as exc:  # pesq raises its own error types (no utterance found, buffer too short)
         raise ValueError(f"PESQ could not score this pair: {type(exc).__name__}: {exc}") from None
+
+
+def quality_check(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray],
+                  stft: STFTConfig = STFTConfig()) -> dict[str, Any]:
+    """SNR (all utterances joined) and mean log-mel distance of `outputs` against `reference` (fp32, same
+    noise), and whether every output is finite: the inputs of `quality_ok`."""
+    from .audio import mel_spectrogram
+
+    if not all(np.isfinite(o).all() for o in outputs):
+        return {"snr_db": None, "log_mel_distance": None, "finite": False}
+    try:
+        snr = snr_db(np.concatenate(reference), np.concatenate(outputs))
+    except ValueError:  # an all-zero reference
+        snr = None
+    lmd = float(np.mean([log_mel_distance(mel_spectrogram(r, stft), mel_spectrogram(o, stft))
+                         for r, o in zip(reference, outputs)]))
+    return {"snr_db": round(snr, 2) if snr is not None else None, "log_mel_distance": round(lmd, 5), "finite": True}
+
+
+def quality_ok(quality: Mapping[str, Any]) -> bool:
+    """The gate: finite audio, log-mel distance ≤ MAX_LOG_MEL_DISTANCE, SNR ≥ MIN_SNR_DB (vs fp32)."""
+    return bool(quality.get("finite")) and quality.get("log_mel_distance") is not None \
+        and quality["log_mel_distance"] <= MAX_LOG_MEL_DISTANCE \
+        and (quality.get("snr_db") is None or quality["snr_db"] >= MIN_SNR_DB)
 
 
 def quality_metrics(reference: Any, estimate: Any, sample_rate: int = 22050,

@@ -9,18 +9,19 @@ import numpy as np
 
 from .base import Backend, BackendError, ModelSpec
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")
 
 
 class FastBackend(Backend):
     """`FastEngine(model, precision, threads=, block_frames=)`; bf16 needs AVX512-BF16 or AMX, else it runs
-    fp32 and says so in `description` (and `precision`)."""
+    fp32 and says so in `description` (and `precision`). `precision="auto"`: bf16 when native and it passes
+    the quality gate on a probe of speech (`fast.auto_engine`), else fp32; `self.probe` holds the verdict."""
 
     name = "fast"
 
     def __init__(self, model, device: str = "cpu", precision: str = "bf16", threads: int | None = None,
                  block_frames: int = 128) -> None:
-        from ..fast import FastEngine
+        from ..fast import FastEngine, auto_engine
 
         if model is None:
             raise BackendError("fast backend needs the model: get_backend('fast', model=load_waveglow(...))")
@@ -29,9 +30,16 @@ class FastBackend(Backend):
         if precision not in PRECISIONS:
             raise BackendError(f"fast backend: precision {precision!r} not supported (one of {', '.join(PRECISIONS)})")
         super().__init__(ModelSpec.from_model_config(model.config), precision, device)
-        self.engine = FastEngine(model, precision=precision, block_frames=block_frames, threads=threads)
+        self.probe: dict | None = None
+        if precision == "auto":
+            self.engine, self.probe = auto_engine(model, block_frames=block_frames, threads=threads)
+            note = f" (auto: {self.probe['reason']}" + (
+                f", probe SNR {self.probe['snr_db']} dB, log-mel distance {self.probe['log_mel_distance']})"
+                if "log_mel_distance" in self.probe else ")")
+        else:
+            self.engine = FastEngine(model, precision=precision, block_frames=block_frames, threads=threads)
+            note = "" if self.engine.precision == precision else f" (asked {precision}: no native bf16 on this CPU)"
         self.precision = self.engine.precision
-        note = "" if self.engine.precision == precision else f" (asked {precision}: no native bf16 on this CPU)"
         self.description = (f"fast: folded WaveGlow, blocked GEMMs, {self.engine.precision}{note}, "
                             f"{self.engine.threads} threads")
 

@@ -289,7 +289,10 @@ def infer(cfg: WorkflowConfig, *, model=None, backend=None, out_dir: str | Path 
     out_dir.mkdir(parents=True, exist_ok=True)
     if todo or not timings_path.is_file():
         record = {"settings": {**settings, "batch_size": cfg.batch_size, "backend_used": description,
-                               "device": cfg.device}, "items": items_record}
+                               "precision_used": getattr(backend, "precision", None), "device": cfg.device,
+                               # precision auto: the fast backend's quality probe (fast.auto_engine)
+                               **({"precision_probe": backend.probe} if getattr(backend, "probe", None) else {})},
+                  "items": items_record}
         atomic_write_json(timings_path, record)
 
     written: list[str] = []
@@ -312,7 +315,7 @@ def infer(cfg: WorkflowConfig, *, model=None, backend=None, out_dir: str | Path 
                 for position, (u, audio) in enumerate(zip(batch, audios)):
                     if not np.isfinite(audio).all():
                         raise RuntimeError(f"{u.bin_path}: the {backend.name} backend produced NaN/Inf audio "
-                                           f"(precision {cfg.precision}?)")
+                                           f"(precision {getattr(backend, 'precision', cfg.precision)}?)")
                     write_bin(out_dir / f"{u.id}_out.bin", audio)
                     items_record[u.id] = {
                         "frames": u.frames, "samples": int(audio.size), "batch": index,
