@@ -87,7 +87,10 @@ def test_quality_gate_rejects_paths_that_break_the_audio(result):
     assert set(res["auto"]["per_batch_size"]) == {"1", "2"}
     assert not {"broken", "nan"} & set(res["auto"]["per_batch_size"].values())
     assert res["auto"]["rejected"] == ["broken", "nan"]
-    assert res["targets"]["row"] == res["auto"]["overall"]
+    # the targets are judged on the workflow's default path (fast; fp32 here: no fast-bf16 row was asked for)
+    assert res["targets"]["row"] == "fast-fp32" == bench.default_path(res["rows"])
+    assert set(res["targets"]["per_batch_size"]) == {"1", "2"}
+    assert all(e["quality_ok"] for e in res["targets"]["per_batch_size"].values())
 
 
 def test_quality_ok_thresholds():
@@ -143,3 +146,13 @@ def test_cli_bench_quick(tmp_path, capsys):
     assert saved["settings"]["model"] == "bundled demo model" and saved["settings"]["batch_sizes"] == [2]
     assert "# WaveGlow throughput" in capsys.readouterr().out
     assert main(["bench", "--quick", "--lengths", "guide/x", "--out-dir", str(tmp_path)]) == 2
+
+
+def test_default_path_follows_precision_auto():
+    def rows(bf16_ok):
+        return [{"row": "fast-bf16", "batch_size": 1, "quality_ok": bf16_ok, "audio_seconds_per_second": 2.0},
+                {"row": "fast-fp32", "batch_size": 1, "quality_ok": True, "audio_seconds_per_second": 1.0},
+                {"row": "reference", "batch_size": 1, "quality_ok": True, "audio_seconds_per_second": 0.5}]
+    assert bench.default_path(rows(True)) == "fast-bf16"
+    assert bench.default_path(rows(False)) == "fast-fp32"  # bf16 failed the gate: auto would run fp32
+    assert bench.default_path(rows(True)[2:]) == "reference"  # no fast rows: the fastest passing row
