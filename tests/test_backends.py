@@ -92,7 +92,7 @@ def test_unsupported_options_are_clear_errors():
         get_backend("tensorrt")
     with pytest.raises(BackendError, match="precision 'bf16' not supported"):
         get_backend("onnxruntime", onnx_path=tiny_onnx(), precision="bf16")
-    with pytest.raises(BackendError, match="int8 is not implemented"):
+    with pytest.raises(BackendError, match="int8: use the fast backend"):
         get_backend("torch", model=tiny_model(), precision="int8")
     with pytest.raises(BackendUnavailable, match="onnxruntime-cann"):
         get_backend("onnxruntime", onnx_path=tiny_onnx(), device="npu:0")

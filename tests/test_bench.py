@@ -39,7 +39,7 @@ def result(tmp_path_factory):
     model = randomise_(WaveGlow(ModelConfig(**TINY))).eval()
     model.refresh_inverses()
     cfg = WorkflowConfig(name="t", runs_dir=str(out / "runs"))
-    rows = [bench.ROWS["fast-fp32"], bench.ROWS["onnxruntime-fp32"],
+    rows = [bench.ROWS["fast-fp32"], bench.ROWS["fast-int8"], bench.ROWS["onnxruntime-fp32"],
             bench.Row("broken", "broken", "fp32", "breaks the audio", factory=lambda m, t: NoiseBackend(m)),
             bench.Row("nan", "broken", "fp32", "NaN audio", factory=lambda m, t: NoiseBackend(m, nan=True))]
     return bench.run_bench(cfg, model=model, quick=True, rows=rows, out_dir=out, progress=False), out
@@ -48,7 +48,11 @@ def result(tmp_path_factory):
 def test_rows_have_every_field_with_finite_numbers(result):
     res, _ = result
     rows = res["rows"]
-    assert {r["row"] for r in rows} == {"reference", "fast-fp32", "onnxruntime-fp32", "broken", "nan"}
+    int8 = {"fast-int8"} if res["machine"]["native_int8"] else set()  # else skipped, with the reason
+    assert {r["row"] for r in rows} == {"reference", "fast-fp32", "onnxruntime-fp32", "broken", "nan"} | int8
+    assert ("fast-int8" in res["skipped_rows"]) == (not int8)
+    if int8:
+        assert res["peaks_gflops"]["int8"] > 0
     assert sorted({r["batch_size"] for r in rows}) == [1, 2]  # --quick
     numeric = ("utterances_per_second", "utterances_per_second_p10", "utterances_per_second_p90",
                "audio_seconds_per_second", "audio_seconds_per_second_p10", "audio_seconds_per_second_p90",
@@ -87,8 +91,9 @@ def test_quality_gate_rejects_paths_that_break_the_audio(result):
     assert set(res["auto"]["per_batch_size"]) == {"1", "2"}
     assert not {"broken", "nan"} & set(res["auto"]["per_batch_size"].values())
     assert res["auto"]["rejected"] == ["broken", "nan"]
-    # the targets are judged on the workflow's default path (fast; fp32 here: no fast-bf16 row was asked for)
-    assert res["targets"]["row"] == "fast-fp32" == bench.default_path(res["rows"])
+    # the targets are judged on the workflow's default path (fast: int8 where native, here no bf16 row)
+    expected = "fast-int8" if res["machine"]["native_int8"] else "fast-fp32"  # the first fast row measured
+    assert res["targets"]["row"] == expected == bench.default_path(res["rows"])
     assert set(res["targets"]["per_batch_size"]) == {"1", "2"}
     assert all(e["quality_ok"] for e in res["targets"]["per_batch_size"].values())
 
@@ -156,3 +161,6 @@ def test_default_path_follows_precision_auto():
     assert bench.default_path(rows(True)) == "fast-bf16"
     assert bench.default_path(rows(False)) == "fast-fp32"  # bf16 failed the gate: auto would run fp32
     assert bench.default_path(rows(True)[2:]) == "reference"  # no fast rows: the fastest passing row
+    int8 = lambda ok: [{"row": "fast-int8", "batch_size": 1, "quality_ok": ok, "audio_seconds_per_second": 3.0}]
+    assert bench.default_path(int8(True) + rows(True)) == "fast-int8"
+    assert bench.default_path(int8(False) + rows(True)) == "fast-bf16"

@@ -9,7 +9,7 @@ from waveglow_lib.backends import available_backends, get_backend
 from waveglow_lib.config import ModelConfig
 from waveglow_lib import fast
 from waveglow_lib.evaluate import MAX_LOG_MEL_DISTANCE, MIN_SNR_DB
-from waveglow_lib.fast import FastEngine, FastWaveGlow, auto_engine, fold_waveglow, native_bf16
+from waveglow_lib.fast import FastEngine, FastWaveGlow, auto_engine, fold_waveglow, native_bf16, native_int8
 from waveglow_lib.model import WaveGlow
 
 from conftest import TINY, randomise_, snr_db
@@ -55,23 +55,27 @@ def test_engine_fp32_matches_reference_for_any_batch_and_block(layout, threads):
         assert min(snr_db(reference[i], audio[i]) for i in range(3)) > 100
 
 
-def test_engine_bf16_is_close_or_falls_back_to_fp32():
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_engine_reduced_precision_is_close_or_falls_back(precision):
     model = tiny_model(seed=4)
     mel, z = inputs(model, batch=2, frames=30)
     reference = model.infer(mel, 1.0, z).numpy()
-    engine = FastEngine(model, "bf16")
+    engine = FastEngine(model, precision)
     audio = engine.run(mel, z)
-    if native_bf16():
-        assert engine.precision == "bf16"
-        assert 30 < snr_db(reference, audio) < 90  # bf16 rounding: close, but not fp32-exact
-    else:
-        assert engine.precision == "fp32" and snr_db(reference, audio) > 100
+    expected = ("int8" if native_int8() else "bf16") if precision == "int8" else "bf16"
+    if expected == "bf16" and not native_bf16():
+        expected = "fp32"
+    assert engine.precision == expected
+    if expected == "fp32":
+        assert snr_db(reference, audio) > 100
+    else:  # rounding (bf16) or quantisation (int8): close, but not fp32-exact
+        assert 25 < snr_db(reference, audio) < 90
 
 
 def test_engine_rejects_bad_settings_and_shapes():
     model = tiny_model()
     with pytest.raises(ValueError, match="precision"):
-        FastEngine(model, "int8")
+        FastEngine(model, "fp16")
     with pytest.raises(ValueError, match="block_frames"):
         FastEngine(model, "fp32", block_frames=0)
     mel, z = inputs(model, batch=1, frames=10)
@@ -95,42 +99,50 @@ def test_fast_backend_through_get_backend():
 
 
 # --- precision: auto --------------------------------------------------------------------------------------
-def test_auto_keeps_bf16_only_with_native_bf16_and_a_passing_probe():
+def test_auto_keeps_the_fastest_native_precision_that_passes_the_probe():
     model = tiny_model(seed=6)
     engine, record = auto_engine(model, threads=1)
-    if native_bf16():
-        assert engine.precision == record["precision"] == "bf16"
+    expected = "int8" if native_int8() else "bf16" if native_bf16() else "fp32"
+    assert engine.precision == record["precision"] == expected
+    if expected != "fp32":
         assert record["finite"] and record["snr_db"] >= MIN_SNR_DB
-        assert 0 < record["log_mel_distance"] <= MAX_LOG_MEL_DISTANCE  # bf16 rounding shows, within the gate
-    else:
-        assert engine.precision == record["precision"] == "fp32" and "no native bf16" in record["reason"]
+        assert 0 < record["log_mel_distance"] <= MAX_LOG_MEL_DISTANCE  # reduced precision shows, within the gate
+        assert list(record["tried"]) == [expected]
     backend = get_backend("fast", model=model, precision="auto", threads=1)
     assert backend.precision == record["precision"] and backend.probe["precision"] == record["precision"]
     assert "auto:" in backend.description
 
 
-def test_auto_without_native_bf16_runs_fp32(monkeypatch):
+def test_auto_without_native_int8_or_bf16_runs_fp32(monkeypatch):
+    monkeypatch.setattr(fast, "native_int8", lambda: False)
     monkeypatch.setattr(fast, "native_bf16", lambda: False)
     engine, record = auto_engine(tiny_model(seed=6), threads=1)
-    assert engine.precision == "fp32" and record == {"precision": "fp32", "reason": record["reason"]}
-    assert "no native bf16" in record["reason"]
+    assert engine.precision == record["precision"] == "fp32" and record["tried"] == {}
+    assert "no int8 dot products" in record["reason"] and "no native bf16" in record["reason"]
 
 
-def test_auto_rejects_a_bf16_path_that_breaks_the_audio(monkeypatch):
-    """The gate itself: a bf16 engine whose output is wrecked (loud noise added) must not be kept."""
-    monkeypatch.setattr(fast, "native_bf16", lambda: True)  # on a CPU without it, bf16 runs emulated: slow, same math
+@pytest.mark.parametrize("broken", [("int8",), ("int8", "bf16")])
+def test_auto_rejects_a_precision_that_breaks_the_audio(monkeypatch, broken):
+    """The gate itself: an engine whose output is wrecked (loud noise added) is not kept; the next one is."""
+    if "onednn" not in torch.backends.quantized.supported_engines:
+        pytest.skip("this torch build has no oneDNN quantized engine")
+    # on a CPU without them, these run emulated: slow, same math
+    monkeypatch.setattr(fast, "native_int8", lambda: True)
+    monkeypatch.setattr(fast, "native_bf16", lambda: True)
     honest_run = FastEngine.run
 
-    def broken_bf16(self, mel, z):
+    def wrecked(self, mel, z):
         audio = honest_run(self, mel, z)
-        if self.precision != "bf16":
+        if self.precision not in broken:
             return audio
         return audio + np.random.default_rng(0).normal(0.0, 3.0 * audio.std() + 1e-3, audio.shape).astype(np.float32)
 
-    monkeypatch.setattr(FastEngine, "run", broken_bf16)
+    monkeypatch.setattr(FastEngine, "run", wrecked)
     model = tiny_model(seed=6)
     engine, record = auto_engine(model, threads=1)
-    assert engine.precision == record["precision"] == "fp32"
-    assert record["reason"].startswith("bf16 failed") and record["snr_db"] < MIN_SNR_DB
-    mel, z = inputs(model, batch=1, frames=12)  # the engine kept is the honest fp32 one
-    assert snr_db(model.infer(mel, 1.0, z), engine.run(mel, z)) > 100
+    expected = "bf16" if broken == ("int8",) else "fp32"
+    assert engine.precision == record["precision"] == expected
+    assert "int8 failed the quality gate" in record["reason"]
+    assert all(record["tried"][p]["snr_db"] < MIN_SNR_DB for p in broken)
+    mel, z = inputs(model, batch=1, frames=12)  # the engine kept is an honest one
+    assert snr_db(model.infer(mel, 1.0, z), engine.run(mel, z)) > (100 if expected == "fp32" else 25)

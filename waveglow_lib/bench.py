@@ -7,8 +7,10 @@ that a change in machine load hits all rows alike:
 - `reference`: NVIDIA's glow.py algorithm (our `WaveGlow.infer`), PyTorch fp32 eager; the quality truth;
 - `torch-bf16`: the same model cast to bf16; `onnxruntime-fp32`, `openvino-fp32`, `openvino-bf16`: the
   exported graph (stages.export) in those runtimes; `openvino-folded-bf16`: OpenVINO on our folded graph;
-- `fast-fp32`, `fast-bf16`: our fast path (fast.py: folded model on blocked GEMMs; backend `fast`).
-bf16 rows are skipped on CPUs without native bf16 (AVX512-BF16 / AMX), where they would only emulate it.
+- `fast-fp32`, `fast-bf16`, `fast-int8`: our fast path (fast.py: folded model on blocked GEMMs; backend
+  `fast`; int8 = oneDNN int8 GEMMs with per-channel weight scales and per-call activation quantisation).
+bf16 rows are skipped on CPUs without native bf16 (AVX512-BF16 / AMX), where they would only emulate it;
+int8 rows likewise without int8 dot products (VNNI / AMX-INT8).
 
 Workload: the guide's 10 mel lengths (832, 164, ... frames = 66.8 s of audio), or those lengths divided by
 N (`--lengths guide/N`), or any list. Mels come from the run's preprocessed `mel/` when present, else from
@@ -33,7 +35,7 @@ fast, bf16 when it passes).
 
 Budget: one full pass of the official model over the guide's 66.8 s of audio takes minutes per row on
 2 cores (the reference runs at ~0.3× real time). The default run is therefore `--lengths guide/16`
-(4.2 s of audio per pass), batch sizes 1/4/8/16, 3 repeats, the six default rows: about 15 minutes on
+(4.2 s of audio per pass), batch sizes 1/4/8/16, 3 repeats, the seven default rows: about 16 minutes on
 2 EPYC cores (25 minutes with `--backends all --profile` while other jobs shared the machine). Short
 utterances favour the graph runtimes a little (fixed per-call costs); `--lengths guide/4 --batch-sizes 1,16`
 is a closer look at real lengths in about 10 minutes for four rows. `--lengths guide --repeats 3` is the full table (hours on 2 cores). `--quick` (tests,
@@ -87,8 +89,10 @@ ROWS = {r.id: r for r in (
     Row("openvino-folded-bf16", "openvino", "bf16", "OpenVINO bf16 on our folded graph", graph="folded"),
     Row("fast-fp32", "fast", "fp32", "ours: folded model, blocked GEMMs, fp32"),
     Row("fast-bf16", "fast", "bf16", "ours: folded model, blocked GEMMs, bf16"),
+    Row("fast-int8", "fast", "int8", "ours: folded model, int8 GEMMs (oneDNN, per-channel weights)"),
 )}
-DEFAULT_ROWS = (REFERENCE, "torch-bf16", "onnxruntime-fp32", "openvino-fp32", "openvino-bf16", "fast-bf16")
+DEFAULT_ROWS = (REFERENCE, "torch-bf16", "onnxruntime-fp32", "openvino-fp32", "openvino-bf16", "fast-bf16",
+                "fast-int8")
 
 
 # --- machine, FLOPs, peaks -----------------------------------------------------------------------------
@@ -129,10 +133,11 @@ def machine_info() -> dict:
             versions[name] = module.__version__.split("-")[0]
         except ImportError:
             versions[name] = None
-    from .fast import native_bf16
+    from .fast import native_bf16, native_int8
 
     return {"cpu": model_name, "logical_cpus": os.cpu_count(), "usable_cpus": usable,
             "torch_threads": torch.get_num_threads(), "isa": isa, "native_bf16": native_bf16(),
+            "native_int8": native_int8(),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "versions": versions,
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
@@ -172,21 +177,23 @@ def reference_flops_per_audio_second(c: ModelConfig, sample_rate: int = 22050) -
     return 2.0 * reference_macs_per_step(c) * sample_rate / c.n_group
 
 
-def matmul_peaks(size: int = 2048, repeats: int = 3, bf16: bool = True) -> dict[str, float]:
-    """GFLOP/s of a square torch.matmul per precision, with the current torch thread count (best of N)."""
+def matmul_peaks(size: int = 2048, repeats: int = 3, bf16: bool = True, int8: bool = False) -> dict[str, float]:
+    """GFLOP/s of a square matmul per precision (int8: `torch._int_mm`, int32 accumulation; GOP/s), with the
+    current torch thread count (best of N)."""
     import torch
 
     peaks = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        if name == "bf16" and not bf16:
+    for name, dtype, wanted in (("fp32", torch.float32, True), ("bf16", torch.bfloat16, bf16),
+                                ("int8", torch.int8, int8)):
+        if not wanted:
             continue
-        a = torch.randn(size, size).to(dtype)
-        b = torch.randn(size, size).to(dtype)
-        torch.matmul(a, b)
+        a, b = (torch.randint(-100, 100, (size, size)).to(dtype) for _ in range(2))
+        multiply = torch._int_mm if dtype == torch.int8 else torch.matmul
+        multiply(a, b)
         best = math.inf
         for _ in range(repeats):
             t0 = time.perf_counter()
-            torch.matmul(a, b)
+            multiply(a, b)
             best = min(best, time.perf_counter() - t0)
         peaks[name] = round(2.0 * size ** 3 / best / 1e9, 1)
     return peaks
@@ -402,6 +409,8 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
     row_list = _select_rows(rows, machine["native_bf16"])
     skipped = {r.id: "no native bf16 on this CPU (AVX512-BF16/AMX): it would only emulate it"
                for r in row_list if r.precision == "bf16" and r.factory is None and not machine["native_bf16"]}
+    skipped.update({r.id: "no int8 dot products on this CPU (VNNI/AMX-INT8): no faster than bf16"
+                    for r in row_list if r.precision == "int8" and r.factory is None and not machine["native_int8"]})
     row_list = [r for r in row_list if r.id not in skipped]
 
     net, model_name = build_model(model, cfg.seed)
@@ -413,7 +422,8 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
     audio_seconds = sum(m.shape[1] for m in mels) * c.hop_length / STFTConfig().sampling_rate
     useful_flops = reference_flops_per_audio_second(c) * audio_seconds
     pad_value = float(np.log(STFTConfig().clip_val))
-    peaks = matmul_peaks(512 if quick else 2048, bf16=machine["native_bf16"])
+    peaks = matmul_peaks(512 if quick else 2048, bf16=machine["native_bf16"],
+                         int8=any(r.precision == "int8" for r in row_list))
 
     backends, load_info = {}, {}
     for row in tqdm(row_list, desc="bench: load", disable=not progress):
@@ -559,13 +569,13 @@ def pick_auto(results: Sequence[Mapping[str, Any]]) -> dict:
 
 
 def default_path(results: Sequence[Mapping[str, Any]]) -> str | None:
-    """The row the workflow's defaults run (`backend: auto`, `precision: auto` → fast): fast-bf16 when it
-    was measured (native bf16) and passes the gate at every batch size, else fast-fp32; without fast rows,
-    the bench's own auto pick."""
+    """The row the workflow's defaults run (`backend: auto`, `precision: auto` → fast): the first of
+    fast-int8, fast-bf16, fast-fp32 that was measured (native on this CPU) and passes the gate at every batch
+    size; without fast rows, the bench's own auto pick."""
     rows: dict[str, list] = {}
     for r in results:
         rows.setdefault(r["row"], []).append(r["quality_ok"])
-    for row in ("fast-bf16", "fast-fp32"):
+    for row in ("fast-int8", "fast-bf16", "fast-fp32"):
         if rows.get(row) and all(rows[row]):
             return row
     return pick_auto(results)["overall"]

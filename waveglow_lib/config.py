@@ -132,8 +132,8 @@ class WorkflowConfig:
     backend: str = "auto"
     #: cpu | cuda | npu:<id>
     device: str = "cpu"
-    #: auto | fp32 | bf16 | fp16 | int8. auto: the fast backend runs bf16 where the CPU has it natively and a
-    #: quality probe passes (fast.auto_engine), else fp32; every other backend runs fp32
+    #: auto | fp32 | bf16 | fp16 | int8 (fast only). auto: the fast backend runs the fastest of int8, bf16 that
+    #: the CPU has natively and that passes a quality probe (fast.auto_engine), else fp32; other backends fp32
     precision: str = "auto"
     batch_size: int = 1
     #: padded batches: recompute each padded utterance's last receptive field alone (a short window),

@@ -38,8 +38,8 @@ def get_backend(name: str, *, model=None, onnx_path=None, device: str = "cpu", p
       `.gears.json` convert wrote beside it.
     `spec=` (ModelSpec) tells the graph backends the model's sizes; taken from `model.config` when a model
     is given. Other keyword options: `threads=` (torch, onnxruntime, openvino, fast).
-    `precision="auto"`: fast chooses bf16 or fp32 behind a quality gate (fast.auto_engine); every other
-    backend runs fp32.
+    `precision="auto"`: fast chooses int8, bf16 or fp32 behind a quality gate (fast.auto_engine); every
+    other backend runs fp32.
     """
     spec = opts.pop("spec", None)
     if spec is None and model is not None:

@@ -9,13 +9,14 @@ import numpy as np
 
 from .base import Backend, BackendError, ModelSpec
 
-PRECISIONS = ("fp32", "bf16", "auto")
+PRECISIONS = ("fp32", "bf16", "int8", "auto")
 
 
 class FastBackend(Backend):
-    """`FastEngine(model, precision, threads=, block_frames=)`; bf16 needs AVX512-BF16 or AMX, else it runs
-    fp32 and says so in `description` (and `precision`). `precision="auto"`: bf16 when native and it passes
-    the quality gate on a probe of speech (`fast.auto_engine`), else fp32; `self.probe` holds the verdict."""
+    """`FastEngine(model, precision, threads=, block_frames=)`; int8 needs VNNI or AMX-INT8 (else bf16), bf16
+    needs AVX512-BF16 or AMX (else fp32); a fallback is said in `description` (and `precision`).
+    `precision="auto"`: the fastest native precision (int8, bf16) that passes the quality gate on a probe of
+    speech (`fast.auto_engine`), else fp32; `self.probe` holds the verdict."""
 
     name = "fast"
 
@@ -38,7 +39,7 @@ class FastBackend(Backend):
                 if "log_mel_distance" in self.probe else ")")
         else:
             self.engine = FastEngine(model, precision=precision, block_frames=block_frames, threads=threads)
-            note = "" if self.engine.precision == precision else f" (asked {precision}: no native bf16 on this CPU)"
+            note = "" if self.engine.precision == precision else f" (asked {precision}: not native on this CPU)"
         self.precision = self.engine.precision
         self.description = (f"fast: folded WaveGlow, blocked GEMMs, {self.engine.precision}{note}, "
                             f"{self.engine.threads} threads")

@@ -42,7 +42,7 @@ class TorchBackend(Backend):
             raise BackendError("torch backend needs the model: get_backend('torch', model=load_waveglow(...))")
         if precision not in DTYPES:
             raise BackendError(f"torch backend: precision {precision!r} is not supported "
-                               f"(one of {', '.join(DTYPES)}; int8 is not implemented for this model)")
+                               f"(one of {', '.join(DTYPES)}; int8: use the fast backend)")
         super().__init__(ModelSpec.from_model_config(model.config), precision, device)
         self.torch_device = torch_device(device)
         self.dtype = getattr(torch, DTYPES[precision])
