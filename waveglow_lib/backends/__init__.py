@@ -20,8 +20,8 @@ from .base import (GUIDE_INPUTS, GUIDE_OUTPUT, ONNX_INPUTS, ONNX_OUTPUT, Backend
 BACKEND_NAMES = ("torch", "onnxruntime", "openvino", "om", "fast")
 #: `auto` on a CPU: the first usable of these, in order. `fast` is built in and needs no export, so it is the
 #: pick; the rest are the order when it is taken out. Measured (bench.py, same run, 2 EPYC cores, batch 1):
-#: official architecture fast bf16 0.75-1.0x real time vs ONNX Runtime fp32 0.36, OpenVINO bf16 0.54; demo
-#: model fast bf16 27x, fast fp32 22x, ONNX Runtime 11x, OpenVINO 9x, PyTorch 8x.
+#: official architecture fast int8 1.23x real time, fast bf16 0.86, OpenVINO bf16 0.60, ONNX Runtime fp32
+#: 0.42, PyTorch fp32 0.37; demo model fast bf16 27x, fast fp32 22x, ONNX Runtime 11x, OpenVINO 9x, PyTorch 8x.
 AUTO_CPU_ORDER = ("fast", "onnxruntime", "openvino", "torch")
 
 __all__ = ["Backend", "BackendError", "BackendUnavailable", "ModelSpec", "BACKEND_NAMES", "get_backend",
