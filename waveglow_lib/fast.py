@@ -180,11 +180,12 @@ def native_bf16() -> bool:
 
 def native_int8() -> bool:
     """True when this CPU has int8 dot products (AVX512-VNNI, AVX-VNNI or AMX-INT8) and PyTorch has the
-    oneDNN quantized engine: else int8 GEMMs are no faster than bf16/fp32."""
+    oneDNN quantized engine and API (deprecated in torch 2.x): else int8 is not offered (falls back to bf16)."""
     from .bench import cpu_flags
 
     engines = torch.backends.quantized.supported_engines
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags()) and "onednn" in engines
+    api = hasattr(torch, "quantize_per_channel") and hasattr(torch.ops.quantized, "linear_dynamic")  # deprecated
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags()) and "onednn" in engines and api
 
 
 def _pack_int8(weight: torch.Tensor, bias: torch.Tensor | None):
