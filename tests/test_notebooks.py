@@ -133,8 +133,10 @@ def test_ci_run_metrics_are_complete_and_finite(ci_run):
     assert {"torch", "onnxruntime", "openvino"} <= set(parity)
     assert parity["onnxruntime"]["snr_db_min"] >= 50 and parity["openvino"]["snr_db_min"] >= 50
     assert metrics["round_trip"]["snr_db"] >= 60                 # the flow inverts itself (fp32)
+    assert metrics["backend_used"].startswith("onnxruntime") and metrics["precision_used"] == "fp32"  # ci.yaml
     throughput = metrics["throughput"]
     assert [row["batch_size"] for row in throughput] == [1, 2]
+    assert {row["precision"] for row in throughput} == {"fp32"}
     for row in throughput:
         assert row["utterances_per_second"] > 0 and math.isfinite(row["real_time_factor"])
 

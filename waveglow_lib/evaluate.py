@@ -383,7 +383,8 @@ def throughput_table(cfg: WorkflowConfig, batch_sizes: Sequence[int] | None = No
                            exact=cfg.exact_batching, pad_value=pad)
                 times.append(time.perf_counter() - start)
             seconds = statistics.median(times)
-            rows.append({"backend": name, "precision": cfg.precision, "batch_size": int(batch_size),
+            used = getattr(runner, "precision", cfg.precision)  # what `auto` became
+            rows.append({"backend": name, "precision": used, "batch_size": int(batch_size),
                          "utterances": len(utterances), "seconds": seconds,
                          "utterances_per_second": len(utterances) / seconds,
                          "audio_seconds_per_second": audio_seconds / seconds,
@@ -468,6 +469,10 @@ def collect_metrics(cfg: WorkflowConfig, *, utterances: Sequence[Mapping[str, An
         record["parity"] = [dict(row) for row in parity]
     if round_trip is not None:
         record["round_trip"] = {k: v for k, v in round_trip.items() if not isinstance(v, np.ndarray)}
+    timings_path = cfg.run_dir / "out" / "timings.json"  # what `auto` became in the infer stage
+    if timings_path.is_file():
+        settings = json.loads(timings_path.read_text()).get("settings", {})
+        record.update({k: settings[k] for k in ("backend_used", "precision_used") if k in settings})
     throughput_path = cfg.run_dir / THROUGHPUT_FILE
     if throughput_path.is_file():
         record["throughput"] = json.loads(throughput_path.read_text())
