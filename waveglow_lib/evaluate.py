@@ -469,7 +469,9 @@ def collect_metrics(cfg: WorkflowConfig, *, utterances: Sequence[Mapping[str, An
         record["parity"] = [dict(row) for row in parity]
     if round_trip is not None:
         record["round_trip"] = {k: v for k, v in round_trip.items() if not isinstance(v, np.ndarray)}
-    timings_path = cfg.run_dir / "out" / "timings.json"  # what `auto` became in the infer stage
+    from .stages.infer import TIMINGS_FILE
+
+    timings_path = cfg.run_dir / "out" / TIMINGS_FILE  # what `auto` became in the infer stage
     if timings_path.is_file():
         settings = json.loads(timings_path.read_text()).get("settings", {})
         record.update({k: settings[k] for k in ("backend_used", "precision_used") if k in settings})

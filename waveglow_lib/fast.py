@@ -41,18 +41,20 @@ left in bf16 it still took a third of the time (int8 gained only 1.15x), hence i
 GEMMs are 75 %; the rest is eager element-wise work (concatenating taps 7 %, sigmoid 5 %, adds 9 %).
 
 `precision: auto` (`auto_engine`): the fastest precision that the CPU runs natively (int8: VNNI or AMX-INT8,
-for WN layers of ≥ 128 channels such as the official 256; bf16: AVX512-BF16 or AMX) *and* that passes the quality gate (`evaluate.quality_ok`: log-mel distance ≤ 0.05,
-SNR ≥ 20 dB against the fp32 model, same noise) on a probe of real speech — 48 frames of the bundled demo
-corpus's first wav, about 0.6 s of audio, checked for the model actually loaded; else fp32. The probe's
-numbers are kept with the engine.
+for WN layers of ≥ 128 channels such as the official 256; bf16: AVX512-BF16 or AMX) *and* that passes the
+quality gate (`evaluate.quality_ok`: log-mel distance ≤ 0.05, SNR ≥ 20 dB against the fp32 model, same
+noise) on a probe of real speech — 48 frames of the bundled demo corpus's first wav, about 0.6 s of audio,
+checked for the model actually loaded; else fp32. The probe's numbers are kept with the engine.
 
 Costs: the folded conditioning weights are 32 phases × (4·80 → 2C) per layer, 16× the original
 cond_layer (503 M values for the official model: 0.5 GB in int8, 1 GB in bf16, 2 GB in fp32), read once
-per block; for very short utterances (≲ 20 frames) that traffic, not arithmetic, bounds the conditioning GEMM.
+per block; for very short utterances (≲ 20 frames) that traffic, not arithmetic, bounds the conditioning
+GEMM.
 """
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -176,6 +178,17 @@ def fold_wn(model, k: int) -> FastWN:
 
 
 # --- the engine --------------------------------------------------------------------------------------
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def native_bf16() -> bool:
     """True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX): else bf16 only costs conversions."""
     try:
@@ -187,8 +200,6 @@ def native_bf16() -> bool:
 def native_int8() -> bool:
     """True when this CPU has int8 dot products (AVX512-VNNI, AVX-VNNI or AMX-INT8) and PyTorch has the
     oneDNN quantized engine and API (deprecated in torch 2.x): else int8 is not offered (falls back to bf16)."""
-    from .bench import cpu_flags
-
     engines = torch.backends.quantized.supported_engines
     api = hasattr(torch, "quantize_per_channel") and hasattr(torch.ops.quantized, "linear_dynamic")  # deprecated
     return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags()) and "onednn" in engines and api
@@ -238,10 +249,16 @@ class _Layer:
         self.b_rs = rs.bias.detach().to(dtype)
         self.rs_out = self.w_rs.shape[1]  # C + skip channels; the last layer: skip channels only
         self.int8 = int8
-        if int8:  # the taps and res/skip GEMMs in int8; the conditioning GEMM stays in `dtype`
+        if int8:  # all three GEMMs in int8 (`dtype` is fp32 then: the packing takes fp32 weights)
             self.w_in = _pack_int8(self.w_in, None)
             self.w_cond = _pack_int8(self.w_cond, self.b_cond)
-            self.w_rs = _pack_int8(rs.weight.detach()[..., 0].t(), rs.bias.detach())
+            self.w_rs = _pack_int8(self.w_rs, self.b_rs)
+
+    def linear(self, x: torch.Tensor, weight, bias: torch.Tensor) -> torch.Tensor:
+        """x @ weight + bias; for int8 the bias is packed with the weight."""
+        if self.int8:
+            return torch.ops.quantized.linear_dynamic(x, weight, False)
+        return torch.addmm(bias, x, weight)
 
 
 #: FastEngine precisions, fastest first
@@ -353,21 +370,15 @@ class FastEngine:
         """One WN layer on frames [f0, f1): conditioning GEMM, dilated taps, gate, residual and skip."""
         n, pad, steps = self.config.n_channels, self.pad, self.steps
         t0, t1 = pad + f0 * steps, pad + f1 * steps
-        if layer.int8:
-            acts = torch.ops.quantized.linear_dynamic(unfolded[f0:f1], layer.w_cond, False).view(t1 - t0, 2 * n)
-        else:
-            acts = torch.addmm(layer.b_cond, unfolded[f0:f1], layer.w_cond).view(t1 - t0, 2 * n)
+        acts = layer.linear(unfolded[f0:f1], layer.w_cond, layer.b_cond).view(t1 - t0, 2 * n)
         centre, d = (layer.taps - 1) // 2, layer.dilation  # the dilated taps side by side: one GEMM, K = 3C
         taps = torch.cat([x[t0 + (j - centre) * d: t1 + (j - centre) * d] for j in range(layer.taps)], 1)
-        if layer.int8:
+        if layer.int8:  # int8 GEMMs cannot accumulate into `acts`: add after
             sig = torch.sigmoid(torch.ops.quantized.linear_dynamic(taps, layer.w_in, False).add_(acts))
         else:
             sig = torch.sigmoid(acts.addmm_(taps, layer.w_in))
         gated = torch.addcmul(sig[:, n:].neg(), sig[:, :n], sig[:, n:], value=2.0)
-        if layer.int8:
-            res_skip = torch.ops.quantized.linear_dynamic(gated, layer.w_rs, False)
-        else:
-            res_skip = torch.addmm(layer.b_rs, gated, layer.w_rs)
+        res_skip = layer.linear(gated, layer.w_rs, layer.b_rs)
         n_skip = skip.shape[1]
         skip[t0 - pad: t1 - pad] += res_skip[:, res_skip.shape[1] - n_skip:]
         if res_skip.shape[1] > n_skip:
@@ -375,7 +386,7 @@ class FastEngine:
 
 
 # --- precision: auto -----------------------------------------------------------------------------------
-#: frames of real speech the bf16 engine is checked on before `precision: auto` trusts it
+#: frames of real speech a reduced-precision engine is checked on before `precision: auto` trusts it
 PROBE_FRAMES = 48
 PROBE_SIGMA = 0.6
 #: `auto` tries int8 only for WN layers this wide: measured on 2 EPYC cores (batch 1, 10 and 52 frames),
@@ -394,26 +405,33 @@ def probe_mel(n_mel: int, frames: int = PROBE_FRAMES) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def probe_quality(engine: "FastEngine", model, frames: int = PROBE_FRAMES) -> dict:
-    """`engine` against the fp32 model (`model.forward`, NVIDIA's algorithm) on the probe mel, same noise:
-    `evaluate.quality_check`'s SNR / log-mel distance / finite."""
+def probe_reference(model, frames: int = PROBE_FRAMES) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """(mel, noise, audio): the probe mel, its noise, and the fp32 model's audio for them (`model.forward`,
+    NVIDIA's algorithm): computed once, then every engine tried is compared with it (`probe_quality`)."""
+    mel = probe_mel(model.config.n_mel_channels, frames)
+    generator = torch.Generator().manual_seed(0)
+    z = PROBE_SIGMA * torch.randn(model.noise_shape(1, mel.shape[2]), generator=generator)
+    dtype = next(model.parameters()).dtype
+    return mel, z, model.forward(mel.to(dtype), z.to(dtype)).float().reshape(-1).numpy()
+
+
+def probe_quality(engine: "FastEngine", probe: tuple[torch.Tensor, torch.Tensor, np.ndarray]) -> dict:
+    """`engine` against the fp32 audio of `probe_reference`, same mel and noise: `evaluate.quality_check`'s
+    SNR / log-mel distance / finite."""
     from .evaluate import quality_check
 
-    mel = probe_mel(engine.config.n_mel_channels, frames)
-    generator = torch.Generator().manual_seed(0)
-    z = PROBE_SIGMA * torch.randn(engine.noise_shape(1, mel.shape[2]), generator=generator)
-    dtype = next(model.parameters()).dtype
-    reference = model.forward(mel.to(dtype), z.to(dtype)).float().reshape(-1).numpy()
+    mel, z, reference = probe
     return quality_check([reference], [engine.run(mel, z).reshape(-1)])
 
 
 def auto_engine(model, **options) -> tuple["FastEngine", dict]:
     """`precision: auto`: the fastest of int8 (for models of ≥ INT8_MIN_CHANNELS WN channels), bf16 that
-    this CPU runs natively and that passes the quality gate on the probe, else fp32. Returns (engine, record): the precision chosen, why, and the probe numbers
-    of every precision tried (`tried`). `options`: FastEngine's block_frames / threads."""
+    this CPU runs natively and that passes the quality gate on the probe, else fp32. Returns (engine,
+    record): the precision chosen, why, and the probe numbers of every precision tried (`tried`).
+    `options`: FastEngine's block_frames / threads."""
     from .evaluate import quality_ok
 
-    tried, skipped = {}, []
+    tried, skipped, probe = {}, [], None
     for precision, native, hardware in (("int8", native_int8, "int8 dot products (VNNI / AMX-INT8)"),
                                         ("bf16", native_bf16, "native bf16 (AVX512-BF16 / AMX)")):
         if not native():
@@ -423,7 +441,8 @@ def auto_engine(model, **options) -> tuple["FastEngine", dict]:
             skipped.append(f"int8 not faster for {model.config.n_channels} WN channels (< {INT8_MIN_CHANNELS})")
             continue
         engine = FastEngine(model, precision, **options)
-        tried[precision] = quality = probe_quality(engine, model)
+        probe = probe or probe_reference(model)
+        tried[precision] = quality = probe_quality(engine, probe)
         if quality_ok(quality):
             return engine, {"precision": precision, "reason": "; ".join(
                 skipped + [f"{p} failed the quality gate" for p in tried if p != precision]

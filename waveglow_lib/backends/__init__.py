@@ -124,9 +124,8 @@ def resolve_backend(name: str, *, device: str = "cpu", onnx_path=None, om_path=N
     has_onnx = onnx_path is not None and Path(onnx_path).is_file()
     on_cpu = str(device or "cpu") == "cpu"  # an NPU without its .om falls through to the graph runtimes' errors
     for candidate in AUTO_CPU_ORDER:
-        if candidate == "fast":
-            if on_cpu:
-                return candidate
-        elif candidate == "torch" or (has_onnx and usable.get(candidate)):
+        if candidate == "fast" and not on_cpu:
+            continue
+        if candidate in ("fast", "torch") or (has_onnx and usable.get(candidate)):
             return candidate
     return "torch"

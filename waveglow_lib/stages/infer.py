@@ -27,6 +27,8 @@ from ..io import atomic_write_json, read_bin, write_bin
 
 #: settings that change the audio: outputs made with other values are not silently mixed with new ones
 OUTPUT_SETTINGS = ("checkpoint", "sigma", "seed", "backend", "precision")
+#: per-run settings (incl. what `auto` became) and per-utterance timings, in the output folder
+TIMINGS_FILE = "timings.json"
 
 
 def utterance_noise(model_config: ModelConfig, frames: int, seed: int, utt_id: str) -> np.ndarray:
@@ -262,7 +264,7 @@ def infer(cfg: WorkflowConfig, *, model=None, backend=None, out_dir: str | Path 
     name = backend.name if backend is not None else backend_name(cfg)
     settings = {"checkpoint": cfg.checkpoint, "sigma": cfg.sigma, "seed": cfg.seed,
                 "backend": name, "precision": cfg.precision}
-    timings_path = out_dir / "timings.json"
+    timings_path = out_dir / TIMINGS_FILE
     record = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     if record and not force:
         old = {k: record.get("settings", {}).get(k) for k in OUTPUT_SETTINGS}
