@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .config import STFTConfig
+from .errors import AudioError  # noqa: F401  (re-exported: the old import path)
 
 __all__ = [
     "AudioError",
@@ -42,10 +43,6 @@ __all__ = [
     "mel_to_hz",
     "resample",
 ]
-
-
-class AudioError(ValueError):
-    """A WAV file or an audio array the workflow cannot use; the message names the file or the problem."""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -28,13 +28,10 @@ import torch
 from .config import DEMO_MODEL_PATH, ModelConfig, STFTConfig
 from .io import atomic_write_bytes
 from .model import WaveGlow
+from .errors import CheckpointError  # noqa: F401  (re-exported: the old import path)
 
 FORMAT_NAME = "waveglow-workflow"
 FORMAT_VERSION = "1"
-
-
-class CheckpointError(ValueError):
-    """A file that is not a usable WaveGlow checkpoint (truncated, foreign, unsafe or inconsistent)."""
 
 
 # --- the allow-listed unpickler ---------------------------------------------------------------

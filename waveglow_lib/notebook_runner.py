@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .config import WorkflowConfig, parse_set_option
+from .errors import NotebookRunError  # noqa: F401  (re-exported: the old import path)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 NOTEBOOKS_DIR = PACKAGE_DIR.parent / "notebooks"
@@ -40,14 +41,6 @@ WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 #: config fields holding paths; "demo" is a keyword, not a path
 _PATH_FIELDS = ("corpus", "checkpoint", "runs_dir")
-
-
-class NotebookRunError(RuntimeError):
-    """A notebook failed: names the notebook, the cell and the error; `.output` is the executed notebook."""
-
-    def __init__(self, message: str, notebook: str, cell: int | None, output: Path):
-        super().__init__(message)
-        self.notebook, self.cell, self.output = notebook, cell, output
 
 
 @dataclass

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from ..errors import BackendError, BackendUnavailable  # noqa: F401  (re-exported: the old import path)
 
 #: names used in the exported ONNX graph (noise as an input)
 ONNX_INPUTS = ("mel", "z")
@@ -17,14 +18,6 @@ ONNX_OUTPUT = "audio"
 #: names of the guide's variant (noise drawn inside the graph)
 GUIDE_INPUTS = ("mel",)
 GUIDE_OUTPUT = "output_audio"
-
-
-class BackendError(RuntimeError):
-    """A backend cannot be used as asked (bad model file, wrong shapes, bad option)."""
-
-
-class BackendUnavailable(BackendError):
-    """An optional dependency (or device) of a backend is missing; the message says what to install."""
 
 
 @dataclass(frozen=True)

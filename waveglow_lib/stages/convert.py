@@ -21,6 +21,7 @@ import numpy as np
 
 from ..config import GUIDE_MEL_LENGTHS, WorkflowConfig
 from ..io import atomic_write_json, atomic_write_text
+from ..errors import ConvertError  # noqa: F401  (re-exported: the old import path)
 
 #: ATC's limit on the number of `--dynamic_dims` gears
 MAX_GEARS = 100
@@ -33,10 +34,6 @@ OM_NAME = "waveglow"
 ONNX_NAME = "waveglow.onnx"
 OPENVINO_NAME = "waveglow_openvino.xml"
 ORT_OPT_NAME = "waveglow_optimized.onnx"
-
-
-class ConvertError(ValueError):
-    """Bad gear settings or a failed compile; the message names the file or parameter."""
 
 
 # --- gears -------------------------------------------------------------------------------------

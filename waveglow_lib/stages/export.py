@@ -19,16 +19,13 @@ import numpy as np
 from ..backends.base import GUIDE_INPUTS, GUIDE_OUTPUT, ONNX_INPUTS, ONNX_OUTPUT
 from ..config import WorkflowConfig
 from ..io import atomic_write_json
+from ..errors import ExportError  # noqa: F401  (re-exported: the old import path)
 
 #: probe used to verify the export: batch 3, a length other than the one traced (batch 2)
 TRACE_FRAMES = 24
 PROBE_FRAMES = 37
 #: ONNX Runtime must reproduce PyTorch at least this well (fp32) or export fails
 MIN_SNR_DB = 60.0
-
-
-class ExportError(RuntimeError):
-    """The export failed or its graph does not reproduce the model; the message names the file."""
 
 
 def _wrappers(model, sigma: float):

@@ -16,15 +16,12 @@ from tqdm.auto import tqdm
 
 from ..config import STFTConfig, WorkflowConfig
 from ..io import atomic_write_json, atomic_write_text, write_bin
+from ..errors import ManifestError  # noqa: F401  (re-exported: the old import path)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "waveglow_lib mel manifest v1"
 #: a wav whose peak stays below this (≈3 LSB of int16) is treated as silent and skipped
 SILENCE_PEAK = 1e-4
-
-
-class ManifestError(ValueError):
-    """A missing or unusable `mel/manifest.json`; the message names the file."""
 
 
 def load_manifest(mel_dir: str | Path) -> dict:
