@@ -5,12 +5,16 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PARAMS ?= params/demo.yaml
 
-.PHONY: demo test setup clean
+.PHONY: demo test test-fast setup clean clean-runs
 demo: $(VENV)/.installed
 	$(PY) -m waveglow_lib run --params $(PARAMS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# the suite without the long end-to-end tests (notebook chains, the browser): for a quick local loop
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not e2e"
 
 setup: $(VENV)/.installed
 
@@ -21,5 +25,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (waveglow-workflow)" >/dev/null
 	touch $@
 
+# removes the environment and build leftovers; your results in runs/ stay (see clean-runs)
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# deletes every run folder under runs/: your results, reports and metrics
+clean-runs:
+	@echo "deleting runs/ (all run folders: results, reports, metrics)"
+	rm -rf runs

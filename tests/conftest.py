@@ -1,21 +1,24 @@
-"""Shared fixtures: tiny model configs and NVIDIA-layout reference models (see tests/reference/)."""
+"""Fixtures built once per test session (session-scoped, in pytest's temporary folder): the tiny model as
+a checkpoint and as ONNX, a short LJSpeech-layout corpus, its preprocessed mels; factories for configs and
+run folders. Plain helpers are in support.py."""
 from __future__ import annotations
 
-import importlib
-import sys
+import copy
+import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
-from waveglow_lib.config import ModelConfig
+from support import LIMIT, SHORT_IDS, TINY, TINY_PIPELINE, tiny_waveglow
+from waveglow_lib.checkpoint import save_waveglow
+from waveglow_lib.config import DEMO_CORPUS_DIR, ModelConfig, WorkflowConfig
+from waveglow_lib.export import export_onnx
+from waveglow_lib.stages.preprocess import preprocess
 
-REFERENCE_DIR = Path(__file__).parent / "reference"
 
-#: small enough for fast tests, big enough to exercise early outputs, odd flows and dilations
-TINY = dict(n_mel_channels=80, n_flows=6, n_group=8, n_early_every=2, n_early_size=2,
-            n_layers=3, n_channels=16, kernel_size=3)
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: long end-to-end tests (notebook chains, a real browser); "
+                                       "skip locally with -m 'not e2e', .ci/run runs them")
 
 
 @pytest.fixture
@@ -23,64 +26,74 @@ def tiny_config() -> ModelConfig:
     return ModelConfig(**TINY)
 
 
-def randomise_(module: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> torch.nn.Module:
-    """Give every parameter (WN `end` convs included, which NVIDIA zero-initialises) a random value."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if "convinv" in name:
-                continue
-            fan_in = param[0].numel() if param.dim() > 1 else 1
-            param.copy_(torch.randn(param.shape, generator=generator) * scale / fan_in ** 0.5)
-    return module
+@pytest.fixture(scope="session")
+def tiny_model():
+    """tiny_model(seed=0): a fresh copy (tests may cast or move it) of the session's tiny WaveGlow."""
+    built: dict[int, object] = {}
+
+    def make(seed: int = 0):
+        if seed not in built:
+            built[seed] = tiny_waveglow(TINY_PIPELINE, seed=seed)
+        return copy.deepcopy(built[seed])
+
+    return make
 
 
-class ReferenceModules:
-    """Imports tests/reference/glow.py (+ glow_old.py) as top-level `glow`/`glow_old`, then removes them."""
-
-    def __enter__(self):
-        sys.path.insert(0, str(REFERENCE_DIR))
-        self.glow = importlib.import_module("glow")
-        self.glow_old = importlib.import_module("glow_old")
-        return self
-
-    def __exit__(self, *exc):
-        sys.path.remove(str(REFERENCE_DIR))
-        for name in ("glow", "glow_old"):
-            sys.modules.pop(name, None)
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_model) -> Path:
+    return save_waveglow(tiny_model(), tmp_path_factory.mktemp("checkpoint") / "tiny_0.safetensors")
 
 
-def make_reference(layout: str = "glow", seed: int = 0, save_to: Path | None = None,
-                   legacy_format: bool = False, before_save=None, **overrides):
-    """A randomised NVIDIA-layout WaveGlow (glow or glow_old) built from the test stand-in classes.
-
-    With `save_to`, it is also saved like NVIDIA's train.py does ({"model": ..., "optimizer": ...}),
-    while the stand-in modules are importable (pickle needs them at save time, never at load time).
-    """
-    cfg = {**TINY, **overrides}
-    wn = {k: cfg.pop(k) for k in ("n_layers", "n_channels", "kernel_size")}
-    torch.manual_seed(seed)
-    with ReferenceModules() as ref:
-        cls = ref.glow.WaveGlow if layout == "glow" else ref.glow_old.WaveGlow
-        model = cls(WN_config=wn, **cfg)
-        randomise_(model, seed)
-        with torch.no_grad():  # make the 1x1 convs non-orthogonal so their inverse matters
-            for conv in model.convinv:
-                w = conv.conv.weight
-                w.add_(0.1 * torch.randn(w.shape, generator=torch.Generator().manual_seed(seed)))
-        if save_to is not None:
-            if before_save is not None:
-                before_save(model)
-            optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-            torch.save({"model": model, "iteration": 580000, "optimizer": optimizer.state_dict(),
-                        "learning_rate": 1e-4}, save_to, _use_new_zipfile_serialization=not legacy_format)
-        return model.eval()
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory, tiny_model) -> Path:
+    """The tiny model exported (noise-input graph), with its `.json` record beside it."""
+    path = tmp_path_factory.mktemp("onnx") / "waveglow.onnx"
+    export_onnx(tiny_model(), path)
+    return path
 
 
-def snr_db(reference, estimate) -> float:
-    """SNR in dB of two arrays or tensors of the same shape (any batch layout), uncapped."""
-    reference = np.asarray(torch.as_tensor(reference).detach().double().cpu())
-    estimate = np.asarray(torch.as_tensor(estimate).detach().double().cpu())
-    assert reference.shape == estimate.shape, (reference.shape, estimate.shape)
-    noise = np.sum((reference - estimate) ** 2)
-    return float(10 * np.log10(np.sum(reference ** 2) / max(noise, 1e-300)))
+@pytest.fixture(scope="session")
+def short_corpus(tmp_path_factory) -> Path:
+    """An LJSpeech-layout folder holding the demo corpus's three shortest utterances (SHORT_IDS)."""
+    corpus = tmp_path_factory.mktemp("short_corpus")
+    (corpus / "wavs").mkdir()
+    for utt_id in SHORT_IDS:
+        shutil.copy2(DEMO_CORPUS_DIR / "wavs" / f"{utt_id}.wav", corpus / "wavs")
+    return corpus
+
+
+@pytest.fixture(scope="session")
+def make_cfg(tiny_checkpoint):
+    """make_cfg(runs_dir, **overrides): a run of the tiny checkpoint on the demo corpus (torch backend)."""
+    def make(runs_dir: Path, **overrides) -> WorkflowConfig:
+        values = dict(name="t", runs_dir=str(runs_dir), checkpoint=str(tiny_checkpoint), limit=LIMIT,
+                      backend="torch")
+        values.update(overrides)
+        return WorkflowConfig(**values)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def preprocessed_mels(tmp_path_factory, make_cfg, short_corpus) -> Path:
+    runs = tmp_path_factory.mktemp("preprocessed")
+    preprocess(make_cfg(runs, corpus=str(short_corpus), limit=0))
+    return runs / "t" / "mel"
+
+
+@pytest.fixture(scope="session")
+def preprocessed_run(make_cfg, preprocessed_mels, short_corpus, tiny_onnx):
+    """preprocessed_run(runs_dir, with_onnx=False, **overrides): a config whose run folder already holds the
+    mels of the short demo utterances (copied) and, with `with_onnx`, the tiny model's export."""
+    def make(runs_dir: Path, *, with_onnx: bool = False, **overrides) -> WorkflowConfig:
+        overrides.setdefault("corpus", str(short_corpus))
+        overrides.setdefault("limit", 0)
+        cfg = make_cfg(runs_dir, **overrides)
+        shutil.copytree(preprocessed_mels, cfg.run_dir / "mel")
+        if with_onnx:
+            (cfg.run_dir / "onnx").mkdir(parents=True)
+            for suffix in (".onnx", ".json"):
+                shutil.copy2(tiny_onnx.with_suffix(suffix), cfg.run_dir / "onnx" / f"waveglow{suffix}")
+        return cfg
+
+    return make

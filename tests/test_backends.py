@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline_helpers import TINY_PIPELINE, install_fake_ais_bench, random_batch, snr_db, tiny_model, tiny_onnx
+from support import TINY_PIPELINE, install_fake_ais_bench, random_batch, snr_db
 from waveglow_lib.backends import (BackendError, BackendUnavailable, ModelSpec, available_backends, get_backend,
                                    resolve_backend)
 
@@ -19,35 +19,35 @@ def batch():
 
 
 @pytest.fixture(scope="module")
-def reference(batch):
+def reference(tiny_model, batch):
     mel, z = batch
     with torch.no_grad():
         return tiny_model().infer(torch.from_numpy(mel), sigma=1.0, z=torch.from_numpy(z)).numpy()
 
 
 @pytest.mark.parametrize("name", ["torch", "onnxruntime", "openvino"])
-def test_fp32_parity_with_identical_noise(name, batch, reference):
+def test_fp32_parity_with_identical_noise(tiny_model, tiny_onnx, name, batch, reference):
     mel, z = batch
-    with get_backend(name, model=tiny_model(), onnx_path=tiny_onnx()) as backend:
+    with get_backend(name, model=tiny_model(), onnx_path=tiny_onnx) as backend:
         audio = backend.run(mel, z)
     assert audio.shape == (2, 23 * 256) and audio.dtype == np.float32
     assert snr_db(reference, audio) >= 50
 
 
 @pytest.mark.parametrize("name,precision", [("torch", "bf16"), ("openvino", "bf16"), ("torch", "fp16")])
-def test_reduced_precision_runs_close_to_fp32(name, precision, batch, reference):
+def test_reduced_precision_runs_close_to_fp32(tiny_model, tiny_onnx, name, precision, batch, reference):
     mel, z = batch
     model = tiny_model()
-    backend = get_backend(name, model=model, onnx_path=tiny_onnx(), precision=precision)
+    backend = get_backend(name, model=model, onnx_path=tiny_onnx, precision=precision)
     audio = backend.run(mel, z)
     assert audio.dtype == np.float32 and np.isfinite(audio).all()
     assert snr_db(reference, audio) >= 25
     assert next(model.parameters()).dtype == torch.float32  # the caller's model is not cast
 
 
-def test_run_checks_shapes(batch):
+def test_run_checks_shapes(tiny_onnx, batch):
     mel, z = batch
-    backend = get_backend("onnxruntime", onnx_path=tiny_onnx())
+    backend = get_backend("onnxruntime", onnx_path=tiny_onnx)
     with pytest.raises(BackendError, match=r"z must be \[2, 8, 736\]"):
         backend.run(mel, z[:, :, :-8])
     with pytest.raises(BackendError, match=r"mel must be \[B, 80, T\]"):
@@ -74,10 +74,10 @@ def test_onnx_that_is_not_this_model_is_refused(tmp_path):
         get_backend("openvino", onnx_path=tmp_path / "missing.onnx")
 
 
-def test_onnx_of_another_config_or_the_guide_variant_is_refused(tmp_path):
+def test_onnx_of_another_config_or_the_guide_variant_is_refused(tiny_model, tiny_onnx, tmp_path):
     with pytest.raises(BackendError, match=r"input 'z'.*\[B, 4, T\]"):
-        get_backend("onnxruntime", onnx_path=tiny_onnx(), spec=ModelSpec(n_group=4))
-    from waveglow_lib.stages.export import export_onnx
+        get_backend("onnxruntime", onnx_path=tiny_onnx, spec=ModelSpec(n_group=4))
+    from waveglow_lib.export import export_onnx
 
     guide = tmp_path / "guide.onnx"
     export_onnx(tiny_model(), guide, variant="guide", verify=False)
@@ -85,31 +85,31 @@ def test_onnx_of_another_config_or_the_guide_variant_is_refused(tmp_path):
         get_backend("onnxruntime", onnx_path=guide)
 
 
-def test_unsupported_options_are_clear_errors():
+def test_unsupported_options_are_clear_errors(tiny_model, tiny_onnx):
     with pytest.raises(BackendError, match="needs the model"):
         get_backend("torch")
     with pytest.raises(BackendError, match="unknown backend 'tensorrt'"):
         get_backend("tensorrt")
     with pytest.raises(BackendError, match="precision 'bf16' not supported"):
-        get_backend("onnxruntime", onnx_path=tiny_onnx(), precision="bf16")
+        get_backend("onnxruntime", onnx_path=tiny_onnx, precision="bf16")
     with pytest.raises(BackendError, match="int8: use the fast backend"):
         get_backend("torch", model=tiny_model(), precision="int8")
     with pytest.raises(BackendUnavailable, match="onnxruntime-cann"):
-        get_backend("onnxruntime", onnx_path=tiny_onnx(), device="npu:0")
+        get_backend("onnxruntime", onnx_path=tiny_onnx, device="npu:0")
     if not torch.cuda.is_available():
         with pytest.raises(BackendUnavailable, match="CUDA"):
             get_backend("torch", model=tiny_model(), device="cuda")
 
 
-def test_available_and_auto(tmp_path):
+def test_available_and_auto(tiny_onnx, tmp_path):
     table = available_backends()
     assert set(table) == {"torch", "onnxruntime", "openvino", "om", "fast"}
     assert table["torch"][0] and table["onnxruntime"][0] and table["openvino"][0]
     # on a CPU auto is the built-in fast engine, exported or not (the graph runtimes are opt-in)
     assert resolve_backend("auto") == "fast"
-    assert resolve_backend("auto", onnx_path=tiny_onnx()) == "fast"
+    assert resolve_backend("auto", onnx_path=tiny_onnx) == "fast"
     # fast is CPU-only: an NPU run without its .om goes to the graph runtimes (whose errors say what is missing)
-    assert resolve_backend("auto", device="npu:0", onnx_path=tiny_onnx()) == "onnxruntime"
+    assert resolve_backend("auto", device="npu:0", onnx_path=tiny_onnx) == "onnxruntime"
     assert resolve_backend("auto", device="cuda") == "torch"
     assert resolve_backend("onnxruntime") == "onnxruntime"
     with pytest.raises(BackendError):
@@ -156,8 +156,8 @@ def test_om_backend_contract(tmp_path, fake_ais_bench, batch, reference, old_api
     assert session.released == ("free_resource" if old_api else "finalize")
 
 
-def test_om_needs_an_om_file(tmp_path, fake_ais_bench):
+def test_om_needs_an_om_file(tiny_onnx, tmp_path, fake_ais_bench):
     with pytest.raises(BackendError, match="not found.*convert"):
         get_backend("om", om_path=tmp_path / "missing.om")
     with pytest.raises(BackendError, match="needs an .om file"):
-        get_backend("om", om_path=tiny_onnx())
+        get_backend("om", om_path=tiny_onnx)

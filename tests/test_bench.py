@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from waveglow_lib import bench
+from waveglow_lib.metrics import MAX_LOG_MEL_DISTANCE, quality_ok
 from waveglow_lib.backends.base import Backend, ModelSpec
 from waveglow_lib.config import GUIDE_MEL_LENGTHS, ModelConfig, WorkflowConfig
 from waveglow_lib.model import WaveGlow
 
-from conftest import TINY, randomise_
+from support import TINY, tiny_waveglow
 
 
 class NoiseBackend(Backend):
@@ -35,9 +36,7 @@ class NoiseBackend(Backend):
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    torch.manual_seed(0)
-    model = randomise_(WaveGlow(ModelConfig(**TINY))).eval()
-    model.refresh_inverses()
+    model = tiny_waveglow(TINY)
     cfg = WorkflowConfig(name="t", runs_dir=str(out / "runs"))
     rows = [bench.ROWS["fast-fp32"], bench.ROWS["fast-int8"], bench.ROWS["onnxruntime-fp32"],
             bench.Row("broken", "broken", "fp32", "breaks the audio", factory=lambda m, t: NoiseBackend(m)),
@@ -83,7 +82,7 @@ def test_quality_gate_rejects_paths_that_break_the_audio(result):
         assert by_row[("fast-fp32", bs)]["quality_ok"] and by_row[("fast-fp32", bs)]["snr_db"] > 100
         assert by_row[("onnxruntime-fp32", bs)]["quality_ok"]
         broken = by_row[("broken", bs)]
-        assert not broken["quality_ok"] and broken["log_mel_distance"] > bench.MAX_LOG_MEL_DISTANCE
+        assert not broken["quality_ok"] and broken["log_mel_distance"] > MAX_LOG_MEL_DISTANCE
         nan = by_row[("nan", bs)]
         assert not nan["quality_ok"] and nan["finite"] is False
     # the broken paths are the fastest rows, yet auto never picks them
@@ -93,16 +92,16 @@ def test_quality_gate_rejects_paths_that_break_the_audio(result):
     assert res["auto"]["rejected"] == ["broken", "nan"]
     # the targets are judged on the workflow's default path (fast: int8 where native, here no bf16 row)
     expected = "fast-int8" if res["machine"]["native_int8"] else "fast-fp32"  # the first fast row measured
-    assert res["targets"]["row"] == expected == bench.default_path(res["rows"])
-    assert set(res["targets"]["per_batch_size"]) == {"1", "2"}
-    assert all(e["quality_ok"] for e in res["targets"]["per_batch_size"].values())
+    assert res["default_path"]["row"] == expected == bench.default_path(res["rows"])
+    assert set(res["default_path"]["per_batch_size"]) == {"1", "2"}
+    assert all(e["quality_ok"] for e in res["default_path"]["per_batch_size"].values())
 
 
 def test_quality_ok_thresholds():
-    assert bench.quality_ok({"finite": True, "log_mel_distance": 0.01, "snr_db": 40.0})
-    assert not bench.quality_ok({"finite": True, "log_mel_distance": 0.2, "snr_db": 40.0})
-    assert not bench.quality_ok({"finite": True, "log_mel_distance": 0.01, "snr_db": 10.0})
-    assert not bench.quality_ok({"finite": False, "log_mel_distance": None, "snr_db": None})
+    assert quality_ok({"finite": True, "log_mel_distance": 0.01, "snr_db": 40.0})
+    assert not quality_ok({"finite": True, "log_mel_distance": 0.2, "snr_db": 40.0})
+    assert not quality_ok({"finite": True, "log_mel_distance": 0.01, "snr_db": 10.0})
+    assert not quality_ok({"finite": False, "log_mel_distance": None, "snr_db": None})
 
 
 def test_files_written_with_guide_rows_labelled_theirs(result):
@@ -134,15 +133,15 @@ def test_lengths_and_rows_parsing():
     for bad in ("guide/x", "guide/0", "a,b", "0"):
         with pytest.raises(ValueError, match="--lengths"):
             bench.parse_lengths(bad)
-    chosen = bench._select_rows(["fast-bf16"], True)
+    chosen = bench.harness._select_rows(["fast-bf16"], True)
     assert [r.id for r in chosen] == ["reference", "fast-bf16"]  # the reference is always measured
-    assert len(bench._select_rows("all", True)) == len(bench.ROWS)
+    assert len(bench.harness._select_rows("all", True)) == len(bench.ROWS)
     with pytest.raises(ValueError, match="unknown row"):
-        bench._select_rows(["nope"], True)
+        bench.harness._select_rows(["nope"], True)
 
 
 def test_cli_bench_quick(tmp_path, capsys):
-    from waveglow_lib.__main__ import main
+    from waveglow_lib.cli import main
 
     code = main(["bench", "--quick", "--backends", "reference,fast-fp32", "--batch-sizes", "2",
                  "--out-dir", str(tmp_path), "--name", "cli"])

@@ -11,7 +11,7 @@ import torch
 from waveglow_lib.checkpoint import CheckpointError, load_waveglow, read_stft_config, save_waveglow
 from waveglow_lib.config import ModelConfig
 
-from conftest import TINY, make_reference, snr_db
+from support import TINY, make_reference, snr_db
 
 
 def _audio(model, frames=7):

@@ -7,8 +7,7 @@ import sys
 
 import pytest
 
-from pipeline_helpers import short_corpus, tiny_checkpoint
-from waveglow_lib.__main__ import build_parser, config_from_args, main
+from waveglow_lib.cli import build_parser, config_from_args, main
 
 STAGES = ["preprocess", "export", "convert", "infer", "postprocess", "run-all"]
 
@@ -40,9 +39,9 @@ def test_params_then_set_then_flags(tmp_path):
         build_parser().parse_args(["infer", "--backend", "tensorrt"])
 
 
-def test_run_all_from_the_command_line(tmp_path, capsys):
-    code = main(["run-all", "--runs-dir", str(tmp_path), "--name", "cli", "--checkpoint", str(tiny_checkpoint()),
-                 "--corpus", str(short_corpus()), "--limit", "2", "--backend", "onnxruntime", "--batch-size", "2",
+def test_run_all_from_the_command_line(short_corpus, tiny_checkpoint, tmp_path, capsys):
+    code = main(["run-all", "--runs-dir", str(tmp_path), "--name", "cli", "--checkpoint", str(tiny_checkpoint),
+                 "--corpus", str(short_corpus), "--limit", "2", "--backend", "onnxruntime", "--batch-size", "2",
                  "--targets", "atc"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)

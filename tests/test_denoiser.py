@@ -17,7 +17,7 @@ from waveglow_lib.audio import AudioError
 from waveglow_lib.config import DEMO_CORPUS_DIR
 from waveglow_lib.denoiser import Denoiser
 
-from conftest import snr_db
+from support import snr_db
 
 N_FFT, HOP, SR = 1024, 256, 22050
 

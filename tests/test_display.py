@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from waveglow_lib import display as d
+from waveglow_lib.notebook import display as d
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,4 +1,4 @@
-"""waveglow_lib.evaluate on synthetic signals: each metric against a value worked out by hand."""
+"""waveglow_lib.metrics (and evaluate's run-level pieces) on synthetic signals: each metric against a value worked out by hand."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from waveglow_lib import evaluate as ev
-from waveglow_lib.config import STFTConfig, WorkflowConfig
+from waveglow_lib import evaluate, metrics
+from support import tiny_waveglow
+from waveglow_lib.config import ModelConfig, STFTConfig, WorkflowConfig
 
 SR = 22050
 
@@ -31,25 +32,25 @@ def test_snr_db_matches_the_noise_added():
     x = rng.standard_normal(50_000)
     noise = rng.standard_normal(50_000)
     noise *= np.sqrt(np.sum(x ** 2) / np.sum(noise ** 2)) / 10 ** (30 / 20)   # exactly 30 dB
-    assert ev.snr_db(x, x + noise) == pytest.approx(30.0, abs=1e-9)
+    assert metrics.snr_db(x, x + noise) == pytest.approx(30.0, abs=1e-9)
     # common length: the longer signal's tail is ignored
-    assert ev.snr_db(x, np.concatenate([x + noise, np.ones(100)])) == pytest.approx(30.0, abs=1e-9)
-    assert ev.snr_db(x, x) == ev.SNR_CAP_DB
+    assert metrics.snr_db(x, np.concatenate([x + noise, np.ones(100)])) == pytest.approx(30.0, abs=1e-9)
+    assert metrics.snr_db(x, x) == metrics.SNR_CAP_DB
     with pytest.raises(ValueError, match="all zeros"):
-        ev.snr_db(np.zeros(10), np.ones(10))
+        metrics.snr_db(np.zeros(10), np.ones(10))
     with pytest.raises(ValueError, match="1-D"):
-        ev.snr_db(np.zeros((2, 10)), np.ones(10))
+        metrics.snr_db(np.zeros((2, 10)), np.ones(10))
 
 
 def test_log_mel_distance_of_a_gain_is_its_log():
     rng = np.random.default_rng(2)
     mel = rng.uniform(-5, 1, size=(80, 40))
-    assert ev.log_mel_distance(mel, mel) == 0.0
-    assert ev.log_mel_distance(mel, mel + math.log(2.0)) == pytest.approx(math.log(2.0))
+    assert metrics.log_mel_distance(mel, mel) == 0.0
+    assert metrics.log_mel_distance(mel, mel + math.log(2.0)) == pytest.approx(math.log(2.0))
     # the common frames only
-    assert ev.log_mel_distance(mel, np.concatenate([mel, mel + 7], axis=1)) == 0.0
+    assert metrics.log_mel_distance(mel, np.concatenate([mel, mel + 7], axis=1)) == 0.0
     with pytest.raises(ValueError, match="same n_mel"):
-        ev.log_mel_distance(mel, mel[:40])
+        metrics.log_mel_distance(mel, mel[:40])
 
 
 def test_mcd_matches_a_direct_dct_and_ignores_level():
@@ -62,21 +63,21 @@ def test_mcd_matches_a_direct_dct_and_ignores_level():
     basis[0] /= np.sqrt(2)
     diff = (basis @ a - basis @ b)[1:14]
     expected = np.mean(10 / np.log(10) * np.sqrt(2 * np.sum(diff ** 2, axis=0)))
-    assert ev.mel_cepstral_distortion(a, b) == pytest.approx(expected, rel=1e-10)
-    assert ev.mel_cepstral_distortion(a, a) == 0.0
+    assert metrics.mel_cepstral_distortion(a, b) == pytest.approx(expected, rel=1e-10)
+    assert metrics.mel_cepstral_distortion(a, a) == 0.0
     # a gain moves every band by the same log amount: only c_0 changes, and MCD leaves c_0 out
-    assert ev.mel_cepstral_distortion(a, a + 1.5) == pytest.approx(0.0, abs=1e-9)
-    assert ev.mel_cepstral_distortion(a, b) > 1.0
+    assert metrics.mel_cepstral_distortion(a, a + 1.5) == pytest.approx(0.0, abs=1e-9)
+    assert metrics.mel_cepstral_distortion(a, b) > 1.0
     with pytest.raises(ValueError, match="n_coeffs"):
-        ev.mel_cepstrum(a, 80)
+        metrics.mel_cepstrum(a, 80)
 
 
 def test_quality_metrics_rank_clean_above_noisy():
     clean = speechlike()
     rng = np.random.default_rng(4)
     noisy = clean + 0.05 * rng.standard_normal(clean.size).astype(np.float32)
-    same = ev.quality_metrics(clean, clean, SR)
-    bad = ev.quality_metrics(clean, noisy, SR)
+    same = metrics.quality_metrics(clean, clean, SR)
+    bad = metrics.quality_metrics(clean, noisy, SR)
     assert same["log_mel_distance"] == pytest.approx(0.0, abs=1e-6)
     assert same["mcd_db"] == pytest.approx(0.0, abs=1e-4)
     assert same["seconds"] == pytest.approx(clean.size / SR)
@@ -87,7 +88,7 @@ def test_quality_metrics_rank_clean_above_noisy():
     assert bad["pesq"] < same["pesq"] - 1.0
     assert same["notes"] == [] and bad["notes"] == []
     with pytest.raises(ValueError, match="STOI could not score"):   # too short for pystoi
-        ev.stoi_score(np.ones(100), np.ones(100), SR)
+        metrics.stoi_score(np.ones(100), np.ones(100), SR)
 
 
 def test_pesq_resamples_to_16k(monkeypatch):
@@ -101,15 +102,15 @@ def test_pesq_resamples_to_16k(monkeypatch):
         return 3.0
 
     monkeypatch.setattr(real_pesq, "pesq", fake)
-    assert ev.pesq_score(np.ones(22050), np.ones(30000), 22050) == 3.0
+    assert metrics.pesq_score(np.ones(22050), np.ones(30000), 22050) == 3.0
     assert seen == {"rate": 16000, "n": 16000, "m": 16000, "mode": "wb"}
 
 
 def test_missing_optional_package_is_a_note_not_a_failure(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "pystoi", None)   # makes `import pystoi` fail
     with pytest.raises(ImportError, match="pip install pystoi"):
-        ev.stoi_score(np.ones(100), np.ones(100), SR)
-    result = ev.quality_metrics(speechlike(1.0), speechlike(1.0, seed=5), SR)
+        metrics.stoi_score(np.ones(100), np.ones(100), SR)
+    result = metrics.quality_metrics(speechlike(1.0), speechlike(1.0, seed=5), SR)
     assert result["stoi"] is None
     assert any("pystoi" in note for note in result["notes"])
     assert result["pesq"] is not None
@@ -119,25 +120,19 @@ def test_parity_table():
     rng = np.random.default_rng(6)
     ref = [rng.standard_normal(1000), rng.standard_normal(500)]
     close = [r + 1e-3 * rng.standard_normal(r.size) for r in ref]
-    rows = {row["backend"]: row for row in ev.parity_table({"torch": ref, "onnxruntime": close}, "torch")}
-    assert rows["torch"]["snr_db_min"] == ev.SNR_CAP_DB and rows["torch"]["max_abs_diff"] == 0.0
+    rows = {row["backend"]: row for row in metrics.parity_table({"torch": ref, "onnxruntime": close}, "torch")}
+    assert rows["torch"]["snr_db_min"] == metrics.SNR_CAP_DB and rows["torch"]["max_abs_diff"] == 0.0
     assert 55 < rows["onnxruntime"]["snr_db_min"] < 65
     assert rows["onnxruntime"]["utterances"] == 2
     with pytest.raises(ValueError, match="reference backend"):
-        ev.parity_table({"onnxruntime": close}, "torch")
+        metrics.parity_table({"onnxruntime": close}, "torch")
     with pytest.raises(ValueError, match="1 outputs"):
-        ev.parity_table({"torch": ref, "x": close[:1]}, "torch")
+        metrics.parity_table({"torch": ref, "x": close[:1]}, "torch")
 
 
 def test_round_trip_gives_the_audio_back():
-    from waveglow_lib.config import ModelConfig
-    from waveglow_lib.model import WaveGlow
-
-    import torch
-
-    torch.manual_seed(0)
-    model = WaveGlow(ModelConfig(n_flows=4, n_layers=2, n_channels=16, n_early_every=2)).eval()
-    result = ev.round_trip(model, speechlike(0.5), STFTConfig())
+    model = tiny_waveglow(ModelConfig(n_flows=4, n_layers=2, n_channels=16, n_early_every=2))
+    result = evaluate.round_trip(model, speechlike(0.5), STFTConfig())
     assert result["audio"].size % 256 == 0 and result["audio"].size == result["reconstructed"].size
     assert result["snr_db"] > 60.0
     assert result["log_mel_distance"] < 1e-2
@@ -150,7 +145,7 @@ def test_collect_metrics_writes_plain_json(tmp_path):
         {"id": "b", "log_mel_distance": 3.0, "mcd_db": 20.0, "stoi": float("nan"), "pesq": None},
     ]
     rt = {"snr_db": 80.0, "audio": np.zeros(4), "seconds": 1.0}
-    record = ev.collect_metrics(cfg, utterances=utterances, parity=[{"backend": "torch", "snr_db_min": 200.0}],
+    record = evaluate.collect_metrics(cfg, utterances=utterances, parity=[{"backend": "torch", "snr_db_min": 200.0}],
                                 round_trip=rt, extra={"throughput": {"1": 2.0}})
     on_disk = json.loads((tmp_path / "t" / "metrics.json").read_text())
     assert on_disk == record

@@ -1,4 +1,4 @@
-"""fast.py: the folded WaveGlow equals the original, and FastEngine / the `fast` backend reproduce it."""
+"""backends/fast/: the folded WaveGlow equals the original, and FastEngine / the `fast` backend reproduce it."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,19 +7,25 @@ import torch
 
 from waveglow_lib.backends import available_backends, get_backend
 from waveglow_lib.config import ModelConfig
-from waveglow_lib import fast
-from waveglow_lib.evaluate import MAX_LOG_MEL_DISTANCE, MIN_SNR_DB
-from waveglow_lib.fast import FastEngine, FastWaveGlow, auto_engine, fold_waveglow, native_bf16, native_int8
+from waveglow_lib.backends.fast import FastEngine, FastWaveGlow, auto_engine, fold_waveglow
+from waveglow_lib.backends.fast import auto as fast_auto
+from waveglow_lib.backends.fast import engine as fast_engine
+from waveglow_lib.hardware import native_bf16, native_int8
+from waveglow_lib.metrics import MAX_LOG_MEL_DISTANCE, MIN_SNR_DB
 from waveglow_lib.model import WaveGlow
 
-from conftest import TINY, randomise_, snr_db
+from support import TINY, snr_db, tiny_waveglow
+
+
+def patch_native(monkeypatch, **native: bool) -> None:
+    """Pretend the CPU has (or lacks) native int8 / bf16: the auto policy and the engine both ask."""
+    for kind, value in native.items():
+        for module in (fast_auto, fast_engine):
+            monkeypatch.setattr(module, f"native_{kind}", lambda value=value: value)
 
 
 def tiny_model(layout: str = "glow", seed: int = 0) -> WaveGlow:
-    torch.manual_seed(seed)
-    model = randomise_(WaveGlow(ModelConfig(**{**TINY, "layout": layout})), seed=seed)
-    model.refresh_inverses()
-    return model.eval()
+    return tiny_waveglow(TINY, seed=seed, layout=layout)
 
 
 def inputs(model: WaveGlow, batch: int = 3, frames: int = 23, seed: int = 1):
@@ -116,19 +122,18 @@ def test_auto_keeps_the_fastest_native_precision_that_passes_the_probe():
 def test_auto_tries_int8_first_where_it_pays(monkeypatch):
     if "onednn" not in torch.backends.quantized.supported_engines:
         pytest.skip("this torch build has no oneDNN quantized engine")
-    monkeypatch.setattr(fast, "native_int8", lambda: True)
-    monkeypatch.setattr(fast, "INT8_MIN_CHANNELS", 16)
+    patch_native(monkeypatch, int8=True)
+    monkeypatch.setattr(fast_auto, "INT8_MIN_CHANNELS", 16)
     engine, record = auto_engine(tiny_model(seed=6), threads=1)
     assert engine.precision == record["precision"] == "int8" and list(record["tried"]) == ["int8"]
     assert record["snr_db"] >= MIN_SNR_DB and record["log_mel_distance"] <= MAX_LOG_MEL_DISTANCE
-    monkeypatch.setattr(fast, "INT8_MIN_CHANNELS", 17)
+    monkeypatch.setattr(fast_auto, "INT8_MIN_CHANNELS", 17)
     _, record = auto_engine(tiny_model(seed=6), threads=1)
     assert "int8" not in record["tried"] and "int8 not faster for 16 WN channels" in record["reason"]
 
 
 def test_auto_without_native_int8_or_bf16_runs_fp32(monkeypatch):
-    monkeypatch.setattr(fast, "native_int8", lambda: False)
-    monkeypatch.setattr(fast, "native_bf16", lambda: False)
+    patch_native(monkeypatch, int8=False, bf16=False)
     engine, record = auto_engine(tiny_model(seed=6), threads=1)
     assert engine.precision == record["precision"] == "fp32" and record["tried"] == {}
     assert "no int8 dot products" in record["reason"] and "no native bf16" in record["reason"]
@@ -140,9 +145,8 @@ def test_auto_rejects_a_precision_that_breaks_the_audio(monkeypatch, broken):
     if "onednn" not in torch.backends.quantized.supported_engines:
         pytest.skip("this torch build has no oneDNN quantized engine")
     # on a CPU without them, these run emulated: slow, same math
-    monkeypatch.setattr(fast, "native_int8", lambda: True)
-    monkeypatch.setattr(fast, "native_bf16", lambda: True)
-    monkeypatch.setattr(fast, "INT8_MIN_CHANNELS", 0)  # tried for the tiny model too
+    patch_native(monkeypatch, int8=True, bf16=True)
+    monkeypatch.setattr(fast_auto, "INT8_MIN_CHANNELS", 0)  # tried for the tiny model too
     honest_run = FastEngine.run
 
     def wrecked(self, mel, z):

@@ -6,7 +6,7 @@ from waveglow_lib.checkpoint import load_waveglow
 from waveglow_lib.config import ModelConfig
 from waveglow_lib.model import WaveGlow
 
-from conftest import TINY, make_reference, snr_db
+from support import TINY, make_reference, snr_db, tiny_waveglow
 
 
 def _mel(batch=2, frames=12, seed=1):
@@ -49,10 +49,7 @@ def test_noise_from_audio_matches_reference_forward(tmp_path):
 
 @pytest.mark.parametrize("layout", ["glow", "glow_old"])
 def test_round_trip(tiny_config, layout):
-    from conftest import randomise_
-
-    model = randomise_(WaveGlow(ModelConfig(**{**TINY, "layout": layout})), seed=5).eval()
-    model.refresh_inverses()
+    model = tiny_waveglow(TINY, seed=5, layout=layout)
     mel = _mel(frames=9)
     audio = torch.randn(2, 9 * 256 - 100, generator=torch.Generator().manual_seed(3)) * 0.3
     z = model.noise_from_audio(mel, audio)

@@ -12,7 +12,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from waveglow_lib import notebook_runner as nr
+from waveglow_lib.notebook import runner as nr
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -71,6 +71,7 @@ def _notebook(path: Path, *sources: str) -> None:
     nbformat.write(nb, path)
 
 
+@pytest.mark.e2e
 def test_a_failing_notebook_stops_the_run_and_names_the_cell(tmp_path):
     src = tmp_path / "nbs"
     src.mkdir()
@@ -108,6 +109,7 @@ def ci_run(tmp_path_factory):
     return runs / "ci", proc
 
 
+@pytest.mark.e2e
 def test_ci_run_executes_every_notebook_without_errors(ci_run):
     run, proc = ci_run
     for name in nr.NOTEBOOKS:
@@ -121,6 +123,7 @@ def test_ci_run_executes_every_notebook_without_errors(ci_run):
         assert name in proc.stdout
 
 
+@pytest.mark.e2e
 def test_ci_run_metrics_are_complete_and_finite(ci_run):
     run, _ = ci_run
     metrics = json.loads((run / "metrics.json").read_text())
@@ -141,6 +144,7 @@ def test_ci_run_metrics_are_complete_and_finite(ci_run):
         assert row["utterances_per_second"] > 0 and math.isfinite(row["real_time_factor"])
 
 
+@pytest.mark.e2e
 def test_ci_run_folder_and_report(ci_run):
     run, _ = ci_run
     for part in ("params.yaml", "mel", "onnx", "out", "wav", "notebooks", "metrics.json", "report.html"):
@@ -156,6 +160,7 @@ def test_ci_run_folder_and_report(ci_run):
     assert report.count("<audio") >= 5 and "data:image/png;base64" in report
 
 
+@pytest.mark.e2e
 def test_ci_run_keeps_the_widgets(ci_run):
     run, _ = ci_run
     for name in ("01_preprocess.ipynb", "05_listen_evaluate.ipynb"):
@@ -280,6 +285,7 @@ def _mimetypes(messages: list[dict]) -> set[str]:
             for mime in m["content"]["data"]}
 
 
+@pytest.mark.e2e
 def test_jupyterlab_runs_a_notebook_top_to_bottom_and_its_dropdown_works(ci_run, tmp_path):
     """01_preprocess in a real `jupyter lab` kernel (started in notebooks/, like a person's): every cell runs,
     the Dropdown widget opens its comm, and picking another utterance shows its plot and player."""

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from waveglow_lib import notebook_runner as nr
+from waveglow_lib.cli import main as cli_main
+from waveglow_lib.notebook import runner as nr
 from waveglow_lib.config import GUIDE_MEL_LENGTHS, WorkflowConfig, parse_set_option
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +119,7 @@ def test_runner_rejects_bad_parameters_before_running_anything(tmp_path):
 
 
 def test_cli_reports_a_bad_parameter_by_name(tmp_path, capsys):
-    code = nr.main(["run", "--params", str(PARAMS / "ci.yaml"), "--set", f"runs_dir={tmp_path}", "--set", "limt=2"])
+    code = cli_main(["run", "--params", str(PARAMS / "ci.yaml"), "--set", f"runs_dir={tmp_path}", "--set", "limt=2"])
     assert code == 2
     assert "'limt'" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

@@ -10,11 +10,11 @@ import stat
 import numpy as np
 import pytest
 
-from pipeline_helpers import make_cfg, random_batch, snr_db, tiny_model, tiny_onnx, preprocessed_run
+from support import random_batch, snr_db
 from waveglow_lib.config import GUIDE_MEL_LENGTHS
-from waveglow_lib.stages.convert import (GUIDE_ATC_COMMAND, MAX_GEARS, ConvertError, atc_command,
-                                         bucket_lengths, convert, format_command, guide_atc_command,
-                                         mel_gears, padding_overhead)
+from waveglow_lib.convert import (GUIDE_ATC_COMMAND, MAX_GEARS, ConvertError, atc_command, bucket_lengths,
+                                  format_command, guide_atc_command, mel_gears, padding_overhead)
+from waveglow_lib.stages.convert import convert
 
 # the guide's command exactly as printed there (multi-line, ${chip_name} = Ascend310P3)
 GUIDE_TEXT = r'''atc --model=WaveGlow_onnx.onnx \
@@ -85,7 +85,7 @@ def test_paths_with_spaces_are_quoted():
     assert '--model="/a b/m.onnx"' in text and '--output="/a b/o"' in text
 
 
-def test_convert_writes_script_without_atc(tmp_path, monkeypatch):
+def test_convert_writes_script_without_atc(preprocessed_run, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     cfg = preprocessed_run(tmp_path, with_onnx=True, gear_policy="buckets", n_buckets=2, batch_size=2)
     result = convert(cfg, targets=("atc",))["atc"]
@@ -101,7 +101,7 @@ def test_convert_writes_script_without_atc(tmp_path, monkeypatch):
                    force=True)["atc"]["gears"] == [125, 281]
 
 
-def test_convert_runs_atc_when_on_path(tmp_path, monkeypatch):
+def test_convert_runs_atc_when_on_path(preprocessed_run, tmp_path, monkeypatch):
     """Contract test with a stand-in `atc` script (no CANN here): it records its arguments and creates
     `<output>.om` as the real one does."""
     bin_dir = tmp_path / "bin"
@@ -119,17 +119,17 @@ def test_convert_runs_atc_when_on_path(tmp_path, monkeypatch):
     assert convert(cfg, targets=("atc",))["atc"]["status"].startswith("skipped")
 
 
-def test_convert_needs_export_and_manifest(tmp_path):
+def test_convert_needs_export_and_manifest(make_cfg, tiny_onnx, tmp_path):
     cfg = make_cfg(tmp_path)
     with pytest.raises(FileNotFoundError, match="waveglow.onnx.*export"):
         convert(cfg)
     (cfg.run_dir / "onnx").mkdir(parents=True)
-    (cfg.run_dir / "onnx" / "waveglow.onnx").write_bytes(tiny_onnx().read_bytes())
+    (cfg.run_dir / "onnx" / "waveglow.onnx").write_bytes(tiny_onnx.read_bytes())
     with pytest.raises(ValueError, match="manifest.json.*preprocess"):
         convert(cfg, targets=("atc",))
 
 
-def test_cpu_targets_match_the_onnx_graph(tmp_path):
+def test_cpu_targets_match_the_onnx_graph(preprocessed_run, tiny_model, tmp_path):
     from waveglow_lib.backends import get_backend
 
     cfg = preprocessed_run(tmp_path, with_onnx=True)

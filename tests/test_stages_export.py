@@ -8,12 +8,13 @@ import numpy as np
 import onnx
 import pytest
 
-from pipeline_helpers import make_cfg, tiny_checkpoint, tiny_model, tiny_onnx
-from waveglow_lib.stages.export import ExportError, export, export_onnx
+from waveglow_lib.errors import ExportError
+from waveglow_lib.export import export_onnx
+from waveglow_lib.stages.export import export
 
 
-def test_noise_input_graph():
-    path = tiny_onnx()
+def test_noise_input_graph(tiny_onnx):
+    path = tiny_onnx
     info = json.loads(path.with_suffix(".json").read_text())
     assert info["exporter"] == "legacy" and info["opset"] == 17 and info["snr_db"] >= 60
     assert info["probe_shape"] == [3, 37 * 256]  # batch and length other than the traced ones
@@ -23,7 +24,7 @@ def test_noise_input_graph():
     assert dims == [["batch", 80, "frames"], ["batch", 8, "noise_length"]]
 
 
-def test_guide_variant_draws_noise_in_the_graph(tmp_path):
+def test_guide_variant_draws_noise_in_the_graph(tiny_model, tmp_path):
     import onnxruntime as ort
 
     info = export_onnx(tiny_model(), tmp_path / "WaveGlow_onnx.onnx", opset=13, variant="guide")
@@ -36,7 +37,7 @@ def test_guide_variant_draws_noise_in_the_graph(tmp_path):
     assert first.shape == (1, 11 * 256) and not np.allclose(first, second)
 
 
-def test_bad_arguments(tmp_path):
+def test_bad_arguments(tiny_model, tmp_path):
     with pytest.raises(ExportError, match="variant"):
         export_onnx(tiny_model(), tmp_path / "x.onnx", variant="other")
     with pytest.raises(ExportError, match="exporter must be"):
@@ -44,16 +45,16 @@ def test_bad_arguments(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_stage_skips_a_current_export(tmp_path):
+def test_stage_skips_a_current_export(make_cfg, tiny_checkpoint, tmp_path):
     cfg = make_cfg(tmp_path)
     first = export(cfg)["noise_input"]
     assert first["status"] == "exported" and (cfg.run_dir / "onnx" / "waveglow.onnx").is_file()
     assert export(cfg)["noise_input"]["status"].startswith("skipped")
     assert export(cfg.with_overrides(opset=18))["noise_input"]["opset"] == 18  # a changed opset re-exports
-    assert tiny_checkpoint().is_file()
+    assert tiny_checkpoint.is_file()
 
 
-def test_dynamo_exporter_also_works(tmp_path):
+def test_dynamo_exporter_also_works(tiny_model, tmp_path):
     """The fallback route (torch.export with a derived noise-length dimension) in case the legacy
     TorchScript exporter disappears from a later torch."""
     info = export_onnx(tiny_model(), tmp_path / "dynamo.onnx", exporter="dynamo")

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from pipeline_helpers import (SHORT_IDS, TINY_PIPELINE, install_fake_ais_bench, preprocessed_run, snr_db,
-                              tiny_model)
+from support import SHORT_IDS, TINY_PIPELINE, install_fake_ais_bench, snr_db
 from waveglow_lib.backends import get_backend
 from waveglow_lib.io import read_bin
-from waveglow_lib.stages.infer import infer, make_batch, plan_batches, utterance_noise, Utterance
+from waveglow_lib.batching import Utterance, make_batch, plan_batches, utterance_noise
+from waveglow_lib.stages.infer import infer
 
 FRAMES = {"LJ001-0002": 125, "LJ001-0006": 281, "LJ001-0008": 99}
 
@@ -21,7 +21,7 @@ def outputs(out_dir) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def unbatched(tmp_path_factory):
+def unbatched(preprocessed_run, tiny_model, tmp_path_factory):
     """Reference run: torch backend, batch 1."""
     cfg = preprocessed_run(tmp_path_factory.mktemp("ref"), with_onnx=True)
     result = infer(cfg, model=tiny_model())
@@ -49,7 +49,7 @@ def test_batches_group_by_length_and_pad():
     assert z[0, 0, 95] == 0.5 and z[0, 0, 96] == 0.0 and z[1, 0, 64] == 0.0
 
 
-def test_batched_equals_unbatched_per_utterance(tmp_path, unbatched):
+def test_batched_equals_unbatched_per_utterance(preprocessed_run, tiny_model, tmp_path, unbatched):
     _, reference = unbatched
     cfg = preprocessed_run(tmp_path, batch_size=3)
     result = infer(cfg, model=tiny_model())
@@ -70,11 +70,10 @@ def test_batched_equals_unbatched_per_utterance(tmp_path, unbatched):
 
 def test_tail_window_of_the_official_model():
     from waveglow_lib.config import ModelConfig
-    from waveglow_lib.stages.infer import receptive_field, tail_window
 
-    assert receptive_field(ModelConfig()) == 12 * 255  # 12 flows, dilations 1..128, kernel 3
-    assert tail_window(ModelConfig()) == (195, 3060 * 8)  # (2·3060 + 96 steps) / 32 steps per frame
-    assert tail_window(TINY_PIPELINE) == (4, 96)
+    assert ModelConfig().receptive_field() == 12 * 255  # 12 flows, dilations 1..128, kernel 3
+    assert ModelConfig().tail_window() == (195, 3060 * 8)  # (2·3060 + 96 steps) / 32 steps per frame
+    assert TINY_PIPELINE.tail_window() == (4, 96)
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
@@ -119,7 +118,7 @@ class CrashAfter:
         return self.backend.run(mel, z)
 
 
-def test_resume_after_crash_writes_nothing_twice_and_loses_nothing(tmp_path, unbatched):
+def test_resume_after_crash_writes_nothing_twice_and_loses_nothing(preprocessed_run, tiny_model, tmp_path, unbatched):
     _, reference = unbatched
     cfg = preprocessed_run(tmp_path)
     backend = get_backend("torch", model=tiny_model())
@@ -141,7 +140,7 @@ def test_resume_after_crash_writes_nothing_twice_and_loses_nothing(tmp_path, unb
     assert len(json.loads((out / "timings.json").read_text())["items"]) == 3
 
 
-def test_changed_settings_are_not_mixed_into_old_outputs(tmp_path, unbatched):
+def test_changed_settings_are_not_mixed_into_old_outputs(preprocessed_run, tiny_model, tmp_path, unbatched):
     cfg = preprocessed_run(tmp_path)
     infer(cfg, model=tiny_model())
     with pytest.raises(ValueError, match=r"other settings \(sigma: 0.6 -> 0.8\).*force"):
@@ -153,8 +152,8 @@ def test_changed_settings_are_not_mixed_into_old_outputs(tmp_path, unbatched):
     assert not np.allclose(before, after)
 
 
-def test_om_backend_through_the_stage_pads_to_gears_and_batch(tmp_path, unbatched, monkeypatch):
-    """Contract test: FakeInferSession (pipeline_helpers) stands in for ais_bench's InferSession (no NPU
+def test_om_backend_through_the_stage_pads_to_gears_and_batch(preprocessed_run, tmp_path, unbatched, monkeypatch):
+    """Contract test: FakeInferSession (support.py) stands in for ais_bench's InferSession (no NPU
     here); it computes with the tiny torch model, so the stage's gear/batch padding is what is tested."""
     FakeInferSession = install_fake_ais_bench(monkeypatch)
     _, reference = unbatched
@@ -181,14 +180,14 @@ def test_om_backend_through_the_stage_pads_to_gears_and_batch(tmp_path, unbatche
 
 
 # --- bad input -------------------------------------------------------------------------------------
-def test_missing_manifest(tmp_path):
+def test_missing_manifest(preprocessed_run, tiny_model, tmp_path):
     cfg = preprocessed_run(tmp_path)
     (cfg.run_dir / "mel" / "manifest.json").unlink()
     with pytest.raises(ValueError, match="mel/manifest.json: manifest not found"):
         infer(cfg, model=tiny_model())
 
 
-def test_bin_size_disagrees_with_manifest(tmp_path):
+def test_bin_size_disagrees_with_manifest(preprocessed_run, tiny_model, tmp_path):
     cfg = preprocessed_run(tmp_path)
     bad = cfg.run_dir / "mel" / "LJ001-0006.bin"
     bad.write_bytes(bad.read_bytes()[:-4])
@@ -197,7 +196,7 @@ def test_bin_size_disagrees_with_manifest(tmp_path):
     assert not (cfg.run_dir / "out").exists()  # checked before anything is written
 
 
-def test_wrong_channel_count(tmp_path):
+def test_wrong_channel_count(preprocessed_run, tiny_model, tmp_path):
     cfg = preprocessed_run(tmp_path)
     path = cfg.run_dir / "mel" / "manifest.json"
     manifest = json.loads(path.read_text())
@@ -208,7 +207,7 @@ def test_wrong_channel_count(tmp_path):
         infer(cfg, model=tiny_model())
 
 
-def test_nan_mel_stops_with_the_file_name_and_keeps_finished_outputs(tmp_path):
+def test_nan_mel_stops_with_the_file_name_and_keeps_finished_outputs(preprocessed_run, tiny_model, tmp_path):
     cfg = preprocessed_run(tmp_path)
     bad = cfg.run_dir / "mel" / "LJ001-0002.bin"  # 125 frames: second in longest-first order
     mel = np.fromfile(bad, dtype="<f4")

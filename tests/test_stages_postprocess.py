@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.io import wavfile
 
-from pipeline_helpers import SHORT_IDS, preprocessed_run, tiny_model
+from support import SHORT_IDS
 from waveglow_lib.io import write_bin
 from waveglow_lib.stages.postprocess import postprocess, to_int16
 
@@ -22,7 +22,7 @@ def test_full_scale_does_not_wrap():
 
 
 @pytest.fixture
-def run_with_outputs(tmp_path):
+def run_with_outputs(preprocessed_run, tmp_path):
     """A run folder whose out/ holds known float32 audio (a sine) per utterance."""
     cfg = preprocessed_run(tmp_path)
     out = cfg.run_dir / "out"
@@ -48,7 +48,7 @@ def test_wavs_like_the_guide_trimmed_to_the_source(run_with_outputs):
     assert stamps == {p.name: p.stat().st_mtime_ns for p in (cfg.run_dir / "wav").glob("*.wav")}
 
 
-def test_denoiser_strength_changes_the_audio_and_is_redone(run_with_outputs):
+def test_denoiser_strength_changes_the_audio_and_is_redone(tiny_model, run_with_outputs):
     cfg = run_with_outputs
     postprocess(cfg)
     _, plain = wavfile.read(cfg.run_dir / "wav" / "LJ001-0008_syn.wav")
@@ -72,7 +72,7 @@ def test_bad_outputs_are_named(run_with_outputs):
         postprocess(cfg)
 
 
-def test_nothing_to_convert(tmp_path):
+def test_nothing_to_convert(preprocessed_run, tmp_path):
     cfg = preprocessed_run(tmp_path)
     with pytest.raises(FileNotFoundError, match="run the infer stage first"):
         postprocess(cfg)

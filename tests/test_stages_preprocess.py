@@ -7,14 +7,13 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline_helpers import make_cfg
 from waveglow_lib.audio import load_wav, mel_spectrogram
 from waveglow_lib.config import DEMO_CORPUS_DIR
 from waveglow_lib.io import read_bin
 from waveglow_lib.stages.preprocess import ManifestError, list_wavs, load_manifest, preprocess
 
 
-def test_demo_corpus_like_the_guide(tmp_path):
+def test_demo_corpus_like_the_guide(make_cfg, tmp_path):
     cfg = make_cfg(tmp_path, limit=3)
     result = preprocess(cfg)
     mel_dir = cfg.run_dir / "mel"
@@ -37,7 +36,7 @@ def test_limit_zero_means_all_in_file_order():
     assert len(list_wavs(DEMO_CORPUS_DIR, 2)) == 2
 
 
-def test_corrupt_and_silent_inputs_are_reported_and_skipped(tmp_path):
+def test_corrupt_and_silent_inputs_are_reported_and_skipped(make_cfg, tmp_path):
     corpus = tmp_path / "corpus"
     (corpus / "wavs").mkdir(parents=True)
     shutil.copy2(DEMO_CORPUS_DIR / "wavs" / "LJ001-0008.wav", corpus / "wavs")
@@ -59,7 +58,7 @@ def test_corrupt_and_silent_inputs_are_reported_and_skipped(tmp_path):
     assert fixed["items"] == 2 and fixed["computed"] == 2
 
 
-def test_missing_corpus_and_manifest(tmp_path):
+def test_missing_corpus_and_manifest(make_cfg, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere: corpus folder not found"):
         preprocess(make_cfg(tmp_path, corpus=str(tmp_path / "nowhere")))
     with pytest.raises(ManifestError, match="manifest.json: manifest not found"):

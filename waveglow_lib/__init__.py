@@ -1,8 +1,8 @@
 """waveglow-workflow: WaveGlow vocoder inference from an LJSpeech recording to a measured `.wav`.
 
-The pipeline, one module per step: audio → mel (audio.py) → model (model.py, checkpoint.py) →
-export (stages/export.py) → convert (stages/convert.py) → backends (backends/) → postprocess
-(stages/postprocess.py, denoiser.py) → evaluate (evaluate.py) → bench (bench.py).
+Modules import only from those before them, in the data's order: leaves (errors, layout, io, config,
+hardware) → audio → metrics → model → checkpoint, denoiser → export, convert → backends/ → batching →
+stages/ → evaluate → bench/ → notebook/ → cli.
 Names are imported lazily, so `import waveglow_lib` stays cheap and optional packages stay optional.
 """
 from __future__ import annotations
@@ -15,11 +15,12 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ModelConfig": "config", "STFTConfig": "config", "WorkflowConfig": "config",
     "WaveGlow": "model",
-    "load_waveglow": "checkpoint", "save_waveglow": "checkpoint", "CheckpointError": "checkpoint",
-    "load_wav": "audio", "mel_spectrogram": "audio", "AudioError": "audio",
+    "load_waveglow": "checkpoint", "save_waveglow": "checkpoint",
+    "WaveGlowError": "errors", "CheckpointError": "errors", "AudioError": "errors", "MelError": "errors",
+    "load_wav": "audio", "mel_spectrogram": "audio",
     "Denoiser": "denoiser",
-    "export_onnx": "stages.export",
-    "get_backend": "backends", "available_backends": "backends",
+    "export_onnx": "export",
+    "get_backend": "backends", "available_backends": "backends", "resolve_backend": "backends",
 }
 
 __all__ = sorted(_EXPORTS)

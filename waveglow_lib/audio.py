@@ -10,10 +10,10 @@ The mel front-end reproduces NVIDIA's tacotron2 `stft.STFT` + `layers.TacotronST
   `np.fft.fft(np.eye(filter_length))` is exactly a real FFT, which is what we compute (in float64, so the
   only difference from their float32 convolution is their own rounding);
 * magnitude sqrt(re^2 + im^2), the Slaney mel filterbank of `librosa.filters.mel` (htk=False,
-  norm='slaney'; built here in numpy, librosa is not a dependency), then `log(clamp(x, 1e-5))`.
+  norm='slaney': what NVIDIA's `layers.py` calls), then `log(clamp(x, 1e-5))`.
 
 `STFT.inverse` is their inverse transform: overlap-add of the windowed inverse DFT, divided by the
-window's sum-square envelope where it is not ~0 (their `window_sumsquare` + `tiny`). Their pinv-based
+window's sum-square envelope where it is not ~0 (their `window_sumsquare` + `librosa.util.tiny`). Their pinv-based
 synthesis basis, scaled by filter_length / hop and then multiplied back, equals the plain inverse real
 DFT for any spectrum a real signal can have, so `irfft` is used.
 """
@@ -21,15 +21,18 @@ from __future__ import annotations
 
 import functools
 import warnings
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import librosa
 import numpy as np
+import soundfile
+import soxr
 import torch
+from scipy.signal import get_window
 
 from .config import STFTConfig
-from .errors import AudioError  # noqa: F401  (re-exported: the old import path)
+from .errors import AudioError
 
 __all__ = [
     "AudioError",
@@ -50,70 +53,54 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------
 def load_wav(path: str | Path, expected_rate: int | None = 22050, resample: bool = False,
              downmix: bool = False) -> tuple[np.ndarray, int]:
-    """Read a WAV file as float32 mono in [-1, 1] and its sample rate.
+    """Read a WAV or FLAC file (anything libsndfile reads) as float32 mono in [-1, 1] and its sample rate.
 
-    Integer PCM is scaled like NVIDIA's loader (int16 / 32768); 8-bit unsigned, 24- and 32-bit PCM get
-    the matching full-scale divisor, float WAVs are taken as they are (clipped to [-1, 1], with a
-    warning, if they exceed it). A rate other than
-    `expected_rate` (None accepts any) is an error unless `resample=True`; more than one channel is an
+    Integer PCM is scaled like NVIDIA's loader (int16 / 32768; 8-, 24- and 32-bit by their full scale),
+    float files are taken as they are (clipped to [-1, 1], with a warning, if they exceed it). A rate other
+    than `expected_rate` (None accepts any) is an error unless `resample=True`; more than one channel is an
     error unless `downmix=True` (mean of the channels).
     """
-    from scipy.io import wavfile
-
     path = Path(path)
     if not path.is_file():
-        raise AudioError(f"{path}: no such WAV file")
+        raise AudioError(f"{path}: no such WAV file", path=path)
     if path.stat().st_size == 0:
-        raise AudioError(f"{path}: the file is empty (0 bytes), not a WAV file")
+        raise AudioError(f"{path}: the file is empty (0 bytes), not a WAV file", path=path)
     try:
-        with warnings.catch_warnings():
-            # unknown chunks (LIST/INFO written by sox, ffmpeg, DAWs) are harmless: scipy skips them
-            warnings.simplefilter("ignore", wavfile.WavFileWarning)
-            rate, data = wavfile.read(path)
-    except Exception as exc:  # scipy raises ValueError, EOFError, struct.error ... for broken files
-        raise AudioError(f"{path}: not a readable WAV file ({type(exc).__name__}: {exc})") from None
-
+        data, rate = soundfile.read(path, dtype="float64", always_2d=True)
+    except Exception as exc:  # libsndfile's errors (LibsndfileError, RuntimeError, TypeError) for broken files
+        raise AudioError(f"{path}: not a readable WAV file ({type(exc).__name__}: {exc})", path=path) from None
     if data.shape[0] == 0:
-        raise AudioError(f"{path}: the WAV file holds zero samples")
-    audio = _pcm_to_float(data, path)
-    if audio.ndim == 2:
-        if audio.shape[1] == 1:
-            audio = audio[:, 0]
-        elif not downmix:
-            raise AudioError(f"{path}: {audio.shape[1]} channels, expected mono; pass downmix=True "
-                             f"(--set downmix=true) to average the channels")
-        else:
-            audio = _downmix(audio)
+        raise AudioError(f"{path}: the WAV file holds zero samples", path=path)
+    audio = _full_scale(data, path)
+    if audio.shape[1] == 1:
+        audio = audio[:, 0]
+    elif not downmix:
+        raise AudioError(f"{path}: {audio.shape[1]} channels, expected mono; pass downmix=True "
+                         f"(--set downmix=true) to average the channels", path=path)
+    else:
+        audio = _downmix(audio)
 
     if expected_rate is not None and rate != expected_rate:
         if not resample:
             raise AudioError(f"{path}: sample rate {rate} Hz, expected {expected_rate} Hz; pass "
-                             f"resample=True (--set resample=true) to convert it")
+                             f"resample=True (--set resample=true) to convert it", path=path)
         audio = _resample(audio, rate, expected_rate)
         rate = expected_rate
-        # the polyphase filter can overshoot full scale by a hair; the mel front-end expects [-1, 1]
+        # the resampler's filter can overshoot full scale by a hair; the mel front-end expects [-1, 1]
         audio = np.clip(audio, -1.0, 1.0)
     return np.ascontiguousarray(audio, dtype=np.float32), int(rate)
 
 
-def _pcm_to_float(data: np.ndarray, path: Path) -> np.ndarray:
-    """Scale integer PCM to [-1, 1) by its full-scale value (scipy left-justifies 24-bit into int32)."""
-    if data.dtype == np.int16:
-        return data.astype(np.float32) / 32768.0
-    if data.dtype == np.int32:
-        return (data.astype(np.float64) / 2147483648.0).astype(np.float32)
-    if data.dtype == np.uint8:
-        return (data.astype(np.float32) - 128.0) / 128.0
-    if data.dtype in (np.float32, np.float64):
-        if not np.all(np.isfinite(data)):
-            raise AudioError(f"{path}: the WAV file holds NaN or Inf samples")
-        peak = float(np.max(np.abs(data))) if data.size else 0.0
-        if peak > 1.0:  # float WAVs may exceed full scale; players clip them, so do we (loudly)
-            warnings.warn(f"{path}: float samples peak at {peak:.3f}, beyond full scale; clipping to "
-                          f"[-1, 1]", stacklevel=3)
-            data = np.clip(data, -1.0, 1.0)
-        return data.astype(np.float32)
-    raise AudioError(f"{path}: unsupported WAV sample format {data.dtype}")
+def _full_scale(data: np.ndarray, path: Path) -> np.ndarray:
+    """Reject NaN/Inf samples; clip float samples beyond full scale (players do too), loudly."""
+    if not np.all(np.isfinite(data)):
+        raise AudioError(f"{path}: the WAV file holds NaN or Inf samples", path=path)
+    peak = float(np.max(np.abs(data)))
+    if peak > 1.0:
+        warnings.warn(f"{path}: float samples peak at {peak:.3f}, beyond full scale; clipping to [-1, 1]",
+                      stacklevel=3)
+        data = np.clip(data, -1.0, 1.0)
+    return data.astype(np.float32)
 
 
 def _downmix(audio: np.ndarray) -> np.ndarray:
@@ -121,15 +108,11 @@ def _downmix(audio: np.ndarray) -> np.ndarray:
 
 
 def _resample(audio: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
-    from scipy.signal import resample_poly
-
-    ratio = Fraction(int(target_rate), int(orig_rate))
-    out = resample_poly(audio.astype(np.float64), ratio.numerator, ratio.denominator)
-    return out.astype(np.float32)
+    return soxr.resample(audio.astype(np.float64), int(orig_rate), int(target_rate), quality="VHQ").astype(np.float32)
 
 
 def resample(audio: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
-    """Polyphase resampling (scipy `resample_poly`) by the exact rational ratio target/orig."""
+    """Band-limited resampling (libsoxr, very high quality) from `orig_rate` to `target_rate`."""
     if orig_rate <= 0 or target_rate <= 0:
         raise AudioError(f"sample rates must be positive, got {orig_rate} -> {target_rate}")
     audio = np.asarray(audio, dtype=np.float32)
@@ -150,48 +133,28 @@ def frames_for_samples(n_samples: int, hop: int = 256) -> int:
 # --------------------------------------------------------------------------------------------------
 # Slaney mel filterbank (librosa.filters.mel with htk=False, norm='slaney')
 # --------------------------------------------------------------------------------------------------
-_F_SP = 200.0 / 3.0          # Hz per mel on the linear part
-_MIN_LOG_HZ = 1000.0         # the scale turns logarithmic at 1 kHz ...
-_MIN_LOG_MEL = _MIN_LOG_HZ / _F_SP   # ... which is mel 15
-_LOGSTEP = np.log(6.4) / 27.0
-
-
 def hz_to_mel(freq: Any) -> np.ndarray:
     """Slaney's Auditory Toolbox mel scale (librosa `hz_to_mel(htk=False)`): linear below 1 kHz."""
-    freq = np.asarray(freq, dtype=np.float64)
-    linear = freq / _F_SP
-    log = _MIN_LOG_MEL + np.log(np.maximum(freq, _MIN_LOG_HZ) / _MIN_LOG_HZ) / _LOGSTEP
-    return np.where(freq >= _MIN_LOG_HZ, log, linear)
+    return np.asarray(librosa.hz_to_mel(np.asarray(freq, dtype=np.float64), htk=False))
 
 
 def mel_to_hz(mel: Any) -> np.ndarray:
     """Inverse of `hz_to_mel`."""
-    mel = np.asarray(mel, dtype=np.float64)
-    linear = _F_SP * mel
-    log = _MIN_LOG_HZ * np.exp(_LOGSTEP * (np.maximum(mel, _MIN_LOG_MEL) - _MIN_LOG_MEL))
-    return np.where(mel >= _MIN_LOG_MEL, log, linear)
+    return np.asarray(librosa.mel_to_hz(np.asarray(mel, dtype=np.float64), htk=False))
 
 
 @functools.lru_cache(maxsize=16)
 def _mel_filterbank_cached(sampling_rate: int, n_fft: int, n_mels: int, fmin: float,
                            fmax: float) -> np.ndarray:
-    fft_freqs = np.linspace(0.0, sampling_rate / 2.0, n_fft // 2 + 1)
-    # n_mels + 2 points equally spaced in mel: the edges and centres of the triangles
-    edges = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))
-    widths = np.diff(edges)
-    offsets = edges[:, None] - fft_freqs[None, :]
-    rising = -offsets[:-2] / widths[:-1, None]
-    falling = offsets[2:] / widths[1:, None]
-    weights = np.maximum(0.0, np.minimum(rising, falling))
-    # Slaney normalisation: each triangle has unit area in Hz
-    weights *= (2.0 / (edges[2:] - edges[:-2]))[:, None]
+    weights = librosa.filters.mel(sr=sampling_rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax,
+                                  htk=False, norm="slaney", dtype=np.float64)
     weights.setflags(write=False)
     return weights
 
 
 def mel_filterbank(sampling_rate: int = 22050, n_fft: int = 1024, n_mels: int = 80, fmin: float = 0.0,
                    fmax: float | None = 8000.0) -> np.ndarray:
-    """[n_mels, n_fft // 2 + 1] float64 Slaney mel filterbank, as `librosa.filters.mel` builds it."""
+    """[n_mels, n_fft // 2 + 1] float64 Slaney mel filterbank (`librosa.filters.mel`, as NVIDIA builds it)."""
     fmax = sampling_rate / 2.0 if fmax is None else float(fmax)
     return _mel_filterbank_cached(int(sampling_rate), int(n_fft), int(n_mels), float(fmin), fmax).copy()
 
@@ -200,7 +163,7 @@ def mel_filterbank(sampling_rate: int = 22050, n_fft: int = 1024, n_mels: int = 
 # STFT (NVIDIA tacotron2 stft.STFT)
 # --------------------------------------------------------------------------------------------------
 #: librosa.util.tiny of NVIDIA's float32 window sum: below this the envelope counts as zero
-_TINY = float(np.finfo(np.float32).tiny)
+_TINY = float(librosa.util.tiny(np.float32(0.0)))
 
 
 class STFT:
@@ -212,21 +175,15 @@ class STFT:
 
     def __init__(self, filter_length: int = 1024, hop_length: int = 256, win_length: int = 1024,
                  window: str = "hann") -> None:
-        from scipy.signal import get_window
-
         if not 0 < win_length <= filter_length:
-            raise ValueError(f"win_length must be in 1..filter_length, got {win_length} > {filter_length}")
+            raise AudioError(f"win_length must be in 1..filter_length, got {win_length} > {filter_length}")
         if hop_length <= 0:
-            raise ValueError(f"hop_length must be positive, got {hop_length}")
+            raise AudioError(f"hop_length must be positive, got {hop_length}")
         self.filter_length = int(filter_length)
         self.hop_length = int(hop_length)
         self.win_length = int(win_length)
         win = get_window(window, self.win_length, fftbins=True)
-        # centre the window in filter_length samples, like librosa.util.pad_center
-        left = (self.filter_length - self.win_length) // 2
-        padded = np.zeros(self.filter_length)
-        padded[left:left + self.win_length] = win
-        self.window = torch.from_numpy(padded)
+        self.window = torch.from_numpy(librosa.util.pad_center(win, size=self.filter_length))
 
     @classmethod
     def from_config(cls, config: STFTConfig) -> "STFT":
@@ -290,7 +247,7 @@ class STFT:
         signal[:, nonzero] = signal[:, nonzero] / envelope[nonzero]
         end = total - self.pad if length is None else self.pad + int(length)
         if end > total:
-            raise ValueError(f"length {length} is longer than {n_frames} frames can give "
+            raise AudioError(f"length {length} is longer than {n_frames} frames can give "
                              f"({total - self.pad} samples)")
         return signal[:, self.pad:end]
 

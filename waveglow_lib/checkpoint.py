@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import gzip
+import hashlib
 import io
 import json
 import pickle
@@ -24,11 +25,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from .config import DEMO_MODEL_PATH, ModelConfig, STFTConfig
 from .io import atomic_write_bytes
 from .model import WaveGlow
-from .errors import CheckpointError  # noqa: F401  (re-exported: the old import path)
+from .errors import CheckpointError, InputNotFound
 
 FORMAT_NAME = "waveglow-workflow"
 FORMAT_VERSION = "1"
@@ -312,26 +315,22 @@ def _model_from_pickle(obj: Any, source: str, override: Mapping[str, Any]) -> Wa
 def save_waveglow(model: WaveGlow, path: str | Path, dtype: torch.dtype = torch.float32,
                   stft: STFTConfig = STFTConfig()) -> Path:
     """Write `model` as safetensors (+ JSON config in the header); `.gz` suffix compresses it."""
-    from safetensors.torch import save
-
     path = Path(path)
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()
              if not k.endswith("W_inverse")}
     # one metadata key: safetensors writes several in hash order, and we want byte-identical files
     info = {"version": FORMAT_VERSION, "model_config": model.config.to_dict(), "stft_config": stft.to_dict()}
-    data = save(state, metadata={FORMAT_NAME: json.dumps(info, sort_keys=True)})
+    data = save_safetensors(state, metadata={FORMAT_NAME: json.dumps(info, sort_keys=True)})
     if path.name.endswith(".gz"):
         data = gzip.compress(data, compresslevel=9, mtime=0)
     return atomic_write_bytes(path, data)
 
 
 def _load_safetensors(data: bytes, source: str, override: Mapping[str, Any]) -> WaveGlow:
-    from safetensors.torch import load
-
     try:
         header_len = int.from_bytes(data[:8], "little")
         header = json.loads(data[8: 8 + header_len])
-        state = load(data)
+        state = load_safetensors(data)
     except Exception as error:
         raise CheckpointError(f"{source}: unreadable safetensors file (truncated or corrupt?): {error}") from None
     info = _our_metadata(header)
@@ -363,7 +362,7 @@ def _is_safetensors(data: bytes) -> bool:
 
 def _read_bytes(path: Path) -> bytes:
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise InputNotFound(f"checkpoint not found: {path}", path=path)
     data = path.read_bytes()
     if data[:2] == b"\x1f\x8b":
         try:
@@ -394,3 +393,12 @@ def load_waveglow(checkpoint: str | Path | None = None, config: ModelConfig | Ma
         raise CheckpointError(f"{path}: not a WaveGlow checkpoint (expected a torch .pt/.pth file or "
                               "safetensors written by save_waveglow)")
     return model.to(device).eval()
+
+
+def model_fingerprint(model) -> str:
+    """16 hex digits of sha256 over the config and every weight: what derived artefacts are stamped with."""
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

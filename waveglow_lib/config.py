@@ -6,11 +6,18 @@ share; `WorkflowConfig.from_yaml` rejects unknown keys and wrong types by name b
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from .errors import ConfigError, ConfigTypeError, InputNotFound
+from .io import atomic_write_text
+from .layout import RunLayout
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
@@ -64,7 +71,7 @@ class ModelConfig:
         elif self.n_remaining_channels < 2:
             problems.append("n_early_size * number of early outputs leaves fewer than 2 channels")
         if problems:
-            raise ValueError("invalid WaveGlow config: " + "; ".join(problems))
+            raise ConfigError("invalid WaveGlow config: " + "; ".join(problems))
 
     @property
     def n_early_outputs(self) -> int:
@@ -78,6 +85,53 @@ class ModelConfig:
     def hop_length(self) -> int:
         return self.upsample_stride
 
+    @property
+    def steps_per_frame(self) -> int:
+        """Steps of the folded time axis (groups of n_group samples) per mel frame."""
+        return self.upsample_stride // self.n_group
+
+    @property
+    def upsample_taps(self) -> int:
+        """Mel frames that reach one audio sample through the upsampler."""
+        return self.upsample_kernel // self.upsample_stride
+
+    # --- the flow schedule: one place for what every implementation of the flows must agree on ---------
+    def has_early_output(self, k: int) -> bool:
+        """Flow k hands `n_early_size` channels straight to the output (before it, in the forward pass)."""
+        return k > 0 and k % self.n_early_every == 0
+
+    def swaps_halves(self, k: int) -> bool:
+        """glow_old.py: on odd flows the coupling's halves swap (audio_0 is the upper half)."""
+        return self.layout == "glow_old" and k % 2 == 1
+
+    def flow_channels(self) -> list[int]:
+        """Channels entering each flow's 1x1 conv, flow 0 first."""
+        channels, n = [], self.n_group
+        for k in range(self.n_flows):
+            if self.has_early_output(k):
+                n -= self.n_early_size
+            channels.append(n)
+        return channels
+
+    def receptive_field(self) -> int:
+        """How far (in noise steps) one output step sees along time, each side.
+
+        Every flow's WN stacks dilated convolutions (kernel k, dilations 1, 2, ..., 2^(L-1)); everything else
+        is pointwise in time, and the upsampler is causal.
+        """
+        return self.n_flows * (self.kernel_size // 2) * (2 ** self.n_layers - 1)
+
+    def tail_window(self) -> tuple[int, int]:
+        """(frames, samples): the window rerun to make a padded utterance exact, and the tail it replaces.
+
+        In a padded batch only an utterance's last `receptive_field` steps see the padding. Rerunning its
+        last `frames` mel frames alone gives those samples exactly: the window's own left edge (zero padding
+        of the convolutions, and the upsampler's missing frames of context) is far enough away.
+        """
+        reach = self.receptive_field()
+        context = (self.upsample_kernel - self.upsample_stride) // self.n_group
+        return -(-(2 * reach + context) // self.steps_per_frame), reach * self.n_group
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -90,7 +144,7 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown WaveGlow config keys: {', '.join(unknown)}")
+            raise ConfigError(f"unknown WaveGlow config keys: {', '.join(unknown)}")
         return cls(**{k: _coerce(k, v, _field_type(cls, k)) for k, v in data.items()})
 
 
@@ -109,8 +163,18 @@ class STFTConfig:
     #: log(clamp(x, clip_val)): also the value a silent frame gets, used to pad mels in batches
     clip_val: float = 1e-5
 
+    @property
+    def pad_value(self) -> float:
+        """The log-mel of silence: what mels are padded with."""
+        return math.log(self.clip_val)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+Backend = Literal["auto", "torch", "onnxruntime", "openvino", "om", "fast"]
+Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
+GearPolicy = Literal["exact", "buckets"]
 
 
 @dataclass
@@ -129,12 +193,12 @@ class WorkflowConfig:
     resample: bool = False
     downmix: bool = False
     #: torch | onnxruntime | openvino | om | fast (bench.py: the fast CPU path, fast.py) | auto
-    backend: str = "auto"
+    backend: Backend = "auto"
     #: cpu | cuda | npu:<id>
     device: str = "cpu"
     #: auto | fp32 | bf16 | fp16 | int8 (fast only). auto: the fast backend runs the fastest of int8, bf16 that
     #: the CPU has natively and that passes a quality probe (fast.auto_engine), else fp32; other backends fp32
-    precision: str = "auto"
+    precision: Precision = "auto"
     batch_size: int = 1
     #: padded batches: recompute each padded utterance's last receptive field alone (a short window),
     #: so batched output equals unbatched output; false = plain padding (the tail differs slightly)
@@ -144,7 +208,7 @@ class WorkflowConfig:
     denoiser_strength: float = 0.0
     opset: int = 17
     #: exact | buckets
-    gear_policy: str = "exact"
+    gear_policy: GearPolicy = "exact"
     n_buckets: int = 8
     soc_version: str = "Ascend310P3"
     #: batch sizes of the throughput table
@@ -154,29 +218,34 @@ class WorkflowConfig:
     #: run the metrics that need optional packages (pystoi, pesq) when installed
     metrics: bool = True
 
-    CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
-        "backend": ("auto", "torch", "onnxruntime", "openvino", "om", "fast"),
-        "precision": ("auto", "fp32", "bf16", "fp16", "int8"),
-        "gear_policy": ("exact", "buckets"),
-    }
-
     def __post_init__(self) -> None:
-        for key, choices in self.CHOICES.items():
+        for key, choices in self.choices().items():
             value = getattr(self, key)
             if value not in choices:
-                raise ValueError(f"parameter {key!r}: {value!r} is not one of {', '.join(choices)}")
+                raise ConfigError(f"parameter {key!r}: {value!r} is not one of {', '.join(choices)}")
         for key in ("batch_size", "bench_repeats", "n_buckets"):
             if getattr(self, key) < 1:
-                raise ValueError(f"parameter {key!r} must be >= 1, got {getattr(self, key)}")
+                raise ConfigError(f"parameter {key!r} must be >= 1, got {getattr(self, key)}")
         if self.limit < 0:
-            raise ValueError(f"parameter 'limit' must be >= 0 (0 = all), got {self.limit}")
+            raise ConfigError(f"parameter 'limit' must be >= 0 (0 = all), got {self.limit}")
         if self.sigma < 0:
-            raise ValueError(f"parameter 'sigma' must be >= 0, got {self.sigma}")
+            raise ConfigError(f"parameter 'sigma' must be >= 0, got {self.sigma}")
+
+    @classmethod
+    def choices(cls) -> dict[str, tuple[str, ...]]:
+        """The fields typed `Literal[...]` and their allowed values (drives validation and the CLI)."""
+        hints = typing.get_type_hints(cls)
+        return {name: typing.get_args(hint) for name, hint in hints.items()
+                if typing.get_origin(hint) is Literal}
 
     # --- resolved paths --------------------------------------------------------------------
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.run_dir)
 
     @property
     def corpus_dir(self) -> Path:
@@ -195,7 +264,7 @@ class WorkflowConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"{source}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
                 f"known: {', '.join(sorted(known))}")
         values = {k: _coerce(k, v, _field_type(cls, k), source) for k, v in data.items()}
@@ -203,23 +272,17 @@ class WorkflowConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> "WorkflowConfig":
-        import yaml
-
         path = Path(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except FileNotFoundError:
-            raise FileNotFoundError(f"params file not found: {path}") from None
+            raise InputNotFound(f"params file not found: {path}", path=path) from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of parameter: value, got {type(data).__name__}")
+            raise ConfigError(f"{path}: expected a mapping of parameter: value, got {type(data).__name__}")
         data.update(overrides or {})
         return cls.from_dict(data, source=str(path))
 
     def to_yaml(self, path: str | Path) -> None:
-        import yaml
-
-        from .io import atomic_write_text
-
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def with_overrides(self, **changes: Any) -> "WorkflowConfig":
@@ -230,13 +293,11 @@ class WorkflowConfig:
 
 def parse_set_option(items: list[str] | None) -> dict[str, Any]:
     """`--set key=value` pairs; values are parsed as YAML scalars (so 4, 0.6, true, [1,4] work)."""
-    import yaml
-
     result: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--set expects key=value, got {item!r}")
+            raise ConfigError(f"--set expects key=value, got {item!r}")
         result[key.strip()] = yaml.safe_load(value)
     return result
 
@@ -259,11 +320,13 @@ def _coerce(key: str, value: Any, expected: Any, source: str = "config") -> Any:
     elif expected is list or origin is list:
         ok = isinstance(value, (list, tuple))
         value = list(value) if ok else value
+    elif origin is Literal:
+        ok = isinstance(value, str)
     elif origin in (typing.Union, types.UnionType):
         ok = True
     else:
         ok = True
     if not ok:
-        raise TypeError(f"{source}: parameter {key!r} expects {getattr(expected, '__name__', expected)}, "
+        raise ConfigTypeError(f"{source}: parameter {key!r} expects {getattr(expected, '__name__', expected)}, "
                         f"got {type(value).__name__} {value!r}")
     return value

@@ -17,6 +17,7 @@ import torch
 
 from .audio import STFT, AudioError, as_batch, restore
 from .config import STFTConfig
+from .errors import ConfigError
 
 __all__ = ["Denoiser"]
 
@@ -50,7 +51,7 @@ class Denoiser:
             generator = torch.Generator().manual_seed(seed)
             mel = torch.randn((1, n_mel, n_frames), generator=generator).to(device=device, dtype=dtype)
         else:
-            raise ValueError(f"denoiser mode must be 'zeros' or 'normal', got {mode!r}")
+            raise ConfigError(f"denoiser mode must be 'zeros' or 'normal', got {mode!r}")
         with torch.no_grad():
             bias_audio = model.infer(mel, sigma=0.0)
         return cls(bias_audio.detach().float().cpu(), stft=stft)

@@ -21,8 +21,24 @@ class ConfigError(WaveGlowError, ValueError):
     """A parameter (params file, --set, notebook parameters) is unknown, mistyped or out of range."""
 
 
+class ConfigTypeError(ConfigError, TypeError):
+    """A parameter has the wrong type (a string where a number is expected, ...)."""
+
+
+class InputNotFound(WaveGlowError, FileNotFoundError):
+    """An input the step needs is missing (params file, corpus, checkpoint, an earlier stage's output)."""
+
+
 class AudioError(WaveGlowError, ValueError):
     """A WAV file or an audio array the workflow cannot use; the message names the file or the problem."""
+
+
+class DataError(WaveGlowError, ValueError):
+    """A data file whose size or content disagrees with what it should hold (e.g. a `.bin` vs its shape)."""
+
+
+class MetricError(WaveGlowError, ValueError):
+    """A metric cannot score the signals it was given (empty, all-zero reference, mismatched shapes)."""
 
 
 class MelError(WaveGlowError, ValueError):
@@ -57,6 +73,10 @@ class MissingDependency(BackendError):
 BackendUnavailable = MissingDependency
 
 
+class SynthesisError(WaveGlowError, RuntimeError):
+    """A backend produced unusable audio (NaN/Inf) for valid input: names the input file."""
+
+
 class RunFolderError(WaveGlowError, RuntimeError):
     """The run folder is locked by another writer, or a path escapes it."""
 
@@ -69,3 +89,14 @@ class NotebookRunError(WaveGlowError, RuntimeError):
         self.notebook = notebook
         self.cell = cell
         self.output = output
+
+
+def import_optional(module: str, install: str, purpose: str = ""):
+    """Import an optional package, or raise MissingDependency saying what to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        what = f"{purpose} needs" if purpose else "needs"
+        raise MissingDependency(f"{what} {module}: {install} (import error: {exc})") from None

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import DataError, InputNotFound
+
 
 def _current_umask() -> int:
     mask = os.umask(0)
@@ -71,10 +73,10 @@ def read_bin(path: str | Path, shape: tuple[int, ...], dtype: str = "float32") -
     """Read a raw `.bin`; its byte size must agree with `shape` exactly."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
+        raise InputNotFound(f"{path}: file not found", path=path)
     expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
     actual = path.stat().st_size
     if actual != expected:
-        raise ValueError(f"{path}: {actual} bytes, but shape {tuple(shape)} of {dtype} needs {expected} bytes "
+        raise DataError(f"{path}: {actual} bytes, but shape {tuple(shape)} of {dtype} needs {expected} bytes "
                          "(truncated file, or a manifest from another run?)")
     return np.fromfile(path, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape).astype(dtype, copy=False)

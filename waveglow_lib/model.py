@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .errors import AudioError, MelError
 
 
 class Invertible1x1Conv(nn.Module):
@@ -96,16 +97,11 @@ class WaveGlow(nn.Module):
                                            stride=c.upsample_stride)
         self.WN = nn.ModuleList()
         self.convinv = nn.ModuleList()
-        n_half = c.n_group // 2
-        n_remaining = c.n_group
-        for k in range(c.n_flows):
-            if self._has_early_output(k):
-                n_half -= c.n_early_size // 2
-                n_remaining -= c.n_early_size
+        for n_remaining in c.flow_channels():
             self.convinv.append(Invertible1x1Conv(n_remaining))
-            self.WN.append(WN(n_half, c.n_mel_channels * c.n_group, c.n_layers, c.n_channels,
+            self.WN.append(WN(n_remaining // 2, c.n_mel_channels * c.n_group, c.n_layers, c.n_channels,
                               c.kernel_size))
-        self.n_remaining_channels = n_remaining
+        self.n_remaining_channels = c.flow_channels()[-1]
         self.refresh_inverses()
 
     # --- shapes -----------------------------------------------------------------------------
@@ -119,12 +115,6 @@ class WaveGlow(nn.Module):
 
     def noise_shape(self, batch: int, frames: int) -> tuple[int, int, int]:
         return batch, self.n_group, frames * self.hop_length // self.n_group
-
-    def _has_early_output(self, k: int) -> bool:
-        return k > 0 and k % self.config.n_early_every == 0
-
-    def _swaps_halves(self, k: int) -> bool:
-        return self.config.layout == "glow_old" and k % 2 == 1
 
     # --- inference --------------------------------------------------------------------------
     @torch.no_grad()
@@ -151,16 +141,16 @@ class WaveGlow(nn.Module):
         next_row = n_rem
         for k in reversed(range(c.n_flows)):
             n_half = audio.shape[1] // 2
-            if self._swaps_halves(k):
+            if c.swaps_halves(k):
                 audio_1, audio_0 = audio[:, :n_half], audio[:, n_half:]
             else:
                 audio_0, audio_1 = audio[:, :n_half], audio[:, n_half:]
             output = self.WN[k](audio_0, spect)
             log_s, b = output[:, n_half:], output[:, :n_half]
             audio_1 = (audio_1 - b) / torch.exp(log_s)
-            pair = (audio_1, audio_0) if self._swaps_halves(k) else (audio_0, audio_1)
+            pair = (audio_1, audio_0) if c.swaps_halves(k) else (audio_0, audio_1)
             audio = self.convinv[k].reverse(torch.cat(pair, 1))
-            if self._has_early_output(k):
+            if c.has_early_output(k):
                 audio = torch.cat((z[:, next_row: next_row + c.n_early_size], audio), 1)
                 next_row += c.n_early_size
         return audio.transpose(1, 2).reshape(audio.shape[0], -1)
@@ -179,7 +169,7 @@ class WaveGlow(nn.Module):
             z = torch.randn(shape, generator=generator, dtype=torch.float32,
                             device=generator.device if generator is not None else "cpu")
         elif tuple(z.shape) != shape:
-            raise ValueError(f"z has shape {tuple(z.shape)}, expected {shape} for a mel of shape {tuple(mel.shape)}")
+            raise MelError(f"z has shape {tuple(z.shape)}, expected {shape} for a mel of shape {tuple(mel.shape)}")
         z = (z.to(device=mel.device, dtype=torch.float32) * sigma).to(mel.dtype)
         return self.forward(mel, z)
 
@@ -194,7 +184,7 @@ class WaveGlow(nn.Module):
             audio = audio[None]
         length = mel.shape[2] * self.hop_length
         if audio.shape[0] != mel.shape[0] or audio.shape[1] > length:
-            raise ValueError(f"audio of shape {tuple(audio.shape)} does not fit mel of shape {tuple(mel.shape)} "
+            raise AudioError(f"audio of shape {tuple(audio.shape)} does not fit mel of shape {tuple(mel.shape)} "
                              f"(need batch {mel.shape[0]} and at most {length} samples)")
         audio = F.pad(audio.to(mel.dtype), (0, length - audio.shape[1]))
         spect = self.condition(mel)
@@ -202,19 +192,19 @@ class WaveGlow(nn.Module):
         x = audio.reshape(audio.shape[0], -1, self.n_group).transpose(1, 2)
         early = []
         for k in range(c.n_flows):
-            if self._has_early_output(k):
+            if c.has_early_output(k):
                 early.append(x[:, : c.n_early_size])
                 x = x[:, c.n_early_size:]
             x = self.convinv[k](x)
             n_half = x.shape[1] // 2
-            if self._swaps_halves(k):
+            if c.swaps_halves(k):
                 audio_1, audio_0 = x[:, :n_half], x[:, n_half:]
             else:
                 audio_0, audio_1 = x[:, :n_half], x[:, n_half:]
             output = self.WN[k](audio_0, spect)
             log_s, b = output[:, n_half:], output[:, :n_half]
             audio_1 = torch.exp(log_s) * audio_1 + b
-            pair = (audio_1, audio_0) if self._swaps_halves(k) else (audio_0, audio_1)
+            pair = (audio_1, audio_0) if c.swaps_halves(k) else (audio_0, audio_1)
             x = torch.cat(pair, 1)
         # the reverse pass starts from the last flow's output and re-inserts the early outputs last-first
         return torch.cat([x] + early[::-1], 1)
@@ -224,8 +214,8 @@ class WaveGlow(nn.Module):
             return
         n_mel = self.config.n_mel_channels
         if mel.dim() != 3 or mel.shape[1] != n_mel:
-            raise ValueError(f"mel must have shape [batch, {n_mel}, frames], got {tuple(mel.shape)}")
+            raise MelError(f"mel must have shape [batch, {n_mel}, frames], got {tuple(mel.shape)}")
         if mel.shape[2] < 1:
-            raise ValueError("mel has no frames")
+            raise MelError("mel has no frames")
         if not torch.isfinite(mel).all():
-            raise ValueError("mel contains NaN or Inf values")
+            raise MelError("mel contains NaN or Inf values")

@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from scipy.io import wavfile
 
 from ..audio import resample
 from ..config import DEMO_CORPUS_DIR
@@ -92,8 +93,6 @@ def espeak_binary() -> str:
 
 def speak(text: str, speed: int = SPEED_WPM, binary: str | None = None) -> np.ndarray:
     """Speak `text` with the fixed espeak-ng settings; int16 mono at SAMPLE_RATE."""
-    from scipy.io import wavfile
-
     binary = binary or espeak_binary()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "speech.wav"
@@ -120,8 +119,6 @@ def trim_silence(data: np.ndarray) -> np.ndarray:
 
 
 def wav_bytes(data: np.ndarray) -> bytes:
-    from scipy.io import wavfile
-
     buffer = io.BytesIO()
     wavfile.write(buffer, SAMPLE_RATE, data)
     return buffer.getvalue()

@@ -10,14 +10,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from ..errors import BackendError, BackendUnavailable  # noqa: F401  (re-exported: the old import path)
 
-#: names used in the exported ONNX graph (noise as an input)
-ONNX_INPUTS = ("mel", "z")
-ONNX_OUTPUT = "audio"
-#: names of the guide's variant (noise drawn inside the graph)
-GUIDE_INPUTS = ("mel",)
-GUIDE_OUTPUT = "output_audio"
+from ..errors import BackendError, BackendUnavailable
+from ..export import GUIDE_INPUTS, GUIDE_OUTPUT, ONNX_INPUTS, ONNX_OUTPUT
 
 
 @dataclass(frozen=True)

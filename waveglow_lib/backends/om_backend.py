@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..layout import gears_file
 from .base import Backend, BackendError, BackendUnavailable, ModelSpec
 
 INSTALL_HINT = (
@@ -49,12 +50,6 @@ def parse_device_id(device: str) -> int:
     except ValueError:
         raise BackendError(f"om backend: cannot read an NPU device id from device={device!r} (use npu:<id>)") \
             from None
-
-
-def gears_file(om_path: str | Path) -> Path:
-    """convert writes `<om stem>.gears.json` beside the `.om`: batch and mel-length gears it was built for."""
-    om_path = Path(om_path)
-    return om_path.with_name(om_path.stem + ".gears.json")
 
 
 class OmBackend(Backend):

@@ -5,16 +5,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..convert import ORT_INSTALL
+from ..errors import import_optional
 from .base import Backend, BackendError, BackendUnavailable, ModelSpec, check_graph_io
 
 
 def import_onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise BackendUnavailable("the 'onnxruntime' backend needs onnxruntime: pip install onnxruntime "
-                                 "(or onnxruntime-gpu for CUDA, onnxruntime-cann for Ascend)") from None
-    return onnxruntime
+    return import_optional("onnxruntime", ORT_INSTALL, "the 'onnxruntime' backend")
 
 
 def providers_for(device: str) -> list:

@@ -5,18 +5,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Backend, BackendError, BackendUnavailable, ModelSpec, check_graph_io
+from ..convert import OV_INSTALL
+from ..errors import import_optional
+from .base import Backend, BackendError, ModelSpec, check_graph_io
 
 #: our precision names → OpenVINO's INFERENCE_PRECISION_HINT
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 
 
 def import_openvino():
-    try:
-        import openvino
-    except ImportError:
-        raise BackendUnavailable("the 'openvino' backend needs OpenVINO: pip install openvino") from None
-    return openvino
+    return import_optional("openvino", OV_INSTALL, "the 'openvino' backend")
 
 
 class OpenVinoBackend(Backend):

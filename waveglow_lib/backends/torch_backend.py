@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import torch
 
 from .base import Backend, BackendError, BackendUnavailable, ModelSpec
 
@@ -12,8 +13,6 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 def torch_device(device: str):
     """'cpu', 'cuda', 'cuda:1' → torch.device; CUDA only when this torch build sees a GPU."""
-    import torch
-
     text = str(device or "cpu")
     if text.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -36,8 +35,6 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, model, device: str = "cpu", precision: str = "fp32", threads: int | None = None) -> None:
-        import torch
-
         if model is None:
             raise BackendError("torch backend needs the model: get_backend('torch', model=load_waveglow(...))")
         if precision not in DTYPES:
@@ -55,8 +52,6 @@ class TorchBackend(Backend):
         self.description = f"torch {torch.__version__} {self.torch_device} {precision}"
 
     def _run(self, mel: np.ndarray, z: np.ndarray) -> np.ndarray:
-        import torch
-
         with torch.inference_mode():
             mel_t = torch.from_numpy(mel).to(self.torch_device, self.dtype)
             z_t = torch.from_numpy(z).to(self.torch_device, self.dtype)

@@ -5,17 +5,18 @@ writes its own (atomically, skipping finished work) and returns a summary dict.
 """
 from __future__ import annotations
 
+from ..checkpoint import load_waveglow
 from ..config import WorkflowConfig
+from ..layout import CONVERT_TARGETS
 from .convert import convert
-from .export import export, export_onnx
-from .infer import infer, utterance_noise
+from .export import export
+from .infer import infer
 from .postprocess import postprocess
-from .preprocess import load_manifest, preprocess
+from .preprocess import preprocess
 
 STAGES = ("preprocess", "export", "convert", "infer", "postprocess")
 
-__all__ = ["STAGES", "preprocess", "export", "export_onnx", "convert", "infer", "postprocess", "run_all",
-           "utterance_noise", "load_manifest"]
+__all__ = ["STAGES", "preprocess", "export", "convert", "infer", "postprocess", "run_all"]
 
 
 def run_all(cfg: WorkflowConfig, *, model=None, force: bool = False, convert_targets=None) -> dict:
@@ -24,15 +25,13 @@ def run_all(cfg: WorkflowConfig, *, model=None, force: bool = False, convert_tar
     The params are saved as `runs/<name>/params.yaml` first, so the run folder says how it was made.
     `convert_targets` defaults to ("atc", "openvino", "onnxruntime").
     """
-    from ..checkpoint import load_waveglow
-
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.to_yaml(cfg.run_dir / "params.yaml")
+    cfg.to_yaml(cfg.layout.params)
     if model is None:
         model = load_waveglow(cfg.checkpoint_path)
     results = {"preprocess": preprocess(cfg, force=force),
                "export": export(cfg, model=model, force=force)}
-    targets = convert_targets if convert_targets is not None else ("atc", "openvino", "onnxruntime")
+    targets = convert_targets if convert_targets is not None else CONVERT_TARGETS
     results["convert"] = convert(cfg, targets=targets, force=force) if targets else {}
     results["infer"] = infer(cfg, model=model, force=force)
     results["postprocess"] = postprocess(cfg, model=model, force=force)

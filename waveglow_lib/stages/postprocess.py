@@ -10,10 +10,15 @@ import json
 from pathlib import Path
 
 import numpy as np
+from scipy.io import wavfile
 from tqdm.auto import tqdm
 
+from ..checkpoint import load_waveglow
 from ..config import STFTConfig, WorkflowConfig
+from ..denoiser import Denoiser
+from ..errors import InputNotFound, SynthesisError
 from ..io import atomic_write_bytes, atomic_write_json, read_bin, sha256_bytes
+from ..layout import load_manifest, out_bin, syn_wav
 
 INT16_SCALE = 32767
 
@@ -26,8 +31,6 @@ def to_int16(audio: np.ndarray) -> np.ndarray:
 
 def wav_bytes(audio: np.ndarray, sample_rate: int = 22050) -> bytes:
     """A complete int16 mono .wav file in memory (written atomically by the caller)."""
-    from scipy.io import wavfile
-
     buffer = io.BytesIO()
     wavfile.write(buffer, sample_rate, to_int16(audio))
     return buffer.getvalue()
@@ -43,12 +46,10 @@ def postprocess(cfg: WorkflowConfig, *, out_dir: str | Path | None = None, wav_d
       preprocess wrote), so synthesised and reference audio align sample for sample.
     - Finished wavs made from the same `.bin` with the same settings are skipped (`wav/postprocess.json`).
     """
-    from .preprocess import load_manifest
-
-    run_dir = cfg.run_dir
-    out_dir = Path(out_dir) if out_dir else run_dir / "out"
-    wav_dir = Path(wav_dir) if wav_dir else run_dir / "wav"
-    manifest = load_manifest(run_dir / "mel")
+    layout = cfg.layout
+    out_dir = Path(out_dir) if out_dir else layout.out_dir
+    wav_dir = Path(wav_dir) if wav_dir else layout.wav_dir
+    manifest = load_manifest(layout.mel_dir)
     hop = int(manifest.get("hop_length", STFTConfig().hop_length))
     rate = int(manifest.get("sampling_rate", STFTConfig().sampling_rate))
     record_path = wav_dir / "postprocess.json"
@@ -56,19 +57,15 @@ def postprocess(cfg: WorkflowConfig, *, out_dir: str | Path | None = None, wav_d
     items_record = record.get("items", {})
     strength = float(cfg.denoiser_strength)
     if strength > 0 and denoiser is None:
-        from ..denoiser import Denoiser
-
         if model is None:
-            from ..checkpoint import load_waveglow
-
             model = load_waveglow(cfg.checkpoint_path)
         denoiser = Denoiser.from_model(model)
     written, skipped, missing = [], [], []
     wav_dir.mkdir(parents=True, exist_ok=True)
     for item in tqdm(manifest["items"], desc="postprocess", unit="utt"):
         utt_id = item["id"]
-        src = out_dir / f"{utt_id}_out.bin"
-        dst = wav_dir / f"{utt_id}_syn.wav"
+        src = out_bin(out_dir, utt_id)
+        dst = syn_wav(wav_dir, utt_id)
         if not src.is_file():
             missing.append(utt_id)
             continue
@@ -79,7 +76,7 @@ def postprocess(cfg: WorkflowConfig, *, out_dir: str | Path | None = None, wav_d
             skipped.append(utt_id)
             continue
         if not np.isfinite(raw).all():
-            raise ValueError(f"{src}: audio contains NaN/Inf values (a failed inference?); not converted")
+            raise SynthesisError(f"{src}: audio contains NaN/Inf values (a failed inference?); not converted")
         audio = raw
         if strength > 0:
             audio = np.asarray(denoiser(audio[None], strength=strength), dtype=np.float32).reshape(-1)
@@ -94,7 +91,7 @@ def postprocess(cfg: WorkflowConfig, *, out_dir: str | Path | None = None, wav_d
         atomic_write_json(record_path, {"items": items_record})
         written.append(utt_id)
     if not written and not skipped:
-        raise FileNotFoundError(f"{out_dir}: no <id>_out.bin files for the manifest's utterances; "
-                                "run the infer stage first")
+        raise InputNotFound(f"{out_dir}: no <id>_out.bin files for the manifest's utterances; "
+                            "run the infer stage first", path=out_dir)
     return {"wav_dir": str(wav_dir), "written": written, "skipped": skipped, "missing": missing,
             "denoiser_strength": strength, "sample_rate": rate}

@@ -14,43 +14,28 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..audio import load_wav, mel_spectrogram
+from ..checkpoint import read_stft_config
 from ..config import STFTConfig, WorkflowConfig
+from ..errors import AudioError, InputNotFound, ManifestError
 from ..io import atomic_write_json, atomic_write_text, write_bin
-from ..errors import ManifestError  # noqa: F401  (re-exported: the old import path)
+from ..layout import MANIFEST_FORMAT, MANIFEST_NAME, load_manifest
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "waveglow_lib mel manifest v1"
+__all__ = ["preprocess", "list_wavs", "load_manifest", "ManifestError"]
 #: a wav whose peak stays below this (≈3 LSB of int16) is treated as silent and skipped
 SILENCE_PEAK = 1e-4
-
-
-def load_manifest(mel_dir: str | Path) -> dict:
-    """Read `<mel_dir>/manifest.json`; a clear error when it is missing or not ours."""
-    path = Path(mel_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise ManifestError(f"{path}: manifest not found; run the preprocess stage first")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("items"), list):
-        raise ManifestError(f"{path}: not a mel manifest (no 'items' list)")
-    for item in manifest["items"]:
-        missing = {"id", "shape", "mel_frames", "samples"} - set(item)
-        if missing:
-            raise ManifestError(f"{path}: item {item.get('id', '?')} lacks {sorted(missing)}")
-    return manifest
 
 
 def list_wavs(corpus_dir: str | Path, limit: int = 0) -> list[Path]:
     """`ls <corpus>/wavs/*.wav | head -n<limit>` (0 = all); a folder of wavs without `wavs/` works too."""
     corpus_dir = Path(corpus_dir)
     if not corpus_dir.is_dir():
-        raise FileNotFoundError(f"{corpus_dir}: corpus folder not found (expected LJSpeech layout: wavs/*.wav)")
+        raise InputNotFound(f"{corpus_dir}: corpus folder not found (expected LJSpeech layout: wavs/*.wav)",
+                            path=corpus_dir)
     wav_dir = corpus_dir / "wavs" if (corpus_dir / "wavs").is_dir() else corpus_dir
     wavs = sorted(wav_dir.glob("*.wav"))
     if not wavs:
-        raise FileNotFoundError(f"{wav_dir}: no .wav files")
+        raise InputNotFound(f"{wav_dir}: no .wav files", path=wav_dir)
     return wavs[:limit] if limit else wavs
 
 
@@ -60,13 +45,9 @@ def preprocess(cfg: WorkflowConfig, *, force: bool = False, stft: STFTConfig | N
     Unreadable, wrongly formatted (rate/channels without `cfg.resample`/`cfg.downmix`) and silent wavs
     are reported in the result and the manifest's `skipped` list; the batch goes on.
     """
-    from ..audio import AudioError, load_wav, mel_spectrogram
-
     if stft is None:
-        from ..checkpoint import read_stft_config
-
         stft = read_stft_config(cfg.checkpoint_path)
-    mel_dir = cfg.run_dir / "mel"
+    mel_dir = cfg.layout.mel_dir
     mel_dir.mkdir(parents=True, exist_ok=True)
     wavs = list_wavs(cfg.corpus_dir, cfg.limit)
     settings = {"stft": stft.to_dict(), "resample": cfg.resample, "downmix": cfg.downmix}
@@ -123,7 +104,7 @@ def preprocess(cfg: WorkflowConfig, *, force: bool = False, stft: STFTConfig | N
             last_save = time.monotonic()
     save()
     if not items:
-        raise ValueError(f"{cfg.corpus_dir}: none of {len(wavs)} wav(s) could be used: "
+        raise AudioError(f"{cfg.corpus_dir}: none of {len(wavs)} wav(s) could be used: "
                          + "; ".join(s["reason"] for s in skipped[:3]))
     return {"mel_dir": str(mel_dir), "manifest": str(manifest_path), "items": len(items),
             "computed": len(items) - reused, "reused": reused, "skipped": skipped,

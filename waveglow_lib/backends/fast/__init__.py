@@ -1,13 +1,21 @@
-"""`fast` backend (CPU): our folded WaveGlow on blocked GEMMs (waveglow_lib.fast.FastEngine).
+"""`fast` backend (CPU): our folded WaveGlow (`fold.py`) on blocked GEMMs (`engine.py`), with the
+`precision: auto` policy (`auto.py`).
 
-No export needed: it is built from the PyTorch model at load time (folding takes about a second for the
-official model). Same inputs and outputs as every backend, so its audio is compared sample by sample.
+No export needed: it is built from the PyTorch model at load time. Same inputs and outputs as every
+backend, so its audio is compared sample by sample.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .base import Backend, BackendError, ModelSpec
+from ..base import Backend, BackendError, ModelSpec
+from .auto import INT8_MIN_CHANNELS, auto_engine, probe_quality, probe_reference
+from .engine import PRECISIONS as ENGINE_PRECISIONS
+from .engine import FastEngine
+from .fold import FastWaveGlow, FastWN, fold_waveglow, fold_wn
+
+__all__ = ["FastBackend", "FastEngine", "FastWaveGlow", "FastWN", "fold_waveglow", "fold_wn", "auto_engine",
+           "probe_quality", "probe_reference", "INT8_MIN_CHANNELS", "ENGINE_PRECISIONS"]
 
 PRECISIONS = ("fp32", "bf16", "int8", "auto")
 
@@ -22,8 +30,6 @@ class FastBackend(Backend):
 
     def __init__(self, model, device: str = "cpu", precision: str = "bf16", threads: int | None = None,
                  block_frames: int = 128) -> None:
-        from ..fast import FastEngine, auto_engine
-
         if model is None:
             raise BackendError("fast backend needs the model: get_backend('fast', model=load_waveglow(...))")
         if str(device or "cpu") != "cpu":

@@ -14,7 +14,7 @@
 """
 from __future__ import annotations
 
-import argparse
+import html
 import os
 import sys
 import time
@@ -22,11 +22,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .config import WorkflowConfig, parse_set_option
-from .errors import NotebookRunError  # noqa: F401  (re-exported: the old import path)
+from ..config import PACKAGE_DIR, WorkflowConfig
+from ..errors import InputNotFound, NotebookRunError
+from ..io import atomic_write_text
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-NOTEBOOKS_DIR = PACKAGE_DIR.parent / "notebooks"
+
+def _notebooks_dir() -> Path:
+    """The notebooks: shipped inside the package (an installed wheel), else the repository's notebooks/."""
+    packaged = PACKAGE_DIR / "notebooks"
+    return packaged if packaged.is_dir() else PACKAGE_DIR.parent / "notebooks"
+
+
+NOTEBOOKS_DIR = _notebooks_dir()
 NOTEBOOKS = (
     "00_setup.ipynb",
     "01_preprocess.ipynb",
@@ -139,12 +146,13 @@ def run_notebooks(params: str | Path | WorkflowConfig, overrides: Mapping[str, A
     names = list(notebooks) if notebooks is not None else list(NOTEBOOKS)
     missing = [n for n in names if not (source_dir / n).is_file()]
     if missing:
-        raise FileNotFoundError(f"{source_dir}: notebook(s) not found: {', '.join(missing)}")
+        raise InputNotFound(f"{source_dir}: notebook(s) not found: {', '.join(missing)}", path=source_dir)
 
-    run_dir = cfg.run_dir
-    out_dir = run_dir / "notebooks"
+    layout = cfg.layout
+    run_dir = layout.root
+    out_dir = layout.notebooks_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    params_file = run_dir / "params.yaml"
+    params_file = layout.params
     cfg.to_yaml(params_file)
     result = RunResult(run_dir=run_dir, params_file=params_file)
     manager = _kernel_manager_class()
@@ -168,7 +176,7 @@ def run_notebooks(params: str | Path | WorkflowConfig, overrides: Mapping[str, A
             result.notebooks.append(output)
     finally:
         if report and result.notebooks:
-            result.report = render_report(result.notebooks, run_dir / "report.html", title=f"WaveGlow run {cfg.name!r}")
+            result.report = render_report(result.notebooks, layout.report, title=f"WaveGlow run {cfg.name!r}")
     return result
 
 
@@ -204,8 +212,6 @@ def merge_notebooks(paths: Sequence[str | Path]):
 def _freeze_progress_bars(cells: Sequence[Any], state: Mapping[str, Any]) -> None:
     """Replace tqdm's notebook bars by their final text: the report must not need the widget JavaScript
     (fetched from a CDN) to say how far a stage got, and their text fallback was taken at 0 %."""
-    import html
-
     def model(ref: str) -> Mapping[str, Any]:
         return state.get(ref.replace("IPY_MODEL_", ""), {})
 
@@ -228,61 +234,7 @@ def render_report(paths: Sequence[str | Path], output: str | Path, title: str = 
     """nbconvert HTML of the executed notebooks, concatenated into one self-contained page."""
     from nbconvert import HTMLExporter
 
-    from .io import atomic_write_text
-
     merged = merge_notebooks(paths)
     merged.metadata["title"] = title
-    html, _ = HTMLExporter(template_name="lab").from_notebook_node(merged)
-    return atomic_write_text(output, html)
-
-
-# --- CLI ------------------------------------------------------------------------------------------
-def add_run_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `run` on the package CLI (`python -m waveglow_lib run`)."""
-    parser = subparsers.add_parser(
-        "run", help="execute the notebooks 00…05 with papermill into runs/<name>/ and write report.html",
-        description=__doc__.split("\n\n")[0] + " Stops at the first failing notebook, naming it and the cell.")
-    parser.add_argument("--params", default="params/demo.yaml", help="params file (default: %(default)s)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one parameter (YAML value), repeatable, e.g. --set limit=2")
-    parser.add_argument("--notebooks", nargs="+", metavar="NAME", default=None,
-                        help=f"run only these notebooks, in the order given (default: all of {', '.join(NOTEBOOKS)})")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds per cell before giving up (default: none)")
-    parser.add_argument("--no-report", action="store_true", help="skip report.html")
-    parser.set_defaults(func=run_command)
-    return parser
-
-
-def run_command(args: argparse.Namespace) -> int:
-    try:
-        result = run_notebooks(args.params, parse_set_option(args.overrides), notebooks=args.notebooks,
-                               report=not args.no_report, timeout=args.timeout)
-    except NotebookRunError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        report = exc.output.parent.parent / "report.html"
-        if report.exists():
-            print(f"report of what ran: {report}", file=sys.stderr)
-        return 1
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    total = sum(result.seconds.values())
-    for name, seconds in result.seconds.items():
-        print(f"{name:28s} {seconds:8.1f} s")
-    print(f"done in {total:.1f} s: {result.run_dir}")
-    if result.report:
-        print(f"report: {result.report}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry point (the package CLI registers the same sub-command)."""
-    parser = argparse.ArgumentParser(prog="python -m waveglow_lib.notebook_runner")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_run_parser(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    page, _ = HTMLExporter(template_name="lab").from_notebook_node(merged)
+    return atomic_write_text(output, page)

@@ -1,0 +1,75 @@
+"""`precision: auto`: the fastest precision this CPU runs natively that also passes the quality gate.
+
+int8 (VNNI or AMX-INT8; only for WN layers of at least INT8_MIN_CHANNELS, where it beats bf16), then bf16
+(AVX512-BF16 or AMX), each checked against the fp32 model with the same noise on a probe of real speech —
+the bundled demo corpus's first wav — with `metrics.quality_ok`; else fp32. The verdict and the probe's
+numbers are kept with the engine.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ...audio import load_wav, mel_spectrogram
+from ...config import DEMO_CORPUS_DIR, STFTConfig
+from ...hardware import native_bf16, native_int8
+from ...metrics import quality_check, quality_ok
+from .engine import FastEngine
+
+#: frames of real speech a reduced-precision engine is checked on before `precision: auto` trusts it
+PROBE_FRAMES = 48
+PROBE_SIGMA = 0.6
+#: `auto` tries int8 only for WN layers this wide: narrower layers lose int8's gain to the per-call
+#: quantisation of the activations (see the bench's fast-int8 rows for a narrow model)
+INT8_MIN_CHANNELS = 128
+
+
+def probe_mel(n_mel: int, frames: int = PROBE_FRAMES) -> torch.Tensor:
+    """[1, n_mel, frames]: the log-mel of the bundled demo corpus's first utterance (speech, not noise)."""
+    audio, _ = load_wav(sorted((DEMO_CORPUS_DIR / "wavs").glob("*.wav"))[0])
+    mel = mel_spectrogram(audio, STFTConfig(n_mel_channels=n_mel))[:, :frames]
+    return torch.from_numpy(np.ascontiguousarray(mel))[None]
+
+
+@torch.inference_mode()
+def probe_reference(model, frames: int = PROBE_FRAMES) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """(mel, noise, audio): the probe mel, its noise, and the fp32 model's audio for them (`model.forward`,
+    NVIDIA's algorithm): computed once, then every engine tried is compared with it (`probe_quality`)."""
+    mel = probe_mel(model.config.n_mel_channels, frames)
+    generator = torch.Generator().manual_seed(0)
+    z = PROBE_SIGMA * torch.randn(model.noise_shape(1, mel.shape[2]), generator=generator)
+    dtype = next(model.parameters()).dtype
+    return mel, z, model.forward(mel.to(dtype), z.to(dtype)).float().reshape(-1).numpy()
+
+
+def probe_quality(engine: "FastEngine", probe: tuple[torch.Tensor, torch.Tensor, np.ndarray]) -> dict:
+    """`engine` against the fp32 audio of `probe_reference`, same mel and noise: `metrics.quality_check`'s
+    SNR / log-mel distance / finite."""
+    mel, z, reference = probe
+    return quality_check([reference], [engine.run(mel, z).reshape(-1)])
+
+
+def auto_engine(model, **options) -> tuple["FastEngine", dict]:
+    """`precision: auto`: the fastest of int8 (for models of ≥ INT8_MIN_CHANNELS WN channels), bf16 that
+    this CPU runs natively and that passes the quality gate on the probe, else fp32. Returns (engine,
+    record): the precision chosen, why, and the probe numbers of every precision tried (`tried`).
+    `options`: FastEngine's block_frames / threads."""
+    tried, skipped, probe = {}, [], None
+    for precision, native, hardware in (("int8", native_int8, "int8 dot products (VNNI / AMX-INT8)"),
+                                        ("bf16", native_bf16, "native bf16 (AVX512-BF16 / AMX)")):
+        if not native():
+            skipped.append(f"no {hardware} on this CPU")
+            continue
+        if precision == "int8" and model.config.n_channels < INT8_MIN_CHANNELS:
+            skipped.append(f"int8 not faster for {model.config.n_channels} WN channels (< {INT8_MIN_CHANNELS})")
+            continue
+        engine = FastEngine(model, precision, **options)
+        probe = probe or probe_reference(model)
+        tried[precision] = quality = probe_quality(engine, probe)
+        if quality_ok(quality):
+            return engine, {"precision": precision, "reason": "; ".join(
+                skipped + [f"{p} failed the quality gate" for p in tried if p != precision]
+                + [f"{precision}: native, quality gate passed on the probe"]), **quality, "tried": tried}
+        del engine  # its packed weights go before the next ones are built
+    reasons = skipped + [f"{p} failed the quality gate on the probe" for p in tried]
+    return FastEngine(model, "fp32", **options), {"precision": "fp32", "reason": "; ".join(reasons), "tried": tried}

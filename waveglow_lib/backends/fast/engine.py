@@ -1,0 +1,240 @@
+"""`FastEngine`: the folded WaveGlow reverse pass on the CPU as large GEMMs.
+
+All the arithmetic runs as GEMMs (oneDNN through `torch.matmul`; bf16 with fp32 accumulation where the CPU
+has native bf16, AVX512-BF16 or AMX) in a channels-last layout, where a dilated tap is a row offset and the
+frame-rate conditioning GEMM `[frames, 4·80] @ [4·80, 32·2C]` lands directly as `[steps, 2C]` rows; each
+WN layer is processed in blocks of `block_frames` mel frames so that the gate, residual and skip updates
+stay in cache instead of streaming full-length tensors through memory (what an op-by-op graph runtime
+does). Utterances of a batch run on separate threads when there are spare cores.
+
+Precisions: fp32; bf16 (GEMM operands and the WN state in bf16, fp32 accumulation); int8 (every WN GEMM —
+conditioning, dilated taps, res/skip — through oneDNN's `quantized.linear_dynamic`: weights int8 with one
+scale per output channel, packed at load; activations quantized per call with a per-tensor scale and zero
+point, fp32 in and out, so the state and the gate stay fp32). Where the time goes, and why int8 covers the
+conditioning GEMM too, is recorded by `python -m waveglow_lib bench --profile`.
+
+Cost: the folded conditioning weights are `steps` phases × (4·80 → 2C) per layer, 16× the original
+cond_layer (503 M values for the official model), read once per block; for very short utterances that
+traffic, not arithmetic, bounds the conditioning GEMM.
+"""
+from __future__ import annotations
+
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...errors import ConfigError, MelError
+from ...hardware import native_bf16, native_int8
+from .fold import FastWaveGlow, FastWN, fold_wn
+
+def _pack_int8(weight: torch.Tensor, bias: torch.Tensor | None):
+    """`weight` [in, out] (x @ weight) → oneDNN's packed int8 weight, one scale per output channel, for
+    `quantized.linear_dynamic` (activations quantized per call, per tensor, fp32 in and out)."""
+    w = weight.t().float().contiguous()  # [out, in]
+    scales = (w.abs().amax(1) / 127.0).clamp_min(1e-12).double()
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "onednn"  # the packing decides the kernels, not the global setting
+    try:
+        with warnings.catch_warnings():  # quantized tensors are deprecated in torch, still the int8 GEMM API
+            warnings.simplefilter("ignore", UserWarning)
+            qw = torch.quantize_per_channel(w, scales, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
+            return torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.float())
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+class _FloatGemm:
+    """x @ weight (+ bias) in the weight's dtype (fp32 or bf16, fp32 accumulation)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        self.weight = weight.contiguous().to(dtype)
+        self.bias = None if bias is None else bias.contiguous().to(dtype)
+        self.out_features = self.weight.shape[1]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x, self.weight) if self.bias is not None else x @ self.weight
+
+    def accumulate(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out += x @ weight, in place (one fused GEMM)."""
+        return out.addmm_(x, self.weight)
+
+
+class _Int8Gemm:
+    """x @ weight + bias through oneDNN's int8 GEMM: weight packed once, x quantized per call."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.packed = _pack_int8(weight, bias)
+        self.out_features = weight.shape[1]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x, self.packed, False)
+
+    def accumulate(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return out.add_(self(x))  # int8 GEMMs cannot accumulate into `out`: add after
+
+
+class _Layer:
+    """One WN layer's weights in GEMM form (x @ w, channels-last). The tanh half of the gate's input is
+    scaled by 2 (exact in binary), so the gate is one sigmoid over all 2C channels:
+    tanh(a)·σ(b) = (2σ(2a) − 1)·σ(b) — bf16 tanh costs about twice a sigmoid in PyTorch."""
+
+    __slots__ = ("taps_gemm", "cond_gemm", "res_skip_gemm", "dilation", "taps", "rs_out")
+
+    def __init__(self, fwn: FastWN, i: int, dtype: torch.dtype, int8: bool = False):
+        n, steps, taps = fwn.n_channels, fwn.steps, fwn.taps
+        gain = torch.ones(2 * n)  # ×2 is exact in any binary format
+        gain[:n] = 2.0
+        w_in = fwn.in_layers[i].weight.detach().float() * gain[:, None, None]  # [2n, n, kernel]
+        self.taps = w_in.shape[2]
+        w_in = w_in.permute(2, 1, 0).reshape(-1, 2 * n)  # rows (tap, channel)
+        self.dilation = fwn.in_layers[i].dilation[0]
+        conv = fwn.cond_layers[i]  # [2n·steps (o, p), n_mel, taps] → [(tap, mel), (p, o)]
+        w_cond = conv.weight.detach().float().reshape(2 * n, steps, -1, taps) * gain[:, None, None, None]
+        w_cond = w_cond.permute(3, 2, 1, 0)
+        w_cond = w_cond.reshape(taps * w_cond.shape[1], steps * 2 * n)
+        b_cond = (conv.bias.detach().float().reshape(2 * n, steps) * gain[:, None]).t().reshape(-1)
+        rs = fwn.res_skip_layers[i]
+        w_rs, b_rs = rs.weight.detach()[..., 0].t().float(), rs.bias.detach().float()
+        self.rs_out = w_rs.shape[1]  # C + skip channels; the last layer: skip channels only
+        if int8:  # all three GEMMs in int8 (the packing takes fp32 weights)
+            self.taps_gemm, self.cond_gemm = _Int8Gemm(w_in, None), _Int8Gemm(w_cond, b_cond)
+            self.res_skip_gemm = _Int8Gemm(w_rs, b_rs)
+        else:
+            self.taps_gemm, self.cond_gemm = _FloatGemm(w_in, None, dtype), _FloatGemm(w_cond, b_cond, dtype)
+            self.res_skip_gemm = _FloatGemm(w_rs, b_rs, dtype)
+
+
+@dataclass
+class _Flow:
+    """One flow in GEMM form: its WN layers, the `start` 1x1 conv, and the inverse of its 1x1 mixing."""
+
+    layers: list[_Layer]
+    start_weight: torch.Tensor
+    start_bias: torch.Tensor
+    inverse: torch.Tensor
+
+
+#: FastEngine precisions, fastest first
+PRECISIONS = ("int8", "bf16", "fp32")
+
+
+class FastEngine:
+    """The folded WaveGlow reverse pass as blocked GEMMs: `run(mel, z) -> audio` like a Backend.
+
+    - `model`: a `WaveGlow` (folded here) or a `FastWaveGlow`.
+    - `precision`: "int8", "bf16" (GEMM operands in bf16, fp32 accumulation; the flows' affine/1×1 parts
+      stay fp32) or "fp32". A precision the CPU does not run natively falls back (int8 → bf16 → fp32; see
+      `self.precision`).
+    - `block_frames`: mel frames per block (× steps per frame): large enough that per-op overhead is small,
+      small enough that a block's activations stay in cache.
+    - `threads`: cores to use (default: torch's setting); with a batch, utterances run in parallel, one
+      core each, since one core per GEMM is more efficient than two on small blocks.
+    """
+
+    def __init__(self, model, precision: str = "bf16", block_frames: int = 128, threads: int | None = None):
+        if precision not in PRECISIONS:
+            raise ConfigError(f"FastEngine: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if block_frames < 1:
+            raise ConfigError(f"FastEngine: block_frames must be >= 1, got {block_frames}")
+        if precision == "int8" and not native_int8():
+            precision = "bf16"
+        if precision == "bf16" and not native_bf16():
+            precision = "fp32"
+        self.precision = precision
+        # the GEMM operands and the WN state; int8 GEMMs take fp32 in and give fp32 out (quantized per call)
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.config = c = model.config
+        self.block_frames = block_frames
+        self.threads = threads or torch.get_num_threads()
+        self.steps, self.taps = c.steps_per_frame, c.upsample_taps
+        self.pad = (c.kernel_size - 1) // 2 * 2 ** (c.n_layers - 1)  # rows of zeros around each utterance
+        self.flows = []
+        for k in range(c.n_flows):  # one flow folded at a time: the fp32 folded weights never all exist
+            fwn = model.WN[k] if isinstance(model, FastWaveGlow) else fold_wn(model, k)
+            layers = [_Layer(fwn, i, self.dtype, int8=precision == "int8") for i in range(c.n_layers)]
+            self.flows.append(_Flow(layers, fwn.start.weight.detach()[..., 0].t().float().contiguous(),
+                                    fwn.start.bias.detach().float().clone(),
+                                    model.convinv[k].W_inverse.detach()[..., 0].t().float().contiguous()))
+            del fwn
+        self.n_remaining_channels = model.n_remaining_channels
+
+    def noise_shape(self, batch: int, frames: int) -> tuple[int, int, int]:
+        return batch, self.config.n_group, frames * self.config.hop_length // self.config.n_group
+
+    @torch.inference_mode()
+    def run(self, mel, z) -> np.ndarray:
+        """mel [B, n_mel, T], z [B, n_group, T·hop/n_group] (complete, sigma-scaled) → audio [B, T·hop] float32."""
+        mel = torch.as_tensor(mel).float()
+        z = torch.as_tensor(z).float()
+        if mel.dim() != 3 or tuple(z.shape) != self.noise_shape(mel.shape[0], mel.shape[2]):
+            raise MelError(f"FastEngine: mel {tuple(mel.shape)} and z {tuple(z.shape)} do not fit "
+                             f"(z must be [B, {self.config.n_group}, T*{self.steps}] for mel [B, n_mel, T])")
+        # conditioning input at frame rate: row f holds mel frames f-3 .. f (zeros before the start)
+        batch, frames = mel.shape[0], mel.shape[2]
+        mel_rows = F.pad(mel.transpose(1, 2), (0, 0, self.taps - 1, 0))
+        unfolded = mel_rows.unfold(1, self.taps, 1).transpose(2, 3).reshape(batch, frames, -1)
+        unfolded = unfolded.to(self.dtype).contiguous()
+        noise = z.transpose(1, 2).contiguous()  # [B, steps, n_group]
+        # Whole utterances on our own threads, one core each, rather than OpenMP inside every op: no
+        # barrier per GEMM, and one-core GEMMs waste less. Left-over utterances (and batch 1) use OpenMP.
+        parallel = batch - batch % self.threads if self.threads > 1 else 0
+        audio = []
+        if parallel:
+            previous = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with ThreadPoolExecutor(self.threads) as pool:
+                    audio = list(pool.map(lambda b: self._reverse(unfolded[b], noise[b]), range(parallel)))
+            finally:
+                torch.set_num_threads(previous)
+        audio += [self._reverse(unfolded[b], noise[b]) for b in range(parallel, batch)]
+        return torch.stack(audio).numpy()
+
+    @torch.inference_mode()  # per call: worker threads do not inherit the caller's mode
+    def _reverse(self, unfolded: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        c, pad, steps = self.config, self.pad, self.steps
+        n, total = c.n_channels, unfolded.shape[0] * steps
+        frames = unfolded.shape[0]
+        blocks = [(f0, min(frames, f0 + self.block_frames)) for f0 in range(0, frames, self.block_frames)]
+        x = torch.zeros(total + 2 * pad, n, dtype=self.dtype)
+        x_next = torch.zeros_like(x)
+        audio = noise[:, : self.n_remaining_channels]
+        next_row = self.n_remaining_channels
+        for k in reversed(range(c.n_flows)):
+            flow = self.flows[k]
+            n_half = audio.shape[1] // 2
+            swap = c.swaps_halves(k)
+            audio_0, audio_1 = (audio[:, n_half:], audio[:, :n_half]) if swap else (audio[:, :n_half], audio[:, n_half:])
+            x[pad: pad + total] = torch.addmm(flow.start_bias, audio_0, flow.start_weight)
+            skip = torch.zeros(total, 2 * n_half)
+            for layer in flow.layers:
+                for f0, f1 in blocks:
+                    self._layer_block(layer, unfolded, x, x_next, skip, f0, f1)
+                if layer.rs_out > skip.shape[1]:  # the residual stream moved to x_next
+                    x, x_next = x_next, x
+            log_s, b = skip[:, n_half:], skip[:, :n_half]
+            audio_1 = (audio_1 - b) * torch.exp(-log_s)
+            audio = torch.cat((audio_1, audio_0) if swap else (audio_0, audio_1), 1) @ flow.inverse
+            if c.has_early_output(k):
+                audio = torch.cat((noise[:, next_row: next_row + c.n_early_size], audio), 1)
+                next_row += c.n_early_size
+        return audio.reshape(-1)
+
+    def _layer_block(self, layer: _Layer, unfolded, x, x_next, skip, f0: int, f1: int) -> None:
+        """One WN layer on frames [f0, f1): conditioning GEMM, dilated taps, gate, residual and skip."""
+        n, pad, steps = self.config.n_channels, self.pad, self.steps
+        t0, t1 = pad + f0 * steps, pad + f1 * steps
+        acts = layer.cond_gemm(unfolded[f0:f1]).view(t1 - t0, 2 * n)
+        centre, d = (layer.taps - 1) // 2, layer.dilation  # the dilated taps side by side: one GEMM, K = 3C
+        taps = torch.cat([x[t0 + (j - centre) * d: t1 + (j - centre) * d] for j in range(layer.taps)], 1)
+        sig = torch.sigmoid(layer.taps_gemm.accumulate(acts, taps))
+        gated = torch.addcmul(sig[:, n:].neg(), sig[:, :n], sig[:, n:], value=2.0)
+        res_skip = layer.res_skip_gemm(gated)
+        n_skip = skip.shape[1]
+        skip[t0 - pad: t1 - pad] += res_skip[:, res_skip.shape[1] - n_skip:]
+        if res_skip.shape[1] > n_skip:
+            torch.add(x[t0:t1], res_skip[:, :n], out=x_next[t0:t1])

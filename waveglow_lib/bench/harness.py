@@ -1,0 +1,469 @@
+"""The harness: the guide's table (utterances/s at batch 1/4/8/16), reproduced on this machine — the one
+place that times inference.
+
+`python -m waveglow_lib bench` or `run_bench(...) -> dict`, `report.render_markdown(result) -> str`.
+
+Rows (`ROWS`): every path a user could pick, measured in the same run, interleaved repeat by repeat so
+that a change in machine load hits all rows alike:
+- `reference`: NVIDIA's glow.py algorithm (our `WaveGlow.infer`), PyTorch fp32 eager; the quality truth;
+- `torch-bf16`: the same model cast to bf16; `onnxruntime-fp32`, `openvino-fp32`, `openvino-bf16`: the
+  exported graph (stages.export) in those runtimes; `openvino-folded-bf16`: OpenVINO on our folded graph;
+- `fast-fp32`, `fast-bf16`, `fast-int8`: our fast path (backends/fast/: folded model on blocked GEMMs; int8 = oneDNN int8 GEMMs with per-channel weight scales and per-call activation quantisation).
+bf16 rows are skipped on CPUs without native bf16 (AVX512-BF16 / AMX), where they would only emulate it;
+int8 rows likewise without int8 dot products (VNNI / AMX-INT8).
+
+Workload: the guide's 10 mel lengths (832, 164, ... frames = 66.8 s of audio), or those lengths divided by
+N (`--lengths guide/N`), or any list. Mels come from the run's preprocessed `mel/` when present, else from
+the corpus wavs (each cut or repeated to its length), else synthetic. Noise per utterance from
+`batching.utterance_noise` (identical for every row), sigma 0.6; batches as the infer stage forms them
+(`plan_batches`, `vocode(..., exact=False)`: padded with log(1e-5), trimmed back — like the guide's
+batches; the infer stage's default `exact=True` also recomputes padded tails, extra work not timed here).
+
+Per row and batch size: utterances/s (the guide's unit), audio-seconds/s (× real time), median and p10/p90
+over `repeats` timed passes after a warm-up batch, peak memory (resident-set growth sampled every 5 ms
+during the row's passes: native runtimes allocate outside Python, so tracemalloc would miss them), effective
+GFLOP/s (the *reference* model's FLOPs, counted analytically, divided by the time, so algebraic savings
+show), the measured matmul peak for the row's precision and the % of it, speed-up over the reference row,
+and quality against the reference row at the same batch size with the same noise: SNR and log-mel distance
+(metrics.log_mel_distance: mean |Δ ln mel|).
+
+Quality gate (`metrics.quality_ok`, the same one `precision: auto` applies): a row passes when its output
+is finite, its log-mel distance to fp32 is ≤ 0.05 (mean |Δ ln mel| — a 5 % mean deviation of the mel
+magnitude, ≈ 0.43 dB, below the ~1 dB level difference a listener notices) and its SNR is ≥ 20 dB.
+`auto` = the fastest passing row; `default_path` = the row the workflow's defaults run (fast at the
+first of int8, bf16, fp32 that was measured and passes), with its ratios to the reference and to OpenVINO.
+
+Budget: the official model runs well below real time on a small CPU, so the default is `--lengths guide/16`
+(4.2 s of audio per pass), batch sizes 1/4/8/16, 3 repeats, the default rows; the README gives the
+measured duration. `--lengths guide` is the full table (hours on 2 cores). `--quick` (tests, smoke runs): the
+demo model unless one is given, three short lengths, batch 1 and 2, one repeat.
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..backends import ModelSpec, get_backend
+from ..batching import Utterance, plan_batches, utterance_noise, vocode
+from ..config import GUIDE_THROUGHPUT, ModelConfig, STFTConfig, WorkflowConfig
+from ..errors import ConfigError
+from ..hardware import machine_busy, machine_info
+from ..io import atomic_write_json, atomic_write_text, read_bin
+from ..layout import load_manifest, mel_bin
+from ..metrics import MAX_LOG_MEL_DISTANCE, MIN_SNR_DB, quality_check, quality_ok
+from ..stages.infer import backend_name, open_backend, resolve_model_config
+from .profile import profile_paths
+from .report import render_markdown
+from .workload import (DEFAULT_LENGTHS, GUIDE_MEAN_SECONDS, QUICK_LENGTHS, build_model, exported_graph,
+                       parse_lengths, workload)
+
+REFERENCE = "reference"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One path of the table: a backend at a precision (`graph`: which ONNX export it reads, if any)."""
+
+    id: str
+    backend: str
+    precision: str
+    label: str
+    graph: str | None = None  # "model" | "folded" | None (no export needed)
+    #: a custom backend factory (tests: a path that breaks the audio); gets (model, threads)
+    factory: Callable[..., Any] | None = None
+
+
+ROWS = {r.id: r for r in (
+    Row(REFERENCE, "torch", "fp32", "NVIDIA glow.py algorithm, PyTorch fp32 eager (reference)"),
+    Row("torch-bf16", "torch", "bf16", "PyTorch bf16 (model cast to bf16)"),
+    Row("onnxruntime-fp32", "onnxruntime", "fp32", "ONNX Runtime fp32 (CPU EP)", graph="model"),
+    Row("openvino-fp32", "openvino", "fp32", "OpenVINO f32", graph="model"),
+    Row("openvino-bf16", "openvino", "bf16", "OpenVINO bf16 (INFERENCE_PRECISION_HINT)", graph="model"),
+    Row("openvino-folded-bf16", "openvino", "bf16", "OpenVINO bf16 on our folded graph", graph="folded"),
+    Row("fast-fp32", "fast", "fp32", "ours: folded model, blocked GEMMs, fp32"),
+    Row("fast-bf16", "fast", "bf16", "ours: folded model, blocked GEMMs, bf16"),
+    Row("fast-int8", "fast", "int8", "ours: folded model, int8 GEMMs (oneDNN, per-channel weights)"),
+)}
+DEFAULT_ROWS = (REFERENCE, "torch-bf16", "onnxruntime-fp32", "openvino-fp32", "openvino-bf16", "fast-bf16",
+                "fast-int8")
+
+
+# --- FLOPs, peaks, memory ---------------------------------------------------------------------------
+def reference_macs_per_step(c: ModelConfig) -> int:
+    """Multiply-adds of NVIDIA's reverse pass per step of the folded time axis (n_group samples)."""
+    taps = c.upsample_kernel // c.upsample_stride  # frames reaching each audio sample
+    macs = c.n_group * c.n_mel_channels * c.n_mel_channels * taps  # upsampler, per n_group samples
+    n_remaining = c.n_group
+    for k in range(c.n_flows):
+        if k > 0 and k % c.n_early_every == 0:
+            n_remaining -= c.n_early_size
+        n_half, ch, layers = n_remaining // 2, c.n_channels, c.n_layers
+        macs += n_half * ch + layers * 2 * ch * ch * c.kernel_size  # start, dilated in_layers
+        macs += (layers - 1) * 2 * ch * ch + ch * ch  # res_skip (the last layer: skip only)
+        macs += c.n_mel_channels * c.n_group * 2 * ch * layers  # cond_layer
+        macs += ch * 2 * n_half + n_remaining * n_remaining  # end, inverse 1x1
+    return macs
+
+
+def folded_macs_per_step(c: ModelConfig) -> int:
+    """Multiply-adds of fast.py's folded network per step (frame-rate conditioning, skip folded in end)."""
+    taps = c.upsample_kernel // c.upsample_stride
+    macs = 0
+    n_remaining = c.n_group
+    for k in range(c.n_flows):
+        if k > 0 and k % c.n_early_every == 0:
+            n_remaining -= c.n_early_size
+        n_half, ch, layers = n_remaining // 2, c.n_channels, c.n_layers
+        macs += n_half * ch + layers * 2 * ch * ch * c.kernel_size
+        macs += layers * taps * c.n_mel_channels * 2 * ch  # conditioning from 4 frames × n_mel
+        macs += (layers - 1) * ch * (ch + 2 * n_half) + ch * 2 * n_half + n_remaining * n_remaining
+    return macs
+
+
+def reference_flops_per_audio_second(c: ModelConfig, sample_rate: int = 22050) -> float:
+    return 2.0 * reference_macs_per_step(c) * sample_rate / c.n_group
+
+
+def matmul_peaks(size: int = 2048, repeats: int = 3, bf16: bool = True, int8: bool = False) -> dict[str, float]:
+    """GFLOP/s of a square matmul per precision (int8: `torch._int_mm`, int32 accumulation; GOP/s), with the
+    current torch thread count (best of N)."""
+    peaks = {}
+    for name, dtype, wanted in (("fp32", torch.float32, True), ("bf16", torch.bfloat16, bf16),
+                                ("int8", torch.int8, int8)):
+        if not wanted:
+            continue
+        a, b = (torch.randint(-100, 100, (size, size)).to(dtype) for _ in range(2))
+        multiply = torch._int_mm if dtype == torch.int8 else torch.matmul
+        multiply(a, b)
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            multiply(a, b)
+            best = min(best, time.perf_counter() - t0)
+        peaks[name] = round(2.0 * size ** 3 / best / 1e9, 1)
+    return peaks
+
+
+class RssSampler:
+    """Peak resident set size (bytes) of this process while a `with` block runs, sampled every 5 ms."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.start = self.peak = rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __enter__(self) -> "RssSampler":
+        self.start = self.peak = rss_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):  # pragma: no cover - not Linux: the high-water mark
+        import resource  # noqa: PLC0415  (POSIX only)
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# --- building the rows ----------------------------------------------------------------------------------
+def open_row(row: Row, model, threads: int | None, cache_dir: Path):
+    if row.factory is not None:
+        return row.factory(model, threads)
+    opts = {"threads": threads} if threads else {}
+    if row.graph is None:
+        return get_backend(row.backend, model=model, precision=row.precision, **opts)
+    return get_backend(row.backend, onnx_path=exported_graph(model, row.graph, cache_dir), precision=row.precision,
+                       spec=ModelSpec.from_model_config(model.config), **opts)
+
+
+# --- measuring ------------------------------------------------------------------------------------------
+def _percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", lengths: Any = None,
+              batch_sizes: Sequence[int] | None = None, repeats: int | None = None,
+              rows: Sequence[str | Row] | None = None, quick: bool | None = None, threads: int | None = None,
+              out_dir: str | Path | None = None, write: bool = True, profile: bool = False,
+              progress: bool = True) -> dict:
+    """Measure the table; returns the result dict (also written as bench.json + bench.md when `write`).
+
+    `cfg` gives seed, sigma, corpus/run folder and the bench_* defaults (batch sizes, repeats, quick).
+    `rows`: row ids from ROWS (or "all"), or Row objects (e.g. a test's custom path); the reference row is
+    always measured (it is the quality truth). `threads`: cores for every row (default: torch's setting).
+    `out_dir`: default `cfg.run_dir`. `profile`: also record the profilers' top operations (see `profile_paths`).
+    """
+    cfg = cfg or WorkflowConfig()
+    quick = cfg.bench_quick if quick is None else quick
+    if quick and model == "official":
+        model = "demo"
+    lengths = parse_lengths(lengths if lengths is not None else (QUICK_LENGTHS if quick else DEFAULT_LENGTHS))
+    batch_sizes = [int(b) for b in (batch_sizes or ([1, 2] if quick else cfg.bench_batch_sizes))]
+    repeats = int(repeats or (1 if quick else cfg.bench_repeats))
+    if repeats < 1 or not batch_sizes or min(batch_sizes) < 1:
+        raise ConfigError(f"bench: need repeats >= 1 and batch sizes >= 1, got {repeats} and {batch_sizes}")
+    if threads:
+        torch.set_num_threads(int(threads))
+    threads = torch.get_num_threads()
+    out_dir = Path(out_dir) if out_dir is not None else cfg.run_dir
+    machine = machine_info()
+    row_list = _select_rows(rows, machine["native_bf16"])
+    not_native = {"bf16": ("native_bf16", "no native bf16 on this CPU (AVX512-BF16/AMX): it would only emulate it"),
+                  "int8": ("native_int8", "no int8 dot products on this CPU (VNNI/AMX-INT8): no faster than bf16")}
+    skipped = {r.id: not_native[r.precision][1] for r in row_list
+               if r.factory is None and r.precision in not_native and not machine[not_native[r.precision][0]]}
+    row_list = [r for r in row_list if r.id not in skipped]
+
+    net, model_name = build_model(model, cfg.seed)
+    c = net.config
+    ids, mels, source = workload(lengths, cfg, c.n_mel_channels)
+    noises = [utterance_noise(c, m.shape[1], cfg.seed, i) for i, m in zip(ids, mels)]
+    utts = [Utterance(i, m.shape[1], None) for i, m in zip(ids, mels)]
+    index = {u.id: n for n, u in enumerate(utts)}
+    audio_seconds = sum(m.shape[1] for m in mels) * c.hop_length / STFTConfig().sampling_rate
+    useful_flops = reference_flops_per_audio_second(c) * audio_seconds
+    pad_value = STFTConfig().pad_value
+    peaks = matmul_peaks(512 if quick else 2048, bf16=machine["native_bf16"],
+                         int8=any(r.precision == "int8" for r in row_list))
+
+    backends, load_info = {}, {}
+    for row in tqdm(row_list, desc="bench: load", disable=not progress):
+        before, t0 = rss_bytes(), time.perf_counter()
+        backends[row.id] = open_row(row, net, threads, out_dir / "bench_models")
+        load_info[row.id] = {"load_seconds": round(time.perf_counter() - t0, 2),
+                             "load_mib": round((rss_bytes() - before) / 2 ** 20, 1),
+                             "description": getattr(backends[row.id], "description", row.id)}
+
+    def one_pass(backend, bs):
+        outputs = [None] * len(utts)
+        for batch in plan_batches(utts, bs):
+            audio, _ = vocode(backend, [mels[index[u.id]] for u in batch], [noises[index[u.id]] for u in batch],
+                              cfg.sigma, c, exact=False, pad_value=pad_value)
+            for u, a in zip(batch, audio):
+                outputs[index[u.id]] = a
+        return outputs
+
+    results = []
+    try:
+        for bs in batch_sizes:
+            times = {r.id: [] for r in row_list}
+            peak_mib = {r.id: 0.0 for r in row_list}
+            outputs = {}
+            warm = [np.ascontiguousarray(m[:, : min(lengths)]) for m in mels[:bs]]
+            for row in row_list:  # warm-up: first-call allocations and compilation stay out of the timings
+                vocode(backends[row.id], warm, [n[:, : min(lengths) * c.hop_length // c.n_group] for n in noises[:bs]],
+                       cfg.sigma, c, exact=False, pad_value=pad_value)
+            with tqdm(total=repeats * len(row_list), desc=f"bench: batch {bs}", disable=not progress) as bar:
+                for rep in range(repeats):
+                    for row in row_list:  # interleaved: load changes hit every row alike
+                        with RssSampler() as rss:
+                            t0 = time.perf_counter()
+                            out = one_pass(backends[row.id], bs)
+                            times[row.id].append(time.perf_counter() - t0)
+                        peak_mib[row.id] = max(peak_mib[row.id], (rss.peak - rss.start) / 2 ** 20)
+                        if rep == 0:
+                            outputs[row.id] = out
+                        bar.update(1)
+            for row in row_list:
+                results.append(_row_result(row, bs, times[row.id], peak_mib[row.id], outputs, len(utts),
+                                           audio_seconds, useful_flops, peaks, load_info[row.id]))
+    finally:
+        for backend in backends.values():
+            backend.close()
+    _add_ratios(results)
+    result = {
+        "machine": machine, "peaks_gflops": peaks,
+        "settings": {"model": model_name, "model_config": c.to_dict(), "lengths": lengths,
+                     "audio_seconds_per_pass": round(audio_seconds, 3), "utterances": len(utts),
+                     "mel_source": source, "batch_sizes": batch_sizes, "repeats": repeats, "threads": threads,
+                     "sigma": cfg.sigma, "seed": cfg.seed, "quick": bool(quick),
+                     "reference_gflop_per_audio_second": round(reference_flops_per_audio_second(c) / 1e9, 3),
+                     "reference_macs_per_step": reference_macs_per_step(c),
+                     "folded_macs_per_step": folded_macs_per_step(c),
+                     "quality_gate": {"max_log_mel_distance": MAX_LOG_MEL_DISTANCE, "min_snr_db": MIN_SNR_DB}},
+        "rows": results, "skipped_rows": skipped,
+        "auto": pick_auto(results), "default_path": default_path_summary(results),
+        "busy": machine_busy(),
+        "guide": {name: {str(b): v for b, v in table.items()} for name, table in GUIDE_THROUGHPUT.items()},
+        "guide_mean_audio_seconds": round(GUIDE_MEAN_SECONDS, 3),
+    }
+    if profile:
+        result["profile"] = profile_paths(net, frames=min(max(lengths), 172), threads=threads, cache_dir=out_dir / "bench_models")
+    if write:
+        atomic_write_json(out_dir / "bench.json", result)
+        atomic_write_text(out_dir / "bench.md", render_markdown(result))
+        result["files"] = {"json": str(out_dir / "bench.json"), "markdown": str(out_dir / "bench.md")}
+    return result
+
+
+def _select_rows(rows, native_bf16: bool) -> list[Row]:
+    if rows is None or rows == "default":
+        rows = list(DEFAULT_ROWS)
+    elif rows == "all" or (isinstance(rows, (list, tuple)) and list(rows) == ["all"]):
+        rows = list(ROWS)
+    chosen = []
+    for r in rows:
+        if isinstance(r, Row):
+            chosen.append(r)
+        elif r in ROWS:
+            chosen.append(ROWS[r])
+        else:
+            raise ConfigError(f"bench: unknown row {r!r}; choose from {', '.join(ROWS)} (or all)")
+    if REFERENCE not in [r.id for r in chosen]:
+        chosen.insert(0, ROWS[REFERENCE])  # the quality truth and the speed-up base
+    ids = [r.id for r in chosen]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"bench: a row is listed twice: {ids}")
+    return chosen
+
+
+def _row_result(row: Row, bs: int, times: list[float], peak_mib: float, outputs: dict, n_utts: int,
+                audio_seconds: float, useful_flops: float, peaks: dict, load: dict) -> dict:
+    median = statistics.median(times)
+    quality = quality_check(outputs[REFERENCE], outputs[row.id])
+    gflops = useful_flops / median / 1e9
+    peak = peaks.get(row.precision)
+    return {
+        "row": row.id, "label": row.label, "backend": row.backend, "precision": row.precision, "batch_size": bs,
+        "description": load["description"], "repeats": len(times), "seconds": [round(t, 4) for t in times],
+        "seconds_median": round(median, 4),
+        "utterances_per_second": round(n_utts / median, 4),
+        "utterances_per_second_p10": round(n_utts / _percentile(times, 90), 4),
+        "utterances_per_second_p90": round(n_utts / _percentile(times, 10), 4),
+        "audio_seconds_per_second": round(audio_seconds / median, 4),
+        "audio_seconds_per_second_p10": round(audio_seconds / _percentile(times, 90), 4),
+        "audio_seconds_per_second_p90": round(audio_seconds / _percentile(times, 10), 4),
+        "effective_gflops": round(gflops, 2), "peak_gflops": peak,
+        "percent_of_peak": round(100 * gflops / peak, 1) if peak else None,
+        "peak_memory_mib": round(peak_mib, 1), "load_memory_mib": load["load_mib"],
+        "load_seconds": load["load_seconds"], **quality, "quality_ok": quality_ok(quality),
+    }
+
+
+def _add_ratios(results: list[dict]) -> None:
+    by_key = {(r["row"], r["batch_size"]): r for r in results}
+    for r in results:
+        ref = by_key.get((REFERENCE, r["batch_size"]))
+        ov = by_key.get(("openvino-bf16", r["batch_size"]))
+        r["speedup_vs_reference"] = round(r["audio_seconds_per_second"] / ref["audio_seconds_per_second"], 3)
+        r["ratio_vs_openvino_bf16"] = (round(r["audio_seconds_per_second"] / ov["audio_seconds_per_second"], 3)
+                                       if ov else None)
+
+
+def pick_auto(results: Sequence[Mapping[str, Any]]) -> dict:
+    """The fastest row whose quality passes: per batch size, and overall (geometric mean over batch sizes
+    of audio-seconds/s, among rows that pass at every batch size)."""
+    per_batch = {}
+    for bs in sorted({r["batch_size"] for r in results}):
+        passing = [r for r in results if r["batch_size"] == bs and r["quality_ok"]]
+        if passing:
+            best = max(passing, key=lambda r: r["audio_seconds_per_second"])
+            per_batch[str(bs)] = best["row"]
+    rows = {}
+    for r in results:
+        rows.setdefault(r["row"], []).append(r)
+    overall = [(math.exp(statistics.mean(math.log(x["audio_seconds_per_second"]) for x in rs)), row)
+               for row, rs in rows.items() if all(x["quality_ok"] for x in rs)]
+    return {"overall": max(overall)[1] if overall else None, "per_batch_size": per_batch,
+            "rejected": sorted({r["row"] for r in results if not r["quality_ok"]})}
+
+
+def default_path(results: Sequence[Mapping[str, Any]]) -> str | None:
+    """The row the workflow's defaults run (`backend: auto`, `precision: auto` → fast): the first of
+    fast-int8, fast-bf16, fast-fp32 that was measured (native on this CPU) and passes the gate at every batch
+    size; without fast rows, the bench's own auto pick."""
+    rows: dict[str, list] = {}
+    for r in results:
+        rows.setdefault(r["row"], []).append(r["quality_ok"])
+    for row in ("fast-int8", "fast-bf16", "fast-fp32"):
+        if rows.get(row) and all(rows[row]):
+            return row
+    return pick_auto(results)["overall"]
+
+
+def default_path_summary(results: Sequence[Mapping[str, Any]]) -> dict:
+    """The default path's row and, per batch size, its speed-up over the reference, its ratio to OpenVINO
+    bf16 (when measured), × real time and its quality verdict: ratios, no thresholds."""
+    chosen = default_path(results)
+    per_batch = {str(r["batch_size"]): {"speedup_vs_reference": r["speedup_vs_reference"],
+                                        "ratio_vs_openvino_bf16": r["ratio_vs_openvino_bf16"],
+                                        "real_time_factor": r["audio_seconds_per_second"],
+                                        "quality_ok": r["quality_ok"]}
+                 for r in results if r["row"] == chosen}
+    return {"row": chosen, "per_batch_size": per_batch}
+
+
+# --- the notebooks' look at a run ---------------------------------------------------------------------
+def throughput_table(cfg: WorkflowConfig, batch_sizes: Sequence[int] | None = None, *, backend: str | None = None,
+                     model: Any = None, repeats: int | None = None) -> list[dict[str, Any]]:
+    """Utterances/s (the guide's unit), audio-seconds/s and real-time factor by batch size, on this run's
+    utterances and backend, batched exactly as the infer stage batches them.
+
+    Real-time factor = processing seconds / audio seconds (below 1 is faster than real time). Each batch
+    size (default `cfg.bench_batch_sizes`) is timed `repeats` times (default `cfg.bench_repeats`) after one
+    warm-up batch: median, p10 and p90 of utterances/s, and whether the machine was busy. The rows are saved
+    to runs/<name>/throughput.json. For the full harness (peers, precisions, the guide's workload) see
+    `run_bench` / `python -m waveglow_lib bench`.
+    """
+    layout = cfg.layout
+    manifest = load_manifest(layout.mel_dir)
+    items = manifest["items"]
+    stft = STFTConfig(**manifest["settings"]["stft"]) if manifest.get("settings", {}).get("stft") else STFTConfig()
+    config = resolve_model_config(cfg, model)
+    name = backend or backend_name(cfg)
+    hop, rate, pad = config.hop_length, stft.sampling_rate, stft.pad_value
+    utterances = [Utterance(item["id"], int(item["mel_frames"]), mel_bin(layout.mel_dir, item)) for item in items]
+    mels = {u.id: read_bin(u.bin_path, (config.n_mel_channels, u.frames)) for u in utterances}
+    noises = {u.id: utterance_noise(config, u.frames, cfg.seed, u.id) for u in utterances}
+    audio_seconds = sum(u.frames * hop for u in utterances) / rate
+    repeats = int(repeats or cfg.bench_repeats)
+    rows = []
+    runner = open_backend(cfg, model=model, model_config=config, name=name)
+    try:
+        shortest = min(utterances, key=lambda u: u.frames)
+        vocode(runner, [mels[shortest.id]], [noises[shortest.id]], cfg.sigma, config, pad_value=pad)   # warm-up
+        for batch_size in batch_sizes or cfg.bench_batch_sizes:
+            batches = plan_batches(utterances, int(batch_size))
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for batch in batches:
+                    vocode(runner, [mels[u.id] for u in batch], [noises[u.id] for u in batch], cfg.sigma, config,
+                           exact=cfg.exact_batching, pad_value=pad)
+                times.append(time.perf_counter() - start)
+            seconds = statistics.median(times)
+            used = getattr(runner, "precision", cfg.precision)  # what `auto` became
+            rows.append({"backend": name, "precision": used, "batch_size": int(batch_size),
+                         "utterances": len(utterances), "repeats": repeats, "seconds": seconds,
+                         "utterances_per_second": len(utterances) / seconds,
+                         "utterances_per_second_p10": len(utterances) / _percentile(times, 90),
+                         "utterances_per_second_p90": len(utterances) / _percentile(times, 10),
+                         "audio_seconds_per_second": audio_seconds / seconds,
+                         "real_time_factor": seconds / audio_seconds, "busy": machine_busy()})
+    finally:
+        runner.close()
+    atomic_write_json(layout.throughput, rows)
+    return rows

@@ -1,0 +1,112 @@
+"""bench.md: machine, settings, one table per batch size, the auto pick, the default path, the guide's rows."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from ..config import GUIDE_MEL_LENGTHS, GUIDE_THROUGHPUT
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "**no**"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _verdicts(auto: Mapping[str, Any], path: Mapping[str, Any]) -> list[str]:
+    lines = ["## auto", "",
+              f"Fastest row that passes the quality gate: **{auto['overall']}** overall; per batch size: "
+              + ", ".join(f"{b}: {r}" for b, r in auto["per_batch_size"].items())
+              + (f". Rejected by the gate: {', '.join(auto['rejected'])}." if auto["rejected"] else "."), ""]
+    if path["row"]:
+        lines += [f"## The default path ({path['row']}; `backend: auto`, `precision: auto`)", "",
+                  "| batch | vs OpenVINO bf16 | vs reference | × real time | quality |", "|---|---|---|---|---|"]
+        for b, e in path["per_batch_size"].items():
+            lines.append(f"| {b} | {_fmt(e['ratio_vs_openvino_bf16'])} | {_fmt(e['speedup_vs_reference'])} "
+                         f"| {_fmt(e['real_time_factor'], 3)} | {_fmt(e['quality_ok'])} |")
+        lines.append("")
+    return lines
+
+
+def render_markdown(result: Mapping[str, Any]) -> str:
+    """bench.md: machine, settings, one table per batch size, auto pick, default path, the guide's rows."""
+    m, s = result["machine"], result["settings"]
+    isa = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in m["isa"].items())
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
+    lines = [
+        "# WaveGlow throughput", "",
+        f"**Machine**: {m['cpu']}, {m['usable_cpus']} usable CPUs ({m['torch_threads']} torch threads); {isa}; "
+        f"torch CPU capability {m['torch_cpu_capability']}; load average at start "
+        f"{', '.join(f'{v:.2f}' for v in m.get('load_average') or [])}.",
+        f"**Libraries**: {versions}.",
+        f"**Measured matmul peak** (square torch.matmul): " +
+        ", ".join(f"{k} {v} GFLOP/s" for k, v in result["peaks_gflops"].items()) + ".", "",
+        f"**Workload**: {s['model']}; {s['utterances']} utterances of {s['lengths']} mel frames "
+        f"({s['audio_seconds_per_pass']} s of audio per pass), mels from {s['mel_source']}; sigma {s['sigma']}, "
+        f"seed {s['seed']}; {s['repeats']} timed passes per row after a warm-up batch, rows interleaved; "
+        f"{s['threads']} threads. The reference model needs {s['reference_gflop_per_audio_second']} GFLOP per "
+        f"second of audio ({s['reference_macs_per_step']:,} multiply-adds per {s['model_config']['n_group']}-sample "
+        f"step; our folded model {s['folded_macs_per_step']:,}).",
+        f"**Quality gate**: against the reference row at the same batch size with the same noise: log-mel "
+        f"distance ≤ {s['quality_gate']['max_log_mel_distance']} (mean |Δ ln mel|) and SNR ≥ "
+        f"{s['quality_gate']['min_snr_db']} dB.", "",
+    ]
+    header = ("| row | utt/s | × real time (p10–p90) | vs reference | vs OpenVINO bf16 | eff. GFLOP/s | % of peak "
+              "| peak MiB (+load) | SNR dB | log-mel dist | quality |")
+    for bs in s["batch_sizes"]:
+        lines += [f"## Batch {bs}", "", header, "|" + "---|" * 11]
+        for r in (r for r in result["rows"] if r["batch_size"] == bs):
+            lines.append(
+                f"| {r['label']} | {_fmt(r['utterances_per_second'], 3)} | {_fmt(r['audio_seconds_per_second'], 3)} "
+                f"({_fmt(r['audio_seconds_per_second_p10'], 3)}–{_fmt(r['audio_seconds_per_second_p90'], 3)}) "
+                f"| {_fmt(r['speedup_vs_reference'])}× | {_fmt(r['ratio_vs_openvino_bf16'])}"
+                f"{'×' if r['ratio_vs_openvino_bf16'] else ''} | {_fmt(r['effective_gflops'], 0)} "
+                f"| {_fmt(r['percent_of_peak'], 0)} ({r['precision']}) | {_fmt(r['peak_memory_mib'], 0)} "
+                f"(+{_fmt(r['load_memory_mib'], 0)}) | {_fmt(r['snr_db'], 1)} | {_fmt(r['log_mel_distance'], 4)} "
+                f"| {_fmt(r['quality_ok'])} |")
+        lines.append("")
+    auto = result["auto"]
+    if s["quick"]:  # a smoke run times a few tiny utterances once: no verdicts from it
+        lines += ["*Smoke run (`--quick`): a few very short utterances, one pass. It shows that every row runs "
+                  "and agrees with the reference; its speeds are not a verdict — run the full benchmark for that.*", ""]
+    else:
+        lines += _verdicts(auto, result["default_path"])
+    if result.get("busy"):
+        lines += [f"**Warning**: {result['busy']}.", ""]
+
+    if result.get("skipped_rows"):
+        lines += ["Skipped: " + "; ".join(f"{k} ({v})" for k, v in result["skipped_rows"].items()), ""]
+    lines += ["## The guide's published rows (theirs, not measured here)", "",
+              "Utterances per second for LJ001-0001…0010 at full length (mean "
+              f"{result['guide_mean_audio_seconds']:.2f} s of audio each); × real time = utt/s × that mean.", "",
+              "| device | " + " | ".join(f"bs {b}" for b in (1, 4, 8, 16)) + " |", "|---|---|---|---|---|"]
+    for name, table in result["guide"].items():
+        lines.append(f"| {name} | " + " | ".join(
+            f"{table[str(b)]} utt/s ({table[str(b)] * result['guide_mean_audio_seconds']:.2f}×)" for b in (1, 4, 8, 16)) + " |")
+    if s["lengths"] != list(GUIDE_MEL_LENGTHS):
+        lines += ["", "Our utterances are shorter than the guide's (see Workload), so compare × real time, "
+                  "not utterances/s, with their rows."]
+    if result.get("profile"):
+        lines += ["", f"## Profile (batch 1, {result['profile']['frames']} frames)", ""]
+        for name, table in result["profile"].items():
+            if isinstance(table, dict) and table.get("top"):
+                lines.append(f"- **{name}** ({table['wall_seconds']} s): " + "; ".join(
+                    f"{e['op']} {e['percent']} %" for e in table["top"]))
+    return "\n".join(lines) + "\n"
+
+
+def guide_throughput_rows(measured: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The guide's table layout: one row per batch size, utterances/s here beside the guide's devices."""
+    sizes = sorted({int(r["batch_size"]) for r in measured} | {b for t in GUIDE_THROUGHPUT.values() for b in t})
+    by_size = {int(r["batch_size"]): r for r in measured}
+    rows = []
+    for size in sizes:
+        here = by_size.get(size, {})
+        row = {"batch": f"batch{size}", "this machine (utt/s)": here.get("utterances_per_second"),
+               "audio s/s": here.get("audio_seconds_per_second"), "real-time factor": here.get("real_time_factor")}
+        row.update({device: table.get(size) for device, table in GUIDE_THROUGHPUT.items()})
+        rows.append(row)
+    return rows

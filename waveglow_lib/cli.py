@@ -1,0 +1,279 @@
+"""Command line: `python -m waveglow_lib <command> [--params FILE] [--set key=value ...] [--<parameter> V]`.
+
+Commands: preprocess, export, convert, infer, postprocess, run-all (the guide's chain, one stage each),
+evaluate (metrics.json), run (the notebook chain), bench (the throughput table).
+Every command configures itself the same way, from `WorkflowConfig` (config.py): a params YAML file, then
+`--set` pairs, then the explicit flags (aliases of config fields), later ones winning. Each command prints
+its summary as JSON. Errors the workflow raises on purpose (`WaveGlowError`) print one line naming the
+file; anything else is a bug and shows its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from . import stages
+from .bench import ROWS, DEFAULT_ROWS, DEFAULT_LENGTHS, render_markdown, run_bench
+from .config import WorkflowConfig, parse_set_option
+from .errors import NotebookRunError, WaveGlowError
+from .evaluate import collect_metrics
+from .layout import CONVERT_TARGETS
+from .notebook.runner import NOTEBOOKS, run_notebooks
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A flag that sets a config field (`--batch-sizes 1,4` → bench_batch_sizes=[1, 4])."""
+
+    flag: str
+    field: str
+    help: str = ""
+    convert: Callable[[str], Any] | None = None
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    #: config fields offered as `--<field>` flags (all others through --set)
+    fields: tuple[str, ...] = ()
+    aliases: tuple[Alias, ...] = ()
+    default_params: str | None = None
+    options: Callable[[argparse.ArgumentParser], None] | None = None
+    run: Callable[[WorkflowConfig, argparse.Namespace], Any] = field(default=lambda cfg, args: None)
+
+
+#: every command names the run (name, runs_dir) and the model (checkpoint)
+COMMON_FIELDS = ("name", "runs_dir", "checkpoint")
+STAGE_FIELDS = {
+    "preprocess": ("corpus", "limit", "resample", "downmix"),
+    "export": ("opset", "sigma"),
+    "convert": ("gear_policy", "n_buckets", "soc_version", "batch_size"),
+    "infer": ("backend", "device", "precision", "batch_size", "sigma", "seed"),
+    "postprocess": ("denoiser_strength",),
+}
+ALL_STAGE_FIELDS = tuple(dict.fromkeys(f for fields in STAGE_FIELDS.values() for f in fields))
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+# --- the commands' own options and actions ------------------------------------------------------------
+def _export_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--guide-variant", action="store_true",
+                        help="also export the guide's graph (mel only, noise drawn inside) as WaveGlow_onnx.onnx")
+
+
+def _convert_options(parser: argparse.ArgumentParser, default=CONVERT_TARGETS) -> None:
+    parser.add_argument("--targets", nargs="*", default=list(default) if default else None, choices=CONVERT_TARGETS,
+                        help="what to build (default: all three)")
+
+
+def _convert_only_options(parser: argparse.ArgumentParser) -> None:
+    _convert_options(parser)
+    parser.add_argument("--script-only", action="store_true", help="write om/convert_atc.sh even when atc is on PATH")
+
+
+def _out_dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out-dir", type=Path, default=None, help="folder of <id>_out.bin (default: runs/<name>/out)")
+
+
+def _postprocess_options(parser: argparse.ArgumentParser) -> None:
+    _out_dir_option(parser)
+    parser.add_argument("--wav-dir", type=Path, default=None, help="output folder (default: runs/<name>/wav)")
+
+
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--notebooks", nargs="+", metavar="NAME", default=None,
+                        help=f"run only these notebooks, in the order given (default: all of {', '.join(NOTEBOOKS)})")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per cell before giving up (default: none)")
+    parser.add_argument("--no-report", action="store_true", help="skip report.html")
+
+
+def _bench_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="official (87.7 M parameters, random weights; default) | demo | a checkpoint path")
+    parser.add_argument("--lengths", default=None,
+                        help=f"guide | guide/N | frame counts like 832,164 (default {DEFAULT_LENGTHS}: the guide's "
+                             "lengths / 16; guide = the full 66.8 s, minutes per row per pass)")
+    parser.add_argument("--backends", default=None,
+                        help=f"rows, comma separated, or all (default: {','.join(DEFAULT_ROWS)}); known: {', '.join(ROWS)}")
+    parser.add_argument("--threads", type=int, default=None, help="cores for every row (default: torch's)")
+    parser.add_argument("--profile", action="store_true", help="also record the profilers' top operations")
+    parser.add_argument("--out-dir", type=Path, default=None, help="where bench.json/bench.md go (default runs/<name>)")
+
+
+def _run_stage(stage: str) -> Callable[[WorkflowConfig, argparse.Namespace], Any]:
+    def run(cfg: WorkflowConfig, args: argparse.Namespace) -> Any:
+        force = args.force
+        if stage == "preprocess":
+            return stages.preprocess(cfg, force=force)
+        if stage == "export":
+            return stages.export(cfg, guide_variant=args.guide_variant, force=force)
+        if stage == "convert":
+            return stages.convert(cfg, targets=args.targets, force=force, run_atc=False if args.script_only else None)
+        if stage == "infer":
+            return stages.infer(cfg, out_dir=args.out_dir, force=force)
+        if stage == "postprocess":
+            return stages.postprocess(cfg, out_dir=args.out_dir, wav_dir=args.wav_dir, force=force)
+        targets = None if args.targets is None else tuple(args.targets)
+        return stages.run_all(cfg, force=force, convert_targets=targets)
+    return run
+
+
+def _run_notebooks(cfg: WorkflowConfig, args: argparse.Namespace) -> Any:
+    try:
+        result = run_notebooks(cfg, notebooks=args.notebooks, report=not args.no_report, timeout=args.timeout)
+    except NotebookRunError as exc:
+        report = exc.output.parent.parent / "report.html"
+        if report.exists():
+            print(f"report of what ran: {report}", file=sys.stderr)
+        raise
+    for name, seconds in result.seconds.items():
+        print(f"{name:28s} {seconds:8.1f} s")
+    print(f"done in {sum(result.seconds.values()):.1f} s: {result.run_dir}")
+    if result.report:
+        print(f"report: {result.report}")
+    return None
+
+
+def _run_bench(cfg: WorkflowConfig, args: argparse.Namespace) -> Any:
+    quick = cfg.bench_quick
+    # explicit --batch-sizes / --repeats win over --quick's small defaults (run_bench's rule)
+    result = run_bench(cfg, model=args.model or ("demo" if quick else "official"), lengths=args.lengths,
+                       batch_sizes=args.bench_batch_sizes, repeats=args.bench_repeats,
+                       rows=args.backends.split(",") if args.backends else None, quick=quick,
+                       threads=args.threads, out_dir=args.out_dir, profile=args.profile)
+    print(render_markdown(result))
+    return {"files": result.get("files"), "auto": result["auto"]}
+
+
+def _run_evaluate(cfg: WorkflowConfig, args: argparse.Namespace) -> Any:
+    record = collect_metrics(cfg)
+    return {"metrics": str(cfg.layout.metrics), "summary": record["summary"]}
+
+
+HELP = {
+    "preprocess": "LJSpeech folder → runs/<name>/mel/<id>.bin + <id>.txt + manifest.json",
+    "export": "model → runs/<name>/onnx/waveglow.onnx (inputs mel, z; output audio), verified with ONNX Runtime",
+    "convert": "ONNX → atc command/.om (Ascend), OpenVINO IR, ONNX Runtime optimised graph",
+    "infer": "mel .bin → out/<id>_out.bin float32 audio with the chosen backend, in padded batches",
+    "postprocess": "out/<id>_out.bin → wav/<id>_syn.wav (22050 Hz int16), optional denoiser",
+    "run-all": "all five stages in order",
+}
+COMMANDS: list[Command] = [
+    Command("preprocess", HELP["preprocess"], COMMON_FIELDS + STAGE_FIELDS["preprocess"], run=_run_stage("preprocess")),
+    Command("export", HELP["export"], COMMON_FIELDS + STAGE_FIELDS["export"], options=_export_options,
+            run=_run_stage("export")),
+    Command("convert", HELP["convert"], COMMON_FIELDS + STAGE_FIELDS["convert"], options=_convert_only_options,
+            run=_run_stage("convert")),
+    Command("infer", HELP["infer"], COMMON_FIELDS + STAGE_FIELDS["infer"], options=_out_dir_option,
+            run=_run_stage("infer")),
+    Command("postprocess", HELP["postprocess"], COMMON_FIELDS + STAGE_FIELDS["postprocess"],
+            options=_postprocess_options, run=_run_stage("postprocess")),
+    Command("run-all", HELP["run-all"], COMMON_FIELDS + ALL_STAGE_FIELDS,
+            options=lambda p: _convert_options(p, default=None), run=_run_stage("run-all")),
+    Command("evaluate", "runs/<name>/wav vs the original wavs → runs/<name>/metrics.json (log-mel distance, MCD, "
+            "STOI, PESQ)", COMMON_FIELDS, run=_run_evaluate),
+    Command("run", "execute the notebooks 00…05 with papermill into runs/<name>/ and write report.html",
+            COMMON_FIELDS, options=_run_options, run=_run_notebooks),
+    Command("bench", "throughput table: backends × precision × batch size, with quality beside speed",
+            ("name", "runs_dir", "seed", "sigma"), aliases=(
+                Alias("--batch-sizes", "bench_batch_sizes", "e.g. 1,4,8,16", _int_list),
+                Alias("--repeats", "bench_repeats", "timed passes per row", int),
+                Alias("--quick", "bench_quick", "smoke run: demo model, 3 short lengths, batch 1 and 2, 1 repeat")),
+            options=_bench_options, run=_run_bench),
+]
+
+
+# --- parsing -------------------------------------------------------------------------------------------
+def _add_config_options(parser: argparse.ArgumentParser, command: Command) -> None:
+    defaults = WorkflowConfig()
+    types = typing.get_type_hints(WorkflowConfig)
+    choices = WorkflowConfig.choices()
+    group = parser.add_argument_group("parameters (override the params file; defaults from WorkflowConfig)")
+    for name in command.fields:
+        flag = "--" + name.replace("_", "-")
+        kind, default = types[name], getattr(defaults, name)
+        if kind is bool:
+            group.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction,
+                               help=f"(default: {default})")
+        elif name in choices:
+            group.add_argument(flag, dest=name, default=None, choices=choices[name], help=f"(default: {default})")
+        else:
+            group.add_argument(flag, dest=name, default=None, type=kind, metavar=name.upper(),
+                               help=f"(default: {default})")
+    for alias in command.aliases:
+        kind = types[alias.field]
+        help_text = f"{alias.help} (the parameter {alias.field}; default: {getattr(defaults, alias.field)})"
+        if kind is bool:
+            group.add_argument(alias.flag, dest=alias.field, default=None, action="store_true", help=help_text)
+        else:
+            group.add_argument(alias.flag, dest=alias.field, default=None, type=alias.convert or kind, help=help_text)
+    parser.add_argument("--params", default=command.default_params, metavar="FILE",
+                        help=f"params YAML file (default: {command.default_params or 'WorkflowConfig defaults'})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any parameter (YAML value), repeatable, e.g. --set limit=2")
+    parser.add_argument("--force", action="store_true", help="redo finished work instead of skipping it")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
+
+
+def config_from_args(args: argparse.Namespace) -> WorkflowConfig:
+    """params file, then --set, then the explicit flags (each a config field), later ones winning."""
+    overrides = parse_set_option(args.overrides)
+    for name in typing.get_type_hints(WorkflowConfig):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    if args.params:
+        return WorkflowConfig.from_yaml(args.params, overrides)
+    return WorkflowConfig.from_dict(overrides, source="command line")
+
+
+def _brief(result: Any) -> Any:
+    """Drop bulky entries (model configs, per-item lists longer than 20) from the printed summary."""
+    if isinstance(result, dict):
+        return {k: _brief(v) for k, v in result.items() if k not in ("model_config",)}
+    if isinstance(result, list) and len(result) > 20:
+        return result[:20] + [f"... {len(result) - 20} more"]
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m waveglow_lib", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    subparsers = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    for command in COMMANDS:
+        sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
+        _add_config_options(sub, command)
+        if command.options:
+            command.options(sub)
+        sub.set_defaults(command_spec=command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command: Command = args.command_spec
+    try:
+        result = command.run(config_from_args(args), args)
+    except KeyboardInterrupt:
+        print("interrupted; finished outputs are kept, re-run to continue", file=sys.stderr)
+        return 130
+    except WaveGlowError as exc:
+        if args.traceback:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        if exc.path is not None and str(exc.path) not in str(exc):
+            print(f"  (file: {exc.path})", file=sys.stderr)
+        return 1 if isinstance(exc, NotebookRunError) else 2
+    if result is not None:
+        print(json.dumps(_brief(result), indent=2, default=str))
+    return 0

@@ -1,0 +1,178 @@
+"""The run folder: every file one run makes has its name here and nowhere else.
+
+    runs/<name>/params.yaml            the parameters the run was made with
+               mel/<id>.bin, <id>.txt, manifest.json          preprocess
+               onnx/waveglow.onnx (+ .json), waveglow_openvino.xml/.bin, waveglow_optimized.onnx
+               om/waveglow.om, waveglow.gears.json, convert_atc.sh, atc.log
+               out/<id>_out.bin, timings.json                  infer
+               wav/<id>_syn.wav, postprocess.json              postprocess
+               notebooks/*.ipynb, report.html                  the notebook runner
+               metrics.json, throughput.json, bench.json, bench.md
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ManifestError
+
+ONNX_NAME = "waveglow.onnx"
+GUIDE_ONNX_NAME = "WaveGlow_onnx.onnx"
+OPENVINO_NAME = "waveglow_openvino.xml"
+ORT_OPT_NAME = "waveglow_optimized.onnx"
+OM_NAME = "waveglow"
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "waveglow_lib mel manifest v1"
+#: per-run settings (incl. what `auto` became) and per-utterance timings, in the output folder
+TIMINGS_FILE = "timings.json"
+#: the notebooks' quick throughput rows, collected into metrics.json
+THROUGHPUT_FILE = "throughput.json"
+#: what `convert` may build
+CONVERT_TARGETS = ("atc", "openvino", "onnxruntime")
+#: an utterance id is a file stem: no folders, no leading dot
+_PLAIN_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.#@+-]{0,199}$")
+
+
+def gears_file(om_path: str | Path) -> Path:
+    """convert writes `<om stem>.gears.json` beside the `.om`: batch and mel-length gears it was built for."""
+    om_path = Path(om_path)
+    return om_path.with_name(om_path.stem + ".gears.json")
+
+
+def check_utterance_id(utt_id: object, source: str | Path) -> str:
+    """An id becomes a file name in the run folder: it must be a plain name (no `/`, `..`, or control chars)."""
+    if not isinstance(utt_id, str) or not _PLAIN_ID.match(utt_id) or ".." in utt_id:
+        raise ManifestError(f"{source}: utterance id {utt_id!r} is not a plain file name "
+                            "(letters, digits, _ . - + # @; no folders)", path=source)
+    return utt_id
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths of one run folder (`runs/<name>/`)."""
+
+    root: Path
+
+    @property
+    def params(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def mel_dir(self) -> Path:
+        return self.root / "mel"
+
+    @property
+    def manifest(self) -> Path:
+        return self.mel_dir / MANIFEST_NAME
+
+    @property
+    def onnx_dir(self) -> Path:
+        return self.root / "onnx"
+
+    @property
+    def onnx(self) -> Path:
+        return self.onnx_dir / ONNX_NAME
+
+    @property
+    def guide_onnx(self) -> Path:
+        return self.onnx_dir / GUIDE_ONNX_NAME
+
+    @property
+    def openvino_ir(self) -> Path:
+        return self.onnx_dir / OPENVINO_NAME
+
+    @property
+    def onnx_optimized(self) -> Path:
+        return self.onnx_dir / ORT_OPT_NAME
+
+    @property
+    def om_dir(self) -> Path:
+        return self.root / "om"
+
+    @property
+    def om(self) -> Path:
+        return self.om_dir / f"{OM_NAME}.om"
+
+    @property
+    def atc_script(self) -> Path:
+        return self.om_dir / "convert_atc.sh"
+
+    @property
+    def out_dir(self) -> Path:
+        return self.root / "out"
+
+    @property
+    def timings(self) -> Path:
+        return self.out_dir / TIMINGS_FILE
+
+    @property
+    def wav_dir(self) -> Path:
+        return self.root / "wav"
+
+    @property
+    def notebooks_dir(self) -> Path:
+        return self.root / "notebooks"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def throughput(self) -> Path:
+        return self.root / THROUGHPUT_FILE
+
+    def model_files(self) -> dict[str, Path]:
+        """The exported / compiled model files a backend may read."""
+        return {"onnx": self.onnx, "openvino_ir": self.openvino_ir, "onnx_optimized": self.onnx_optimized,
+                "om": self.om}
+
+
+def out_bin(out_dir: Path, utt_id: str) -> Path:
+    return Path(out_dir) / f"{utt_id}_out.bin"
+
+
+def syn_wav(wav_dir: Path, utt_id: str) -> Path:
+    return Path(wav_dir) / f"{utt_id}_syn.wav"
+
+
+def mel_bin(mel_dir: Path, item: dict) -> Path:
+    """The `.bin` of a manifest item; it must lie in `mel_dir` (a manifest cannot point elsewhere)."""
+    mel_dir = Path(mel_dir)
+    name = item.get("bin", f"{item['id']}.bin")
+    path = mel_dir / str(name)
+    if Path(str(name)).name != str(name) or path.resolve().parent != mel_dir.resolve():
+        raise ManifestError(f"{mel_dir / MANIFEST_NAME}: item {item['id']!r} names the mel file {name!r} "
+                            "outside the mel folder", path=mel_dir / MANIFEST_NAME)
+    return path
+
+
+def load_manifest(mel_dir: str | Path) -> dict:
+    """Read `<mel_dir>/manifest.json`; a clear error when it is missing, not ours, or unsafe."""
+    path = Path(mel_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found; run the preprocess stage first", path=path)
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: not valid JSON ({exc})", path=path) from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("items"), list):
+        raise ManifestError(f"{path}: not a mel manifest (no 'items' list)", path=path)
+    for item in manifest["items"]:
+        if not isinstance(item, dict):
+            raise ManifestError(f"{path}: an item is {type(item).__name__}, expected an object", path=path)
+        missing = {"id", "shape", "mel_frames", "samples"} - set(item)
+        if missing:
+            raise ManifestError(f"{path}: item {item.get('id', '?')} lacks {sorted(missing)}", path=path)
+        check_utterance_id(item["id"], path)
+        for key in ("mel_frames", "samples"):
+            if not isinstance(item[key], int) or isinstance(item[key], bool) or item[key] < 1:
+                raise ManifestError(f"{path}: item {item['id']!r}: {key} must be a positive integer, "
+                                    f"got {item[key]!r}", path=path)
+        mel_bin(path.parent, item)
+    return manifest
