@@ -16,6 +16,8 @@ import torch
 
 from pipeline_helpers import make_cfg
 from waveglow_lib import mel_input
+from waveglow_lib.audio import load_wav, mel_spectrogram
+from waveglow_lib.config import DEMO_CORPUS_DIR
 from waveglow_lib.errors import CheckpointError, MelError
 from waveglow_lib.io import read_bin
 from waveglow_lib.mel_input import check_mel_format, convert_mel, list_mels, read_mel, save_mel
@@ -69,6 +71,7 @@ WRONG_FORMATS = {  # name: (ln mel -> wrong format, expected label, conversion o
     "linear_magnitude": (lambda m: np.exp(m), mel_input.LINEAR_MAGNITUDE, "magnitude"),
     "linear_power": (lambda m: np.exp(2 * m), mel_input.LINEAR_POWER, "power"),
     "int16_scale_audio": (lambda m: m + math.log(32768), mel_input.UNSCALED_AUDIO, None),
+    "ln_power": (lambda m: 2 * m, mel_input.LN_POWER, None),
 }
 
 
@@ -121,6 +124,22 @@ def test_reading_a_wrong_format_names_the_file_and_the_format(demo_mels, tmp_pat
     assert read_mel(path, check=False).shape == mel.shape  # the check is what refuses it
 
 
+@pytest.mark.parametrize("snr_db", [40, 20])
+def test_noisy_recordings_pass_and_their_log10_does_not(demo_mels, snr_db):
+    """Speech over white noise: no pauses reach the floor, so the range shrinks towards log10's."""
+    rng = np.random.default_rng(snr_db)
+    for utt_id, (_, bin_path) in demo_mels.items():
+        audio, _ = load_wav(DEMO_CORPUS_DIR / "wavs" / f"{utt_id}.wav")
+        noise = rng.standard_normal(audio.size) * np.sqrt(np.mean(audio ** 2)) * 10 ** (-snr_db / 20)
+        mel = mel_spectrogram(np.clip(audio + noise, -1, 1).astype(np.float32))
+        for frames in (16, 48, mel.shape[1]):  # excerpts from the middle, and the whole utterance
+            start = (mel.shape[1] - frames) // 2
+            excerpt = mel[:, start: start + frames]
+            verdict = check_mel_format(excerpt, utt_id)
+            assert verdict.ok, f"{frames} frames: {verdict.message()}"
+            assert check_mel_format(excerpt / math.log(10)).looks_like == mel_input.LOG10, f"{utt_id} {frames}"
+
+
 def test_a_quiet_log10_mel_is_still_log10(demo_mels):
     """-26 dB audio: its log10 mel spans [-5, -1] — a range a natural-log mel could have, but not its floor."""
     for mel, _ in demo_mels.values():
@@ -170,6 +189,8 @@ def test_layouts_and_batch_axis(demo_mels, tmp_path):
         assert np.array_equal(read_mel(save_mel(tmp_path / f"{name}.npy", array)), mel)
     torch.save(torch.from_numpy(mel.T.copy())[None], tmp_path / "btf.pt")
     assert np.array_equal(read_mel(tmp_path / "btf.pt"), mel)
+    time_first_bin = save_mel(tmp_path / "tf.bin", mel.T)  # raw bytes have no shape: say so
+    assert np.array_equal(read_mel(time_first_bin, layout="time_first"), mel)
 
     square = mel[:, :80]
     path = save_mel(tmp_path / "square.npy", square)

@@ -60,6 +60,7 @@ TRANSPOSED = "transposed ([T, n_mel])"
 WRONG_BANDS = "wrong band count"
 WRONG_SHAPE = "not a 2-D mel"
 NON_FINITE = "contains NaN or Inf"
+UNRECOGNISED = "unrecognised (outside the range of a natural-log mel)"
 
 #: factor that turns each format's values into natural-log magnitudes (`convert=`). dB: 20·log10(A) for
 #: a magnitude A and 10·log10(P) for a power P = A² are the same number, so both take ln(10)/20; for
@@ -89,8 +90,11 @@ class MelFormat:
     #: the `convert=` option that turns it into the model's format, when the conversion is unambiguous
     conversion: str | None = None
     stats: dict[str, float] = field(default_factory=dict)
+    #: the file (or name) the mel came from, for messages
+    source: str = "mel"
 
-    def message(self, source: str | Path) -> str:
+    def message(self, source: str | Path | None = None) -> str:
+        source = self.source if source is None else source
         if self.ok:
             return f"{source}: {self.looks_like}; {self.reason}"
         hint = (f" If it is, read it with convert='{self.conversion}'." if self.conversion else
@@ -127,8 +131,8 @@ def read_mel(path: str | Path, n_mel: int = 80, layout: str = "auto", convert: s
     elif suffix == ".pt":
         array = _read_pt(path)
     elif suffix == ".bin":
-        array = _read_bin_mel(path, n_mel, stft.hop_length)
-        layout = "mel_first" if layout == "auto" else layout
+        layout = "mel_first" if layout == "auto" else layout  # raw bytes carry no shape: the guide's
+        array = _read_bin_mel(path, n_mel, stft.hop_length, time_first=layout == "time_first")
     else:
         raise MelError(f"{path}: unknown mel file type '{path.suffix}' (expected .npy, .pt or .bin)", path=path)
     mel = _to_mel_first(array, n_mel, layout, path)
@@ -145,7 +149,7 @@ def read_mel(path: str | Path, n_mel: int = 80, layout: str = "auto", convert: s
         if not verdict.ok:
             if convert is not None:
                 raise MelError(f"{path}: after convert='{convert}' {verdict.message('the result')}", path=path)
-            raise MelError(verdict.message(path), path=path)
+            raise MelError(verdict.message(), path=path)
     return mel
 
 
@@ -233,7 +237,7 @@ def _read_pt(path: Path) -> np.ndarray:
     return obj.detach().to("cpu", torch.float32).numpy()
 
 
-def _read_bin_mel(path: Path, n_mel: int, hop_length: int) -> np.ndarray:
+def _read_bin_mel(path: Path, n_mel: int, hop_length: int, time_first: bool) -> np.ndarray:
     size = path.stat().st_size
     if size == 0 or size % (4 * n_mel):
         raise MelError(f"{path}: {size} bytes is not a whole number of float32 frames of {n_mel} bands "
@@ -245,7 +249,8 @@ def _read_bin_mel(path: Path, n_mel: int, hop_length: int) -> np.ndarray:
         raise MelError(f"{path}: {frames} frames of {n_mel} bands, but {path.with_suffix('.txt').name} says "
                        f"{samples} samples, which make {1 + samples // hop_length} frames at hop {hop_length}; "
                        "a truncated .bin, another band count, or a .txt from another file?", path=path)
-    return np.fromfile(path, dtype="<f4").reshape(n_mel, frames)
+    raw = np.fromfile(path, dtype="<f4")
+    return raw.reshape(frames, n_mel) if time_first else raw.reshape(n_mel, frames)
 
 
 def _to_mel_first(array: Any, n_mel: int, layout: str, path: Path) -> np.ndarray:
@@ -329,27 +334,30 @@ def check_mel_format(mel: Any, source: str | Path = "mel", stft: STFTConfig = ST
     """Is `mel` (`[n_mel, T]`) natural-log mel magnitudes clamped at `stft.clip_val`? See the module doc."""
     n_mel = stft.n_mel_channels
     mel = np.asarray(mel)
+    source = str(source)
     if mel.ndim != 2:
-        return MelFormat(False, WRONG_SHAPE, f"shape {mel.shape}, expected [{n_mel}, T]")
+        return MelFormat(False, WRONG_SHAPE, f"shape {mel.shape}, expected [{n_mel}, T]", source=source)
     if mel.shape[0] != n_mel:
         if mel.shape[1] == n_mel:
             return MelFormat(False, TRANSPOSED, f"shape {mel.shape}: frames first; transpose it to "
-                                                f"[{n_mel}, {mel.shape[0]}] (read_mel does for files)")
+                                                f"[{n_mel}, {mel.shape[0]}] (read_mel does for files)",
+                             source=source)
         return MelFormat(False, WRONG_BANDS, f"shape {mel.shape}: {mel.shape[0]} bands, the model expects "
-                                             f"{n_mel}")
+                                             f"{n_mel}", source=source)
     values = mel.astype(np.float64).ravel()
     if values.size == 0:
-        return MelFormat(False, WRONG_SHAPE, "the mel has no frames")
+        return MelFormat(False, WRONG_SHAPE, "the mel has no frames", source=source)
     if not np.isfinite(values).all():
         bad = int(values.size - np.isfinite(values).sum())
-        return MelFormat(False, NON_FINITE, f"{bad} of {values.size} values are NaN or Inf")
+        return MelFormat(False, NON_FINITE, f"{bad} of {values.size} values are NaN or Inf", source=source)
     stats = _stats(values, math.log(stft.clip_val))
     label, conversion, reason = _classify(values, stats, math.log(stft.clip_val), n_mel)
-    return MelFormat(label == NATURAL_LOG, label, reason, conversion if label != NATURAL_LOG else None, stats)
+    return MelFormat(label == NATURAL_LOG, label, reason, conversion if label != NATURAL_LOG else None, stats,
+                     source)
 
 
 def _stats(values: np.ndarray, ln_floor: float) -> dict[str, float]:
-    p = np.percentile(values, [0, 0.5, 5, 50, 95, 99, 99.5, 100])
+    p = [float(v) for v in np.percentile(values, [0, 0.5, 5, 50, 95, 99, 99.5, 100])]
     return {"min": p[0], "p0.5": p[1], "p5": p[2], "median": p[3], "p95": p[4], "p99": p[5], "p99.5": p[6],
             "max": p[7], "fraction_negative": float(np.mean(values < 0)),
             "at_ln_floor": float(np.mean(np.abs(values - ln_floor) < 1e-4))}
@@ -411,7 +419,7 @@ def _classify(values: np.ndarray, s: dict[str, float], ln_floor: float,
                                    "log10, taken as natural log")
     if best == NATURAL_LOG:
         if s["p0.5"] < _LOWEST or s["p99.5"] > _HIGHEST:
-            return "unrecognised", None, f"{summary}: outside the range of a natural-log mel"
+            return UNRECOGNISED, None, f"{summary}: beyond [{_LOWEST}, {_HIGHEST}] at the 0.5/99.5 % points"
         return NATURAL_LOG, None, summary
     factor, conversion = candidates[best]
     reason = (f"{summary}; times {factor:.4g} it would look like a natural-log mel "
