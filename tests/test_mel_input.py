@@ -295,6 +295,7 @@ def test_list_mels(tmp_path, demo_mels):
         save_mel(tmp_path / name, mel)
     (tmp_path / "c.txt").write_text("123\n")
     (tmp_path / "notes.md").write_text("ignored")
+    save_mel(tmp_path / ".partial.npy", mel)  # hidden: ignored
     assert list_mels(tmp_path) == [("a", tmp_path / "a.npy"), ("b", tmp_path / "b.pt"), ("c", tmp_path / "c.bin")]
     assert list_mels(tmp_path / "b.pt") == [("b", tmp_path / "b.pt")]
     save_mel(tmp_path / "a.pt", mel)
@@ -319,6 +320,7 @@ def test_numpy_formulas_match_librosa(demo_mels):
     mel = demo_mels["LJ001-0008"][0].astype(np.float64)
     magnitude, power = np.exp(mel), np.exp(2 * mel)
     np.testing.assert_allclose(power_to_db(power), librosa.power_to_db(power), atol=1e-9)
-    np.testing.assert_allclose(power_to_db(power, ref=power.max()), librosa.power_to_db(power, ref=np.max), atol=1e-9)
+    np.testing.assert_allclose(power_to_db(power, ref=power.max()), librosa.power_to_db(power, ref=np.max),
+                               atol=1e-9)
     np.testing.assert_allclose(amplitude_to_db(magnitude), librosa.amplitude_to_db(magnitude), atol=1e-9)
     np.testing.assert_allclose(power_to_db(power, top_db=None), librosa.power_to_db(power, top_db=None), atol=1e-9)

@@ -185,7 +185,8 @@ def list_mels(dir_or_file: str | Path) -> list[tuple[str, Path]]:
     if root.is_file():
         files = [root]
     elif root.is_dir():
-        files = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in MEL_SUFFIXES]
+        files = [p for p in root.iterdir()  # hidden files (editors', partial downloads) are not mels
+                 if p.is_file() and p.suffix.lower() in MEL_SUFFIXES and not p.name.startswith(".")]
         if not files:
             raise MelError(f"{root}: no mel files (expected <id>.npy, <id>.pt or <id>.bin)", path=root)
     else:
@@ -234,7 +235,8 @@ def _read_pt(path: Path) -> np.ndarray:
         if len(tensors) == 1 and len(obj) == 1:
             obj = tensors[0]
     if not isinstance(obj, torch.Tensor):
-        kind = f"dict with keys {', '.join(map(str, list(obj)[:5]))}" if isinstance(obj, dict) else type(obj).__name__
+        kind = (f"a dict with keys {', '.join(map(str, list(obj)[:5]))}" if isinstance(obj, dict)
+                else type(obj).__name__)
         raise MelError(f"{path}: expected a tensor (or a dict holding one tensor), found {kind}", path=path)
     if obj.is_complex():
         raise MelError(f"{path}: a complex tensor is not a mel", path=path)
