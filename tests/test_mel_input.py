@@ -14,20 +14,20 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline_helpers import make_cfg
 from waveglow_lib import mel_input
 from waveglow_lib.audio import load_wav, mel_spectrogram
 from waveglow_lib.config import DEMO_CORPUS_DIR
 from waveglow_lib.errors import CheckpointError, MelError
 from waveglow_lib.io import read_bin
 from waveglow_lib.mel_input import check_mel_format, convert_mel, list_mels, read_mel, save_mel
-from waveglow_lib.stages.preprocess import load_manifest, preprocess
+from waveglow_lib.layout import load_manifest
+from waveglow_lib.stages.preprocess import preprocess
 
 LN_FLOOR = math.log(1e-5)
 
 
 @pytest.fixture(scope="module")
-def demo_mels(tmp_path_factory) -> dict:
+def demo_mels(tmp_path_factory, make_cfg) -> dict:
     """{id: (mel, .bin path)} for every demo-corpus utterance, as the preprocess stage writes them."""
     cfg = make_cfg(tmp_path_factory.mktemp("runs"), limit=0)
     preprocess(cfg)
