@@ -101,12 +101,8 @@ DEFAULT_ROWS = (REFERENCE, "torch-bf16", "onnxruntime-fp32", "openvino-fp32", "o
 # --- FLOPs, peaks, memory ---------------------------------------------------------------------------
 def reference_macs_per_step(c: ModelConfig) -> int:
     """Multiply-adds of NVIDIA's reverse pass per step of the folded time axis (n_group samples)."""
-    taps = c.upsample_kernel // c.upsample_stride  # frames reaching each audio sample
-    macs = c.n_group * c.n_mel_channels * c.n_mel_channels * taps  # upsampler, per n_group samples
-    n_remaining = c.n_group
-    for k in range(c.n_flows):
-        if k > 0 and k % c.n_early_every == 0:
-            n_remaining -= c.n_early_size
+    macs = c.n_group * c.n_mel_channels * c.n_mel_channels * c.upsample_taps  # upsampler, per n_group samples
+    for n_remaining in c.flow_channels():
         n_half, ch, layers = n_remaining // 2, c.n_channels, c.n_layers
         macs += n_half * ch + layers * 2 * ch * ch * c.kernel_size  # start, dilated in_layers
         macs += (layers - 1) * 2 * ch * ch + ch * ch  # res_skip (the last layer: skip only)
@@ -116,16 +112,13 @@ def reference_macs_per_step(c: ModelConfig) -> int:
 
 
 def folded_macs_per_step(c: ModelConfig) -> int:
-    """Multiply-adds of fast.py's folded network per step (frame-rate conditioning, skip folded in end)."""
-    taps = c.upsample_kernel // c.upsample_stride
+    """Multiply-adds of the folded network (backends/fast/fold.py) per step (frame-rate conditioning, skip
+    folded into end)."""
     macs = 0
-    n_remaining = c.n_group
-    for k in range(c.n_flows):
-        if k > 0 and k % c.n_early_every == 0:
-            n_remaining -= c.n_early_size
+    for n_remaining in c.flow_channels():
         n_half, ch, layers = n_remaining // 2, c.n_channels, c.n_layers
         macs += n_half * ch + layers * 2 * ch * ch * c.kernel_size
-        macs += layers * taps * c.n_mel_channels * 2 * ch  # conditioning from 4 frames × n_mel
+        macs += layers * c.upsample_taps * c.n_mel_channels * 2 * ch  # conditioning from 4 frames × n_mel
         macs += (layers - 1) * ch * (ch + 2 * n_half) + ch * 2 * n_half + n_remaining * n_remaining
     return macs
 

@@ -71,7 +71,8 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     auto = result["auto"]
     if s["quick"]:  # a smoke run times a few tiny utterances once: no verdicts from it
         lines += ["*Smoke run (`--quick`): a few very short utterances, one pass. It shows that every row runs "
-                  "and agrees with the reference; its speeds are not a verdict — run the full benchmark for that.*", ""]
+                  "and agrees with the reference; its speeds are not a verdict — run the full benchmark for that.*"
+                  + (f" Rejected by the gate: {', '.join(auto['rejected'])}." if auto["rejected"] else ""), ""]
     else:
         lines += _verdicts(auto, result["default_path"])
     if result.get("busy"):

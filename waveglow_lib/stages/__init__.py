@@ -23,7 +23,7 @@ def run_all(cfg: WorkflowConfig, *, model=None, force: bool = False, convert_tar
     """Run every stage in order for `cfg` (the model is loaded once and shared); returns each summary.
 
     The params are saved as `runs/<name>/params.yaml` first, so the run folder says how it was made.
-    `convert_targets` defaults to ("atc", "openvino", "onnxruntime").
+    `convert_targets` defaults to every target (layout.CONVERT_TARGETS).
     """
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     cfg.to_yaml(cfg.layout.params)

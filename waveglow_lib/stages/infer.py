@@ -17,7 +17,7 @@ from ..backends import ModelSpec, get_backend, resolve_backend
 from ..batching import Utterance, check_mel, plan_batches, utterance_noise, vocode
 from ..checkpoint import load_waveglow
 from ..config import ModelConfig, STFTConfig, WorkflowConfig
-from ..errors import InputNotFound, RunFolderError, ManifestError, SynthesisError
+from ..errors import ConfigError, InputNotFound, ManifestError, SynthesisError
 from ..io import atomic_write_json, read_bin, write_bin
 from ..layout import TIMINGS_FILE, load_manifest, mel_bin, out_bin
 
@@ -113,7 +113,7 @@ def infer(cfg: WorkflowConfig, *, model=None, backend=None, out_dir: str | Path 
         old = {k: record.get("settings", {}).get(k) for k in OUTPUT_SETTINGS}
         changed = {k: (old[k], settings[k]) for k in OUTPUT_SETTINGS if old[k] != settings[k]}
         if changed:
-            raise RunFolderError(f"{out_dir}: holds outputs made with other settings "
+            raise ConfigError(f"{out_dir}: holds outputs made with other settings "
                              f"({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changed.items())}); "
                              "pass force=True (CLI --force) to redo them, or use another run name / out_dir")
     if force:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import load_waveglow
 from ..config import STFTConfig, WorkflowConfig
 from ..denoiser import Denoiser
-from ..errors import InputNotFound, SynthesisError
+from ..errors import DataError, InputNotFound
 from ..io import atomic_write_bytes, atomic_write_json, read_bin, sha256_bytes
 from ..layout import load_manifest, out_bin, syn_wav
 
@@ -76,7 +76,7 @@ def postprocess(cfg: WorkflowConfig, *, out_dir: str | Path | None = None, wav_d
             skipped.append(utt_id)
             continue
         if not np.isfinite(raw).all():
-            raise SynthesisError(f"{src}: audio contains NaN/Inf values (a failed inference?); not converted")
+            raise DataError(f"{src}: audio contains NaN/Inf values (a failed inference?); not converted")
         audio = raw
         if strength > 0:
             audio = np.asarray(denoiser(audio[None], strength=strength), dtype=np.float32).reshape(-1)
