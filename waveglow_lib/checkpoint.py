@@ -257,6 +257,12 @@ def _unpickle(stream: io.BytesIO, models: bool, storages: Any = None) -> Any:
 
 # --- containers: torch zip, torch legacy, gzip --------------------------------------------------
 
+def _storage_from_bytes(raw: bytes) -> torch.UntypedStorage:
+    if not raw:
+        return torch.UntypedStorage(0)
+    return torch.UntypedStorage.from_buffer(raw, byte_order="little", dtype=torch.uint8)  # a copy
+
+
 def _read_torch_zip(data: bytes, models: bool) -> Any:
     """torch.save's zip format: one folder with data.pkl and data/<key> storages, nothing else."""
     try:
@@ -267,11 +273,11 @@ def _read_torch_zip(data: bytes, models: bool) -> Any:
     names = [info.filename for info in infos]
     prefix = names[0].split("/")[0] + "/" if names else ""
     if any(name.endswith(("constants.pkl", ".py")) or "/code/" in name for name in names):
-        raise _Refused("a TorchScript archive (it holds code/ and constants.pkl), whose code would run "
+        raise _Refused("refused: a TorchScript archive (it holds code/ and constants.pkl), whose code would run "
                        "when torch loads it; give the plain checkpoint (a pickle of tensors) instead")
     for name in names:
         if not name.startswith(prefix) or not _TORCH_ZIP_RECORD.fullmatch(name[len(prefix):]):
-            raise _Refused(f"unexpected member '{reprlib.repr(name)}': a torch checkpoint archive holds only "
+            raise _Refused(f"refused: unexpected member '{reprlib.repr(name)}': a torch checkpoint archive holds only "
                            "data.pkl, data/<n> and version records")
     if sum(info.file_size for info in infos) > MAX_FILE_BYTES:
         raise pickle.UnpicklingError(f"archive members add up to more than {MAX_FILE_BYTES} bytes")
@@ -292,9 +298,7 @@ def _read_torch_zip(data: bytes, models: bool) -> Any:
         if name not in members or members[name].file_size != nbytes:
             raise pickle.UnpicklingError(f"storage '{key}' of {nbytes} bytes is missing or has another size")
         if key not in read:
-            read[key] = torch.UntypedStorage.from_buffer(
-                bytearray(archive.read(name)), byte_order="little", dtype=torch.uint8) \
-                if nbytes else torch.UntypedStorage(0)
+            read[key] = _storage_from_bytes(archive.read(name))
         return _Storage(read[key], kind.dtype)
 
     return _unpickle(io.BytesIO(archive.read(prefix + "data.pkl")), models, storage)
@@ -302,9 +306,10 @@ def _read_torch_zip(data: bytes, models: bool) -> Any:
 
 def _read_torch_legacy(data: bytes, models: bool) -> Any:
     """torch's pre-1.6 format: magic, version, sys_info, the object pickle, storage keys, then raw storages."""
+    magic = pickle.dumps(_TORCH_MAGIC, protocol=2)  # torch wrote its legacy format with protocol 2
     stream = io.BytesIO(data)
-    if _unpickle(stream, models=False) != _TORCH_MAGIC:
-        raise _Refused("a bare pickle stream, not a torch checkpoint (no torch magic number); "
+    if stream.read(len(magic)) != magic:
+        raise _Refused("refused: a bare pickle stream, not a torch checkpoint (no torch magic number); "
                        "it is not unpickled")
     if _unpickle(stream, models=False) != _TORCH_LEGACY_PROTOCOL:
         raise pickle.UnpicklingError("unknown torch legacy protocol version")
@@ -355,7 +360,7 @@ def _read_torch_legacy(data: bytes, models: bool) -> Any:
         if len(raw) != nbytes:
             raise pickle.UnpicklingError(f"storage '{key}' is cut short")
         if nbytes:
-            storage.data.copy_(torch.UntypedStorage.from_buffer(bytearray(raw), byte_order="little", dtype=torch.uint8))
+            storage.data.copy_(_storage_from_bytes(raw))
     return result
 
 
@@ -366,7 +371,7 @@ def _read_pickled(data: bytes, source: Any, models: bool, error: type[WaveGlowEr
             return _read_torch_zip(data, models)
         return _read_torch_legacy(data, models)
     except _Refused as refused:
-        raise _fail(source, f"refused: {refused}", error) from None
+        raise _fail(source, str(refused), error) from None
     except RecursionError:
         raise _fail(source, "refused: the pickle nests too deeply", error) from None
     except MemoryError:
@@ -393,6 +398,9 @@ def _declared_size(head: bytes) -> int | None:
     return 8 + header_len + max(end, 0)
 
 
+_INFLATE_STEP = 1 << 20  # the header is checked after the first step, the size after every step
+
+
 def _gunzip(raw: bytes, path: Path, error: type[WaveGlowError]) -> bytes:
     """Inflate a gzip member, stopping as soon as it exceeds what its content declares (or the cap)."""
     inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
@@ -401,7 +409,7 @@ def _gunzip(raw: bytes, path: Path, error: type[WaveGlowError]) -> bytes:
     try:
         while True:
             limit = min(cap if cap is not None else MAX_FILE_BYTES, MAX_FILE_BYTES)
-            piece = inflater.decompress(pending, limit - len(out) + 1)
+            piece = inflater.decompress(pending, min(limit - len(out) + 1, _INFLATE_STEP))
             out += piece
             if cap is None:
                 cap = _declared_size(out)
@@ -640,15 +648,16 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _check_config(config: Mapping[str, Any], source: Any) -> ModelConfig:
-    try:
-        model_config = ModelConfig.from_dict(config)
-    except (ValueError, TypeError) as error:
-        raise _fail(source, str(error)) from None
-    beyond = [f"{name}={getattr(model_config, name)} (at most {limit})"
-              for name, limit in MODEL_LIMITS.items() if getattr(model_config, name) > limit]
+    """Sane limits first (before ModelConfig derives anything from the values), then its own checks."""
+    flat = {**config, **(config.get("WN_config") if isinstance(config.get("WN_config"), Mapping) else {})}
+    beyond = [f"{name}={flat[name]} (at most {limit})" for name, limit in MODEL_LIMITS.items()
+              if isinstance(flat.get(name), int) and flat[name] > limit]
     if beyond:
         raise _fail(source, f"refused: hyper-parameters beyond what a WaveGlow uses: {', '.join(beyond)}")
-    return model_config
+    try:
+        return ModelConfig.from_dict(config)
+    except (ValueError, TypeError) as error:
+        raise _fail(source, str(error)) from None
 
 
 def _build(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], source: Any) -> WaveGlow:
@@ -668,16 +677,16 @@ def _build(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], source:
                                 f"{_describe(model_config)} needs {shape}")
     model = WaveGlow(model_config)
     model.load_state_dict({k: v.float() for k, v in state.items()})
-    try:
-        model.refresh_inverses()
-    except RuntimeError as error:  # torch.linalg.inv of a singular matrix
-        raise _fail(source, f"an invertible 1x1 convolution is singular ({str(error)[:200]})") from None
-    for name, tensor in model.state_dict(keep_vars=False).items():
+    for name, tensor in model.state_dict().items():
         if not bool(torch.isfinite(tensor).all()):
-            raise _fail(source, f"'{name}' is NaN or Inf once loaded (zero weight norm, or a singular 1x1 conv)")
+            raise _fail(source, f"'{name}' is NaN or Inf once loaded (a weight-normed layer with zero norm?)")
     for k, conv in enumerate(model.convinv):
+        try:
+            conv.refresh_inverse()
+        except RuntimeError:  # torch.linalg.inv of a singular matrix
+            conv.W_inverse = torch.full_like(conv.W_inverse, math.inf)
         if not bool(torch.isfinite(conv.W_inverse).all()):
-            raise _fail(source, f"the inverse of 'convinv.{k}' is not finite: its 1x1 convolution is singular")
+            raise _fail(source, f"'convinv.{k}.conv.weight' is singular: the flow cannot be inverted")
     return model
 
 
