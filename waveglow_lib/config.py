@@ -6,11 +6,15 @@ share; `WorkflowConfig.from_yaml` rejects unknown keys and wrong types by name b
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
+
+from .errors import ConfigError
+from .safe_yaml import load_yaml
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
@@ -20,6 +24,10 @@ DEMO_CORPUS_DIR = ASSETS_DIR / "demo_corpus"
 #: mel frame counts of LJ001-0001 ... LJ001-0010 (the guide's test set and ATC gears)
 GUIDE_MEL_LENGTHS = (832, 164, 833, 443, 699, 490, 723, 154, 651, 760)
 #: the guide's published throughput, utterances/s by batch size (theirs, not measured here)
+#: opsets torch's exporter writes as asked (it silently writes opset 18 for older ones with the dynamo route)
+ONNX_OPSETS = (13, 20)
+#: WaveGlow is trained at sigma 1 and run at 0.6-1.0; far larger values only overflow the audio
+MAX_SIGMA = 10.0
 GUIDE_THROUGHPUT = {
     "Ascend 310P3 (guide)": {1: 0.59, 4: 2.34, 8: 4.68, 16: 9.35},
     "NVIDIA T4 (guide)": {1: 0.037, 4: 0.057, 8: 0.061, 16: 0.076},
@@ -172,6 +180,18 @@ class WorkflowConfig:
             raise ValueError(f"parameter 'limit' must be >= 0 (0 = all), got {self.limit}")
         if self.sigma < 0:
             raise ValueError(f"parameter 'sigma' must be >= 0, got {self.sigma}")
+        # NaN passes every comparison above; bounds keep bad values from being blamed on the mel later
+        bounds = {"sigma": (0.0, MAX_SIGMA), "denoiser_strength": (0.0, 1.0), "opset": ONNX_OPSETS,
+                  "seed": (0, 2**63 - 2), "n_buckets": (1, 4096), "bench_repeats": (1, 1000)}
+        for key, (low, high) in bounds.items():
+            value = getattr(self, key)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+                why = " (the opsets torch's ONNX exporter writes as asked)" if key == "opset" else ""
+                raise ConfigError(f"parameter {key!r} must be a finite number in {low}..{high}{why}, got {value!r}")
+        sizes = self.bench_batch_sizes
+        if not sizes or not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 4096 for n in sizes):
+            raise ConfigError(f"parameter 'bench_batch_sizes' must be a non-empty list of ints in 1..4096, "
+                              f"got {sizes!r}")
 
     # --- resolved paths --------------------------------------------------------------------
     @property
@@ -203,13 +223,14 @@ class WorkflowConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> "WorkflowConfig":
-        import yaml
-
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise FileNotFoundError(f"params file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{path}: cannot be read as a UTF-8 YAML file ({error})", path=path) from None
+        data = load_yaml(text, str(path)) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of parameter: value, got {type(data).__name__}")
         data.update(overrides or {})
@@ -230,14 +251,12 @@ class WorkflowConfig:
 
 def parse_set_option(items: list[str] | None) -> dict[str, Any]:
     """`--set key=value` pairs; values are parsed as YAML scalars (so 4, 0.6, true, [1,4] work)."""
-    import yaml
-
     result: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--set expects key=value, got {item!r}")
-        result[key.strip()] = yaml.safe_load(value)
+        result[key.strip()] = load_yaml(value, f"--set {key.strip()}")
     return result
 
 
