@@ -96,6 +96,7 @@ class MarkerOnLoad(torch.nn.Module):
         self.training = bool(created.numel() == 1) and state[1]
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
 def test_torchscript_archive_is_refused_and_its_code_never_runs(tmp_path):
     marker = tmp_path / "marker"
     path = tmp_path / "scripted.pt"
