@@ -1,4 +1,4 @@
-"""waveglow_lib.display: what the notebooks show renders in Jupyter (HTML / PNG) and as text."""
+"""waveglow_lib.notebook.display: what the notebooks show renders in Jupyter (HTML / PNG) and as text."""
 from __future__ import annotations
 
 import numpy as np

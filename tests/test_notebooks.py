@@ -76,7 +76,7 @@ def test_a_failing_notebook_stops_the_run_and_names_the_cell(tmp_path):
     src = tmp_path / "nbs"
     src.mkdir()
     _notebook(src / "a.ipynb", "import sys\nprint(sys.executable)",
-              "from waveglow_lib.notebook_runner import notebook_config\n"
+              "from waveglow_lib.notebook import notebook_config\n"
               "print(notebook_config(params_file, overrides).limit)")
     _notebook(src / "b.ipynb", "x = 1", "raise RuntimeError('no corpus here')", "print('never')")
     _notebook(src / "c.ipynb", "print('not reached')")

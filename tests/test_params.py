@@ -1,6 +1,7 @@
 """params/*.yaml and their validation: WorkflowConfig.from_yaml, --set, path resolution, the runner's checks."""
 from __future__ import annotations
 
+import threading
 from dataclasses import fields
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 from waveglow_lib.cli import main as cli_main
 from waveglow_lib.notebook import runner as nr
 from waveglow_lib.config import GUIDE_MEL_LENGTHS, WorkflowConfig, parse_set_option
+from waveglow_lib.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params"
@@ -132,3 +134,89 @@ def test_params_round_trip_through_the_run_folder_copy(tmp_path):
     assert cfg.with_overrides(backend="torch").backend == "torch" and cfg.backend == "om"
     with pytest.raises(ValueError, match="'backend'"):
         cfg.with_overrides(backend="tpu")
+
+
+# --- hostile or broken YAML, and values that would be blamed on something else later --------------------
+
+@pytest.mark.parametrize("text, message", [
+    ("name: x\nlimit: !!python/object/apply:os.system ['touch marker']\n",
+     r"p.yaml:2:8: could not determine a constructor for the tag .*python/object/apply"),
+    ("name: !!python/name:os.system\n", r"p.yaml:1:7: could not determine a constructor"),
+    ("name: x\nbench_batch_sizes: [1, 2\nlimit: 3\n", r"p.yaml:3:\d+: while parsing a flow sequence"),
+    ("name: x\n\tlimit: 3\n", r"p.yaml:2:1: .*cannot start any token"),
+    ("limit: 2\nlimit: 3\n", r"p.yaml:2:1: key 'limit' is given twice"),
+    ("name: &a [1, *a]\n", r"p.yaml:1:7: an alias that refers back"),
+    ("name: " + "[" * 60 + "]" * 60 + "\n", r"p.yaml:1:\d+: nested deeper than 50"),
+])
+def test_yaml_problems_name_file_and_line(tmp_path, monkeypatch, text, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=message) as info:
+        WorkflowConfig.from_yaml(write(tmp_path, text))
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "marker").exists()
+
+
+def test_alias_bomb_is_refused_quickly(tmp_path):
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 10)]  # 9**10 values
+    path = write(tmp_path, "\n".join(lines) + "\n")
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("error", _error_of(WorkflowConfig.from_yaml, path)),
+                              daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive()
+    error = outcome["error"]
+    assert type(error) is ConfigError and "p.yaml" in str(error) and "alias bomb" in str(error)
+    # a few aliases are fine
+    assert WorkflowConfig.from_yaml(write(tmp_path, "bench_batch_sizes: &b [1, 2]\n")).bench_batch_sizes == [1, 2]
+
+
+def _error_of(function, *args):
+    try:
+        function(*args)
+    except Exception as error:  # noqa: BLE001 (handed to the test)
+        return error
+    return None
+
+
+def test_binary_file_is_a_config_error(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ConfigError, match="p.yaml.*UTF-8"):
+        WorkflowConfig.from_yaml(path)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("sigma: .nan\n", "sigma"),
+    ("sigma: .inf\n", "sigma"),
+    ("sigma: 1.0e+6\n", "sigma"),
+    ("denoiser_strength: .nan\n", "denoiser_strength"),
+    ("denoiser_strength: -0.1\n", "denoiser_strength"),
+    ("denoiser_strength: 2\n", "denoiser_strength"),
+    ("opset: 1\n", "opset"),
+    ("opset: 12\n", "opset"),
+    ("opset: 21\n", "opset"),
+    ("seed: -1\n", "seed"),
+    ("bench_batch_sizes: []\n", "bench_batch_sizes"),
+    ("bench_batch_sizes: [1, 0]\n", "bench_batch_sizes"),
+    ("bench_batch_sizes: [1, two]\n", "bench_batch_sizes"),
+])
+def test_non_finite_or_out_of_range_values_are_refused(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        WorkflowConfig.from_yaml(write(tmp_path, text))
+    name, _, value = text.strip().partition(": ")
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        WorkflowConfig.from_yaml(PARAMS / "demo.yaml", parse_set_option([f"{name}={value}"]))
+
+
+@pytest.mark.parametrize("opset", [13, 17, 20])
+def test_supported_opsets_pass(opset):
+    assert WorkflowConfig(opset=opset).opset == opset
+
+
+def test_set_option_yaml_errors_name_the_option():
+    with pytest.raises(ConfigError, match=r"--set limit:1:\d+: could not determine a constructor"):
+        parse_set_option(["limit=!!python/object/apply:os.system ['true']"])
+    with pytest.raises(ConfigError, match=r"--set bench_batch_sizes:1:\d+:"):
+        parse_set_option(["bench_batch_sizes=[1, 2"])

@@ -19,6 +19,8 @@ from .errors import ConfigError, ConfigTypeError, InputNotFound
 from .io import atomic_write_text
 from .layout import RunLayout
 
+from .safe_yaml import load_yaml
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
 DEMO_MODEL_PATH = ASSETS_DIR / "demo_waveglow.safetensors.gz"
@@ -27,6 +29,10 @@ DEMO_CORPUS_DIR = ASSETS_DIR / "demo_corpus"
 #: mel frame counts of LJ001-0001 ... LJ001-0010 (the guide's test set and ATC gears)
 GUIDE_MEL_LENGTHS = (832, 164, 833, 443, 699, 490, 723, 154, 651, 760)
 #: the guide's published throughput, utterances/s by batch size (theirs, not measured here)
+#: opsets torch's exporter writes as asked (it silently writes opset 18 for older ones with the dynamo route)
+ONNX_OPSETS = (13, 20)
+#: WaveGlow is trained at sigma 1 and run at 0.6-1.0; far larger values only overflow the audio
+MAX_SIGMA = 10.0
 GUIDE_THROUGHPUT = {
     "Ascend 310P3 (guide)": {1: 0.59, 4: 2.34, 8: 4.68, 16: 9.35},
     "NVIDIA T4 (guide)": {1: 0.037, 4: 0.057, 8: 0.061, 16: 0.076},
@@ -230,6 +236,18 @@ class WorkflowConfig:
             raise ConfigError(f"parameter 'limit' must be >= 0 (0 = all), got {self.limit}")
         if self.sigma < 0:
             raise ConfigError(f"parameter 'sigma' must be >= 0, got {self.sigma}")
+        # NaN passes every comparison above; bounds keep bad values from being blamed on the mel later
+        bounds = {"sigma": (0.0, MAX_SIGMA), "denoiser_strength": (0.0, 1.0), "opset": ONNX_OPSETS,
+                  "seed": (0, 2**63 - 2), "n_buckets": (1, 4096), "bench_repeats": (1, 1000)}
+        for key, (low, high) in bounds.items():
+            value = getattr(self, key)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+                why = " (the opsets torch's ONNX exporter writes as asked)" if key == "opset" else ""
+                raise ConfigError(f"parameter {key!r} must be a finite number in {low}..{high}{why}, got {value!r}")
+        sizes = self.bench_batch_sizes
+        if not sizes or not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 4096 for n in sizes):
+            raise ConfigError(f"parameter 'bench_batch_sizes' must be a non-empty list of ints in 1..4096, "
+                              f"got {sizes!r}")
 
     @classmethod
     def choices(cls) -> dict[str, tuple[str, ...]]:
@@ -274,9 +292,12 @@ class WorkflowConfig:
     def from_yaml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> "WorkflowConfig":
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise InputNotFound(f"params file not found: {path}", path=path) from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{path}: cannot be read as a UTF-8 YAML file ({error})", path=path) from None
+        data = load_yaml(text, str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of parameter: value, got {type(data).__name__}")
         data.update(overrides or {})
@@ -298,7 +319,7 @@ def parse_set_option(items: list[str] | None) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        result[key.strip()] = yaml.safe_load(value)
+        result[key.strip()] = load_yaml(value, f"--set {key.strip()}")
     return result
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.export import Dim
 
+from .config import ONNX_OPSETS
 from .errors import ExportError, import_optional
 from .io import atomic_write_json
 from .metrics import snr_db
@@ -29,7 +30,7 @@ ONNX_OUTPUT = "audio"
 GUIDE_INPUTS = ("mel",)
 GUIDE_OUTPUT = "output_audio"
 #: opsets the exporter writes as asked (older ones are silently upgraded by torch's exporter)
-MIN_OPSET, MAX_OPSET = 13, 20
+MIN_OPSET, MAX_OPSET = ONNX_OPSETS
 
 #: probe used to verify the export: batch 3, a length other than the one traced (batch 2)
 TRACE_FRAMES = 24

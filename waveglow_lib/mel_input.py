@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint
+from .checkpoint import load_tensor_file
 from .config import STFTConfig
-from .errors import CheckpointError, MelError
+from .errors import MelError
 from .io import atomic_write_bytes, write_bin
 
 #: file suffixes `list_mels` picks up, in the order a duplicate id is reported
@@ -216,20 +216,8 @@ def _read_npy(path: Path) -> np.ndarray:
         raise MelError(f"{path}: unreadable .npy file (truncated or corrupt?): {error}", path=path) from None
 
 
-def _load_tensor_file(path: Path) -> Any:
-    # LEAD: switch to checkpoint.load_tensor_file(path) once the `ckpt` branch lands; this private
-    # stand-in goes through the same allow-listed unpickler (checkpoint._torch_load_restricted).
-    data = path.read_bytes()
-    if not data:
-        raise CheckpointError(f"{path}: empty file", path=path)
-    return checkpoint._torch_load_restricted(data, str(path))
-
-
 def _read_pt(path: Path) -> np.ndarray:
-    try:
-        obj = _load_tensor_file(path)
-    except CheckpointError as error:
-        raise MelError(f"{error}" if str(path) in str(error) else f"{path}: {error}", path=path) from None
+    obj = load_tensor_file(path, error=MelError)  # the checkpoint allow-list: tensors only, nothing runs
     if isinstance(obj, dict):
         tensors = [v for v in obj.values() if isinstance(v, torch.Tensor)]
         if len(tensors) == 1 and len(obj) == 1:
