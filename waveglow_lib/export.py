@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.export import Dim
 
+from .checkpoint import model_fingerprint
 from .errors import ExportError, import_optional
 from .io import atomic_write_json
 from .metrics import snr_db
@@ -140,7 +141,9 @@ def export_onnx(model, path: str | Path, opset: int = 17, *, variant: str = "noi
                   "exporter": used,
                   "inputs": names_in, "outputs": names_out, "export_seconds": round(time.perf_counter() - started, 2),
                   "model_config": model.config.to_dict(), "n_mel_channels": n_mel, "n_group": model.n_group,
-                  "hop_length": model.hop_length, "sigma_in_graph": sigma if variant == "guide" else None}
+                  "hop_length": model.hop_length, "sigma_in_graph": sigma if variant == "guide" else None,
+                  # what model the graph holds: infer and convert compare it with the run's model
+                  "model_fingerprint": model_fingerprint(model)}
         if verify:
             result.update(_verify(model, tmp, variant, seed))
         os.replace(tmp, path)
