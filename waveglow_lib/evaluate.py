@@ -19,6 +19,7 @@ from .errors import AudioError, InputNotFound
 from .io import atomic_write_json, read_bin, read_json
 from .layout import corpus_wav, load_manifest, mel_bin, syn_wav
 from .metrics import _as_1d, log_mel_distance, quality_metrics, snr_db
+from .runlock import locked
 from .stages.infer import open_backend, resolve_model_config
 
 
@@ -152,6 +153,7 @@ def _finite_or_none(obj: Any) -> Any:
     return obj
 
 
+@locked("evaluate")
 def collect_metrics(cfg: WorkflowConfig, *, utterances: Sequence[Mapping[str, Any]] | None = None,
                     parity: Sequence[Mapping[str, Any]] | None = None,
                     round_trip: Mapping[str, Any] | None = None,
