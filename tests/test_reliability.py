@@ -98,6 +98,21 @@ def test_output_folders_linked_out_of_the_run_folder_are_refused(preprocessed_ru
     assert list(elsewhere.iterdir()) == []
 
 
+def test_links_to_files_outside_are_neither_read_nor_written_through(preprocessed_run, tmp_path):
+    cfg = preprocessed_run(tmp_path / "runs")
+    infer(cfg)
+    victim = tmp_path / "victim.bin"
+    out = cfg.run_dir / "out" / f"{SHORT_IDS[0]}_out.bin"
+    victim.write_bytes(out.read_bytes())
+    out.unlink()
+    out.symlink_to(victim)
+    with pytest.raises(RunFolderError, match=f"{out}: an infer output resolves to {victim}, outside"):
+        postprocess(cfg)
+    before = victim.read_bytes()
+    assert infer(cfg)["written"] == [SHORT_IDS[0]]  # a link is not a finished output: replaced by the file
+    assert not out.is_symlink() and victim.read_bytes() == before
+
+
 def test_an_out_dir_the_user_names_may_lie_anywhere(preprocessed_run, tmp_path):
     cfg = preprocessed_run(tmp_path / "runs")
     chosen = tmp_path / "chosen_out"
@@ -265,7 +280,8 @@ def test_a_second_writer_is_refused_with_the_holder_named(preprocessed_run, tmp_
 
 def test_a_child_of_the_holder_may_write(tmp_path):
     """`run` holds the lock while its notebook kernels (child processes) run the stages."""
-    child = "import sys; from waveglow_lib.runlock import run_folder_lock\nwith run_folder_lock(sys.argv[1]): print('ok')"
+    child = ("import sys; from waveglow_lib.runlock import run_folder_lock\n"
+             "with run_folder_lock(sys.argv[1]): print('ok')")
     with run_folder_lock(tmp_path / "run"):
         out = subprocess.run([sys.executable, "-c", child, str(tmp_path / "run")], capture_output=True, text=True,
                              cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -81,7 +81,8 @@ def evaluate_run(cfg: WorkflowConfig, perceptual: bool | None = None) -> list[di
             raise InputNotFound(f"{syn_path}: synthesised wav not found; run the postprocess stage first",
                                 path=syn_path)
         # a wav path read from the manifest must name a file of the run's corpus
-        reference, _ = load_wav(corpus_wav(cfg.corpus_dir, item["wav"]), expected_rate=rate, resample=cfg.resample, downmix=cfg.downmix)
+        reference, _ = load_wav(corpus_wav(cfg.corpus_dir, item["wav"]), expected_rate=rate,
+                                resample=cfg.resample, downmix=cfg.downmix)
         synthesised, _ = load_wav(syn_path, expected_rate=rate)
         metrics = quality_metrics(reference, synthesised, rate, stft,
                                   perceptual=cfg.metrics if perceptual is None else perceptual)

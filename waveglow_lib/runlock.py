@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .errors import RunFolderError
+from .errors import ResourceError, RunFolderError
 
 LOCK_NAME = ".lock"
 #: `<resolved root>=<token>` pairs (os.pathsep separated) of the locks this process or its parent holds
@@ -139,8 +139,14 @@ def run_folder_lock(root: str | Path, command: str | None = None) -> Iterator[di
         # the kernel released the old holder's flock: it died (a stale lock); say so once
         info["took_over"] = {k: previous.get(k) for k in ("pid", "host", "command")}
         info["took_over"]["alive"] = previous.get("host") == info["host"] and _pid_alive(previous.get("pid"))
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    except OSError as exc:  # a full disk: say so, naming the file, and leave no lock behind
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+        raise ResourceError(f"{path}: could not write the run folder's lock ({exc.strerror})", path=path) from None
     with _guard:
         _held[key] = [fd, 1, token]
     old_env = os.environ.get(TOKEN_ENV)

@@ -187,7 +187,9 @@ def infer(cfg: WorkflowConfig, *, model=None, backend=None, out_dir: str | Path 
 
     def finished(u: Utterance) -> bool:
         target = out_bin(out_dir, u.id)
-        return not force and target.is_file() and target.stat().st_size == u.frames * hop * 4
+        # a link is never a finished output: it is replaced by the file (writes never follow links)
+        return (not force and target.is_file() and not target.is_symlink()
+                and target.stat().st_size == u.frames * hop * 4)
 
     todo = [u for u in utterances if not finished(u)]
     skipped = [u.id for u in utterances if u not in todo]

@@ -50,6 +50,7 @@ def postprocess(cfg: WorkflowConfig, *, out_dir: str | Path | None = None, wav_d
     """
     layout = cfg.layout
     # folders the user names may lie anywhere; the default ones must stay in the run folder
+    own_out_dir = out_dir is None
     out_dir = Path(out_dir) if out_dir else layout.check(layout.out_dir, "the infer outputs folder")
     wav_dir = Path(wav_dir) if wav_dir else layout.check(layout.wav_dir, "the wav folder")
     manifest = load_manifest(layout.mel_dir)
@@ -76,6 +77,8 @@ def postprocess(cfg: WorkflowConfig, *, out_dir: str | Path | None = None, wav_d
         utt_id = item["id"]
         src = out_bin(out_dir, utt_id)
         dst = syn_wav(wav_dir, utt_id)
+        if own_out_dir and src.exists():
+            layout.check(src, "an infer output")  # a link in out/ must not make us read elsewhere
         if not src.is_file():
             missing.append(utt_id)
             continue

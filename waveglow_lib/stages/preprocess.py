@@ -187,6 +187,6 @@ def _unchanged(item: dict, wav: Path, stat, mel_dir: Path) -> bool:
     except (KeyError, TypeError, ValueError):
         return False
     return (item.get("wav") == str(wav) and item.get("wav_size") == stat.st_size
-            and item.get("wav_mtime_ns") == stat.st_mtime_ns and bin_path.is_file()
+            and item.get("wav_mtime_ns") == stat.st_mtime_ns and bin_path.is_file() and not bin_path.is_symlink()
             and bin_path.stat().st_size == frames * 4
             and (mel_dir / item["txt"]).is_file())
