@@ -294,7 +294,7 @@ def test_a_child_of_the_holder_may_write(tmp_path):
 
 # --- 6/7. errors that name their file --------------------------------------------------------------
 @pytest.mark.parametrize("text, expected", [
-    ("{not json", "not valid JSON at line 1 column 2"), ("[1, 2]", "holds a JSON list"), ("\xff\xfe", None)])
+    ("{not json", "not valid JSON at line 1 column 2"), ("[1, 2]", "holds a JSON array"), ("\xff\xfe", None)])
 def test_read_json_names_the_file_and_what_was_expected(tmp_path, text, expected):
     path = tmp_path / "timings.json"
     path.write_bytes(text.encode("latin-1"))

@@ -19,8 +19,8 @@ import torch
 from torch.export import Dim
 
 from .checkpoint import model_fingerprint
-from .errors import ExportError, import_optional
-from .io import atomic_write_json
+from .errors import ExportError, ResourceError, import_optional
+from .io import atomic_write_json, storage_problem
 from .metrics import snr_db
 
 #: names used in the exported ONNX graph (noise as an input)
@@ -123,6 +123,9 @@ def export_onnx(model, path: str | Path, opset: int = 17, *, variant: str = "noi
         except ExportError:
             raise
         except Exception as exc:  # exporter failures come as many exception types
+            if storage_problem(exc):  # a full disk fails every exporter alike: say so, naming the file
+                tmp.unlink(missing_ok=True)
+                raise ResourceError(f"{path}: could not write ({storage_problem(exc)})", path=path) from None
             errors.append(f"{attempt}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             tmp.unlink(missing_ok=True)
     if used is None:

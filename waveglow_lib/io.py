@@ -83,8 +83,9 @@ def read_json(path: str | Path, what: str, kind: type = dict) -> Any:
     except RecursionError:
         raise DataError(f"{path}: JSON nested too deeply; expected {what}", path=path) from None
     if not isinstance(value, kind):
-        raise DataError(f"{path}: holds a JSON {type(value).__name__}, expected {what} "
-                        f"(a JSON {'object' if kind is dict else kind.__name__})", path=path)
+        names = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+        raise DataError(f"{path}: holds a JSON {names.get(type(value), 'null')}, expected {what} "
+                        f"(a JSON {names.get(kind, kind.__name__)})", path=path)
     return value
 
 
