@@ -23,7 +23,7 @@ from waveglow_lib.config import ModelConfig
 from waveglow_lib.errors import MelError
 from waveglow_lib.model import WaveGlow
 
-from conftest import TINY, ReferenceModules, make_reference
+from support import TINY, ReferenceModules, make_reference
 
 REAL_JIT_LOAD = torch.jit.load
 

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -19,6 +18,7 @@ import numpy as np
 
 from .config import GUIDE_MEL_LENGTHS, ModelConfig
 from .errors import ConvertError, import_optional
+from .io import read_json
 from .export import ONNX_INPUTS
 
 #: ATC's limit on the number of `--dynamic_dims` gears
@@ -159,9 +159,9 @@ def with_window_gear(gears: Sequence[int], model_config: ModelConfig) -> list[in
 # --- graph files ---------------------------------------------------------------------------------
 def load_export_info(onnx_path: Path) -> dict:
     """The sizes the export stage recorded beside the graph (`<name>.json`)."""
-    info_path = onnx_path.with_suffix(".json")
+    info_path = Path(onnx_path).with_suffix(".json")
     if info_path.is_file():
-        return json.loads(info_path.read_text())
+        return read_json(info_path, "the export record written beside the ONNX graph")
     return {}
 
 

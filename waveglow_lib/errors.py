@@ -81,6 +81,11 @@ class RunFolderError(WaveGlowError, RuntimeError):
     """The run folder is locked by another writer, or a path escapes it."""
 
 
+class ResourceError(WaveGlowError, OSError):
+    """The disk is full (or over quota), the folder is read-only, or memory ran out, reading or writing a
+    file: names the file; a partly written file is never left behind."""
+
+
 class NotebookRunError(WaveGlowError, RuntimeError):
     """A notebook failed: names the notebook, the cell and the error; `.output` is the executed notebook."""
 

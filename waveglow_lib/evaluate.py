@@ -3,7 +3,6 @@
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -17,9 +16,10 @@ from .backends import available_backends
 from .batching import utterance_noise, vocode
 from .config import STFTConfig, WorkflowConfig
 from .errors import AudioError, InputNotFound
-from .io import atomic_write_json, read_bin
-from .layout import load_manifest, mel_bin, syn_wav
+from .io import atomic_write_json, read_bin, read_json
+from .layout import corpus_wav, load_manifest, mel_bin, syn_wav
 from .metrics import _as_1d, log_mel_distance, quality_metrics, snr_db
+from .runlock import locked
 from .stages.infer import open_backend, resolve_model_config
 
 
@@ -80,7 +80,9 @@ def evaluate_run(cfg: WorkflowConfig, perceptual: bool | None = None) -> list[di
         if not syn_path.is_file():
             raise InputNotFound(f"{syn_path}: synthesised wav not found; run the postprocess stage first",
                                 path=syn_path)
-        reference, _ = load_wav(item["wav"], expected_rate=rate, resample=cfg.resample, downmix=cfg.downmix)
+        # a wav path read from the manifest must name a file of the run's corpus
+        reference, _ = load_wav(corpus_wav(cfg.corpus_dir, item["wav"]), expected_rate=rate,
+                                resample=cfg.resample, downmix=cfg.downmix)
         synthesised, _ = load_wav(syn_path, expected_rate=rate)
         metrics = quality_metrics(reference, synthesised, rate, stft,
                                   perceptual=cfg.metrics if perceptual is None else perceptual)
@@ -152,6 +154,7 @@ def _finite_or_none(obj: Any) -> Any:
     return obj
 
 
+@locked("evaluate")
 def collect_metrics(cfg: WorkflowConfig, *, utterances: Sequence[Mapping[str, Any]] | None = None,
                     parity: Sequence[Mapping[str, Any]] | None = None,
                     round_trip: Mapping[str, Any] | None = None,
@@ -181,11 +184,11 @@ def collect_metrics(cfg: WorkflowConfig, *, utterances: Sequence[Mapping[str, An
     layout = cfg.layout
     timings_path = layout.timings  # what `auto` became in the infer stage
     if timings_path.is_file():
-        settings = json.loads(timings_path.read_text()).get("settings", {})
+        settings = read_json(timings_path, "the infer stage's settings and timings").get("settings", {})
         record.update({k: settings[k] for k in ("backend_used", "precision_used") if k in settings})
     throughput_path = layout.throughput
     if throughput_path.is_file():
-        record["throughput"] = json.loads(throughput_path.read_text())
+        record["throughput"] = read_json(throughput_path, "the notebooks' throughput rows", kind=list)
     if extra:
         record.update(extra)
     record = _finite_or_none(record)

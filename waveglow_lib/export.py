@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from torch.export import Dim
 
+from .checkpoint import model_fingerprint
 from .config import ONNX_OPSETS
-from .errors import ExportError, import_optional
-from .io import atomic_write_json
+from .errors import ExportError, ResourceError, import_optional
+from .io import atomic_write_json, storage_problem
 from .metrics import snr_db
 
 #: names used in the exported ONNX graph (noise as an input)
@@ -123,6 +124,9 @@ def export_onnx(model, path: str | Path, opset: int = 17, *, variant: str = "noi
         except ExportError:
             raise
         except Exception as exc:  # exporter failures come as many exception types
+            if storage_problem(exc):  # a full disk fails every exporter alike: say so, naming the file
+                tmp.unlink(missing_ok=True)
+                raise ResourceError(f"{path}: could not write ({storage_problem(exc)})", path=path) from None
             errors.append(f"{attempt}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             tmp.unlink(missing_ok=True)
     if used is None:
@@ -141,7 +145,9 @@ def export_onnx(model, path: str | Path, opset: int = 17, *, variant: str = "noi
                   "exporter": used,
                   "inputs": names_in, "outputs": names_out, "export_seconds": round(time.perf_counter() - started, 2),
                   "model_config": model.config.to_dict(), "n_mel_channels": n_mel, "n_group": model.n_group,
-                  "hop_length": model.hop_length, "sigma_in_graph": sigma if variant == "guide" else None}
+                  "hop_length": model.hop_length, "sigma_in_graph": sigma if variant == "guide" else None,
+                  # what model the graph holds: infer and convert compare it with the run's model
+                  "model_fingerprint": model_fingerprint(model)}
         if verify:
             result.update(_verify(model, tmp, variant, seed))
         os.replace(tmp, path)

@@ -1,6 +1,7 @@
 """Atomic file writing and the raw `.bin` arrays the guide's tools exchange."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -10,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DataError, InputNotFound
+from .errors import DataError, InputNotFound, ResourceError
 
 
 def _current_umask() -> int:
@@ -23,21 +24,69 @@ _UMASK = _current_umask()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write to a temp file in the same folder, fsync, then rename: readers never see half a file."""
+    """Write to a temp file in the same folder, fsync, then rename: readers never see half a file.
+
+    A full disk, a read-only folder or an allocation failure raises ResourceError naming the file, and
+    the temp file is removed: what was there before stays as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        problem = storage_problem(exc)
+        if problem:
+            raise ResourceError(f"{path}: could not write ({problem}); nothing was changed", path=path) from None
         raise
     return path
+
+
+def storage_problem(exc: BaseException) -> str | None:
+    """What a full disk, a read-only folder or an allocation failure is, in words (None for other errors)."""
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    if isinstance(exc, OSError):
+        reasons = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                   errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                   errno.EPERM: "operation not permitted", errno.EFBIG: "file too large"}
+        if exc.errno in reasons:
+            return reasons[exc.errno]
+    return None
+
+
+def read_json(path: str | Path, what: str, kind: type = dict) -> Any:
+    """Parse a JSON file the workflow wrote: DataError naming the file and what it should hold when it is
+    missing, not JSON, or not a `kind` (dict by default)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputNotFound(f"{path}: not found (expected {what})", path=path) from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a text file (expected {what}, as JSON)", path=path) from None
+    except OSError as exc:
+        raise DataError(f"{path}: unreadable ({exc.strerror or exc}; expected {what})", path=path) from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); "
+                        f"expected {what} (delete it to have it rebuilt)", path=path) from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply; expected {what}", path=path) from None
+    if not isinstance(value, kind):
+        names = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+        raise DataError(f"{path}: holds a JSON {names.get(type(value), 'null')}, expected {what} "
+                        f"(a JSON {names.get(kind, kind.__name__)})", path=path)
+    return value
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ManifestError
+from .errors import ManifestError, RunFolderError
 
 ONNX_NAME = "waveglow.onnx"
 GUIDE_ONNX_NAME = "WaveGlow_onnx.onnx"
@@ -127,10 +127,34 @@ class RunLayout:
     def throughput(self) -> Path:
         return self.root / THROUGHPUT_FILE
 
+    def check(self, path: str | Path, what: str = "path") -> Path:
+        """`path` must resolve inside the run folder (no link or `..` out of it)."""
+        return inside(self.root, path, what)
+
     def model_files(self) -> dict[str, Path]:
         """The exported / compiled model files a backend may read."""
         return {"onnx": self.onnx, "openvino_ir": self.openvino_ir, "onnx_optimized": self.onnx_optimized,
                 "om": self.om}
+
+
+def inside(folder: str | Path, path: str | Path, what: str = "path") -> Path:
+    """`path`, once links and `..` are resolved, must lie in `folder` (resolved too): RunFolderError otherwise."""
+    folder, path = Path(folder), Path(path)
+    resolved = path.resolve()
+    if not resolved.is_relative_to(folder.resolve()):
+        raise RunFolderError(f"{path}: {what} resolves to {resolved}, outside {folder} "
+                             "(a symbolic link or '..' leading out of the folder)", path=path)
+    return path
+
+
+def corpus_wav(corpus_dir: str | Path, wav: str | Path) -> Path:
+    """A wav path read from a file (the manifest): it must name a file of the corpus folder (or its `wavs/`);
+    the file itself may be a link the user put there, but its folder must be the corpus's."""
+    corpus_dir, wav = Path(corpus_dir).resolve(), Path(wav)
+    folder = wav.parent.resolve()
+    if wav.name in ("", ".", "..") or folder not in (corpus_dir, corpus_dir / "wavs"):
+        raise RunFolderError(f"{wav}: manifest names a wav outside the corpus folder {corpus_dir}", path=wav)
+    return wav
 
 
 def out_bin(out_dir: Path, utt_id: str) -> Path:

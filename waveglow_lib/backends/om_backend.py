@@ -6,12 +6,12 @@
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from ..io import read_json
 from ..layout import gears_file
 from .base import Backend, BackendError, BackendUnavailable, ModelSpec
 
@@ -74,7 +74,7 @@ class OmBackend(Backend):
         InferSession = import_infer_session()
         meta = {}
         if gears_file(om_path).is_file():
-            meta = json.loads(gears_file(om_path).read_text())
+            meta = read_json(gears_file(om_path), "the gears the .om was built for (batch, mel_lengths)")
         self.fixed_batch = int(batch or meta.get("batch", 1))
         lengths = gears if gears is not None else meta.get("mel_lengths")
         self.gear_lengths = sorted(int(g) for g in lengths) if lengths else None

@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 from ..config import PACKAGE_DIR, WorkflowConfig
 from ..errors import InputNotFound, NotebookRunError
 from ..io import atomic_write_text
+from ..runlock import run_folder_lock
 
 
 def _notebooks_dir() -> Path:
@@ -150,34 +151,36 @@ def run_notebooks(params: str | Path | WorkflowConfig, overrides: Mapping[str, A
 
     layout = cfg.layout
     run_dir = layout.root
-    out_dir = layout.notebooks_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    params_file = layout.params
-    cfg.to_yaml(params_file)
-    result = RunResult(run_dir=run_dir, params_file=params_file)
-    manager = _kernel_manager_class()
-    try:
-        for name in names:
-            output = out_dir / name
-            start = time.perf_counter()
-            try:
-                pm.execute_notebook(
-                    str(source_dir / name), str(output),
-                    parameters={"params_file": str(params_file), "overrides": {}},
-                    kernel_name=KERNEL_NAME, kernel_manager_class=manager, cwd=str(base),
-                    progress_bar=progress, execution_timeout=timeout)
-            except pm.PapermillExecutionError as exc:
+    # one writer per run folder; the kernels' stages inherit the lock (runlock.TOKEN_ENV)
+    with run_folder_lock(run_dir, command=f"run {', '.join(names)}"):
+        out_dir = layout.notebooks_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        params_file = layout.params
+        cfg.to_yaml(params_file)
+        result = RunResult(run_dir=run_dir, params_file=params_file)
+        manager = _kernel_manager_class()
+        try:
+            for name in names:
+                output = out_dir / name
+                start = time.perf_counter()
+                try:
+                    pm.execute_notebook(
+                        str(source_dir / name), str(output),
+                        parameters={"params_file": str(params_file), "overrides": {}},
+                        kernel_name=KERNEL_NAME, kernel_manager_class=manager, cwd=str(base),
+                        progress_bar=progress, execution_timeout=timeout)
+                except pm.PapermillExecutionError as exc:
+                    result.notebooks.append(output)
+                    cell, what = _failing_cell(exc)
+                    raise NotebookRunError(f"{name} failed at {what} (executed notebook kept: {output})",
+                                           name, cell, output) from None
+                finally:
+                    result.seconds[name] = round(time.perf_counter() - start, 2)
                 result.notebooks.append(output)
-                cell, what = _failing_cell(exc)
-                raise NotebookRunError(f"{name} failed at {what} (executed notebook kept: {output})",
-                                       name, cell, output) from None
-            finally:
-                result.seconds[name] = round(time.perf_counter() - start, 2)
-            result.notebooks.append(output)
-    finally:
-        if report and result.notebooks:
-            result.report = render_report(result.notebooks, layout.report, title=f"WaveGlow run {cfg.name!r}")
-    return result
+        finally:
+            if report and result.notebooks:
+                result.report = render_report(result.notebooks, layout.report, title=f"WaveGlow run {cfg.name!r}")
+        return result
 
 
 # --- the report -----------------------------------------------------------------------------------

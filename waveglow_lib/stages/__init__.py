@@ -8,6 +8,7 @@ from __future__ import annotations
 from ..checkpoint import load_waveglow
 from ..config import WorkflowConfig
 from ..layout import CONVERT_TARGETS
+from ..runlock import locked
 from .convert import convert
 from .export import export
 from .infer import infer
@@ -19,10 +20,12 @@ STAGES = ("preprocess", "export", "convert", "infer", "postprocess")
 __all__ = ["STAGES", "preprocess", "export", "convert", "infer", "postprocess", "run_all"]
 
 
+@locked("run-all")
 def run_all(cfg: WorkflowConfig, *, model=None, force: bool = False, convert_targets=None) -> dict:
     """Run every stage in order for `cfg` (the model is loaded once and shared); returns each summary.
 
-    The params are saved as `runs/<name>/params.yaml` first, so the run folder says how it was made.
+    The params are saved as `runs/<name>/params.yaml` first, so the run folder says how it was made. The
+    run folder's lock is held throughout (the stages take it again, re-entrantly).
     `convert_targets` defaults to every target (layout.CONVERT_TARGETS).
     """
     cfg.run_dir.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -14,9 +13,11 @@ from typing import Sequence
 from ..config import ModelConfig, WorkflowConfig
 from ..convert import (atc_command, convert_openvino, format_command, load_export_info, mel_gears,
                        optimize_onnxruntime, padding_overhead, with_window_gear)
-from ..errors import ConvertError, InputNotFound
-from ..io import atomic_write_json, atomic_write_text
+from ..errors import ConvertError, DataError, InputNotFound, RunFolderError
+from ..io import atomic_write_json, atomic_write_text, read_json
 from ..layout import CONVERT_TARGETS, gears_file, load_manifest
+from ..runlock import locked
+from .stamps import describe, differences, model_stamp
 
 __all__ = ["convert", "convert_atc", "manifest_lengths", "mel_gears", "padding_overhead"]
 
@@ -25,6 +26,48 @@ def manifest_lengths(cfg: WorkflowConfig) -> list[int]:
     return [int(item["mel_frames"]) for item in load_manifest(cfg.layout.mel_dir)["items"]]
 
 
+def source_stamp(info: dict) -> dict:
+    """What a converted file inherits from the ONNX it was made from (model fingerprint, opset, variant)."""
+    return {"model": info.get("model_fingerprint"), "opset": info.get("opset"), "variant": info.get("variant")}
+
+
+def check_onnx_model(cfg: WorkflowConfig, onnx_path: Path, info: dict, model=None) -> None:
+    """The run's ONNX must hold the run's model: RunFolderError saying to export again otherwise."""
+    recorded = info.get("model_fingerprint")
+    expected = model_stamp(cfg, model)
+    if recorded != expected:
+        why = ("has no model fingerprint in its record (made before fingerprints were kept, or not by the "
+               "export stage)" if not recorded else
+               f"was exported from another model (fingerprint {recorded}; {cfg.checkpoint} is {expected})")
+        raise RunFolderError(f"{onnx_path}: {why}; run the export stage again (it re-exports when the model "
+                             "changed)", path=onnx_path)
+
+
+def _stamped(record_path: Path, stamp: dict) -> tuple[bool, str]:
+    """(up to date?, why not) for a converted file whose record should hold `stamp`."""
+    if not record_path.is_file():
+        return False, "no record of what it was made from"
+    try:
+        recorded = read_json(record_path, "the record of what a converted model was made from")
+    except DataError as exc:
+        return False, str(exc)
+    changed = differences(recorded.get("source") or {}, stamp)
+    return not changed, describe(changed)
+
+
+def _convert_stamped(build, record_path: Path, stamp: dict, force: bool) -> dict:
+    up_to_date, why = _stamped(record_path, stamp)
+    if not up_to_date or force:
+        record_path.unlink(missing_ok=True)  # no moment where a new file sits beside an old record
+    result = build(force=force or not up_to_date)
+    if result.get("status") == "converted":
+        atomic_write_json(record_path, {"source": stamp})
+        if not up_to_date and why:
+            result["reason"] = why
+    return result
+
+
+@locked("convert")
 def convert(cfg: WorkflowConfig, *, targets: Sequence[str] = CONVERT_TARGETS,
             onnx_path: str | Path | None = None, lengths: Sequence[int] | None = None,
             run_atc: bool | None = None, force: bool = False) -> dict:
@@ -35,7 +78,9 @@ def convert(cfg: WorkflowConfig, *, targets: Sequence[str] = CONVERT_TARGETS,
       `om/convert_atc.sh`. Writes `om/waveglow.gears.json` for the om backend either way.
     - `openvino`: `onnx/waveglow_openvino.xml/.bin` (fp32 weights).
     - `onnxruntime`: `onnx/waveglow_optimized.onnx` (extended graph optimisations, CPU EP).
-    Finished outputs newer than the ONNX file are skipped unless `force`.
+    Each output records what it was made from (the ONNX's model fingerprint, opset, variant; for atc
+    also the command); finished outputs made from the same are skipped unless `force`, others redone.
+    The run's ONNX must hold the run's model (RunFolderError otherwise: export again).
     """
     layout = cfg.layout
     onnx_path = Path(onnx_path) if onnx_path else layout.onnx
@@ -44,14 +89,31 @@ def convert(cfg: WorkflowConfig, *, targets: Sequence[str] = CONVERT_TARGETS,
     unknown = [t for t in targets if t not in CONVERT_TARGETS]
     if unknown:
         raise ConvertError(f"unknown convert target(s) {unknown}; choose from {', '.join(CONVERT_TARGETS)}")
+    if "atc" in targets and lengths is None:
+        lengths = manifest_lengths(cfg)  # every input present before what made them is checked
+    info = load_export_info(onnx_path)
+    if onnx_path == layout.onnx:
+        layout.check(onnx_path, "the exported graph")
+        check_onnx_model(cfg, onnx_path, info)
+    stamp = source_stamp(info)
     result: dict = {"onnx": str(onnx_path)}
     if "atc" in targets:
         result["atc"] = convert_atc(cfg, onnx_path, lengths=lengths, run_atc=run_atc, force=force)
     if "openvino" in targets:
-        result["openvino"] = convert_openvino(onnx_path, layout.openvino_ir, force=force)
+        xml = layout.check(layout.openvino_ir, "the OpenVINO IR")
+        result["openvino"] = _convert_stamped(lambda force: convert_openvino(onnx_path, xml, force=force),
+                                              artefact_record(xml), stamp, force)
     if "onnxruntime" in targets:
-        result["onnxruntime"] = optimize_onnxruntime(onnx_path, layout.onnx_optimized, force=force)
+        optimized = layout.check(layout.onnx_optimized, "the optimised ONNX graph")
+        result["onnxruntime"] = _convert_stamped(
+            lambda force: optimize_onnxruntime(onnx_path, optimized, force=force),
+            artefact_record(optimized), stamp, force)
     return result
+
+
+def artefact_record(path: Path) -> Path:
+    """`<name>.json` beside a converted model: the source stamp it was made from."""
+    return Path(path).with_suffix(".json")
 
 
 def convert_atc(cfg: WorkflowConfig, onnx_path: Path, *, lengths: Sequence[int] | None = None,
@@ -66,6 +128,7 @@ def convert_atc(cfg: WorkflowConfig, onnx_path: Path, *, lengths: Sequence[int] 
     layout = cfg.layout
     om_dir = layout.om_dir
     om_dir.mkdir(parents=True, exist_ok=True)
+    layout.check(om_dir, "the om folder")
     output = layout.om.with_suffix("")
     argv = atc_command(onnx_path.resolve(), output.resolve(), gears, batch=cfg.batch_size,
                        n_mel=int(info.get("n_mel_channels", 80)), n_group=int(info.get("n_group", 8)),
@@ -78,8 +141,16 @@ def convert_atc(cfg: WorkflowConfig, onnx_path: Path, *, lengths: Sequence[int] 
     gears_path = gears_file(om_file)
     result = {"command": command, "gears": gears, "om": str(om_file), "gears_file": str(gears_path),
               "padding_overhead": meta["padding_overhead"]}
-    previous = json.loads(gears_path.read_text()) if gears_path.is_file() else {}
-    if om_file.is_file() and previous.get("command") == command and not force:
+    layout.check(gears_path, "the gears record")
+    meta["source"] = source_stamp(info)
+    previous = {}
+    if gears_path.is_file():
+        try:
+            previous = read_json(gears_path, "the gears the .om was built for (batch, mel_lengths)")
+        except DataError:
+            previous = {}  # rebuilt below
+    if (om_file.is_file() and previous.get("command") == command and previous.get("source") == meta["source"]
+            and not force):
         result["status"] = "skipped (up to date)"
         return result
     atc = shutil.which("atc")
@@ -88,7 +159,8 @@ def convert_atc(cfg: WorkflowConfig, onnx_path: Path, *, lengths: Sequence[int] 
     if run_atc:
         if atc is None:
             raise ConvertError("atc is not on PATH (source /usr/local/Ascend/ascend-toolkit/set_env.sh)")
-        log_path = om_dir / "atc.log"
+        log_path = layout.check(om_dir / "atc.log", "the atc log")
+        log_path.unlink(missing_ok=True)  # never write through a link left there
         started = time.perf_counter()
         with open(log_path, "w") as log:
             proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, cwd=om_dir)

@@ -1,36 +1,54 @@
 """Stage 2, export: the run's model → `runs/<name>/onnx/waveglow.onnx` (see `waveglow_lib.export`)."""
 from __future__ import annotations
 
-import json
-
 from ..checkpoint import load_waveglow
 from ..config import WorkflowConfig
+from ..errors import DataError
 from ..export import export_onnx
-from ..io import atomic_write_json
+from ..io import atomic_write_json, read_json
+from ..runlock import locked
+from .stamps import describe, differences, model_stamp
 
-__all__ = ["export", "export_onnx"]
+__all__ = ["export", "export_onnx", "export_stamp"]
 
 
+def export_stamp(cfg: WorkflowConfig, variant: str, model=None) -> dict:
+    """What shapes an exported graph: the model (its fingerprint), the opset, the variant, and the sigma
+    baked into the guide's graph."""
+    return {"model": model_stamp(cfg, model), "opset": cfg.opset, "variant": variant,
+            "sigma": cfg.sigma if variant == "guide" else None}
+
+
+@locked("export")
 def export(cfg: WorkflowConfig, *, model=None, guide_variant: bool = False, force: bool = False) -> dict:
     """Export the run's model to `runs/<name>/onnx/waveglow.onnx` (and, with `guide_variant`, the
-    guide's `WaveGlow_onnx.onnx`). Skipped when an export with the same checkpoint and opset exists."""
+    guide's `WaveGlow_onnx.onnx`). Skipped when an export of the same model (fingerprint), opset, variant
+    (and sigma, for the guide's graph) exists; redone, saying why, when any of them changed."""
     layout = cfg.layout
     targets = [("noise_input", layout.onnx)]
     if guide_variant:
         targets.append(("guide", layout.guide_onnx))
     results = {}
     for variant, path in targets:
-        info_path = path.with_suffix(".json")
-        stamp = {"checkpoint": cfg.checkpoint, "opset": cfg.opset, "sigma": cfg.sigma if variant == "guide" else None}
+        layout.check(path, "the exported graph")
+        info_path = layout.check(path.with_suffix(".json"), "the export record")
+        stamp = export_stamp(cfg, variant, model)
+        reason = "no earlier export"
         if not force and path.is_file() and info_path.is_file():
-            info = json.loads(info_path.read_text())
-            if info.get("stamp") == stamp:
+            try:
+                info = read_json(info_path, "the export record (opset, model fingerprint, ...)")
+            except DataError as exc:
+                info, reason = {}, str(exc)
+            changed = differences(info.get("stamp") or {}, stamp)
+            if info and not changed:
                 results[variant] = {**info, "status": "skipped (up to date)"}
                 continue
+            if info:
+                reason = f"re-exported: {describe(changed)}"
         if model is None:
             model = load_waveglow(cfg.checkpoint_path)
         info = export_onnx(model, path, opset=cfg.opset, variant=variant, sigma=cfg.sigma, seed=cfg.seed)
         info["stamp"] = stamp
         atomic_write_json(info_path, info)
-        results[variant] = {**info, "status": "exported"}
+        results[variant] = {**info, "status": "exported", "reason": reason}
     return results

@@ -6,7 +6,6 @@ as its batch finishes, so a crash loses only the batch in flight.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -17,12 +16,16 @@ from ..backends import ModelSpec, get_backend, resolve_backend
 from ..batching import Utterance, check_mel, plan_batches, utterance_noise, vocode
 from ..checkpoint import load_waveglow
 from ..config import ModelConfig, STFTConfig, WorkflowConfig
-from ..errors import ConfigError, InputNotFound, ManifestError, SynthesisError
-from ..io import atomic_write_json, read_bin, write_bin
-from ..layout import TIMINGS_FILE, load_manifest, mel_bin, out_bin
+from ..errors import (ConfigError, DataError, InputNotFound, ManifestError, MelError, ResourceError, RunFolderError,
+                      SynthesisError)
+from ..io import atomic_write_json, read_bin, read_json, write_bin
+from ..layout import TIMINGS_FILE, gears_file, load_manifest, mel_bin, out_bin
+from ..runlock import locked
+from .stamps import checkpoint_stft, model_stamp
 
 #: settings that change the audio: outputs made with other values are not silently mixed with new ones
-OUTPUT_SETTINGS = ("checkpoint", "sigma", "seed", "backend", "precision")
+OUTPUT_SETTINGS = ("checkpoint", "model", "sigma", "seed", "backend", "precision")
+
 
 
 def backend_name(cfg: WorkflowConfig) -> str:
@@ -42,13 +45,63 @@ def open_backend(cfg: WorkflowConfig, model=None, model_config: ModelConfig | No
         return get_backend(name, model=model, device=cfg.device, precision=cfg.precision)
     spec = ModelSpec.from_model_config(model_config or model.config)
     if name == "om":
+        check_model_file(cfg, files["om"], model)
         return get_backend("om", om_path=files["om"], device=cfg.device, precision=cfg.precision, spec=spec)
     path = files["onnx"]
     if name == "openvino" and files["openvino_ir"].is_file():
         path = files["openvino_ir"]
     if name == "onnxruntime" and files["onnx_optimized"].is_file() and cfg.device == "cpu":
         path = files["onnx_optimized"]
+    check_model_file(cfg, path, model)
     return get_backend(name, onnx_path=path, device=cfg.device, precision=cfg.precision, spec=spec)
+
+
+def check_model_file(cfg: WorkflowConfig, path: Path, model=None) -> None:
+    """An exported or converted model file must have been made from the run's model (or `model`): its record
+    (`<name>.json`, for the `.om` the gears file and the ONNX's record) names the model's fingerprint.
+    RunFolderError saying what to redo otherwise: vocoding with another model's graph is never silent."""
+    layout = cfg.layout
+    if not path.is_file():
+        return  # the backend's own error says which stage makes it
+    layout.check(path, "the model file")
+    expected = model_stamp(cfg, model)
+    onnx_info = (read_json(layout.onnx.with_suffix(".json"), "the export record")
+                 if layout.onnx.with_suffix(".json").is_file() else {})
+    if path == layout.om:
+        gears = gears_file(path)
+        record = read_json(gears, "the gears the .om was built for") if gears.is_file() else {}
+        recorded = (record.get("source") or {}).get("model") or onnx_info.get("model_fingerprint")
+        redo = "the export and convert stages (then atc)"
+    elif path == layout.onnx:
+        recorded = onnx_info.get("model_fingerprint")
+        redo = "the export stage"
+    else:
+        record_path = path.with_suffix(".json")
+        record = read_json(record_path, "the record of what a converted model was made from") \
+            if record_path.is_file() else {}
+        recorded = (record.get("source") or {}).get("model")
+        redo = "the convert stage"
+    if recorded == expected:
+        return
+    if not recorded:
+        raise RunFolderError(f"{path}: no record of the model it was made from; run {redo} again "
+                             "(or pass --force to those stages)", path=path)
+    raise RunFolderError(f"{path}: made from another model (fingerprint {recorded}) than this run's "
+                         f"{cfg.checkpoint} ({expected}); run {redo} again, or use the checkpoint it was made "
+                         "from", path=path)
+
+
+def check_mel_settings(cfg: WorkflowConfig, manifest: dict, manifest_path: Path) -> None:
+    """Mels made with other STFT settings than the model was trained on vocode into wrong audio: refuse."""
+    made = (manifest.get("settings") or {}).get("stft")
+    if not made:
+        return  # a manifest of mels made elsewhere: their format was checked when read
+    model_stft = checkpoint_stft(cfg).to_dict()
+    changed = {k: (made.get(k), model_stft.get(k)) for k in model_stft if made.get(k) != model_stft.get(k)}
+    if changed:
+        raise MelError(f"{manifest_path}: the mels were made with other STFT settings than the model "
+                       f"{cfg.checkpoint} expects ({', '.join(f'{k}: {a} vs {b}' for k, (a, b) in changed.items())}); "
+                       "run the preprocess stage again (it redoes mels whose settings changed)", path=manifest_path)
 
 
 def resolve_model_config(cfg: WorkflowConfig, model=None) -> ModelConfig:
@@ -57,12 +110,13 @@ def resolve_model_config(cfg: WorkflowConfig, model=None) -> ModelConfig:
         return model.config
     info_path = cfg.layout.onnx.with_suffix(".json")
     if info_path.is_file():
-        info = json.loads(info_path.read_text())
+        info = read_json(info_path, "the export record (model_config, opset, ...)")
         if "model_config" in info:
             return ModelConfig.from_dict(info["model_config"])
     return load_waveglow(cfg.checkpoint_path).config
 
 
+@locked("infer")
 def infer(cfg: WorkflowConfig, *, model=None, backend=None, out_dir: str | Path | None = None,
           force: bool = False) -> dict:
     """Vocode every utterance of `mel/manifest.json` into `out/<id>_out.bin`; returns a summary.
@@ -76,7 +130,9 @@ def infer(cfg: WorkflowConfig, *, model=None, backend=None, out_dir: str | Path 
     """
     mel_dir = cfg.layout.mel_dir
     manifest = load_manifest(mel_dir)
-    out_dir = Path(out_dir) if out_dir else cfg.layout.out_dir
+    # an out_dir the user names may lie anywhere; the default one must stay in the run folder
+    out_dir = Path(out_dir) if out_dir else cfg.layout.check(cfg.layout.out_dir, "the output folder")
+    check_mel_settings(cfg, manifest, mel_dir / "manifest.json")
     model_config = resolve_model_config(cfg, model)
     hop = model_config.hop_length
     stft = manifest.get("settings", {}).get("stft", {})
@@ -105,12 +161,21 @@ def infer(cfg: WorkflowConfig, *, model=None, backend=None, out_dir: str | Path 
         utterances.append(Utterance(item["id"], shape[1], path))
 
     name = backend.name if backend is not None else backend_name(cfg)
-    settings = {"checkpoint": cfg.checkpoint, "sigma": cfg.sigma, "seed": cfg.seed,
-                "backend": name, "precision": cfg.precision}
+    settings = {"checkpoint": cfg.checkpoint, "model": model_stamp(cfg, model), "sigma": cfg.sigma,
+                "seed": cfg.seed, "backend": name, "precision": cfg.precision}
     timings_path = out_dir / TIMINGS_FILE
-    record = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    record = {}
+    if timings_path.is_file():
+        try:
+            record = read_json(timings_path, "the infer stage's settings and per-utterance timings")
+        except DataError as exc:
+            if not force:
+                raise DataError(f"{exc}; or pass force=True (CLI --force) to redo the outputs",
+                                path=timings_path) from None
     if record and not force:
         old = {k: record.get("settings", {}).get(k) for k in OUTPUT_SETTINGS}
+        if old["model"] is None:
+            old["model"] = settings["model"]  # a record from before fingerprints: the checkpoint path decides
         changed = {k: (old[k], settings[k]) for k in OUTPUT_SETTINGS if old[k] != settings[k]}
         if changed:
             raise ConfigError(f"{out_dir}: holds outputs made with other settings "
@@ -122,7 +187,9 @@ def infer(cfg: WorkflowConfig, *, model=None, backend=None, out_dir: str | Path 
 
     def finished(u: Utterance) -> bool:
         target = out_bin(out_dir, u.id)
-        return not force and target.is_file() and target.stat().st_size == u.frames * hop * 4
+        # a link is never a finished output: it is replaced by the file (writes never follow links)
+        return (not force and target.is_file() and not target.is_symlink()
+                and target.stat().st_size == u.frames * hop * 4)
 
     todo = [u for u in utterances if not finished(u)]
     skipped = [u.id for u in utterances if u not in todo]
@@ -153,14 +220,22 @@ def infer(cfg: WorkflowConfig, *, model=None, backend=None, out_dir: str | Path 
                 noises = [utterance_noise(model_config, u.frames, cfg.seed, u.id) for u in batch]
                 calls_before = len(getattr(backend, "device_times_ms", None) or [])
                 t0 = time.perf_counter()
-                audios, stats = vocode(backend, mels, noises, cfg.sigma, model_config,
-                                       exact=cfg.exact_batching, pad_value=pad_value)
+                try:
+                    audios, stats = vocode(backend, mels, noises, cfg.sigma, model_config,
+                                           exact=cfg.exact_batching, pad_value=pad_value)
+                except MemoryError:
+                    raise ResourceError(f"{batch[0].bin_path}: out of memory vocoding a batch of {len(batch)} "
+                                        f"({max(u.frames for u in batch)} frames); lower batch_size",
+                                        path=batch[0].bin_path) from None
                 seconds = time.perf_counter() - t0
                 device_ms = (getattr(backend, "device_times_ms", None) or [])[calls_before:]
                 for position, (u, audio) in enumerate(zip(batch, audios)):
                     if not np.isfinite(audio).all():
+                        # the mel was checked finite above: the weights or the arithmetic are to blame
                         raise SynthesisError(f"{u.bin_path}: the {backend.name} backend produced NaN/Inf audio "
-                                             f"(precision {getattr(backend, 'precision', cfg.precision)}?)",
+                                             f"from a finite mel; check the checkpoint {cfg.checkpoint} (NaN/Inf "
+                                             f"weights?) and the precision "
+                                             f"({getattr(backend, 'precision', cfg.precision)}; try fp32)",
                                              path=u.bin_path)
                     write_bin(out_bin(out_dir, u.id), audio)
                     items_record[u.id] = {

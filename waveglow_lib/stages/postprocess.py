@@ -6,7 +6,6 @@ amplitude). Here the audio is clipped to [-1, 1] and scaled by 32767, rounded to
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,10 @@ from ..checkpoint import load_waveglow
 from ..config import STFTConfig, WorkflowConfig
 from ..denoiser import Denoiser
 from ..errors import DataError, InputNotFound
-from ..io import atomic_write_bytes, atomic_write_json, read_bin, sha256_bytes
+from ..io import atomic_write_bytes, atomic_write_json, read_bin, read_json, sha256_bytes
 from ..layout import load_manifest, out_bin, syn_wav
+from ..runlock import locked
+from .stamps import model_stamp
 
 INT16_SCALE = 32767
 
@@ -36,6 +37,7 @@ def wav_bytes(audio: np.ndarray, sample_rate: int = 22050) -> bytes:
     return buffer.getvalue()
 
 
+@locked("postprocess")
 def postprocess(cfg: WorkflowConfig, *, out_dir: str | Path | None = None, wav_dir: str | Path | None = None,
                 model=None, denoiser=None, trim: bool = True, force: bool = False) -> dict:
     """Convert every utterance of the manifest whose `<id>_out.bin` exists into `<id>_syn.wav`.
@@ -47,15 +49,24 @@ def postprocess(cfg: WorkflowConfig, *, out_dir: str | Path | None = None, wav_d
     - Finished wavs made from the same `.bin` with the same settings are skipped (`wav/postprocess.json`).
     """
     layout = cfg.layout
-    out_dir = Path(out_dir) if out_dir else layout.out_dir
-    wav_dir = Path(wav_dir) if wav_dir else layout.wav_dir
+    # folders the user names may lie anywhere; the default ones must stay in the run folder
+    own_out_dir = out_dir is None
+    out_dir = Path(out_dir) if out_dir else layout.check(layout.out_dir, "the infer outputs folder")
+    wav_dir = Path(wav_dir) if wav_dir else layout.check(layout.wav_dir, "the wav folder")
     manifest = load_manifest(layout.mel_dir)
     hop = int(manifest.get("hop_length", STFTConfig().hop_length))
     rate = int(manifest.get("sampling_rate", STFTConfig().sampling_rate))
     record_path = wav_dir / "postprocess.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() and not force else {}
-    items_record = record.get("items", {})
+    record = {}
+    if record_path.is_file() and not force:
+        try:
+            record = read_json(record_path, "the postprocess record (settings per finished wav)")
+        except DataError:
+            record = {}  # only says what may be skipped: without it every wav is redone
+    items_record = record.get("items") if isinstance(record.get("items"), dict) else {}
     strength = float(cfg.denoiser_strength)
+    # the denoiser subtracts the model's own bias spectrum: its wavs depend on the model too
+    denoiser_model = (model_stamp(cfg, model) if denoiser is None else "given") if strength > 0 else None
     if strength > 0 and denoiser is None:
         if model is None:
             model = load_waveglow(cfg.checkpoint_path)
@@ -66,17 +77,21 @@ def postprocess(cfg: WorkflowConfig, *, out_dir: str | Path | None = None, wav_d
         utt_id = item["id"]
         src = out_bin(out_dir, utt_id)
         dst = syn_wav(wav_dir, utt_id)
+        if own_out_dir and src.exists():
+            layout.check(src, "an infer output")  # a link in out/ must not make us read elsewhere
         if not src.is_file():
             missing.append(utt_id)
             continue
         raw = read_bin(src, (int(item["mel_frames"]) * hop,))
         source_sha = sha256_bytes(raw.tobytes())
-        settings = {"source_sha256": source_sha, "denoiser_strength": strength, "trim": trim}
+        settings = {"source_sha256": source_sha, "denoiser_strength": strength, "trim": trim,
+                    **({"denoiser_model": denoiser_model} if denoiser_model else {})}
         if dst.is_file() and items_record.get(utt_id, {}).get("settings") == settings:
             skipped.append(utt_id)
             continue
         if not np.isfinite(raw).all():
-            raise DataError(f"{src}: audio contains NaN/Inf values (a failed inference?); not converted")
+            raise DataError(f"{src}: audio contains NaN/Inf values (a failed inference?); not converted",
+                            path=src)
         audio = raw
         if strength > 0:
             audio = np.asarray(denoiser(audio[None], strength=strength), dtype=np.float32).reshape(-1)

@@ -8,6 +8,7 @@ the inputs that were skipped and why (unreadable, wrong format, silent). Re-runs
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -15,15 +16,18 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..audio import load_wav, mel_spectrogram
-from ..checkpoint import read_stft_config
 from ..config import STFTConfig, WorkflowConfig
-from ..errors import AudioError, InputNotFound, ManifestError
-from ..io import atomic_write_json, atomic_write_text, write_bin
-from ..layout import MANIFEST_FORMAT, MANIFEST_NAME, load_manifest
+from ..errors import AudioError, DataError, InputNotFound, ManifestError, ResourceError
+from ..io import atomic_write_json, atomic_write_text, read_json, storage_problem, write_bin
+from ..layout import MANIFEST_FORMAT, MANIFEST_NAME, check_utterance_id, load_manifest
+from ..runlock import locked
+from .stamps import checkpoint_stft
 
 __all__ = ["preprocess", "list_wavs", "load_manifest", "ManifestError"]
 #: a wav whose peak stays below this (≈3 LSB of int16) is treated as silent and skipped
 SILENCE_PEAK = 1e-4
+#: per-item results as they finish (one JSON line each), until the manifest holds them
+JOURNAL_NAME = ".preprocess.jsonl"
 
 
 def list_wavs(corpus_dir: str | Path, limit: int = 0) -> list[Path]:
@@ -39,70 +43,102 @@ def list_wavs(corpus_dir: str | Path, limit: int = 0) -> list[Path]:
     return wavs[:limit] if limit else wavs
 
 
+@locked("preprocess")
 def preprocess(cfg: WorkflowConfig, *, force: bool = False, stft: STFTConfig | None = None) -> dict:
     """Compute the mels of `cfg.corpus` (first `cfg.limit` wavs) into `runs/<name>/mel/`.
 
-    Unreadable, wrongly formatted (rate/channels without `cfg.resample`/`cfg.downmix`) and silent wavs
-    are reported in the result and the manifest's `skipped` list; the batch goes on.
+    Unreadable, wrongly formatted (rate/channels without `cfg.resample`/`cfg.downmix`), too short, silent
+    wavs, and wavs whose name cannot be an utterance id, are reported in the result and the manifest's
+    `skipped` list; the batch goes on. Each finished item is also appended to `mel/.preprocess.jsonl`
+    as it finishes, so a killed run resumes where it stopped; the manifest is rebuilt from them and
+    written only when it changed (a finished, read-only run folder is not written to).
     """
     if stft is None:
-        stft = read_stft_config(cfg.checkpoint_path)
-    mel_dir = cfg.layout.mel_dir
-    mel_dir.mkdir(parents=True, exist_ok=True)
+        stft = checkpoint_stft(cfg)
+    layout = cfg.layout
+    mel_dir = layout.check(layout.mel_dir, "the mel folder")
     wavs = list_wavs(cfg.corpus_dir, cfg.limit)
     settings = {"stft": stft.to_dict(), "resample": cfg.resample, "downmix": cfg.downmix}
     manifest_path = mel_dir / MANIFEST_NAME
+    journal_path = mel_dir / JOURNAL_NAME
+    current: dict | None = None
     previous: dict = {}
-    if manifest_path.is_file() and not force:
-        try:
-            old = json.loads(manifest_path.read_text())
-            if old.get("settings") == settings:
-                previous = {item["id"]: item for item in old.get("items", [])}
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            previous = {}  # an unreadable manifest is rebuilt from the wavs
+    if not force:
+        if manifest_path.is_file():
+            try:
+                current = read_json(manifest_path, "the mel manifest")
+            except DataError:
+                current = None  # an unreadable manifest is rebuilt from the wavs
+            if current is not None and current.get("settings") == settings:
+                previous = {item.get("id"): item for item in current.get("items", []) if isinstance(item, dict)}
+        previous.update(_read_journal(journal_path, settings))
 
     items: list[dict] = []
     skipped: list[dict] = []
     reused = 0
 
-    def save() -> None:
-        atomic_write_json(manifest_path, {
-            "format": MANIFEST_FORMAT, "corpus": str(cfg.corpus_dir), "limit": cfg.limit,
-            "sampling_rate": stft.sampling_rate, "hop_length": stft.hop_length,
-            "n_mel_channels": stft.n_mel_channels, "settings": settings, "items": items, "skipped": skipped})
+    def manifest() -> dict:
+        return {"format": MANIFEST_FORMAT, "corpus": str(cfg.corpus_dir), "limit": cfg.limit,
+                "sampling_rate": stft.sampling_rate, "hop_length": stft.hop_length,
+                "n_mel_channels": stft.n_mel_channels, "settings": settings, "items": items, "skipped": skipped}
 
+    def skip(wav: Path, reason: str) -> None:
+        skipped.append({"wav": str(wav), "reason": reason})
+        tqdm.write(f"skipped: {reason}")
+
+    journal = None
     last_save = time.monotonic()
-    for wav in tqdm(wavs, desc="preprocess", unit="wav"):
-        utt_id = wav.stem
-        stat = wav.stat()
-        old = previous.get(utt_id)
-        if old and _unchanged(old, wav, stat, mel_dir):
-            items.append(old)
-            reused += 1
-            continue
-        try:
-            audio, _ = load_wav(wav, expected_rate=stft.sampling_rate, resample=cfg.resample,
-                                downmix=cfg.downmix)
-        except AudioError as exc:
-            skipped.append({"wav": str(wav), "reason": str(exc)})
-            tqdm.write(f"skipped: {exc}")
-            continue
-        peak = float(np.max(np.abs(audio)))
-        if peak < SILENCE_PEAK:
-            reason = f"{wav}: silent (peak {peak:.2e}); nothing to vocode"
-            skipped.append({"wav": str(wav), "reason": reason})
-            tqdm.write(f"skipped: {reason}")
-            continue
-        mel = np.asarray(mel_spectrogram(audio, stft), dtype=np.float32)
-        sha = write_bin(mel_dir / f"{utt_id}.bin", mel)
-        atomic_write_text(mel_dir / f"{utt_id}.txt", f"{audio.size}\n")
-        items.append({"id": utt_id, "wav": str(wav), "samples": int(audio.size), "mel_frames": int(mel.shape[1]),
-                      "shape": list(mel.shape), "dtype": "float32", "sha256": sha, "bin": f"{utt_id}.bin",
-                      "txt": f"{utt_id}.txt", "wav_size": stat.st_size, "wav_mtime_ns": stat.st_mtime_ns})
-        if time.monotonic() - last_save > 5.0:  # large corpora: keep a recent manifest on disk
-            save()
-            last_save = time.monotonic()
-    save()
+    try:
+        for wav in tqdm(wavs, desc="preprocess", unit="wav"):
+            utt_id = wav.stem
+            try:
+                check_utterance_id(utt_id, wav)
+            except ManifestError:
+                skip(wav, f"{wav}: the name {utt_id!r} cannot be an utterance id (letters, digits, _ . - + # @)")
+                continue
+            stat = wav.stat()
+            old = previous.get(utt_id)
+            if old and _unchanged(old, wav, stat, mel_dir):
+                items.append(old)
+                reused += 1
+                continue
+            try:
+                audio, _ = load_wav(wav, expected_rate=stft.sampling_rate, resample=cfg.resample,
+                                    downmix=cfg.downmix)
+                if audio.size <= stft.filter_length // 2:
+                    raise AudioError(f"{wav}: {audio.size} sample(s) is too short; the STFT needs more than "
+                                     f"filter_length // 2 = {stft.filter_length // 2}", path=wav)
+                peak = float(np.max(np.abs(audio)))
+                if peak < SILENCE_PEAK:
+                    raise AudioError(f"{wav}: silent (peak {peak:.2e}); nothing to vocode", path=wav)
+                mel = np.asarray(mel_spectrogram(audio, stft), dtype=np.float32)
+            except AudioError as exc:
+                reason = str(exc)
+                skip(wav, reason if str(wav) in reason else f"{wav}: {reason}")
+                continue
+            except MemoryError:
+                raise ResourceError(f"{wav}: out of memory computing its mel", path=wav) from None
+            sha = write_bin(mel_dir / f"{utt_id}.bin", mel)
+            atomic_write_text(mel_dir / f"{utt_id}.txt", f"{audio.size}\n")
+            item = {"id": utt_id, "wav": str(wav), "samples": int(audio.size), "mel_frames": int(mel.shape[1]),
+                    "shape": list(mel.shape), "dtype": "float32", "sha256": sha, "bin": f"{utt_id}.bin",
+                    "txt": f"{utt_id}.txt", "wav_size": stat.st_size, "wav_mtime_ns": stat.st_mtime_ns}
+            items.append(item)
+            if journal is None:  # O_NOFOLLOW: never append through a link left in the run folder
+                journal = os.fdopen(os.open(journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
+                                            0o644), "a", encoding="utf-8")
+            _append(journal, journal_path, {"settings": settings, "item": item})
+            if time.monotonic() - last_save > 5.0:  # large corpora: keep a recent manifest on disk
+                atomic_write_json(manifest_path, manifest())
+                last_save = time.monotonic()
+    finally:
+        if journal is not None:
+            journal.close()
+    final = manifest()
+    if final != current:
+        atomic_write_json(manifest_path, final)
+    if journal_path.is_file():
+        journal_path.unlink()  # the manifest now holds every finished item
     if not items:
         raise AudioError(f"{cfg.corpus_dir}: none of {len(wavs)} wav(s) could be used: "
                          + "; ".join(s["reason"] for s in skipped[:3]))
@@ -111,10 +147,46 @@ def preprocess(cfg: WorkflowConfig, *, force: bool = False, stft: STFTConfig | N
             "mel_frames": [item["mel_frames"] for item in items]}
 
 
+def _append(journal, path: Path, entry: dict) -> None:
+    """One line per finished item, flushed and synced: a kill loses at most the line being written."""
+    try:
+        journal.write(json.dumps(entry) + "\n")
+        journal.flush()
+        os.fsync(journal.fileno())
+    except OSError as exc:
+        problem = storage_problem(exc)
+        if problem:
+            raise ResourceError(f"{path}: could not write ({problem})", path=path) from None
+        raise
+
+
+def _read_journal(path: Path, settings: dict) -> dict:
+    """The items a killed run finished (same settings), by id; a torn last line is ignored."""
+    found: dict = {}
+    if not path.is_file():
+        return found
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("settings") == settings and isinstance(entry.get("item"), dict):
+                found[entry["item"].get("id")] = entry["item"]
+    return found
+
+
 def _unchanged(item: dict, wav: Path, stat, mel_dir: Path) -> bool:
-    """The manifest entry still describes this wav and its `.bin`/`.txt` are complete."""
-    bin_path = mel_dir / item.get("bin", "")
+    """The record still describes this wav, names its own `<id>.bin`/`.txt`, and those are complete."""
+    utt_id = wav.stem
+    if item.get("bin") != f"{utt_id}.bin" or item.get("txt") != f"{utt_id}.txt" or item.get("id") != utt_id:
+        return False  # a record naming other files is not trusted: recomputed
+    bin_path = mel_dir / item["bin"]
+    try:
+        frames = int(np.prod(item["shape"]))
+    except (KeyError, TypeError, ValueError):
+        return False
     return (item.get("wav") == str(wav) and item.get("wav_size") == stat.st_size
-            and item.get("wav_mtime_ns") == stat.st_mtime_ns and bin_path.is_file()
-            and bin_path.stat().st_size == int(np.prod(item["shape"])) * 4
-            and (mel_dir / item.get("txt", "")).is_file())
+            and item.get("wav_mtime_ns") == stat.st_mtime_ns and bin_path.is_file() and not bin_path.is_symlink()
+            and bin_path.stat().st_size == frames * 4
+            and (mel_dir / item["txt"]).is_file())
