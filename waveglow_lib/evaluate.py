@@ -30,6 +30,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .config import STFTConfig, WorkflowConfig
+from .provenance import run_provenance
 
 #: SNR of identical signals is infinite; report this instead so metrics.json holds plain numbers
 SNR_CAP_DB = 200.0
@@ -478,6 +479,7 @@ def collect_metrics(cfg: WorkflowConfig, *, utterances: Sequence[Mapping[str, An
     throughput_path = cfg.run_dir / THROUGHPUT_FILE
     if throughput_path.is_file():
         record["throughput"] = json.loads(throughput_path.read_text())
+    record.update(run_provenance(cfg))   # checkpoint, demo or not, backend/precision used, machine, commit
     if extra:
         record.update(extra)
     record = _finite_or_none(record)

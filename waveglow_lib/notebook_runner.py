@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 
 from .config import WorkflowConfig, parse_set_option
 from .errors import NotebookRunError  # noqa: F401  (re-exported: the old import path)
+from .report import export_html, summary_html
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 NOTEBOOKS_DIR = PACKAGE_DIR.parent / "notebooks"
@@ -225,15 +226,13 @@ def _freeze_progress_bars(cells: Sequence[Any], state: Mapping[str, Any]) -> Non
 
 
 def render_report(paths: Sequence[str | Path], output: str | Path, title: str = "WaveGlow run") -> Path:
-    """nbconvert HTML of the executed notebooks, concatenated into one self-contained page."""
-    from nbconvert import HTMLExporter
-
+    """The run's summary (report.summary_html) over the executed notebooks, as one page that works offline."""
     from .io import atomic_write_text
 
     merged = merge_notebooks(paths)
     merged.metadata["title"] = title
-    html, _ = HTMLExporter(template_name="lab").from_notebook_node(merged)
-    return atomic_write_text(output, html)
+    summary = summary_html(Path(output).parent, [Path(p).name for p in paths])
+    return atomic_write_text(output, export_html(merged, summary))
 
 
 # --- CLI ------------------------------------------------------------------------------------------
