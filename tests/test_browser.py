@@ -228,6 +228,12 @@ PICKER_AUDIO_SRC = """() => {
     return (audio.currentSrc || (source && source.src) || audio.src || '').slice(0, 5000); }"""
 
 
+FIRST_AUDIO_SRC = """() => {
+    const audio = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) audio');
+    const source = audio && audio.querySelector('source');
+    return audio ? (audio.currentSrc || (source && source.src) || audio.src || '').slice(0, 5000) : null; }"""
+
+
 def _picker_audio_src(page):
     return page.evaluate(PICKER_AUDIO_SRC)
 
@@ -254,13 +260,17 @@ def test_notebooks_01_and_05_in_jupyterlab_and_the_report_offline(lab, browser):
     assert len(durations) == 2
     picker = _picker(page)
     ids = picker.evaluate("s => [...s.options].map(o => o.value || o.textContent)")
-    assert ids == list(durations) and picker.evaluate("s => s.selectedIndex") == 0
-    before = _picker_audio_src(page)
-    assert before and before.startswith("data:audio/wav;base64,")
+    assert ids == list(durations) and picker.evaluate("s => s.selectedIndex") == 0   # the first pre-selected
+    shown_first = page.evaluate(FIRST_AUDIO_SRC)          # the notebook shows the first above the picker
+    assert shown_first and shown_first.startswith("data:audio/wav;base64,")
     _assert_playable(_audio(page), [durations[ids[0]]])
-    _pick(page, 1, before)
-    assert _picker_audio_src(page) != before
-    _assert_playable(_audio(page), [durations[ids[1]]])
+    assert _picker_audio_src(page) is None
+    _pick(page, 1, None)                                  # another utterance: a player appears below
+    second = _picker_audio_src(page)
+    assert second != shown_first
+    _assert_playable(_audio(page), durations.values())
+    _pick(page, 0, second)                                # back to the first: the player's source follows
+    assert _picker_audio_src(page) == shown_first
     page.close()
 
     # 04's work, done by the library (the browser part is 01 and 05)
@@ -275,9 +285,10 @@ def test_notebooks_01_and_05_in_jupyterlab_and_the_report_offline(lab, browser):
     players = _audio(page)
     assert len(players) >= 4                      # original + synthesised, round trip's two
     _assert_playable(players, durations.values())
-    picker = _picker(page)
-    before = _picker_audio_src(page)
-    _pick(page, 1, before)
+    shown_first = page.evaluate(FIRST_AUDIO_SRC)
+    _pick(page, 1, None)
+    assert _picker_audio_src(page) not in (None, shown_first)
+    _assert_playable(_audio(page), durations.values())
     page.close()
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["checkpoint"]["is_demo_model"] and metrics["commit"]

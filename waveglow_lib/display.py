@@ -251,20 +251,18 @@ def players(audios: Mapping[str, np.ndarray], sample_rate: int = 22050):
 
 
 def utterance_picker(ids: Sequence[str], show: Callable[[str], None], description: str = "utterance"):
-    """A Dropdown of utterance ids, the first one picked and shown; choosing another runs `show(id)` into
-    the Output below it.
+    """A Dropdown of utterance ids with the first pre-selected; choosing another runs `show(id)` into the
+    Output below it.
 
-    Headless runs (papermill) keep the widget and what its Output shows in the notebook's widget state; the
-    report (report.unfold_widgets) turns that into static content, so it needs no widget JavaScript.
+    The notebook shows the first utterance itself, above the picker: rendered into the Output instead, it
+    would travel as widget state, which papermill's Output capture re-sends to the kernel on every display
+    (slow with embedded audio, and the offline report cannot show widget content without JavaScript).
     """
     import ipywidgets as widgets
 
     ids = list(ids)
     dropdown = widgets.Dropdown(options=ids, value=ids[0] if ids else None, description=description)
     output = widgets.Output()
-    if ids:
-        with output:
-            show(ids[0])
 
     def on_change(change):
         if change["new"] is None:
