@@ -25,7 +25,7 @@ def test_table_html_escapes_and_text_aligns():
     html = table._repr_html_()
     left, right = 'style="text-align:left"', 'style="text-align:right"'
     assert f"<th {left}>id</th><th {right}>snr</th><th {right}>extra</th>" in html   # text left, numbers right
-    assert "&lt;a&gt;" in html and "<caption>c &amp; d</caption>" in html
+    assert "&lt;a&gt;" in html and '<caption style="text-align:left">c &amp; d</caption>' in html
     assert f"<td {right}>60.12</td>" in html and f"<td {right}>—</td>" in html
     lines = repr(table).splitlines()
     assert lines[0] == "c & d" and lines[1].split() == ["id", "snr", "extra"]

@@ -56,7 +56,7 @@ class Table:
         head = "".join(f"<th {a}>{html.escape(h)}</th>" for h, a in zip(self.headers, align))
         body = "".join("<tr>" + "".join(f"<td {a}>{html.escape(c)}</td>" for c, a in zip(row, align)) + "</tr>"
                        for row in self.cells)
-        caption = f"<caption>{html.escape(self.caption)}</caption>" if self.caption else ""
+        caption = f'<caption style="text-align:left">{html.escape(self.caption)}</caption>' if self.caption else ""
         return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
     def __repr__(self) -> str:

@@ -47,6 +47,8 @@ _CSS = """
 .wg-summary a { color: #0b57d0; text-decoration: underline; }
 details.wg-code > summary { cursor: pointer; color: #666; font-size: 85%; margin: 2px 0; }
 .jp-RenderedHTMLCommon td, .jp-RenderedHTMLCommon th { text-align: left; }
+/* no In/Out prompts: text, code and outputs share one left edge */
+.jp-InputPrompt, .jp-OutputPrompt { display: none; }
 .wg-widget-note { color: #666; font-style: italic; margin: 4px 0; }
 """
 
