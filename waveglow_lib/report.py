@@ -48,7 +48,7 @@ _CSS = """
 details.wg-code > summary { cursor: pointer; color: #666; font-size: 85%; margin: 2px 0; }
 .jp-RenderedHTMLCommon td, .jp-RenderedHTMLCommon th { text-align: left; }
 /* no In/Out prompts: text, code and outputs share one left edge */
-.jp-InputPrompt, .jp-OutputPrompt { display: none; }
+.jp-Notebook .jp-InputPrompt, .jp-Notebook .jp-OutputPrompt { display: none !important; }
 .wg-widget-note { color: #666; font-style: italic; margin: 4px 0; }
 """
 
