@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -203,6 +204,9 @@ def test_ci_run_folder_and_report(ci_run):
     for name in nr.NOTEBOOKS:
         assert f"Notebook <code>{name}</code>" in report
     assert report.count("<audio") >= 5 and "data:image/png;base64" in report
+    # the summary on top, and nothing fetched from a network (tests/test_browser.py opens it offline)
+    assert report.index('id="summary"') < report.index("Notebook <code>00_setup.ipynb</code>")
+    assert "noise by design" in report and not re.findall(r"<script[^>]+src=", report)
 
 
 def test_ci_run_keeps_the_widgets(ci_run):
