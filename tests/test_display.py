@@ -71,7 +71,7 @@ def test_stage_note_says_skipped_with_the_stored_date(tmp_path):
     partial = d.StageNote("infer", ["a"], ["b"], stored)
     assert not partial.skipped and "1 utterance done now, 1 kept from an earlier run (stored 20" in repr(partial)
     assert repr(d.StageNote("preprocess", 3, 0, unit="wav")) == "preprocess: 3 wavs done now."
-    assert d.stored_at(tmp_path / "missing") is None
+    assert d.stored_at(tmp_path / "missing") is None and d.stored_at(None) is None
 
 
 def test_parity_view_leaves_out_the_reference_against_itself():

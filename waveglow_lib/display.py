@@ -67,8 +67,10 @@ class Table:
         return "\n".join(([self.caption] if self.caption else []) + lines)
 
 
-def stored_at(path: str | Path) -> str | None:
+def stored_at(path: str | Path | None) -> str | None:
     """When a stored result was written (its file's modification time, UTC), None if it is not there."""
+    if path is None:
+        return None
     path = Path(path)
     if not path.exists():
         return None
