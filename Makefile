@@ -5,11 +5,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PARAMS ?= params/demo.yaml
 
-.PHONY: demo test test-fast setup clean clean-runs
+.PHONY: demo test test-fast setup clean clean-runs browser
 demo: $(VENV)/.installed
 	$(PY) -m waveglow_lib run --params $(PARAMS)
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed browser
 	$(PY) -m pytest -q
 
 # the suite without the long end-to-end tests (notebook chains, the browser): for a quick local loop
@@ -18,11 +18,25 @@ test-fast: $(VENV)/.installed
 
 setup: $(VENV)/.installed
 
+# Debian's chromium for the real-browser test (tests/test_browser.py drives it with playwright; no browser
+# download). Installed with apt where it is missing and apt can run; otherwise that test is skipped.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "apt-get could not install chromium: tests/test_browser.py will be skipped"; \
+	  else echo "chromium missing and apt-get unavailable (or not root): tests/test_browser.py will be skipped"; fi; }
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[all]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (waveglow-workflow)" >/dev/null
+	@# notebooks are committed without outputs: nbstripout cleans them on `git add` (.gitattributes);
+	@# --keep-id keeps the notebooks' own cell ids (nbstripout would renumber them)
+	if git rev-parse --git-dir >/dev/null 2>&1; then \
+	  $(PY) -m nbstripout --install --attributes .gitattributes && \
+	  git config filter.nbstripout.clean '"$(abspath $(PY))" -m nbstripout --keep-id'; fi
 	touch $@
 
 # removes the environment and build leftovers; your results in runs/ stay (see clean-runs)

@@ -13,7 +13,8 @@ def test_format_value():
     assert d.format_value(None) == "—"
     assert d.format_value(True) == "yes"
     assert d.format_value(0.123456) == "0.1235"
-    assert d.format_value(12345.6) == "1.235e+04"
+    assert d.format_value(12345.6) == "12346"          # counts in full, not 1.235e+04
+    assert d.format_value(32768.0) == "32768"
     assert d.format_value(3e-7) == "3.000e-07"
     assert d.format_value(float("inf")) == "inf"
     assert d.format_value(832) == "832"
@@ -22,14 +23,15 @@ def test_format_value():
 def test_table_html_escapes_and_text_aligns():
     table = d.Table([{"id": "<a>", "snr": 60.123456}, {"id": "b", "extra": 1}], caption="c & d")
     html = table._repr_html_()
-    assert "<th>id</th><th>snr</th><th>extra</th>" in html
-    assert "&lt;a&gt;" in html and "<caption>c &amp; d</caption>" in html
-    assert "<td>60.12</td>" in html and "<td>—</td>" in html
+    left, right = 'style="text-align:left"', 'style="text-align:right"'
+    assert f"<th {left}>id</th><th {right}>snr</th><th {right}>extra</th>" in html   # text left, numbers right
+    assert "&lt;a&gt;" in html and '<caption style="text-align:left">c &amp; d</caption>' in html
+    assert f"<td {right}>60.12</td>" in html and f"<td {right}>—</td>" in html
     lines = repr(table).splitlines()
     assert lines[0] == "c & d" and lines[1].split() == ["id", "snr", "extra"]
     assert len({len(line) for line in lines[1:]}) == 1   # aligned columns
     chosen = d.Table([{"a": 1, "b": 2}], columns=["b"], headers={"b": "B"})._repr_html_()
-    assert "<th>B</th>" in chosen and "<td>2</td>" in chosen and "<td>1</td>" not in chosen
+    assert ">B</th>" in chosen and ">2</td>" in chosen and ">1</td>" not in chosen
 
 
 @pytest.mark.parametrize("make", [
@@ -50,11 +52,38 @@ def test_players_embed_each_signal_at_its_level():
     assert html.count("<audio") == 2 and "original" in html and "synthesised" in html
 
 
-def test_utterance_picker_shows_the_chosen_utterance():
+def test_utterance_picker_preselects_the_first_and_shows_the_chosen_utterance():
     shown = []
     box = d.utterance_picker(["LJ001-0001", "LJ001-0002"], shown.append)
     dropdown, output = box.children
-    assert dropdown.value is None and shown == []
+    assert dropdown.value == "LJ001-0001" and shown == []      # the notebook shows the first itself
     dropdown.value = "LJ001-0002"
     assert shown == ["LJ001-0002"]
     assert type(output).__name__ == "Output"
+
+
+def test_stage_note_says_skipped_with_the_stored_date(tmp_path):
+    stored = tmp_path / "timings.json"
+    stored.write_text("{}")
+    skipped = d.StageNote("infer", [], ["a", "b"], stored)
+    assert skipped.skipped and "infer skipped: all 2 utterances were already done (stored 20" in repr(skipped)
+    assert "stored result" in skipped._repr_html_()
+    partial = d.StageNote("infer", ["a"], ["b"], stored)
+    assert not partial.skipped and "1 utterance done now, 1 kept from an earlier run (stored 20" in repr(partial)
+    assert repr(d.StageNote("preprocess", 3, 0, unit="wav")) == "preprocess: 3 wavs done now."
+    assert d.stored_at(tmp_path / "missing") is None and d.stored_at(None) is None
+
+
+def test_parity_view_leaves_out_the_reference_against_itself():
+    rows = [{"backend": "torch", "reference": "torch", "utterances": 1, "snr_db_min": float("inf")},
+            {"backend": "onnxruntime", "reference": "torch", "utterances": 1, "snr_db_min": 71.0}]
+    html = d.parity_view(rows)._repr_html_()
+    assert ">onnxruntime</td>" in html and ">torch</td><td" in html     # torch only as the reference
+    assert html.count("<tr>") == 2 and "inf" not in html
+
+
+def test_metrics_with_reference_labels_the_reference_as_approximate():
+    table = d.metrics_with_reference({"stoi": 0.37, "pesq": 1.02, "mcd_db": 64.8, "log_mel_distance": 3.1},
+                                     demo_model=True)
+    html = table._repr_html_()
+    assert "0.37" in html and "≈ 0.9 or more" in html and "approximate" in html and "by design" in html

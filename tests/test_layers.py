@@ -26,7 +26,7 @@ LAYERS = [
 #: third-party packages that are optional extras (or platform-only): these may be imported inside functions
 OPTIONAL = {"onnx", "onnxruntime", "openvino", "papermill", "nbformat", "nbconvert", "nbclient", "jupyter_client",
             "traitlets", "IPython", "ipywidgets", "matplotlib", "pystoi", "pesq", "ais_bench", "resource", "ray",
-            "starlette", "fastapi", "requests", "playwright", "torchaudio", "soxr", "librosa", "soundfile"}
+            "starlette", "fastapi", "requests", "playwright", "jinja2", "torchaudio", "soxr", "librosa", "soundfile"}
 PACKAGE_DIR = Path(waveglow_lib.__file__).parent
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,13 +22,31 @@ WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 
 
 # --- the committed notebooks ----------------------------------------------------------------------
+def _git(*args: str, cwd: Path = ROOT, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=60, **kwargs)
+
+
+def _committed(name: str):
+    """The notebook as git holds it (the index: what the next commit contains), else the file.
+
+    A notebook saved with outputs in JupyterLab is cleaned by the nbstripout filter on `git add`, so the
+    working copy may hold outputs while the committed content must not."""
+    try:
+        proc = _git("show", f":notebooks/{name}")
+    except (OSError, subprocess.SubprocessError):
+        proc = None
+    if proc is not None and proc.returncode == 0:
+        return nbformat.reads(proc.stdout, as_version=4)
+    return nbformat.read(NOTEBOOKS / name, as_version=4)
+
+
 def test_the_notebooks_are_the_six_steps_in_order():
     assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == list(nr.NOTEBOOKS)
 
 
 @pytest.mark.parametrize("name", nr.NOTEBOOKS)
 def test_committed_without_outputs_and_with_one_parameters_cell(name):
-    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nb = _committed(name)
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.outputs == [] and c.execution_count is None for c in code), f"{name} has outputs: clear them"
@@ -44,6 +63,37 @@ def test_committed_without_outputs_and_with_one_parameters_cell(name):
     sources = "\n".join(c.source for c in code)
     assert "notebook_config(params_file, overrides)" in sources
     assert "def " not in sources.replace("def show", "")
+
+
+def test_set_up_installs_nbstripout_as_a_git_filter_that_strips_outputs_on_add(tmp_path):
+    """What `make setup` does (Makefile), in a scratch repository: the committed .gitattributes plus
+    `nbstripout --install`; a notebook saved with outputs is then staged without them, cell ids kept."""
+    pytest.importorskip("nbstripout")
+    attributes = (ROOT / ".gitattributes").read_text()
+    assert "*.ipynb filter=nbstripout" in attributes
+    makefile = (ROOT / "Makefile").read_text()
+    assert "nbstripout --install --attributes .gitattributes" in makefile and "--keep-id" in makefile
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    assert _git("init", "-q", cwd=repo).returncode == 0
+    (repo / ".gitattributes").write_text(attributes)
+    subprocess.run([sys.executable, "-m", "nbstripout", "--install", "--attributes", ".gitattributes"], cwd=repo,
+                   check=True, capture_output=True)
+    _git("config", "filter.nbstripout.clean", f'"{sys.executable}" -m nbstripout --keep-id', cwd=repo)
+    nb = nbformat.read(NOTEBOOKS / "01_preprocess.ipynb", as_version=4)
+    ids = [c.id for c in nb.cells]
+    for cell in nb.cells:                  # as JupyterLab saves it after a run
+        if cell.cell_type == "code":
+            cell.execution_count = 7
+            cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="printed\n")]
+    nb.metadata["widgets"] = {WIDGET_STATE: {"state": {}, "version_major": 2, "version_minor": 0}}
+    nbformat.write(nb, repo / "nb.ipynb")
+    added = _git("add", "nb.ipynb", cwd=repo)
+    assert added.returncode == 0, added.stderr
+    staged = nbformat.reads(_git("show", ":nb.ipynb", cwd=repo).stdout, as_version=4)
+    code = [c for c in staged.cells if c.cell_type == "code"]
+    assert code and all(c.outputs == [] and c.execution_count is None for c in code)
+    assert "widgets" not in staged.metadata and [c.id for c in staged.cells] == ids
 
 
 # --- the kernel -----------------------------------------------------------------------------------
@@ -158,6 +208,9 @@ def test_ci_run_folder_and_report(ci_run):
     for name in nr.NOTEBOOKS:
         assert f"Notebook <code>{name}</code>" in report
     assert report.count("<audio") >= 5 and "data:image/png;base64" in report
+    # the summary on top, and nothing fetched from a network (tests/test_browser.py opens it offline)
+    assert report.index('id="summary"') < report.index("Notebook <code>00_setup.ipynb</code>")
+    assert "noise by design" in report and not re.findall(r"<script[^>]+src=", report)
 
 
 @pytest.mark.e2e

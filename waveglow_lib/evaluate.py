@@ -21,6 +21,7 @@ from .layout import corpus_wav, load_manifest, mel_bin, syn_wav
 from .metrics import _as_1d, log_mel_distance, quality_metrics, snr_db
 from .runlock import locked
 from .stages.infer import open_backend, resolve_model_config
+from .provenance import run_provenance
 
 
 # --- the round trip ---------------------------------------------------------------------------------
@@ -182,13 +183,10 @@ def collect_metrics(cfg: WorkflowConfig, *, utterances: Sequence[Mapping[str, An
     if round_trip is not None:
         record["round_trip"] = {k: v for k, v in round_trip.items() if not isinstance(v, np.ndarray)}
     layout = cfg.layout
-    timings_path = layout.timings  # what `auto` became in the infer stage
-    if timings_path.is_file():
-        settings = read_json(timings_path, "the infer stage's settings and timings").get("settings", {})
-        record.update({k: settings[k] for k in ("backend_used", "precision_used") if k in settings})
     throughput_path = layout.throughput
     if throughput_path.is_file():
         record["throughput"] = read_json(throughput_path, "the notebooks' throughput rows", kind=list)
+    record.update(run_provenance(cfg))   # checkpoint, demo or not, backend/precision used, machine, commit
     if extra:
         record.update(extra)
     record = _finite_or_none(record)

@@ -127,6 +127,10 @@ class RunLayout:
     def throughput(self) -> Path:
         return self.root / THROUGHPUT_FILE
 
+    @property
+    def bench_json(self) -> Path:
+        return self.root / "bench.json"
+
     def check(self, path: str | Path, what: str = "path") -> Path:
         """`path` must resolve inside the run folder (no link or `..` out of it)."""
         return inside(self.root, path, what)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import html
 import io
 import math
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -23,10 +25,17 @@ def format_value(value: Any, digits: int = 4) -> str:
     if isinstance(value, (float, np.floating)):
         if not math.isfinite(value):
             return str(value)
-        if value != 0 and (abs(value) >= 10 ** digits or abs(value) < 10 ** -(digits - 1)):
+        if value != 0 and abs(value) < 10 ** -(digits - 1):
             return f"{value:.{digits - 1}e}"
+        if abs(value) >= 1e15:
+            return f"{value:.{digits - 1}e}"
+        # large numbers in full (32768, not 3.277e+04): people read them as counts
         return f"{value:.{digits}g}" if abs(value) < 10 ** (digits - 1) else f"{value:.0f}"
     return str(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
 class Table:
@@ -38,11 +47,16 @@ class Table:
         self.headers = [(headers or {}).get(c, c) for c in self.columns]
         self.cells = [[format_value(r.get(c), digits) for c in self.columns] for r in rows]
         self.caption = caption
+        # numbers right-aligned (digits line up), text left-aligned (Jupyter's CSS right-aligns everything)
+        self.numeric = [bool(rows) and all(_is_number(r.get(c)) or r.get(c) is None for r in rows)
+                        and any(_is_number(r.get(c)) for r in rows) for c in self.columns]
 
     def _repr_html_(self) -> str:
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.headers)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.cells)
-        caption = f"<caption>{html.escape(self.caption)}</caption>" if self.caption else ""
+        align = ['style="text-align:right"' if numeric else 'style="text-align:left"' for numeric in self.numeric]
+        head = "".join(f"<th {a}>{html.escape(h)}</th>" for h, a in zip(self.headers, align))
+        body = "".join("<tr>" + "".join(f"<td {a}>{html.escape(c)}</td>" for c, a in zip(row, align)) + "</tr>"
+                       for row in self.cells)
+        caption = f'<caption style="text-align:left">{html.escape(self.caption)}</caption>' if self.caption else ""
         return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
     def __repr__(self) -> str:
@@ -53,8 +67,78 @@ class Table:
         return "\n".join(([self.caption] if self.caption else []) + lines)
 
 
+def stored_at(path: str | Path | None) -> str | None:
+    """When a stored result was written (its file's modification time, UTC), None if it is not there."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.exists():
+        return None
+    return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+class StageNote:
+    """One line saying what a stage did this time: done now, kept from an earlier run (with the date of the
+    stored result), or skipped altogether, so results shown below are never mistaken for fresh ones."""
+
+    def __init__(self, stage: str, done: int | Sequence[Any], kept: int | Sequence[Any],
+                 stored: str | Path | None = None, unit: str = "utterance"):
+        self.done = done if isinstance(done, int) else len(done)
+        self.kept = kept if isinstance(kept, int) else len(kept)
+        when = stored_at(stored) if stored is not None else None
+        since = f" (stored {when})" if when else ""
+        plural = lambda n: f"{n} {unit}{'' if n == 1 else 's'}"  # noqa: E731
+        if self.done == 0 and self.kept:
+            self.skipped = True
+            self.text = (f"{stage} skipped: all {plural(self.kept)} were already done{since}; "
+                         "what follows is the stored result. Delete the outputs (or use another run name) to redo them.")
+        elif self.kept:
+            self.skipped = False
+            self.text = f"{stage}: {plural(self.done)} done now, {self.kept} kept from an earlier run{since}."
+        else:
+            self.skipped = False
+            self.text = f"{stage}: {plural(self.done)} done now."
+
+    def _repr_html_(self) -> str:
+        colour = "#fff3cd" if self.skipped else "#eef5ff"
+        return (f'<div class="wg-stage-note" style="background:{colour};padding:4px 8px;border-radius:4px;'
+                f'text-align:left">{html.escape(self.text)}</div>')
+
+    def __repr__(self) -> str:
+        return self.text
+
+
 def key_value_table(mapping: Mapping[str, Any], caption: str | None = None) -> Table:
     return Table([{"name": k, "value": v} for k, v in mapping.items()], caption=caption)
+
+
+#: what a trained WaveGlow scores on LJSpeech, approximately (not measured here; see `REFERENCE_NOTE`)
+REFERENCE = {
+    "log_mel_distance": ("lower is better; 0 = identical mels", None),
+    "mcd_db": ("lower is better; 0 dB = identical mel cepstra", None),
+    "stoi": ("0…1, higher is more intelligible", "≈ 0.9 or more"),
+    "pesq": ("about 1…4.6, higher is better", "≈ 3 or more"),
+}
+REFERENCE_NOTE = ("Reference column: trained WaveGlow on LJSpeech, STOI ≈ 0.9+, PESQ ≈ 3+ — approximate "
+                  "orders of magnitude for orientation, not published figures and not measured here.")
+METRIC_NAMES = {"log_mel_distance": "log-mel distance", "mcd_db": "MCD (dB)", "stoi": "STOI", "pesq": "PESQ"}
+
+
+def metrics_with_reference(summary: Mapping[str, Any], demo_model: bool = False) -> Table:
+    """The mean metrics beside what they mean and what a trained model scores (see `REFERENCE_NOTE`)."""
+    rows = [{"metric": METRIC_NAMES[k], "this run": summary.get(k), "a trained WaveGlow (approx.)": REFERENCE[k][1],
+             "how to read it": REFERENCE[k][0]} for k in METRIC_NAMES]
+    note = REFERENCE_NOTE + (" The untrained demo model scores at the floor of each scale, by design."
+                             if demo_model else "")
+    return Table(rows, caption=note)
+
+
+def parity_view(rows: Sequence[Mapping[str, Any]], caption: str | None = None) -> Table:
+    """`evaluate.parity_table`'s rows without the reference against itself (always identical)."""
+    shown = [r for r in rows if r.get("backend") != r.get("reference")]
+    return Table(shown, ["backend", "reference", "utterances", "snr_db_min", "snr_db_mean", "max_abs_diff"],
+                 headers={"snr_db_min": "min SNR (dB)", "snr_db_mean": "mean SNR (dB)",
+                          "max_abs_diff": "max |difference|"}, caption=caption)
 
 
 # --- figures --------------------------------------------------------------------------------------
@@ -169,14 +253,17 @@ def players(audios: Mapping[str, np.ndarray], sample_rate: int = 22050):
 
 
 def utterance_picker(ids: Sequence[str], show: Callable[[str], None], description: str = "utterance"):
-    """A Dropdown of utterance ids; choosing one runs `show(id)` into the Output below it.
+    """A Dropdown of utterance ids with the first pre-selected; choosing another runs `show(id)` into the
+    Output below it.
 
-    Headless runs (papermill) keep the widget in the notebook; the static view of the first utterance is
-    displayed by the notebook itself so the HTML report has it too.
+    The notebook shows the first utterance itself, above the picker: rendered into the Output instead, it
+    would travel as widget state, which papermill's Output capture re-sends to the kernel on every display
+    (slow with embedded audio, and the offline report cannot show widget content without JavaScript).
     """
     import ipywidgets as widgets
 
-    dropdown = widgets.Dropdown(options=list(ids), value=None, description=description)
+    ids = list(ids)
+    dropdown = widgets.Dropdown(options=ids, value=ids[0] if ids else None, description=description)
     output = widgets.Output()
 
     def on_change(change):

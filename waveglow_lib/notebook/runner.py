@@ -26,6 +26,7 @@ from ..config import PACKAGE_DIR, WorkflowConfig
 from ..errors import InputNotFound, NotebookRunError
 from ..io import atomic_write_text
 from ..runlock import run_folder_lock
+from .report import export_html, summary_html
 
 
 def _notebooks_dir() -> Path:
@@ -234,10 +235,8 @@ def _freeze_progress_bars(cells: Sequence[Any], state: Mapping[str, Any]) -> Non
 
 
 def render_report(paths: Sequence[str | Path], output: str | Path, title: str = "WaveGlow run") -> Path:
-    """nbconvert HTML of the executed notebooks, concatenated into one self-contained page."""
-    from nbconvert import HTMLExporter
-
+    """The run's summary (report.summary_html) over the executed notebooks, as one page that works offline."""
     merged = merge_notebooks(paths)
     merged.metadata["title"] = title
-    page, _ = HTMLExporter(template_name="lab").from_notebook_node(merged)
-    return atomic_write_text(output, page)
+    summary = summary_html(Path(output).parent, [Path(p).name for p in paths])
+    return atomic_write_text(output, export_html(merged, summary))

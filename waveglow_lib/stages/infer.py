@@ -210,7 +210,9 @@ def infer(cfg: WorkflowConfig, *, model=None, backend=None, out_dir: str | Path 
     written: list[str] = []
     started = time.perf_counter()
     try:
-        with tqdm(total=len(todo), desc=f"infer ({getattr(backend, 'name', '-')})", unit="utt") as bar:
+        # nothing to do: no empty "0/0" bar (the notebook says the stage was skipped)
+        with tqdm(total=len(todo), desc=f"infer ({getattr(backend, 'name', '-')})", unit="utt",
+                  disable=not todo) as bar:
             for index, batch in enumerate(plan_batches(todo, cfg.batch_size)):
                 mels = []
                 for u in batch:

@@ -1,0 +1,84 @@
+"""Where a run's numbers come from: the checkpoint (file, fingerprint, size, whether it is the untrained
+demo model), the backend and precision the infer stage actually used, the machine and the commit.
+
+`evaluate.collect_metrics` merges `run_provenance(cfg)` into metrics.json, and the report's summary reads
+it back, so a metrics file says on its own which model and which code made it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .config import DEMO_MODEL_PATH, PACKAGE_DIR, WorkflowConfig
+from .hardware import cpu_model, usable_cpus
+from .io import read_json
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file read in chunks (the official checkpoint is ~650 MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_info(cfg: WorkflowConfig) -> dict[str, Any]:
+    """The checkpoint's path, sha256, size, and whether it is the bundled untrained demo model (by content,
+    so a copy of the demo file elsewhere is recognised too)."""
+    path = cfg.checkpoint_path or DEMO_MODEL_PATH
+    info: dict[str, Any] = {"path": str(path), "file": Path(path).name}
+    if not Path(path).is_file():
+        info.update(sha256=None, size_bytes=None, is_demo_model=cfg.checkpoint == "demo",
+                    note=f"{path}: checkpoint file not found when the metrics were written")
+        return info
+    sha = file_sha256(path)
+    demo_sha = file_sha256(DEMO_MODEL_PATH) if DEMO_MODEL_PATH.is_file() else None
+    info.update(sha256=sha, size_bytes=Path(path).stat().st_size, is_demo_model=sha == demo_sha)
+    return info
+
+
+def machine() -> dict[str, Any]:
+    """CPU model and core counts (what the speed figures depend on), OS and Python."""
+    return {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "usable_cpus": usable_cpus(),
+            "hostname": platform.node(), "system": f"{platform.system()} {platform.release()}",
+            "python": platform.python_version()}
+
+
+def git_commit(where: str | Path = PACKAGE_DIR) -> str:
+    """The commit of the code that ran (with "+dirty" when it had uncommitted changes), else "unknown"."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                               capture_output=True, text=True, timeout=10)
+        return head.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def backend_used(cfg: WorkflowConfig) -> dict[str, Any]:
+    """What the infer stage ran (what `auto` became, and the precision probe's verdict), from out/timings.json."""
+    path = cfg.layout.timings
+    if not path.is_file():
+        return {}
+    settings = read_json(path, "the infer stage's timings", kind=dict).get("settings", {})
+    keys = ("backend_used", "precision_used", "precision_probe")
+    return {k: settings[k] for k in keys if settings.get(k) is not None}
+
+
+def run_provenance(cfg: WorkflowConfig) -> dict[str, Any]:
+    """The provenance fields of metrics.json: checkpoint, backend/precision used, machine, commit, date."""
+    return {"checkpoint": checkpoint_info(cfg),
+            "backend_requested": cfg.backend, "precision_requested": cfg.precision,
+            **backend_used(cfg),
+            "machine": machine(),
+            "commit": git_commit(),
+            "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
