@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from ..batching import Utterance
@@ -101,8 +102,6 @@ class VocodeActor:
     """One warm backend per actor, built once; each call vocodes one planned batch per input row."""
 
     def __init__(self, cfg: WorkflowConfig, backend: str, settings: VocodeSettings, model=None, threads: int = 1):
-        import torch  # the torch and fast backends run on torch's thread pool
-
         torch.set_num_threads(threads)
         self.backend = open_backend(cfg, model=model, model_config=settings.model_config, name=backend,
                                     threads=threads)
