@@ -30,6 +30,9 @@ from ..errors import ConfigError, SynthesisError, WaveGlowError, import_optional
 from ..stages.infer import BatchResult, InferJob, VocodeSettings, open_backend, vocode_batch, worker_name
 
 INSTALL = "pip install 'waveglow-workflow[ray]'  (ray[data,serve])"
+#: Ray's own settings for a Ray this module starts: on a small, busy machine the raylet's default 15 s wait
+#: for its metrics agent runs out and the node dies at start-up (a user's environment wins over these)
+LOCAL_RAY_ENV = {"RAY_agent_register_timeout_ms": "120000", "RAY_USAGE_STATS_ENABLED": "0"}
 #: Ray's resource name for an Ascend NPU (ray.util.accelerators; ray-ascend adds HCCL on top of it)
 NPU_RESOURCE = "NPU"
 
@@ -69,6 +72,8 @@ def connect(address: str | None):
         path = os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)
         env = {"env_vars": {"PYTHONPATH": path}}
         if address is None:
+            for key, value in LOCAL_RAY_ENV.items():
+                os.environ.setdefault(key, value)
             ray.init(runtime_env=env, include_dashboard=False, configure_logging=False)
         else:
             ray.init(address=address, runtime_env=env, configure_logging=False)
