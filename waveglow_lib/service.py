@@ -178,3 +178,13 @@ def shutdown() -> None:
     """Stop the service (Ray itself keeps running)."""
     serve = import_optional("ray.serve", INSTALL, "serve")
     serve.shutdown()
+
+
+def application(args: dict):
+    """Ray Serve application builder (`import_path: waveglow_lib.service:application`, as in a RayService or
+    `serve run`): `args` = {"params": {WorkflowConfig fields}, "replicas": N, "max_batch": B,
+    "batch_wait_s": S}."""
+    args = dict(args or {})
+    cfg = WorkflowConfig.from_dict(args.pop("params", {}) or {}, source="serve application args")
+    return build_app(cfg, replicas=int(args.pop("replicas", 1)), max_batch=int(args.pop("max_batch", 8)),
+                     batch_wait_s=float(args.pop("batch_wait_s", 0.01)))
