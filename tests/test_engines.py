@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from support import TINY_PIPELINE
+from support import TINY_PIPELINE, optional_ray
 from waveglow_lib import engines
 from waveglow_lib.config import DEMO_CORPUS_DIR
 from waveglow_lib.engines import ray as ray_engine
@@ -27,15 +27,7 @@ from waveglow_lib.hardware import native_int8
 from waveglow_lib.stages.infer import ManifestMelReader, manifest_items, prepare_infer
 from waveglow_lib.stages.preprocess import preprocess
 
-for key, value in ray_engine.LOCAL_RAY_ENV.items():  # the tests start Ray themselves
-    os.environ.setdefault(key, value)
-try:
-    import ray
-    import ray.data  # noqa: F401
-except ImportError:
-    ray = None
-needs_ray = pytest.mark.skipif(ray is None, reason="ray is not installed: pip install 'waveglow-workflow[ray]' "
-                                                   "(the ray extra, not in .[all])")
+ray, needs_ray = optional_ray("ray.data")
 DEMO_IDS = [f"LJ001-{i:04d}" for i in range(1, 11)]
 
 

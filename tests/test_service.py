@@ -5,28 +5,18 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import socket
 
 import numpy as np
 import pytest
 
+from support import optional_ray
 from waveglow_lib.bench.serve_load import load_level, load_test, npy_bytes, post_mel, render_load_markdown
-from waveglow_lib.engines import ray as ray_engine
 from waveglow_lib.errors import ConfigError
 from waveglow_lib.io import read_bin
 from waveglow_lib.service import BadRequest, ServeLimits, decode_mel, request_id, wav_bytes
 
-for key, value in ray_engine.LOCAL_RAY_ENV.items():  # the tests start Ray themselves
-    os.environ.setdefault(key, value)
-try:
-    import ray
-    from ray import serve  # noqa: F401
-except ImportError:
-    ray = None
-needs_ray = pytest.mark.skipif(ray is None, reason="ray[serve] is not installed: pip install "
-                                                   "'waveglow-workflow[ray]' (the ray extra, not in .[all])")
-
+ray, needs_ray = optional_ray("ray.serve")
 
 @pytest.fixture(scope="module")
 def speech_mel(preprocessed_mels) -> np.ndarray:
