@@ -15,8 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
+import torch
 
 from support import TINY_PIPELINE, optional_ray
 from waveglow_lib import engines
@@ -24,7 +24,8 @@ from waveglow_lib.config import DEMO_CORPUS_DIR
 from waveglow_lib.engines import ray as ray_engine
 from waveglow_lib.errors import ConfigError, SynthesisError
 from waveglow_lib.hardware import native_int8
-from waveglow_lib.stages.infer import ManifestMelReader, manifest_items, prepare_infer
+from waveglow_lib.mel_input import save_mel
+from waveglow_lib.stages.infer import ManifestMelReader, manifest_items, mel_folder_items, prepare_infer
 from waveglow_lib.stages.preprocess import preprocess
 
 ray, needs_ray = optional_ray("ray.data")
@@ -116,6 +117,27 @@ def test_om_pool_contract_with_ray_data(demo_run, tmp_path, monkeypatch):
     assert frames == sorted(frames, reverse=True)
 
 
+def test_a_folder_of_tts_mels_is_a_job_like_the_manifest(demo_run, tmp_path):
+    """The API a stage with other inputs uses (items + read_mel): .npy mels give the manifest's outputs."""
+    cfg = demo_run(tmp_path / "manifest", backend="fast", precision="fp32")
+    folder = tmp_path / "tts"
+    folder.mkdir()
+    manifest = json.loads(cfg.layout.manifest.read_text())
+    for item in manifest_items(cfg.layout.mel_dir, manifest, TINY_PIPELINE)[:3]:
+        save_mel(folder / f"{item.id}.npy", ManifestMelReader(80)(item))
+    items, read = mel_folder_items(folder)
+    job = prepare_infer(cfg, items=items, read_mel=read, out_dir=tmp_path / "tts_out")
+    result = engines.run_job(cfg, job)
+    assert sorted(result["written"]) == [i.id for i in items]
+    job = prepare_infer(cfg, items=items, read_mel=read, out_dir=tmp_path / "tts_out")
+    assert job.todo == [] and len(job.skipped) == 3  # a rerun skips them
+    reference = engines.infer(cfg)
+    for item in items:
+        name = f"{item.id}_out.bin"
+        assert (tmp_path / "tts_out" / name).read_bytes() == (cfg.layout.out_dir / name).read_bytes()
+    assert len(reference["written"]) == 10
+
+
 def test_unknown_engine_is_refused_by_name(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="engine.*local, ray"):
         make_cfg(tmp_path, engine="spark")
@@ -137,7 +159,13 @@ def test_ray_engine_gives_the_local_engines_bytes(local_ray, demo_run, tmp_path,
         pytest.importorskip("onnxruntime")
     local_cfg = demo_run(tmp_path / "local", backend=backend, precision=precision)
     ray_cfg = demo_run(tmp_path / "ray", backend=backend, precision=precision, engine="ray")
-    local = engines.infer(local_cfg)
+    threads = torch.get_num_threads()
+    if backend == "torch":  # PyTorch's CPU convolutions split their sums by thread: equal threads, equal bytes
+        torch.set_num_threads(ray_cfg.ray_cpus_per_actor)
+    try:
+        local = engines.infer(local_cfg)
+    finally:
+        torch.set_num_threads(threads)
     result = engines.infer(ray_cfg)
     assert sorted(result["written"]) == DEMO_IDS and result["repeated_results"] == 0
     expected, got = out_bytes(local_cfg.layout.out_dir), out_bytes(ray_cfg.layout.out_dir)

@@ -29,6 +29,7 @@ from ..config import ModelConfig, STFTConfig, WorkflowConfig
 from ..errors import InputNotFound, RunFolderError, ManifestError, SynthesisError
 from ..io import atomic_write_json, read_bin, write_bin
 from ..layout import TIMINGS_FILE, load_manifest, mel_bin, out_bin
+from ..mel_input import list_mels, read_mel
 
 #: settings that change the audio: outputs made with other values are not silently mixed with new ones
 OUTPUT_SETTINGS = ("checkpoint", "sigma", "seed", "backend", "precision")
@@ -87,6 +88,23 @@ class ManifestMelReader:
         mel = read_bin(item.bin_path, (self.n_mel, item.frames))
         check_mel(item.bin_path, mel)
         return mel
+
+
+@dataclass(frozen=True)
+class MelFileReader:
+    """Reads a work item's mel from a TTS model's file (`.npy`, `.pt`, `.bin`) through `mel_input.read_mel`,
+    format check included (picklable, like ManifestMelReader)."""
+
+    n_mel: int
+
+    def __call__(self, item: Utterance) -> np.ndarray:
+        return read_mel(item.bin_path, self.n_mel)
+
+
+def mel_folder_items(folder: str | Path, n_mel: int = 80) -> tuple[list[Utterance], MelFileReader]:
+    """Work items for a folder of mels (`mel_input.list_mels`), each read once here for its length."""
+    items = [Utterance(utt_id, read_mel(path, n_mel).shape[1], path) for utt_id, path in list_mels(folder)]
+    return items, MelFileReader(n_mel)
 
 
 @dataclass(frozen=True)
