@@ -5,7 +5,8 @@ The driver (this process) owns the run folder: it plans the batches exactly as t
 result atomically into `out/` and `timings.json` as it streams back (`InferJob.write`), so a rerun skips
 finished items exactly like the local engine. Each actor builds one warm backend once
 (`stages.infer.open_backend`, threads = the CPUs it reserved) and runs `stages.infer.vocode_batch` per
-row: the same per-batch work, the same noise per utterance (seed + id), hence the same bytes.
+row: the same per-batch work, the same noise per utterance (seed + id), hence the same bytes (for the
+torch backend at the same thread count: its CPU convolutions split their sums by thread).
 
 Actors read the mels by path, so on a multi-host cluster the run folder's `mel/` must be on storage every
 node sees (the KubeRay example mounts one volume); the outputs travel back through Ray's object store.
