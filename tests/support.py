@@ -164,3 +164,24 @@ def install_fake_ais_bench(monkeypatch) -> type:
     FakeInferSession.instances.clear()
     FakeInferSession.old_api = False
     return FakeInferSession
+
+
+def optional_ray(*submodules: str):
+    """(ray or None, a skipif mark) for tests of the `ray` extra (not in `.[all]`); sets the start-up
+    tolerance engines.ray uses for a Ray it starts, since these tests start Ray themselves."""
+    import os
+
+    import pytest
+
+    from waveglow_lib.engines.ray import LOCAL_RAY_ENV
+
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    try:
+        ray = importlib.import_module("ray")
+        for name in submodules:
+            importlib.import_module(name)
+    except ImportError:
+        ray = None
+    reason = f"{', '.join(('ray',) + submodules)} not installed: pip install 'waveglow-workflow[ray]' (not in .[all])"
+    return ray, pytest.mark.skipif(ray is None, reason=reason)

@@ -1,7 +1,8 @@
 """Command line: `python -m waveglow_lib <command> [--params FILE] [--set key=value ...] [--<parameter> V]`.
 
 Commands: preprocess, export, convert, infer, postprocess, run-all (the guide's chain, one stage each),
-evaluate (metrics.json), run (the notebook chain), bench (the throughput table).
+evaluate (metrics.json), run (the notebook chain), bench (the throughput table), serve (HTTP vocoding on
+Ray Serve, with an optional load test).
 Every command configures itself the same way, from `WorkflowConfig` (config.py): a params YAML file, then
 `--set` pairs, then the explicit flags (aliases of config fields), later ones winning. Each command prints
 its summary as JSON. Errors the workflow raises on purpose (`WaveGlowError`) print one line naming the
@@ -12,18 +13,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from . import stages
+from . import engines, stages
 from .bench import ROWS, DEFAULT_ROWS, DEFAULT_LENGTHS, render_markdown, run_bench
+from .bench.serve_load import LEVELS, load_test, offline_outputs, render_load_markdown
 from .config import WorkflowConfig, parse_set_option
-from .errors import NotebookRunError, WaveGlowError
+from .errors import ConfigError, NotebookRunError, WaveGlowError
 from .evaluate import collect_metrics
+from .io import atomic_write_json, atomic_write_text
 from .layout import CONVERT_TARGETS
 from .notebook.runner import NOTEBOOKS, run_notebooks
+from . import service
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,7 @@ STAGE_FIELDS = {
     "preprocess": ("corpus", "limit", "resample", "downmix"),
     "export": ("opset", "sigma"),
     "convert": ("gear_policy", "n_buckets", "soc_version", "batch_size"),
-    "infer": ("backend", "device", "precision", "batch_size", "sigma", "seed"),
+    "infer": ("backend", "device", "precision", "batch_size", "sigma", "seed", "engine"),
     "postprocess": ("denoiser_strength",),
 }
 ALL_STAGE_FIELDS = tuple(dict.fromkeys(f for fields in STAGE_FIELDS.values() for f in fields))
@@ -119,11 +124,11 @@ def _run_stage(stage: str) -> Callable[[WorkflowConfig, argparse.Namespace], Any
         if stage == "convert":
             return stages.convert(cfg, targets=args.targets, force=force, run_atc=False if args.script_only else None)
         if stage == "infer":
-            return stages.infer(cfg, out_dir=args.out_dir, force=force)
+            return engines.infer(cfg, out_dir=args.out_dir, force=force)
         if stage == "postprocess":
             return stages.postprocess(cfg, out_dir=args.out_dir, wav_dir=args.wav_dir, force=force)
         targets = None if args.targets is None else tuple(args.targets)
-        return stages.run_all(cfg, force=force, convert_targets=targets)
+        return engines.run_all(cfg, force=force, convert_targets=targets)
     return run
 
 
@@ -159,6 +164,46 @@ def _run_evaluate(cfg: WorkflowConfig, args: argparse.Namespace) -> Any:
     return {"metrics": str(cfg.layout.metrics), "summary": record["summary"]}
 
 
+def _serve_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--replicas", type=int, default=1, help="replicas of the deployment, one backend each")
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    parser.add_argument("--max-batch", type=int, default=8, help="most requests @serve.batch joins into a batch")
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits for more requests")
+    parser.add_argument("--load-test", action="store_true",
+                        help="start the service, load it with 1, 4, 16 concurrent clients on 127.0.0.1 with the "
+                             "run's mels, compare every response with the infer stage's output, write "
+                             "serve_load.json/.md into the run folder, stop")
+    parser.add_argument("--max-requests", type=int, default=48, help="load test: requests per level")
+    parser.add_argument("--max-seconds", type=float, default=120.0, help="load test: seconds per level at most")
+
+
+def _run_serve(cfg: WorkflowConfig, args: argparse.Namespace) -> Any:
+    if args.load_test and args.host not in ("127.0.0.1", "localhost"):
+        raise ConfigError("--load-test runs on 127.0.0.1 only (drop --host)")
+    url = service.serve_vocoder(cfg, replicas=args.replicas, host=args.host, port=args.port,
+                                max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000)
+    if not args.load_test:
+        print(f"serving POST {url} (Ctrl-C stops)", file=sys.stderr)
+        try:
+            while True:
+                time.sleep(3600)
+        finally:
+            service.shutdown()
+    try:
+        mels, expected = offline_outputs(cfg)
+        result = load_test(url, mels, levels=LEVELS, max_requests=args.max_requests, max_seconds=args.max_seconds,
+                           expected=expected)
+    finally:
+        service.shutdown()
+    result.update({"replicas": args.replicas, "max_batch": args.max_batch, "backend": cfg.backend,
+                   "precision": cfg.precision, "checkpoint": cfg.checkpoint})
+    atomic_write_json(cfg.run_dir / "serve_load.json", result)
+    atomic_write_text(cfg.run_dir / "serve_load.md", render_load_markdown(result) + "\n")
+    print(render_load_markdown(result))
+    return {"files": [str(cfg.run_dir / "serve_load.json"), str(cfg.run_dir / "serve_load.md")]}
+
+
 HELP = {
     "preprocess": "LJSpeech folder → runs/<name>/mel/<id>.bin + <id>.txt + manifest.json",
     "export": "model → runs/<name>/onnx/waveglow.onnx (inputs mel, z; output audio), verified with ONNX Runtime",
@@ -189,6 +234,9 @@ COMMANDS: list[Command] = [
                 Alias("--repeats", "bench_repeats", "timed passes per row", int),
                 Alias("--quick", "bench_quick", "smoke run: demo model, 3 short lengths, batch 1 and 2, 1 repeat")),
             options=_bench_options, run=_run_bench),
+    Command("serve", "HTTP POST /vocode (a mel as .npy or JSON → audio/wav) on Ray Serve, batched, N replicas; "
+            "--load-test measures it", COMMON_FIELDS + ("backend", "precision", "seed", "sigma", "ray_cpus_per_actor"),
+            options=_serve_options, run=_run_serve),
 ]
 
 

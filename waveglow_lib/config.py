@@ -181,6 +181,7 @@ class STFTConfig:
 Backend = Literal["auto", "torch", "onnxruntime", "openvino", "om", "fast"]
 Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
 GearPolicy = Literal["exact", "buckets"]
+Engine = Literal["local", "ray"]
 
 
 @dataclass
@@ -223,15 +224,25 @@ class WorkflowConfig:
     bench_quick: bool = False
     #: run the metrics that need optional packages (pystoi, pesq) when installed
     metrics: bool = True
+    #: where infer's batches run: local (this process) | ray (a Ray Data actor pool; waveglow_lib.engines)
+    engine: Engine = "local"
+    #: engine ray: None = start a local Ray on demand; "auto" = the cluster `ray start` made; "ray://host:10001"
+    ray_address: str | None = None
+    #: engine ray: CPUs each actor reserves, and the threads its backend runs with
+    ray_cpus_per_actor: int = 1
+    #: engine ray: actors in the pool; 0 = as many as the cluster's CPUs allow (NPUs for om)
+    ray_actors: int = 0
 
     def __post_init__(self) -> None:
         for key, choices in self.choices().items():
             value = getattr(self, key)
             if value not in choices:
                 raise ConfigError(f"parameter {key!r}: {value!r} is not one of {', '.join(choices)}")
-        for key in ("batch_size", "bench_repeats", "n_buckets"):
+        for key in ("batch_size", "bench_repeats", "n_buckets", "ray_cpus_per_actor"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"parameter {key!r} must be >= 1, got {getattr(self, key)}")
+        if self.ray_actors < 0:
+            raise ConfigError(f"parameter 'ray_actors' must be >= 0 (0 = as many as fit), got {self.ray_actors}")
         if self.limit < 0:
             raise ConfigError(f"parameter 'limit' must be >= 0 (0 = all), got {self.limit}")
         if self.sigma < 0:

@@ -21,12 +21,13 @@ __all__ = ["STAGES", "preprocess", "export", "convert", "infer", "postprocess", 
 
 
 @locked("run-all")
-def run_all(cfg: WorkflowConfig, *, model=None, force: bool = False, convert_targets=None) -> dict:
+def run_all(cfg: WorkflowConfig, *, model=None, force: bool = False, convert_targets=None, infer_with=None) -> dict:
     """Run every stage in order for `cfg` (the model is loaded once and shared); returns each summary.
 
     The params are saved as `runs/<name>/params.yaml` first, so the run folder says how it was made. The
     run folder's lock is held throughout (the stages take it again, re-entrantly).
-    `convert_targets` defaults to every target (layout.CONVERT_TARGETS).
+    `convert_targets` defaults to every target (layout.CONVERT_TARGETS). `infer_with` replaces the infer
+    stage (same signature): `waveglow_lib.engines.infer` passes itself to run infer on the configured engine.
     """
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     cfg.to_yaml(cfg.layout.params)
@@ -36,6 +37,6 @@ def run_all(cfg: WorkflowConfig, *, model=None, force: bool = False, convert_tar
                "export": export(cfg, model=model, force=force)}
     targets = convert_targets if convert_targets is not None else CONVERT_TARGETS
     results["convert"] = convert(cfg, targets=targets, force=force) if targets else {}
-    results["infer"] = infer(cfg, model=model, force=force)
+    results["infer"] = (infer_with or infer)(cfg, model=model, force=force)
     results["postprocess"] = postprocess(cfg, model=model, force=force)
     return results

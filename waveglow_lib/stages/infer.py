@@ -3,11 +3,20 @@
 
 Resumable: an utterance whose `<id>_out.bin` exists is skipped; each file is written atomically as soon
 as its batch finishes, so a crash loses only the batch in flight.
+
+The work is split so that every engine (`waveglow_lib.engines`: this process, or a Ray actor pool) does
+the same three things: `prepare_infer` (check the inputs, what is left to do, the batch plan),
+`vocode_batch` (one batch → audio, wherever the backend lives) and `InferJob.write` (atomic outputs and
+`timings.json`, in the process that owns the run folder).
 """
 from __future__ import annotations
 
+import os
+import socket
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -20,12 +29,12 @@ from ..errors import (ConfigError, DataError, InputNotFound, ManifestError, MelE
                       SynthesisError)
 from ..io import atomic_write_json, read_bin, read_json, write_bin
 from ..layout import TIMINGS_FILE, gears_file, load_manifest, mel_bin, out_bin
+from ..mel_input import list_mels, read_mel
 from ..runlock import locked
 from .stamps import checkpoint_stft, model_stamp
 
 #: settings that change the audio: outputs made with other values are not silently mixed with new ones
 OUTPUT_SETTINGS = ("checkpoint", "model", "sigma", "seed", "backend", "precision")
-
 
 
 def backend_name(cfg: WorkflowConfig) -> str:
@@ -35,14 +44,19 @@ def backend_name(cfg: WorkflowConfig) -> str:
 
 
 def open_backend(cfg: WorkflowConfig, model=None, model_config: ModelConfig | None = None,
-                 name: str | None = None):
-    """The backend `name` (default: `cfg.backend`, `auto` resolved), on the best file earlier stages made."""
+                 name: str | None = None, threads: int | None = None):
+    """The backend `name` (default: `cfg.backend`, `auto` resolved), on the best file earlier stages made.
+
+    `threads` caps the backend's cores (an engine's worker gets the CPUs it reserved); the `om` backend
+    runs on its NPU and takes none.
+    """
     files = cfg.layout.model_files()
     name = name or backend_name(cfg)
+    opts = {"threads": threads} if threads and name != "om" else {}
     if name in ("torch", "fast"):  # built from the model itself, no exported file
         if model is None:
             model = load_waveglow(cfg.checkpoint_path)
-        return get_backend(name, model=model, device=cfg.device, precision=cfg.precision)
+        return get_backend(name, model=model, device=cfg.device, precision=cfg.precision, **opts)
     spec = ModelSpec.from_model_config(model_config or model.config)
     if name == "om":
         check_model_file(cfg, files["om"], model)
@@ -53,7 +67,7 @@ def open_backend(cfg: WorkflowConfig, model=None, model_config: ModelConfig | No
     if name == "onnxruntime" and files["onnx_optimized"].is_file() and cfg.device == "cpu":
         path = files["onnx_optimized"]
     check_model_file(cfg, path, model)
-    return get_backend(name, onnx_path=path, device=cfg.device, precision=cfg.precision, spec=spec)
+    return get_backend(name, onnx_path=path, device=cfg.device, precision=cfg.precision, spec=spec, **opts)
 
 
 def check_model_file(cfg: WorkflowConfig, path: Path, model=None) -> None:
@@ -116,31 +130,178 @@ def resolve_model_config(cfg: WorkflowConfig, model=None) -> ModelConfig:
     return load_waveglow(cfg.checkpoint_path).config
 
 
-@locked("infer")
-def infer(cfg: WorkflowConfig, *, model=None, backend=None, out_dir: str | Path | None = None,
-          force: bool = False) -> dict:
-    """Vocode every utterance of `mel/manifest.json` into `out/<id>_out.bin`; returns a summary.
+@dataclass(frozen=True)
+class ManifestMelReader:
+    """Reads a work item's mel from the manifest's raw `.bin` (picklable, so a remote worker can hold it)."""
 
-    `cfg.sigma` defaults to 0.6: the flow is trained with sigma 1.0, but NVIDIA's inference default
-    samples at 0.6, a lower temperature that trades a little naturalness for audibly less background
-    noise/hiss. `backend=` takes an opened Backend (it is not closed here); else one is opened from `cfg`
-    (`model=` avoids reloading the checkpoint for the torch backend). Per-item timings go to
-    `out/timings.json`. Outputs made earlier with different output settings (sigma, seed, backend,
-    precision, checkpoint) are refused unless `force=True`, which redoes everything.
-    """
-    mel_dir = cfg.layout.mel_dir
-    manifest = load_manifest(mel_dir)
-    # an out_dir the user names may lie anywhere; the default one must stay in the run folder
-    out_dir = Path(out_dir) if out_dir else cfg.layout.check(cfg.layout.out_dir, "the output folder")
-    check_mel_settings(cfg, manifest, mel_dir / "manifest.json")
-    model_config = resolve_model_config(cfg, model)
-    hop = model_config.hop_length
-    stft = manifest.get("settings", {}).get("stft", {})
-    # pad with the mel of silence under the STFT settings the mels were made with
-    pad_value = STFTConfig(**stft).pad_value if stft else STFTConfig().pad_value
-    rate = int(manifest.get("sampling_rate", STFTConfig().sampling_rate))
+    n_mel: int
 
-    # validate everything that can be checked without reading the data, before writing anything
+    def __call__(self, item: Utterance) -> np.ndarray:
+        mel = read_bin(item.bin_path, (self.n_mel, item.frames))
+        check_mel(item.bin_path, mel)
+        return mel
+
+
+@dataclass(frozen=True)
+class MelFileReader:
+    """Reads a work item's mel from a TTS model's file (`.npy`, `.pt`, `.bin`) through `mel_input.read_mel`,
+    format check included (picklable, like ManifestMelReader)."""
+
+    n_mel: int
+
+    def __call__(self, item: Utterance) -> np.ndarray:
+        return read_mel(item.bin_path, self.n_mel)
+
+
+def mel_folder_items(folder: str | Path, n_mel: int = 80) -> tuple[list[Utterance], MelFileReader]:
+    """Work items for a folder of mels (`mel_input.list_mels`), each read once here for its length."""
+    items = [Utterance(utt_id, read_mel(path, n_mel).shape[1], path) for utt_id, path in list_mels(folder)]
+    return items, MelFileReader(n_mel)
+
+
+@dataclass(frozen=True)
+class VocodeSettings:
+    """What a worker needs to turn a batch of work items into audio: small and picklable.
+
+    `read_mel(item) -> float32 [n_mel, item.frames]` reads one item's mel wherever it lives (the manifest's
+    `.bin`, a TTS model's `.npy`, ...)."""
+
+    model_config: ModelConfig
+    sigma: float
+    seed: int
+    exact: bool
+    pad_value: float
+    read_mel: Callable[[Utterance], np.ndarray]
+
+
+@dataclass
+class BatchResult:
+    """One vocoded batch: the audio of each item, the batching stats, and who made it how fast."""
+
+    items: list[Utterance]
+    audios: list[np.ndarray]
+    stats: dict
+    seconds: float
+    device_ms: list[float] = field(default_factory=list)
+    worker: str = "local"
+    backend_info: dict = field(default_factory=dict)
+
+
+def worker_name() -> str:
+    """host:pid — names a worker in timings.json (a Ray actor is one process)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def backend_info(backend) -> dict:
+    """What timings.json says about the backend that ran (its description, precision, auto's probe)."""
+    return {"backend_used": getattr(backend, "description", getattr(backend, "name", "?")),
+            "precision_used": getattr(backend, "precision", None),
+            # precision auto: the fast backend's quality probe (fast.auto_engine)
+            **({"precision_probe": backend.probe} if getattr(backend, "probe", None) else {})}
+
+
+def vocode_batch(backend, settings: VocodeSettings, batch: list[Utterance], worker: str = "local") -> BatchResult:
+    """Read, noise and vocode one batch; every engine runs exactly this per batch. NaN/Inf audio is refused."""
+    mels = [settings.read_mel(u) for u in batch]
+    noises = [utterance_noise(settings.model_config, u.frames, settings.seed, u.id) for u in batch]
+    calls_before = len(getattr(backend, "device_times_ms", None) or [])
+    t0 = time.perf_counter()
+    try:
+        audios, stats = vocode(backend, mels, noises, settings.sigma, settings.model_config,
+                               exact=settings.exact, pad_value=settings.pad_value)
+    except MemoryError:
+        raise ResourceError(f"{batch[0].bin_path}: out of memory vocoding a batch of {len(batch)} "
+                            f"({max(u.frames for u in batch)} frames); lower batch_size",
+                            path=batch[0].bin_path) from None
+    seconds = time.perf_counter() - t0
+    # the NPU's own time for this batch's calls (om backend), from ais_bench
+    device_ms = list((getattr(backend, "device_times_ms", None) or [])[calls_before:])
+    for u, audio in zip(batch, audios):
+        if not np.isfinite(audio).all():
+            # the mel was checked finite when read: the weights or the arithmetic are to blame
+            raise SynthesisError(f"{u.bin_path}: the {backend.name} backend produced NaN/Inf audio from a finite "
+                                 "mel; check the checkpoint (NaN/Inf weights?) and the precision "
+                                 f"({getattr(backend, 'precision', '?')}; try fp32)", path=u.bin_path)
+    return BatchResult(list(batch), audios, stats, seconds, device_ms, worker, backend_info(backend))
+
+
+@dataclass
+class InferJob:
+    """What is left to vocode for one output folder, and its `timings.json` record (owned by one process)."""
+
+    out_dir: Path
+    settings: VocodeSettings
+    todo: list[Utterance]
+    skipped: list[str]
+    backend: str
+    batch_size: int
+    rate: int
+    record: dict
+    output_settings: dict
+    device: str = "cpu"
+    engine: str = "local"
+    written: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def timings_path(self) -> Path:
+        return self.out_dir / TIMINGS_FILE
+
+    def batches(self) -> list[list[Utterance]]:
+        return plan_batches(self.todo, self.batch_size)
+
+    def start(self, info: dict | None = None) -> None:
+        """Write the record's header (before any output) when there is work, or when none exists yet."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.todo or not self.timings_path.is_file():
+            old = self.record.get("settings", {})
+            info = info or {k: old.get(k) for k in ("backend_used", "precision_used")}
+            self.record = {"settings": {**self.output_settings, "batch_size": self.batch_size, **info,
+                                        "device": self.device, "engine": self.engine},
+                           "items": self.record.get("items", {}), "workers": {}}
+            atomic_write_json(self.timings_path, self.record)
+
+    def write(self, index: int, result: BatchResult) -> list[str]:
+        """Write one batch's outputs atomically, then its timings (so a crash loses at most this batch)."""
+        items = self.record["items"]
+        self.record["settings"].update(result.backend_info)
+        batch_frames = sum(u.frames for u in result.items)
+        for position, (u, audio) in enumerate(zip(result.items, result.audios)):
+            write_bin(out_bin(self.out_dir, u.id), audio)
+            items[u.id] = {
+                "frames": u.frames, "samples": int(audio.size), "batch": index,
+                "batch_items": len(result.items), "padded_frames": result.stats["padded_frames"],
+                "tail_frames": result.stats["tail_frames"], "exact": position not in result.stats["inexact"],
+                "batch_seconds": round(result.seconds, 6),
+                "seconds": round(result.seconds * u.frames / batch_frames, 6),
+                "audio_seconds": round(audio.size / self.rate, 4), "worker": result.worker,
+                **({"batch_device_ms": round(sum(result.device_ms), 3)} if result.device_ms else {})}
+            self.written.append(u.id)
+        worker = self.record["workers"].setdefault(result.worker, {"batches": 0, "items": 0, "busy_seconds": 0.0,
+                                                                   "audio_seconds": 0.0})
+        worker["batches"] += 1
+        worker["items"] += len(result.items)
+        worker["busy_seconds"] = round(worker["busy_seconds"] + result.seconds, 6)
+        worker["audio_seconds"] = round(worker["audio_seconds"] + sum(a.size for a in result.audios) / self.rate, 4)
+        # throughput while vocoding (audio seconds per busy second): the per-worker rate an engine scales
+        worker["audio_seconds_per_second"] = round(worker["audio_seconds"] / worker["busy_seconds"], 4) \
+            if worker["busy_seconds"] else None
+        atomic_write_json(self.timings_path, self.record)
+        return [u.id for u in result.items]
+
+    def summary(self) -> dict:
+        total = time.perf_counter() - self.started
+        items = self.record.get("items", {})
+        audio_seconds = sum(items[i]["audio_seconds"] for i in self.written)
+        return {"out_dir": str(self.out_dir), "engine": self.engine,
+                "backend": self.record.get("settings", {}).get("backend_used"), "written": list(self.written),
+                "skipped": self.skipped, "seconds": round(total, 3), "audio_seconds": round(audio_seconds, 3),
+                "real_time_factor": round(total / audio_seconds, 4) if audio_seconds else None,
+                "workers": self.record.get("workers", {}), "timings": str(self.timings_path)}
+
+
+def manifest_items(mel_dir: Path, manifest: dict, model_config: ModelConfig) -> list[Utterance]:
+    """The manifest's utterances, each checked against the model and its file (nothing read but sizes)."""
     utterances = []
     for item in manifest["items"]:
         path = mel_bin(mel_dir, item)
@@ -159,8 +320,35 @@ def infer(cfg: WorkflowConfig, *, model=None, backend=None, out_dir: str | Path 
                                 f"float32 needs {expected} bytes (truncated file, or a manifest from another run?)",
                                 path=path)
         utterances.append(Utterance(item["id"], shape[1], path))
+    return utterances
 
-    name = backend.name if backend is not None else backend_name(cfg)
+
+def prepare_infer(cfg: WorkflowConfig, *, model=None, name: str | None = None, out_dir: str | Path | None = None,
+                  force: bool = False, items: list[Utterance] | None = None,
+                  read_mel: Callable[[Utterance], np.ndarray] | None = None, pad_value: float | None = None,
+                  rate: int | None = None, engine: str = "local") -> InferJob:
+    """Check everything that can be checked without reading the data, before anything is written.
+
+    By default the work items are `mel/manifest.json`'s utterances read from their `.bin`; a stage with
+    other inputs (a folder of TTS mels) passes `items` and `read_mel` instead. Outputs made earlier with
+    different output settings are refused unless `force`, which redoes everything.
+    """
+    model_config = resolve_model_config(cfg, model)
+    if items is None:
+        mel_dir = cfg.layout.mel_dir
+        manifest = load_manifest(mel_dir)
+        stft = manifest.get("settings", {}).get("stft", {})
+        # pad with the mel of silence under the STFT settings the mels were made with
+        pad_value = STFTConfig(**stft).pad_value if stft else STFTConfig().pad_value
+        rate = int(manifest.get("sampling_rate", STFTConfig().sampling_rate))
+        check_mel_settings(cfg, manifest, cfg.layout.manifest)
+        items = manifest_items(mel_dir, manifest, model_config)
+        read_mel = ManifestMelReader(model_config.n_mel_channels)
+    pad_value = STFTConfig().pad_value if pad_value is None else pad_value
+    rate = rate or STFTConfig().sampling_rate
+    # an out_dir the user names may lie anywhere; the default one must stay in the run folder
+    out_dir = Path(out_dir) if out_dir else cfg.layout.check(cfg.layout.out_dir, "the output folder")
+    name = name or backend_name(cfg)
     settings = {"checkpoint": cfg.checkpoint, "model": model_stamp(cfg, model), "sigma": cfg.sigma,
                 "seed": cfg.seed, "backend": name, "precision": cfg.precision}
     timings_path = out_dir / TIMINGS_FILE
@@ -183,7 +371,7 @@ def infer(cfg: WorkflowConfig, *, model=None, backend=None, out_dir: str | Path 
                              "pass force=True (CLI --force) to redo them, or use another run name / out_dir")
     if force:
         record = {}
-    items_record: dict = record.get("items", {})
+    hop = model_config.hop_length
 
     def finished(u: Utterance) -> bool:
         target = out_bin(out_dir, u.id)
@@ -191,73 +379,51 @@ def infer(cfg: WorkflowConfig, *, model=None, backend=None, out_dir: str | Path 
         return (not force and target.is_file() and not target.is_symlink()
                 and target.stat().st_size == u.frames * hop * 4)
 
-    todo = [u for u in utterances if not finished(u)]
-    skipped = [u.id for u in utterances if u not in todo]
-    own_backend = backend is None
-    if own_backend and todo:
-        backend = open_backend(cfg, model=model, model_config=model_config, name=name)
-    description = (getattr(backend, "description", getattr(backend, "name", "?")) if backend
-                   else record.get("settings", {}).get("backend_used"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if todo or not timings_path.is_file():
-        record = {"settings": {**settings, "batch_size": cfg.batch_size, "backend_used": description,
-                               "precision_used": getattr(backend, "precision", None), "device": cfg.device,
-                               # precision auto: the fast backend's quality probe (fast.auto_engine)
-                               **({"precision_probe": backend.probe} if getattr(backend, "probe", None) else {})},
-                  "items": items_record}
-        atomic_write_json(timings_path, record)
+    todo = [u for u in items if not finished(u)]
+    return InferJob(out_dir=out_dir, todo=todo, skipped=[u.id for u in items if u not in todo], backend=name,
+                    settings=VocodeSettings(model_config, cfg.sigma, cfg.seed, cfg.exact_batching, pad_value,
+                                            read_mel),
+                    batch_size=cfg.batch_size, rate=rate, record=record, output_settings=settings,
+                    device=cfg.device, engine=engine)
 
-    written: list[str] = []
-    started = time.perf_counter()
+
+def run_batches(job: InferJob, backend) -> None:
+    """Every batch of the plan through `backend` in this process, each written as soon as it finishes."""
+    # nothing to do: no empty "0/0" bar (the notebook says the stage was skipped)
+    with tqdm(total=len(job.todo), desc=f"infer ({getattr(backend, 'name', '-')})", unit="utt",
+              disable=not job.todo) as bar:
+        for index, batch in enumerate(job.batches()):
+            job.write(index, vocode_batch(backend, job.settings, batch))
+            bar.update(len(batch))
+
+
+def run_local(cfg: WorkflowConfig, job: InferJob, *, model=None, backend=None) -> dict:
+    """The local engine: open the backend (unless given; a given one is not closed), run `job`, summarise."""
+    own_backend = backend is None
+    if own_backend and job.todo:
+        backend = open_backend(cfg, model=model, model_config=job.settings.model_config, name=job.backend)
     try:
-        # nothing to do: no empty "0/0" bar (the notebook says the stage was skipped)
-        with tqdm(total=len(todo), desc=f"infer ({getattr(backend, 'name', '-')})", unit="utt",
-                  disable=not todo) as bar:
-            for index, batch in enumerate(plan_batches(todo, cfg.batch_size)):
-                mels = []
-                for u in batch:
-                    mel = read_bin(u.bin_path, (model_config.n_mel_channels, u.frames))
-                    check_mel(u.bin_path, mel)
-                    mels.append(mel)
-                noises = [utterance_noise(model_config, u.frames, cfg.seed, u.id) for u in batch]
-                calls_before = len(getattr(backend, "device_times_ms", None) or [])
-                t0 = time.perf_counter()
-                try:
-                    audios, stats = vocode(backend, mels, noises, cfg.sigma, model_config,
-                                           exact=cfg.exact_batching, pad_value=pad_value)
-                except MemoryError:
-                    raise ResourceError(f"{batch[0].bin_path}: out of memory vocoding a batch of {len(batch)} "
-                                        f"({max(u.frames for u in batch)} frames); lower batch_size",
-                                        path=batch[0].bin_path) from None
-                seconds = time.perf_counter() - t0
-                device_ms = (getattr(backend, "device_times_ms", None) or [])[calls_before:]
-                for position, (u, audio) in enumerate(zip(batch, audios)):
-                    if not np.isfinite(audio).all():
-                        # the mel was checked finite above: the weights or the arithmetic are to blame
-                        raise SynthesisError(f"{u.bin_path}: the {backend.name} backend produced NaN/Inf audio "
-                                             f"from a finite mel; check the checkpoint {cfg.checkpoint} (NaN/Inf "
-                                             f"weights?) and the precision "
-                                             f"({getattr(backend, 'precision', cfg.precision)}; try fp32)",
-                                             path=u.bin_path)
-                    write_bin(out_bin(out_dir, u.id), audio)
-                    items_record[u.id] = {
-                        "frames": u.frames, "samples": int(audio.size), "batch": index,
-                        "batch_items": len(batch), "padded_frames": stats["padded_frames"],
-                        "tail_frames": stats["tail_frames"], "exact": position not in stats["inexact"],
-                        "batch_seconds": round(seconds, 6),
-                        "seconds": round(seconds * u.frames / sum(b.frames for b in batch), 6),
-                        "audio_seconds": round(audio.size / rate, 4),
-                        # the NPU's own time for this batch's calls (om backend), from ais_bench
-                        **({"batch_device_ms": round(sum(device_ms), 3)} if device_ms else {})}
-                    written.append(u.id)
-                atomic_write_json(timings_path, record)
-                bar.update(len(batch))
+        job.start(backend_info(backend) if backend is not None else None)
+        run_batches(job, backend)
     finally:
         if own_backend and backend is not None:
             backend.close()
-    total = time.perf_counter() - started
-    audio_seconds = sum(items_record[i]["audio_seconds"] for i in written)
-    return {"out_dir": str(out_dir), "backend": description, "written": written, "skipped": skipped,
-            "seconds": round(total, 3), "audio_seconds": round(audio_seconds, 3),
-            "real_time_factor": round(total / audio_seconds, 4) if audio_seconds else None,
-            "timings": str(timings_path)}
+    return job.summary()
+
+
+@locked("infer")
+def infer(cfg: WorkflowConfig, *, model=None, backend=None, out_dir: str | Path | None = None,
+          force: bool = False) -> dict:
+    """Vocode every utterance of `mel/manifest.json` into `out/<id>_out.bin` in this process; returns a summary.
+
+    `cfg.sigma` defaults to 0.6: the flow is trained with sigma 1.0, but NVIDIA's inference default
+    samples at 0.6, a lower temperature that trades a little naturalness for audibly less background
+    noise/hiss. `backend=` takes an opened Backend (it is not closed here); else one is opened from `cfg`
+    (`model=` avoids reloading the checkpoint for the torch backend). Per-item timings go to
+    `out/timings.json`. Outputs made earlier with different output settings (sigma, seed, backend,
+    precision, checkpoint) are refused unless `force=True`, which redoes everything. `cfg.engine` is not
+    read here: `waveglow_lib.engines.infer` chooses between this and a Ray cluster.
+    """
+    job = prepare_infer(cfg, model=model, name=backend.name if backend is not None else None, out_dir=out_dir,
+                        force=force)
+    return run_local(cfg, job, model=model, backend=backend)
