@@ -172,6 +172,8 @@ class VocodeSettings:
     exact: bool
     pad_value: float
     read_mel: Callable[[Utterance], np.ndarray]
+    #: named when the audio comes out NaN from a finite mel
+    checkpoint: str = "?"
 
 
 @dataclass
@@ -220,7 +222,7 @@ def vocode_batch(backend, settings: VocodeSettings, batch: list[Utterance], work
         if not np.isfinite(audio).all():
             # the mel was checked finite when read: the weights or the arithmetic are to blame
             raise SynthesisError(f"{u.bin_path}: the {backend.name} backend produced NaN/Inf audio from a finite "
-                                 "mel; check the checkpoint (NaN/Inf weights?) and the precision "
+                                 f"mel; check the checkpoint {settings.checkpoint} (NaN/Inf weights?) and the precision "
                                  f"({getattr(backend, 'precision', '?')}; try fp32)", path=u.bin_path)
     return BatchResult(list(batch), audios, stats, seconds, device_ms, worker, backend_info(backend))
 
@@ -382,7 +384,7 @@ def prepare_infer(cfg: WorkflowConfig, *, model=None, name: str | None = None, o
     todo = [u for u in items if not finished(u)]
     return InferJob(out_dir=out_dir, todo=todo, skipped=[u.id for u in items if u not in todo], backend=name,
                     settings=VocodeSettings(model_config, cfg.sigma, cfg.seed, cfg.exact_batching, pad_value,
-                                            read_mel),
+                                            read_mel, cfg.checkpoint),
                     batch_size=cfg.batch_size, rate=rate, record=record, output_settings=settings,
                     device=cfg.device, engine=engine)
 
