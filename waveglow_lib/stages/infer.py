@@ -14,7 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..backends import ModelSpec, get_backend, resolve_backend
-from ..batching import Utterance, check_mel, plan_batches, utterance_noise, vocode
+from ..batching import NOISE_SCHEME, Utterance, check_mel, plan_batches, utterance_noise, vocode
 from ..checkpoint import load_waveglow
 from ..config import ModelConfig, STFTConfig, WorkflowConfig
 from ..errors import InputNotFound, RunFolderError, ManifestError, SynthesisError
@@ -22,7 +22,7 @@ from ..io import atomic_write_json, read_bin, write_bin
 from ..layout import TIMINGS_FILE, load_manifest, mel_bin, out_bin
 
 #: settings that change the audio: outputs made with other values are not silently mixed with new ones
-OUTPUT_SETTINGS = ("checkpoint", "sigma", "seed", "backend", "precision")
+OUTPUT_SETTINGS = ("checkpoint", "sigma", "seed", "backend", "precision", "noise")
 
 
 def backend_name(cfg: WorkflowConfig) -> str:
@@ -70,7 +70,9 @@ def infer(cfg: WorkflowConfig, *, model=None, backend=None, out_dir: str | Path 
     `cfg.sigma` defaults to 0.6: the flow is trained with sigma 1.0, but NVIDIA's inference default
     samples at 0.6, a lower temperature that trades a little naturalness for audibly less background
     noise/hiss. `backend=` takes an opened Backend (it is not closed here); else one is opened from `cfg`
-    (`model=` avoids reloading the checkpoint for the torch backend). Per-item timings go to
+    (`model=` avoids reloading the checkpoint for the torch backend). An utterance longer than
+    `cfg.chunk_frames` + the model's context is vocoded alone in chunks (`batching.vocode_chunked`:
+    exactly the one-shot output, memory bounded by the chunk). Per-item timings go to
     `out/timings.json`. Outputs made earlier with different output settings (sigma, seed, backend,
     precision, checkpoint) are refused unless `force=True`, which redoes everything.
     """
@@ -106,7 +108,7 @@ def infer(cfg: WorkflowConfig, *, model=None, backend=None, out_dir: str | Path 
 
     name = backend.name if backend is not None else backend_name(cfg)
     settings = {"checkpoint": cfg.checkpoint, "sigma": cfg.sigma, "seed": cfg.seed,
-                "backend": name, "precision": cfg.precision}
+                "backend": name, "precision": cfg.precision, "noise": NOISE_SCHEME}
     timings_path = out_dir / TIMINGS_FILE
     record = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     if record and not force:
@@ -154,7 +156,8 @@ def infer(cfg: WorkflowConfig, *, model=None, backend=None, out_dir: str | Path 
                 calls_before = len(getattr(backend, "device_times_ms", None) or [])
                 t0 = time.perf_counter()
                 audios, stats = vocode(backend, mels, noises, cfg.sigma, model_config,
-                                       exact=cfg.exact_batching, pad_value=pad_value)
+                                       exact=cfg.exact_batching, pad_value=pad_value,
+                                       chunk_frames=cfg.chunk_frames)
                 seconds = time.perf_counter() - t0
                 device_ms = (getattr(backend, "device_times_ms", None) or [])[calls_before:]
                 for position, (u, audio) in enumerate(zip(batch, audios)):
@@ -167,6 +170,8 @@ def infer(cfg: WorkflowConfig, *, model=None, backend=None, out_dir: str | Path 
                         "frames": u.frames, "samples": int(audio.size), "batch": index,
                         "batch_items": len(batch), "padded_frames": stats["padded_frames"],
                         "tail_frames": stats["tail_frames"], "exact": position not in stats["inexact"],
+                        # vocoded alone in chunks of chunk_frames (+ context): exact, bounded memory
+                        **({"chunked": True} if position in stats["chunked"] else {}),
                         "batch_seconds": round(seconds, 6),
                         "seconds": round(seconds * u.frames / sum(b.frames for b in batch), 6),
                         "audio_seconds": round(audio.size / rate, 4),
