@@ -22,10 +22,10 @@ WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 
 # --- the committed notebooks ----------------------------------------------------------------------
 def test_the_notebooks_are_the_six_steps_in_order():
-    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == list(nr.NOTEBOOKS)
+    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == sorted(nr.NOTEBOOKS + nr.ON_DEMAND_NOTEBOOKS)
 
 
-@pytest.mark.parametrize("name", nr.NOTEBOOKS)
+@pytest.mark.parametrize("name", nr.NOTEBOOKS + nr.ON_DEMAND_NOTEBOOKS)
 def test_committed_without_outputs_and_with_one_parameters_cell(name):
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     nbformat.validate(nb)

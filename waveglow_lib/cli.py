@@ -1,7 +1,8 @@
 """Command line: `python -m waveglow_lib <command> [--params FILE] [--set key=value ...] [--<parameter> V]`.
 
 Commands: preprocess, export, convert, infer, postprocess, run-all (the guide's chain, one stage each),
-evaluate (metrics.json), run (the notebook chain), bench (the throughput table).
+vocode (mels from a TTS model → wavs), evaluate (metrics.json), run (the notebook chain), bench (the
+throughput table).
 Every command configures itself the same way, from `WorkflowConfig` (config.py): a params YAML file, then
 `--set` pairs, then the explicit flags (aliases of config fields), later ones winning. Each command prints
 its summary as JSON. Errors the workflow raises on purpose (`WaveGlowError`) print one line naming the
@@ -56,8 +57,11 @@ STAGE_FIELDS = {
     "convert": ("gear_policy", "n_buckets", "soc_version", "batch_size"),
     "infer": ("backend", "device", "precision", "batch_size", "sigma", "seed"),
     "postprocess": ("denoiser_strength",),
+    "vocode": ("backend", "device", "precision", "sigma", "seed", "chunk_frames", "mel_layout", "mel_convert",
+               "denoiser_strength", "vocode_out_bin"),
 }
-ALL_STAGE_FIELDS = tuple(dict.fromkeys(f for fields in STAGE_FIELDS.values() for f in fields))
+ALL_STAGE_FIELDS = tuple(dict.fromkeys(f for stage, fields in STAGE_FIELDS.items() if stage != "vocode"
+                                       for f in fields))
 
 
 def _int_list(text: str) -> list[int]:
@@ -87,6 +91,16 @@ def _out_dir_option(parser: argparse.ArgumentParser) -> None:
 def _postprocess_options(parser: argparse.ArgumentParser) -> None:
     _out_dir_option(parser)
     parser.add_argument("--wav-dir", type=Path, default=None, help="output folder (default: runs/<name>/wav)")
+
+
+def _vocode_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mels", type=Path, required=True, metavar="DIR|FILE",
+                        help="a folder of <id>.npy / <id>.pt / <id>.bin (+ .txt) mels, or one such file")
+    parser.add_argument("--out-dir", type=Path, default=None, help="where the wavs go (default: runs/<name>/vocode)")
+
+
+def _run_vocode(cfg: WorkflowConfig, args: argparse.Namespace) -> Any:
+    return stages.vocode(cfg, args.mels, out_dir=args.out_dir, force=args.force)
 
 
 def _run_options(parser: argparse.ArgumentParser) -> None:
@@ -166,6 +180,7 @@ HELP = {
     "infer": "mel .bin → out/<id>_out.bin float32 audio with the chosen backend, in padded batches",
     "postprocess": "out/<id>_out.bin → wav/<id>_syn.wav (22050 Hz int16), optional denoiser",
     "run-all": "all five stages in order",
+    "vocode": "mels from a TTS model (.npy/.pt/.bin, format-checked) → vocode/<id>_syn.wav, any length, exact chunks",
 }
 COMMANDS: list[Command] = [
     Command("preprocess", HELP["preprocess"], COMMON_FIELDS + STAGE_FIELDS["preprocess"], run=_run_stage("preprocess")),
@@ -179,6 +194,8 @@ COMMANDS: list[Command] = [
             options=_postprocess_options, run=_run_stage("postprocess")),
     Command("run-all", HELP["run-all"], COMMON_FIELDS + ALL_STAGE_FIELDS,
             options=lambda p: _convert_options(p, default=None), run=_run_stage("run-all")),
+    Command("vocode", HELP["vocode"], COMMON_FIELDS + STAGE_FIELDS["vocode"], options=_vocode_options,
+            run=_run_vocode),
     Command("evaluate", "runs/<name>/wav vs the original wavs → runs/<name>/metrics.json (log-mel distance, MCD, "
             "STOI, PESQ)", COMMON_FIELDS, run=_run_evaluate),
     Command("run", "execute the notebooks 00…05 with papermill into runs/<name>/ and write report.html",
