@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import stages
-from .bench import ROWS, DEFAULT_ROWS, DEFAULT_LENGTHS, render_markdown, run_bench
+from .bench import ROWS, DEFAULT_ROWS, DEFAULT_LENGTHS, parse_lengths, render_markdown, run_bench
+from .bench.stream import render_stream_markdown, stream_bench
 from .config import WorkflowConfig, parse_set_option
 from .errors import NotebookRunError, WaveGlowError
 from .evaluate import collect_metrics
@@ -121,6 +122,10 @@ def _bench_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="cores for every row (default: torch's)")
     parser.add_argument("--profile", action="store_true", help="also record the profilers' top operations")
     parser.add_argument("--out-dir", type=Path, default=None, help="where bench.json/bench.md go (default runs/<name>)")
+    parser.add_argument("--stream", action="store_true",
+                        help="instead of the table: streaming latency (time to first audio, per-chunk p50/p95, "
+                             "real-time factor) per backend and peak memory by length (10 s … 10 min) → "
+                             "bench_stream.json/.md (default model: demo; --lengths default: the guide's)")
 
 
 def _run_stage(stage: str) -> Callable[[WorkflowConfig, argparse.Namespace], Any]:
@@ -158,6 +163,12 @@ def _run_notebooks(cfg: WorkflowConfig, args: argparse.Namespace) -> Any:
 
 
 def _run_bench(cfg: WorkflowConfig, args: argparse.Namespace) -> Any:
+    if args.stream:
+        result = stream_bench(cfg, model=args.model or "demo", threads=args.threads, out_dir=args.out_dir,
+                              backends=args.backends.split(",") if args.backends else None,
+                              **({"lengths": parse_lengths(args.lengths)} if args.lengths else {}))
+        print(render_stream_markdown(result))
+        return {"files": result["files"]}
     quick = cfg.bench_quick
     # explicit --batch-sizes / --repeats win over --quick's small defaults (run_bench's rule)
     result = run_bench(cfg, model=args.model or ("demo" if quick else "official"), lengths=args.lengths,
@@ -200,8 +211,9 @@ COMMANDS: list[Command] = [
             "STOI, PESQ)", COMMON_FIELDS, run=_run_evaluate),
     Command("run", "execute the notebooks 00…05 with papermill into runs/<name>/ and write report.html",
             COMMON_FIELDS, options=_run_options, run=_run_notebooks),
-    Command("bench", "throughput table: backends × precision × batch size, with quality beside speed",
-            ("name", "runs_dir", "seed", "sigma"), aliases=(
+    Command("bench", "throughput table: backends × precision × batch size, with quality beside speed "
+            "(--stream: streaming latency and memory by length)",
+            ("name", "runs_dir", "seed", "sigma", "chunk_frames"), aliases=(
                 Alias("--batch-sizes", "bench_batch_sizes", "e.g. 1,4,8,16", _int_list),
                 Alias("--repeats", "bench_repeats", "timed passes per row", int),
                 Alias("--quick", "bench_quick", "smoke run: demo model, 3 short lengths, batch 1 and 2, 1 repeat")),
