@@ -55,8 +55,8 @@ COMMON_FIELDS = ("name", "runs_dir", "checkpoint")
 STAGE_FIELDS = {
     "preprocess": ("corpus", "limit", "resample", "downmix"),
     "export": ("opset", "sigma"),
-    "convert": ("gear_policy", "n_buckets", "soc_version", "batch_size"),
-    "infer": ("backend", "device", "precision", "batch_size", "sigma", "seed"),
+    "convert": ("gear_policy", "n_buckets", "soc_version", "batch_size", "chunk_frames"),
+    "infer": ("backend", "device", "precision", "batch_size", "sigma", "seed", "chunk_frames"),
     "postprocess": ("denoiser_strength",),
     "vocode": ("backend", "device", "precision", "sigma", "seed", "chunk_frames", "mel_layout", "mel_convert",
                "denoiser_strength", "vocode_out_bin"),
