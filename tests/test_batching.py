@@ -213,3 +213,20 @@ def test_infer_stage_chunks_long_utterances_exactly(preprocessed_run, tmp_path):
         a = read_bin(out_bin(whole.layout.out_dir, utt_id), shape)
         b = read_bin(out_bin(chunked.layout.out_dir, utt_id), shape)
         assert snr_db(a, b) >= 100
+
+
+def test_convert_stage_chunks_policy_writes_a_few_gears(preprocessed_run, tmp_path, monkeypatch):
+    """Lengths 99, 125, 281 with chunks of 40 frames (+ 5 context): one bucket below the window, the
+    window, the exact-tail window; no length of the corpus needs its own gear."""
+    import json
+
+    from waveglow_lib.stages import convert
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no atc: the script is written
+    cfg = preprocessed_run(tmp_path, with_onnx=True, gear_policy="chunks", n_buckets=1, chunk_frames=40)
+    result = convert(cfg, targets=("atc",))["atc"]
+    window = chunk_window(TINY_PIPELINE, 40)
+    assert result["gears"] == sorted({TINY_PIPELINE.tail_window()[0], window})
+    assert json.loads((cfg.run_dir / "om" / "waveglow.gears.json").read_text())["gear_policy"] == "chunks"
+    with pytest.raises(Exception, match="chunk_frames > 0"):
+        convert(cfg.with_overrides(chunk_frames=0), targets=("atc",), force=True)
