@@ -230,3 +230,15 @@ def test_convert_stage_chunks_policy_writes_a_few_gears(preprocessed_run, tmp_pa
     assert json.loads((cfg.run_dir / "om" / "waveglow.gears.json").read_text())["gear_policy"] == "chunks"
     with pytest.raises(Exception, match="chunk_frames > 0"):
         convert(cfg.with_overrides(chunk_frames=0), targets=("atc",), force=True)
+
+
+def test_stream_bench_smoke(tiny_model, tmp_path):
+    """`bench --stream` on the tiny model: the rows and files are made (what it measures is not asserted)."""
+    from waveglow_lib.bench.stream import stream_bench
+
+    result = stream_bench(None, model=tiny_model(), backends=["torch"], lengths=[20, 9], chunk_frames=8,
+                          memory_seconds=(1,), memory_backend="torch", out_dir=tmp_path)
+    row = result["rows"][0]
+    assert row["backend"] == "torch" and row["chunks"] == 3 + 2 and row["chunk_ms_p95"] >= row["chunk_ms_p50"] > 0
+    assert result["memory"][0]["frames"] == 86 and result["context_frames"] == [4, 1]
+    assert (tmp_path / "bench_stream.md").read_text().startswith("# Streaming")

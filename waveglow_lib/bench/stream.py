@@ -74,7 +74,7 @@ def stream_bench(cfg: WorkflowConfig | None = None, *, model: Any = "demo", back
     rate = STFTConfig().sampling_rate
     mels = [_mel(n, config.n_mel_channels, i) for i, n in enumerate(lengths)]
     rows = []
-    for name in backends or STREAM_BACKENDS:
+    for name in STREAM_BACKENDS if backends is None else backends:
         try:
             backend = _open(name, net, threads, cache)
         except Exception as error:  # an optional runtime not installed: say so in the table
