@@ -41,10 +41,10 @@ def _committed(name: str):
 
 
 def test_the_notebooks_are_the_six_steps_in_order():
-    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == list(nr.NOTEBOOKS)
+    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == sorted(nr.NOTEBOOKS + nr.ON_DEMAND_NOTEBOOKS)
 
 
-@pytest.mark.parametrize("name", nr.NOTEBOOKS)
+@pytest.mark.parametrize("name", nr.NOTEBOOKS + nr.ON_DEMAND_NOTEBOOKS)
 def test_committed_without_outputs_and_with_one_parameters_cell(name):
     nb = _committed(name)
     nbformat.validate(nb)

@@ -1,8 +1,8 @@
 """Command line: `python -m waveglow_lib <command> [--params FILE] [--set key=value ...] [--<parameter> V]`.
 
 Commands: preprocess, export, convert, infer, postprocess, run-all (the guide's chain, one stage each),
-evaluate (metrics.json), run (the notebook chain), bench (the throughput table), serve (HTTP vocoding on
-Ray Serve, with an optional load test).
+vocode (mels from a TTS model → wavs), evaluate (metrics.json), run (the notebook chain), bench (the
+throughput table), serve (HTTP vocoding on Ray Serve, with an optional load test).
 Every command configures itself the same way, from `WorkflowConfig` (config.py): a params YAML file, then
 `--set` pairs, then the explicit flags (aliases of config fields), later ones winning. Each command prints
 its summary as JSON. Errors the workflow raises on purpose (`WaveGlowError`) print one line naming the
@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import engines, stages
-from .bench import ROWS, DEFAULT_ROWS, DEFAULT_LENGTHS, render_markdown, run_bench
+from .bench import ROWS, DEFAULT_ROWS, DEFAULT_LENGTHS, parse_lengths, render_markdown, run_bench
 from .bench.serve_load import LEVELS, load_test, offline_outputs, render_load_markdown
+from .bench.stream import render_stream_markdown, stream_bench
 from .config import WorkflowConfig, parse_set_option
 from .errors import ConfigError, NotebookRunError, WaveGlowError
 from .evaluate import collect_metrics
@@ -58,11 +59,14 @@ COMMON_FIELDS = ("name", "runs_dir", "checkpoint")
 STAGE_FIELDS = {
     "preprocess": ("corpus", "limit", "resample", "downmix"),
     "export": ("opset", "sigma"),
-    "convert": ("gear_policy", "n_buckets", "soc_version", "batch_size"),
-    "infer": ("backend", "device", "precision", "batch_size", "sigma", "seed", "engine"),
+    "convert": ("gear_policy", "n_buckets", "soc_version", "batch_size", "chunk_frames"),
+    "infer": ("backend", "device", "precision", "batch_size", "sigma", "seed", "engine", "chunk_frames"),
     "postprocess": ("denoiser_strength",),
+    "vocode": ("backend", "device", "precision", "sigma", "seed", "chunk_frames", "mel_layout", "mel_convert",
+               "denoiser_strength", "vocode_out_bin"),
 }
-ALL_STAGE_FIELDS = tuple(dict.fromkeys(f for fields in STAGE_FIELDS.values() for f in fields))
+ALL_STAGE_FIELDS = tuple(dict.fromkeys(f for stage, fields in STAGE_FIELDS.items() if stage != "vocode"
+                                       for f in fields))
 
 
 def _int_list(text: str) -> list[int]:
@@ -94,6 +98,16 @@ def _postprocess_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wav-dir", type=Path, default=None, help="output folder (default: runs/<name>/wav)")
 
 
+def _vocode_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mels", type=Path, required=True, metavar="DIR|FILE",
+                        help="a folder of <id>.npy / <id>.pt / <id>.bin (+ .txt) mels, or one such file")
+    parser.add_argument("--out-dir", type=Path, default=None, help="where the wavs go (default: runs/<name>/vocode)")
+
+
+def _run_vocode(cfg: WorkflowConfig, args: argparse.Namespace) -> Any:
+    return stages.vocode(cfg, args.mels, out_dir=args.out_dir, force=args.force)
+
+
 def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--notebooks", nargs="+", metavar="NAME", default=None,
                         help=f"run only these notebooks, in the order given (default: all of {', '.join(NOTEBOOKS)})")
@@ -112,6 +126,10 @@ def _bench_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="cores for every row (default: torch's)")
     parser.add_argument("--profile", action="store_true", help="also record the profilers' top operations")
     parser.add_argument("--out-dir", type=Path, default=None, help="where bench.json/bench.md go (default runs/<name>)")
+    parser.add_argument("--stream", action="store_true",
+                        help="instead of the table: streaming latency (time to first audio, per-chunk p50/p95, "
+                             "real-time factor) per backend and peak memory by length (10 s … 10 min) → "
+                             "bench_stream.json/.md (default model: demo; --lengths default: the guide's)")
 
 
 def _run_stage(stage: str) -> Callable[[WorkflowConfig, argparse.Namespace], Any]:
@@ -149,6 +167,12 @@ def _run_notebooks(cfg: WorkflowConfig, args: argparse.Namespace) -> Any:
 
 
 def _run_bench(cfg: WorkflowConfig, args: argparse.Namespace) -> Any:
+    if args.stream:
+        result = stream_bench(cfg, model=args.model or "demo", threads=args.threads, out_dir=args.out_dir,
+                              backends=args.backends.split(",") if args.backends else None,
+                              **({"lengths": parse_lengths(args.lengths)} if args.lengths else {}))
+        print(render_stream_markdown(result))
+        return {"files": result["files"]}
     quick = cfg.bench_quick
     # explicit --batch-sizes / --repeats win over --quick's small defaults (run_bench's rule)
     result = run_bench(cfg, model=args.model or ("demo" if quick else "official"), lengths=args.lengths,
@@ -211,6 +235,7 @@ HELP = {
     "infer": "mel .bin → out/<id>_out.bin float32 audio with the chosen backend, in padded batches",
     "postprocess": "out/<id>_out.bin → wav/<id>_syn.wav (22050 Hz int16), optional denoiser",
     "run-all": "all five stages in order",
+    "vocode": "mels from a TTS model (.npy/.pt/.bin, format-checked) → vocode/<id>_syn.wav, any length, exact chunks",
 }
 COMMANDS: list[Command] = [
     Command("preprocess", HELP["preprocess"], COMMON_FIELDS + STAGE_FIELDS["preprocess"], run=_run_stage("preprocess")),
@@ -224,12 +249,15 @@ COMMANDS: list[Command] = [
             options=_postprocess_options, run=_run_stage("postprocess")),
     Command("run-all", HELP["run-all"], COMMON_FIELDS + ALL_STAGE_FIELDS,
             options=lambda p: _convert_options(p, default=None), run=_run_stage("run-all")),
+    Command("vocode", HELP["vocode"], COMMON_FIELDS + STAGE_FIELDS["vocode"], options=_vocode_options,
+            run=_run_vocode),
     Command("evaluate", "runs/<name>/wav vs the original wavs → runs/<name>/metrics.json (log-mel distance, MCD, "
             "STOI, PESQ)", COMMON_FIELDS, run=_run_evaluate),
     Command("run", "execute the notebooks 00…05 with papermill into runs/<name>/ and write report.html",
             COMMON_FIELDS, options=_run_options, run=_run_notebooks),
-    Command("bench", "throughput table: backends × precision × batch size, with quality beside speed",
-            ("name", "runs_dir", "seed", "sigma"), aliases=(
+    Command("bench", "throughput table: backends × precision × batch size, with quality beside speed "
+            "(--stream: streaming latency and memory by length)",
+            ("name", "runs_dir", "seed", "sigma", "chunk_frames"), aliases=(
                 Alias("--batch-sizes", "bench_batch_sizes", "e.g. 1,4,8,16", _int_list),
                 Alias("--repeats", "bench_repeats", "timed passes per row", int),
                 Alias("--quick", "bench_quick", "smoke run: demo model, 3 short lengths, batch 1 and 2, 1 repeat")),

@@ -138,6 +138,17 @@ class ModelConfig:
         context = (self.upsample_kernel - self.upsample_stride) // self.n_group
         return -(-(2 * reach + context) // self.steps_per_frame), reach * self.n_group
 
+    def chunk_context(self) -> tuple[int, int]:
+        """(left, right): mel frames of context a chunk needs on each side for its centre to be exact.
+
+        A centre step sees `receptive_field()` steps each side through the flows; on the left, the
+        upsampler adds `upsample_taps - 1` frames (a sample of frame f is made from frames f-taps+1 … f,
+        so the first taps-1 frames of a window lack the contributions of the frames before it).
+        Tight: one frame less on either side changes the centre's edge samples (tests/test_batching.py).
+        """
+        flows = -(-self.receptive_field() // self.steps_per_frame)
+        return self.upsample_taps - 1 + flows, flows
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -180,7 +191,11 @@ class STFTConfig:
 
 Backend = Literal["auto", "torch", "onnxruntime", "openvino", "om", "fast"]
 Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
-GearPolicy = Literal["exact", "buckets"]
+GearPolicy = Literal["exact", "buckets", "chunks"]
+#: how vocode reads mels (mel_input.read_mel): which axis is the band axis
+MelLayout = Literal["auto", "mel_first", "time_first"]
+#: the explicit conversion of a mel in another format (mel_input.CONVERSIONS); none = refuse it
+MelConvert = Literal["none", "log10", "db_amplitude", "db_power", "magnitude", "power"]
 Engine = Literal["local", "ray"]
 
 
@@ -214,7 +229,7 @@ class WorkflowConfig:
     seed: int = 1234
     denoiser_strength: float = 0.0
     opset: int = 17
-    #: exact | buckets
+    #: exact | buckets | chunks (the chunk window and a few buckets below it: any length, see chunk_frames)
     gear_policy: GearPolicy = "exact"
     n_buckets: int = 8
     soc_version: str = "Ascend310P3"
@@ -232,6 +247,16 @@ class WorkflowConfig:
     ray_cpus_per_actor: int = 1
     #: engine ray: actors in the pool; 0 = as many as the cluster's CPUs allow (NPUs for om)
     ray_actors: int = 0
+    #: utterances longer than chunk_frames + the model's context are vocoded in chunks of this many mel
+    #: frames (plus context each side), exactly equal to one-shot synthesis, in memory bounded by the
+    #: chunk; 0 = never chunk (batching.vocode_stream)
+    chunk_frames: int = 2048
+    #: vocode: the layout of the input mels (auto: the axis with n_mel entries is the band axis)
+    mel_layout: MelLayout = "auto"
+    #: vocode: convert mels from log10 / dB / linear to natural-log magnitudes (none: refuse them)
+    mel_convert: MelConvert = "none"
+    #: vocode: also write the guide's `<id>_out.bin` (float32 audio) beside each wav
+    vocode_out_bin: bool = False
 
     def __post_init__(self) -> None:
         for key, choices in self.choices().items():
@@ -243,6 +268,8 @@ class WorkflowConfig:
                 raise ConfigError(f"parameter {key!r} must be >= 1, got {getattr(self, key)}")
         if self.ray_actors < 0:
             raise ConfigError(f"parameter 'ray_actors' must be >= 0 (0 = as many as fit), got {self.ray_actors}")
+        if self.chunk_frames < 0:
+            raise ConfigError(f"parameter 'chunk_frames' must be >= 0 (0 = never chunk), got {self.chunk_frames}")
         if self.limit < 0:
             raise ConfigError(f"parameter 'limit' must be >= 0 (0 = all), got {self.limit}")
         if self.sigma < 0:

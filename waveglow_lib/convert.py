@@ -2,8 +2,9 @@
 
 - Ascend: the `atc` command of the guide (framework 5, `--input_shape` with -1, `--dynamic_dims` gears,
   `--soc_version`), for our two-input graph (mel, z). Gear policies: `exact` (one gear per distinct mel
-  length, as the guide) and `buckets` (lengths rounded up to `n_buckets` sizes chosen to minimise padding;
-  ATC accepts at most 100 gears).
+  length, as the guide), `buckets` (lengths rounded up to `n_buckets` sizes chosen to minimise padding;
+  ATC accepts at most 100 gears) and `chunks` (buckets up to the chunk window plus the window itself:
+  longer utterances run in chunks of that window, so a few gears cover any length).
 - CPU: an OpenVINO IR (`.xml/.bin`) and an ONNX Runtime optimised graph, the same "compile once" step.
 """
 from __future__ import annotations
@@ -68,11 +69,20 @@ def bucket_lengths(lengths: Iterable[int], n_buckets: int) -> list[int]:
     return sorted(gears)
 
 
-def mel_gears(lengths: Iterable[int], policy: str = "exact", n_buckets: int = 8) -> list[int]:
-    """Gear lengths for `--dynamic_dims`: `exact` = every distinct length, `buckets` = bucket_lengths."""
+def mel_gears(lengths: Iterable[int], policy: str = "exact", n_buckets: int = 8,
+              chunk_window: int | None = None) -> list[int]:
+    """Gear lengths for `--dynamic_dims`: `exact` = every distinct length, `buckets` = bucket_lengths,
+    `chunks` = bucket_lengths of the lengths capped at `chunk_window` (`batching.chunk_window`: a chunk
+    and its context), plus that window: utterances longer than it are vocoded in chunks of it."""
     lengths = [int(v) for v in lengths]
     if not lengths:
         raise ConvertError("no mel lengths to build gears from (empty manifest?)")
+    if policy == "chunks":
+        if not chunk_window or chunk_window < 1:
+            raise ConvertError("gear_policy chunks needs chunk_frames > 0 (the chunk size the gears are built for)")
+        if n_buckets > MAX_GEARS - 2:
+            raise ConvertError(f"n_buckets={n_buckets}: ATC allows at most {MAX_GEARS} gears")
+        return sorted(set(bucket_lengths([min(n, chunk_window) for n in lengths], n_buckets)) | {chunk_window})
     if policy == "exact":
         gears = sorted(set(lengths))
     elif policy == "buckets":
@@ -80,7 +90,7 @@ def mel_gears(lengths: Iterable[int], policy: str = "exact", n_buckets: int = 8)
             raise ConvertError(f"n_buckets={n_buckets}: ATC allows at most {MAX_GEARS} gears")
         gears = bucket_lengths(lengths, n_buckets)
     else:
-        raise ConvertError(f"gear_policy {policy!r} is not one of exact, buckets")
+        raise ConvertError(f"gear_policy {policy!r} is not one of exact, buckets, chunks")
     if len(gears) > MAX_GEARS:
         raise ConvertError(f"{len(gears)} distinct mel lengths, but ATC's --dynamic_dims allows at most "
                            f"{MAX_GEARS} gears: use gear_policy=buckets (n_buckets <= {MAX_GEARS})")
@@ -88,8 +98,10 @@ def mel_gears(lengths: Iterable[int], policy: str = "exact", n_buckets: int = 8)
 
 
 def padding_overhead(lengths: Sequence[int], gears: Sequence[int]) -> float:
-    """Fraction of extra frames computed when every utterance is padded to its gear."""
+    """Fraction of extra frames computed when every utterance is padded to its gear (an utterance longer
+    than every gear is chunked: counted at the largest gear's padding, chunk context not included)."""
     gears = sorted(gears)
+    lengths = [min(n, gears[-1]) for n in lengths]
     padded = sum(min(g for g in gears if g >= n) for n in lengths)
     return padded / max(1, sum(lengths)) - 1.0
 

@@ -6,6 +6,7 @@
                om/waveglow.om, waveglow.gears.json, convert_atc.sh, atc.log
                out/<id>_out.bin, timings.json                  infer
                wav/<id>_syn.wav, postprocess.json              postprocess
+               vocode/<id>_syn.wav (+ <id>_out.bin), vocode.json   vocode (mels from elsewhere)
                notebooks/*.ipynb, report.html                  the notebook runner
                metrics.json, throughput.json, bench.json, bench.md
 """
@@ -110,6 +111,15 @@ class RunLayout:
     @property
     def wav_dir(self) -> Path:
         return self.root / "wav"
+
+    @property
+    def vocode_dir(self) -> Path:
+        """The vocode stage's wavs (and `<id>_out.bin` when asked) for mels from elsewhere."""
+        return self.root / "vocode"
+
+    @property
+    def vocode_record(self) -> Path:
+        return self.vocode_dir / "vocode.json"
 
     @property
     def notebooks_dir(self) -> Path:

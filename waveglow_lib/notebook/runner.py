@@ -44,6 +44,10 @@ NOTEBOOKS = (
     "04_infer.ipynb",
     "05_listen_evaluate.ipynb",
 )
+#: notebooks outside the default chain, run by name: `run --notebooks 06_vocode_mels.ipynb`
+ON_DEMAND_NOTEBOOKS = (
+    "06_vocode_mels.ipynb",
+)
 #: the kernel name the notebooks carry in their metadata
 KERNEL_NAME = "python3"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"

@@ -1,7 +1,8 @@
 """The guide's chain as library functions: preprocess → export → convert → infer → postprocess.
 
 Each stage takes the run's `WorkflowConfig`, reads the previous stage's outputs from `runs/<name>/`,
-writes its own (atomically, skipping finished work) and returns a summary dict.
+writes its own (atomically, skipping finished work) and returns a summary dict. `vocode` is the
+side entrance: mels from elsewhere (a TTS model) straight to wavs.
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from .export import export
 from .infer import infer
 from .postprocess import postprocess
 from .preprocess import preprocess
+from .vocode import vocode
 
 STAGES = ("preprocess", "export", "convert", "infer", "postprocess")
 
-__all__ = ["STAGES", "preprocess", "export", "convert", "infer", "postprocess", "run_all"]
+__all__ = ["STAGES", "preprocess", "export", "convert", "infer", "postprocess", "run_all", "vocode"]
 
 
 @locked("run-all")

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from ..batching import chunk_window
 from ..config import ModelConfig, WorkflowConfig
 from ..convert import (atc_command, convert_openvino, format_command, load_export_info, mel_gears,
                        optimize_onnxruntime, padding_overhead, with_window_gear)
@@ -122,8 +123,14 @@ def convert_atc(cfg: WorkflowConfig, onnx_path: Path, *, lengths: Sequence[int] 
     if info.get("variant", "noise_input") != "noise_input":
         raise ConvertError(f"{onnx_path}: exported as the guide's variant; convert expects the (mel, z) graph")
     lengths = list(lengths) if lengths is not None else manifest_lengths(cfg)
-    gears = mel_gears(lengths, cfg.gear_policy, cfg.n_buckets)
-    if cfg.exact_batching and (cfg.batch_size > 1 or cfg.gear_policy == "buckets") and "model_config" in info:
+    model_config = ModelConfig.from_dict(info["model_config"]) if "model_config" in info else None
+    if cfg.gear_policy == "chunks" and model_config is None:
+        raise ConvertError(f"{onnx_path}: gear_policy chunks needs the model's config (the export's .json "
+                           "record is missing); re-run the export stage")
+    window = chunk_window(model_config, cfg.chunk_frames) if cfg.gear_policy == "chunks" and cfg.chunk_frames else None
+    gears = mel_gears(lengths, cfg.gear_policy, cfg.n_buckets, chunk_window=window)
+    if (cfg.exact_batching and (cfg.batch_size > 1 or cfg.gear_policy in ("buckets", "chunks"))
+            and model_config is not None):
         gears = with_window_gear(gears, ModelConfig.from_dict(info["model_config"]))
     layout = cfg.layout
     om_dir = layout.om_dir

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..backends import ModelSpec, get_backend, resolve_backend
-from ..batching import Utterance, check_mel, plan_batches, utterance_noise, vocode
+from ..batching import NOISE_SCHEME, Utterance, check_mel, plan_batches, utterance_noise, vocode
 from ..checkpoint import load_waveglow
 from ..config import ModelConfig, STFTConfig, WorkflowConfig
 from ..errors import (ConfigError, DataError, InputNotFound, ManifestError, MelError, ResourceError, RunFolderError,
@@ -34,7 +34,7 @@ from ..runlock import locked
 from .stamps import checkpoint_stft, model_stamp
 
 #: settings that change the audio: outputs made with other values are not silently mixed with new ones
-OUTPUT_SETTINGS = ("checkpoint", "model", "sigma", "seed", "backend", "precision")
+OUTPUT_SETTINGS = ("checkpoint", "model", "sigma", "seed", "backend", "precision", "noise")
 
 
 def backend_name(cfg: WorkflowConfig) -> str:
@@ -174,6 +174,8 @@ class VocodeSettings:
     read_mel: Callable[[Utterance], np.ndarray]
     #: named when the audio comes out NaN from a finite mel
     checkpoint: str = "?"
+    #: utterances longer than this (+ the model's context) are vocoded alone in exact chunks; 0 = never
+    chunk_frames: int = 0
 
 
 @dataclass
@@ -210,7 +212,8 @@ def vocode_batch(backend, settings: VocodeSettings, batch: list[Utterance], work
     t0 = time.perf_counter()
     try:
         audios, stats = vocode(backend, mels, noises, settings.sigma, settings.model_config,
-                               exact=settings.exact, pad_value=settings.pad_value)
+                               exact=settings.exact, pad_value=settings.pad_value,
+                               chunk_frames=settings.chunk_frames)
     except MemoryError:
         raise ResourceError(f"{batch[0].bin_path}: out of memory vocoding a batch of {len(batch)} "
                             f"({max(u.frames for u in batch)} frames); lower batch_size",
@@ -274,6 +277,8 @@ class InferJob:
                 "frames": u.frames, "samples": int(audio.size), "batch": index,
                 "batch_items": len(result.items), "padded_frames": result.stats["padded_frames"],
                 "tail_frames": result.stats["tail_frames"], "exact": position not in result.stats["inexact"],
+                # vocoded alone in chunks of chunk_frames (+ context): exact, bounded memory
+                **({"chunked": True} if position in result.stats.get("chunked", ()) else {}),
                 "batch_seconds": round(result.seconds, 6),
                 "seconds": round(result.seconds * u.frames / batch_frames, 6),
                 "audio_seconds": round(audio.size / self.rate, 4), "worker": result.worker,
@@ -352,7 +357,7 @@ def prepare_infer(cfg: WorkflowConfig, *, model=None, name: str | None = None, o
     out_dir = Path(out_dir) if out_dir else cfg.layout.check(cfg.layout.out_dir, "the output folder")
     name = name or backend_name(cfg)
     settings = {"checkpoint": cfg.checkpoint, "model": model_stamp(cfg, model), "sigma": cfg.sigma,
-                "seed": cfg.seed, "backend": name, "precision": cfg.precision}
+                "seed": cfg.seed, "backend": name, "precision": cfg.precision, "noise": NOISE_SCHEME}
     timings_path = out_dir / TIMINGS_FILE
     record = {}
     if timings_path.is_file():
@@ -384,7 +389,7 @@ def prepare_infer(cfg: WorkflowConfig, *, model=None, name: str | None = None, o
     todo = [u for u in items if not finished(u)]
     return InferJob(out_dir=out_dir, todo=todo, skipped=[u.id for u in items if u not in todo], backend=name,
                     settings=VocodeSettings(model_config, cfg.sigma, cfg.seed, cfg.exact_batching, pad_value,
-                                            read_mel, cfg.checkpoint),
+                                            read_mel, cfg.checkpoint, cfg.chunk_frames),
                     batch_size=cfg.batch_size, rate=rate, record=record, output_settings=settings,
                     device=cfg.device, engine=engine)
 
@@ -423,7 +428,9 @@ def infer(cfg: WorkflowConfig, *, model=None, backend=None, out_dir: str | Path 
     noise/hiss. `backend=` takes an opened Backend (it is not closed here); else one is opened from `cfg`
     (`model=` avoids reloading the checkpoint for the torch backend). Per-item timings go to
     `out/timings.json`. Outputs made earlier with different output settings (sigma, seed, backend,
-    precision, checkpoint) are refused unless `force=True`, which redoes everything. `cfg.engine` is not
+    precision, checkpoint) are refused unless `force=True`, which redoes everything. An utterance longer
+    than `cfg.chunk_frames` + the model's context is vocoded alone in chunks (`batching.vocode_chunked`:
+    exactly the one-shot output, memory bounded by the chunk). `cfg.engine` is not
     read here: `waveglow_lib.engines.infer` chooses between this and a Ray cluster.
     """
     job = prepare_infer(cfg, model=model, name=backend.name if backend is not None else None, out_dir=out_dir,

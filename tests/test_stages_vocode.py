@@ -1,0 +1,142 @@
+"""The vocode stage and command: mels from elsewhere (.npy/.pt/.bin) → wavs, format-checked first,
+resumable, chunked, and equal to the wav route's samples for mels our own preprocess made."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+from scipy.io import wavfile
+
+from support import SHORT_IDS
+from waveglow_lib.cli import main
+from waveglow_lib.io import read_bin
+from waveglow_lib.layout import load_manifest, mel_bin, out_bin, syn_wav
+from waveglow_lib.mel_input import save_mel
+from waveglow_lib.stages import infer, postprocess, vocode
+
+
+@pytest.fixture(scope="module")
+def wav_route(tmp_path_factory, preprocessed_run):
+    """The wav route on the short demo utterances: preprocess → infer → postprocess (torch, tiny model)."""
+    cfg = preprocessed_run(tmp_path_factory.mktemp("wav_route"))
+    infer(cfg)
+    postprocess(cfg)
+    return cfg
+
+
+def _mels_as(cfg, folder, suffix):
+    """The run's preprocessed mels saved as `<id><suffix>` (stem = utterance id)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for item in load_manifest(cfg.layout.mel_dir)["items"]:
+        path = mel_bin(cfg.layout.mel_dir, item)
+        if suffix == ".bin":  # the guide's layout, with its .txt sample count
+            shutil.copy2(path, folder)
+            shutil.copy2(path.with_suffix(".txt"), folder)
+        else:
+            save_mel(folder / f"{item['id']}{suffix}", read_bin(path, tuple(item["shape"])))
+    return folder
+
+
+def _wav(path):
+    rate, data = wavfile.read(path)
+    assert rate == 22050 and data.dtype == np.int16
+    return data
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".pt", ".bin"])
+def test_mels_from_preprocess_give_the_wav_routes_samples(wav_route, tmp_path, suffix):
+    mels = _mels_as(wav_route, tmp_path / "mels", suffix)
+    cfg = wav_route.with_overrides(runs_dir=str(tmp_path / "runs"), vocode_out_bin=True)
+    result = vocode(cfg, mels)
+    assert sorted(result["written"]) == sorted(SHORT_IDS)
+    for item in load_manifest(wav_route.layout.mel_dir)["items"]:
+        expected = _wav(syn_wav(wav_route.layout.wav_dir, item["id"]))
+        got = _wav(syn_wav(cfg.layout.vocode_dir, item["id"]))
+        if suffix == ".bin":  # the .txt carries the sample count: the very same file contents
+            assert np.array_equal(got, expected)
+        else:  # a mel alone gives frames × 256 samples: only the tail beyond the source's length differs
+            assert 0 <= got.size - expected.size < 256
+            assert np.array_equal(got[: expected.size], expected)
+        raw = read_bin(out_bin(cfg.layout.vocode_dir, item["id"]), (item["mel_frames"] * 256,))
+        assert np.array_equal(raw, read_bin(out_bin(wav_route.layout.out_dir, item["id"]), raw.shape))
+
+
+def test_vocode_command_on_a_mixed_folder_is_resumable_and_chunks(make_cfg, wav_route, tmp_path, capsys):
+    mels = tmp_path / "mixed"
+    mels.mkdir()
+    items = load_manifest(wav_route.layout.mel_dir)["items"]
+    for item, suffix in zip(items, (".npy", ".pt", ".bin")):
+        source = _mels_as(wav_route, tmp_path / suffix.strip("."), suffix)
+        for path in source.glob(f"{item['id']}.*"):
+            shutil.copy2(path, mels)
+    cfg = make_cfg(tmp_path / "runs", name="cli")
+    argv = ["vocode", "--mels", str(mels), "--runs-dir", cfg.runs_dir, "--name", "cli", "--checkpoint", cfg.checkpoint,
+            "--backend", "torch", "--chunk-frames", "40"]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert sorted(first["written"]) == sorted(SHORT_IDS) and first["skipped"] == []
+    record = json.loads((cfg.layout.vocode_dir / "vocode.json").read_text())
+    assert all(entry["chunk_windows"] > 1 and entry["exact"] for entry in record["items"].values())
+    # chunked output equals the unchunked wav route (same noise)
+    for item in items:
+        expected = _wav(syn_wav(wav_route.layout.wav_dir, item["id"]))
+        got = _wav(syn_wav(cfg.layout.vocode_dir, item["id"]))
+        assert np.abs(got[: expected.size].astype(int) - expected.astype(int)).max() <= 1
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["written"] == [] and sorted(again["skipped"]) == sorted(SHORT_IDS)
+    # another sigma makes other audio: redone, not skipped
+    assert main(argv + ["--sigma", "0.5"]) == 0
+    assert sorted(json.loads(capsys.readouterr().out)["written"]) == sorted(SHORT_IDS)
+
+
+def test_a_wrong_format_is_refused_with_the_file_name_before_anything_is_vocoded(wav_route, make_cfg, tmp_path,
+                                                                                  capsys):
+    mels = _mels_as(wav_route, tmp_path / "mels", ".npy")
+    item = load_manifest(wav_route.layout.mel_dir)["items"][0]
+    natural = np.load(mels / f"{item['id']}.npy")
+    save_mel(mels / "zz_decibels.npy", natural * 20.0 / math.log(10.0))  # amplitude_to_db of the same mel
+    cfg = make_cfg(tmp_path / "runs", name="bad")
+    argv = ["vocode", "--mels", str(mels), "--runs-dir", cfg.runs_dir, "--name", "bad", "--checkpoint", cfg.checkpoint,
+            "--backend", "torch"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "zz_decibels.npy" in err and "dB" in err
+    assert not cfg.layout.vocode_dir.exists()  # the good files before it were not vocoded either
+    # the explicit conversion (asked for this file only: it refuses the folder's right mels) makes it vocodable
+    argv[2] = str(mels / "zz_decibels.npy")
+    assert main(argv + ["--mel-convert", "db_amplitude"]) == 0
+    capsys.readouterr()
+    converted = _wav(syn_wav(cfg.layout.vocode_dir, "zz_decibels"))
+    assert converted.size == natural.shape[1] * 256
+
+
+def test_a_nan_mel_is_refused_naming_its_file(make_cfg, tmp_path):
+    from waveglow_lib.errors import MelError
+
+    mel = np.full((80, 20), -5.0, dtype=np.float32)
+    mel[3, 4] = np.nan
+    save_mel(tmp_path / "broken.pt", mel)
+    with pytest.raises(MelError, match="broken.pt"):
+        vocode(make_cfg(tmp_path / "runs"), tmp_path / "broken.pt")
+
+
+@pytest.mark.e2e
+def test_the_vocode_notebook_runs_by_name(tmp_path, tiny_checkpoint):
+    """`run --notebooks 06_vocode_mels.ipynb`: outside the default chain, runnable on its own."""
+    from pathlib import Path
+
+    from waveglow_lib.notebook.runner import NOTEBOOKS
+
+    runs = tmp_path / "runs"
+    params = Path(__file__).resolve().parent.parent / "params" / "ci.yaml"
+    argv = ["run", "--params", str(params), "--notebooks", "06_vocode_mels.ipynb", "--no-report",
+            "--set", f"runs_dir={runs}", "--set", "limit=2", "--set", f"checkpoint={tiny_checkpoint}",
+            "--set", "backend=torch", "--name", "nb06"]
+    assert main(argv) == 0
+    assert "06_vocode_mels.ipynb" not in NOTEBOOKS
+    assert len(list((runs / "nb06" / "vocode").glob("*_syn.wav"))) == 2
+    assert (runs / "nb06" / "notebooks" / "06_vocode_mels.ipynb").is_file()
