@@ -69,3 +69,7 @@ class NotebookRunError(WaveGlowError, RuntimeError):
         self.notebook = notebook
         self.cell = cell
         self.output = output
+
+
+class TrainingError(WaveGlowError, RuntimeError):
+    """Training cannot go on (non-finite loss, unusable resume state); names the step and the files."""
