@@ -1,7 +1,8 @@
 """Command line: `python -m waveglow_lib <command> [--params FILE] [--set key=value ...] [--<parameter> V]`.
 
 Commands: preprocess, export, convert, infer, postprocess, run-all (the guide's chain, one stage each),
-and, when their modules are present, run (the notebook chain) and bench (the throughput table).
+train (its own parameters: `TrainConfig` in train.py, e.g. params/train_demo.yaml), and, when their
+modules are present, run (the notebook chain) and bench (the throughput table).
 Every parameter comes from `WorkflowConfig` (config.py): a params YAML file, then `--set` pairs, then
 the explicit flags, later ones winning. Each command prints its summary as JSON.
 """
@@ -11,6 +12,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -113,6 +115,27 @@ def _brief(result: typing.Any) -> typing.Any:
     return result
 
 
+def _train_command(args: argparse.Namespace) -> int:
+    from .stages.train import load_train_config, run_train
+
+    config = load_train_config(args.params, parse_set_option(args.overrides))
+    result = run_train(config, on_log=lambda entry: print(json.dumps(entry), file=sys.stderr, flush=True))
+    if result.get("world_size", 1) == 1 or int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(_brief({k: v for k, v in result.items() if k != "history"}), indent=2, default=str))
+    return 0
+
+
+def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    help_text = "train or fine-tune WaveGlow (resumable; torchrun / Ray Train for data parallel)"
+    sub = subparsers.add_parser("train", help=help_text, description=help_text)
+    sub.add_argument("--params", default=None, metavar="FILE",
+                     help="training params YAML (e.g. params/train_demo.yaml); default: TrainConfig defaults")
+    sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override any training parameter (YAML value), repeatable, e.g. --set max_steps=10")
+    sub.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
+    sub.set_defaults(func=_train_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m waveglow_lib", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         if stage == "postprocess":
             sub.add_argument("--wav-dir", type=Path, default=None, help="output folder (default: runs/<name>/wav)")
         sub.set_defaults(func=_stage_command(stage))
+    _add_train_parser(subparsers)
     # sub-commands other modules own; the CLI works without them
     for module, function in (("notebook_runner", "add_run_parser"), ("bench", "add_bench_parser")):
         try:
