@@ -5,9 +5,9 @@ A small WaveGlow (8 flows, WN 6 x 48, the upsampler frozen as a per-band Hann in
 espeak-ng utterances, then scored (STOI, PESQ against the originals, sigma 0.6) and written as a gzipped
 float16 file in our format. The run is resumable: run the same command again to continue it.
 
-How many steps: a first short sitting measures this machine's speed, then the cosine learning-rate
-schedule is planned to end at `--until` (the plan is kept in `<out-dir>/plan.json`, so later sittings
-follow the same schedule). A non-finite loss resumes from the last checkpoint with half the learning rate.
+How many steps: training runs in sittings (resumed from the last checkpoint); before each, the cosine
+learning-rate schedule is re-planned from the measured speed to end at `--until` (kept in
+`<out-dir>/plan.json`). A non-finite loss resumes from the last checkpoint with half the learning rate.
 """
 from __future__ import annotations
 
@@ -65,23 +65,31 @@ def _log(entry: dict) -> None:
     print(time.strftime("%H:%M:%S"), " ".join(parts), flush=True)
 
 
-def run_training(out_dir: Path, deadline: dt.datetime, probe_steps: int = 20) -> None:
+def run_training(out_dir: Path, deadline: dt.datetime, probe_steps: int = 20, sitting_minutes: float = 15) -> None:
+    """Sittings of `sitting_minutes`; before each, the cosine schedule's length is re-planned from the speed
+    measured so far so that it ends at `deadline` (the machine is shared: its speed changes)."""
     config = DEMO_TRAIN_CONFIG.with_overrides(out_dir=str(out_dir))
     plan_path = out_dir / PLAN_NAME
     if plan_path.is_file():
         plan = json.loads(plan_path.read_text())
-    else:  # a short first sitting measures the speed; the schedule is planned from it, once
-        started = time.monotonic()
+    else:  # a short first sitting measures the speed
         train(config.with_overrides(max_steps=probe_steps), on_log=_log)
-        per_step = (time.monotonic() - started) / probe_steps
-        steps = probe_steps + int(max(0.0, _seconds_left(deadline)) / per_step)
-        plan = {"max_steps": steps, "seconds_per_step": per_step, "deadline": deadline.isoformat(),
-                "learning_rate": config.learning_rate}
-        atomic_write_json(plan_path, plan)
-        print(f"planned {steps} steps at {per_step:.2f} s/step until {deadline:%H:%M} UTC", flush=True)
+        plan = {"learning_rate": config.learning_rate, "deadline": deadline.isoformat(), "replans": []}
     while _seconds_left(deadline) > 30:
+        history = json.loads((out_dir / HISTORY_NAME).read_text())
+        step = history[-1]["step"]
+        recent = [e for e in history if e["time"] >= history[-1]["time"] - sitting_minutes * 60]
+        if len(recent) >= 2:
+            per_step = (recent[-1]["time"] - recent[0]["time"]) / (recent[-1]["step"] - recent[0]["step"])
+        else:
+            per_step = (history[-1]["time"] - history[0]["time"]) / max(1, step - history[0]["step"])
+        plan["max_steps"] = step + max(1, int(_seconds_left(deadline) / per_step))
+        plan["replans"].append({"step": step, "seconds_per_step": per_step, "max_steps": plan["max_steps"]})
+        atomic_write_json(plan_path, plan)
+        print(f"step {step}: {per_step:.2f} s/step, schedule ends at step {plan['max_steps']} "
+              f"({deadline:%H:%M} UTC)", flush=True)
         run = config.with_overrides(max_steps=plan["max_steps"], learning_rate=plan["learning_rate"],
-                                    max_seconds=_seconds_left(deadline))
+                                    max_seconds=min(sitting_minutes * 60, _seconds_left(deadline)))
         try:
             result = train(run, on_log=_log)
         except TrainingError as error:  # resume from the last good checkpoint, more gently
@@ -90,8 +98,6 @@ def run_training(out_dir: Path, deadline: dt.datetime, probe_steps: int = 20) ->
             atomic_write_json(plan_path, plan)
             continue
         if result["stopped_by"] == "max_steps":
-            break
-        if result["stopped_by"] == "max_seconds":
             break
 
 
