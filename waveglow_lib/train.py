@@ -507,24 +507,26 @@ def restore_train_state(tensors: dict[str, torch.Tensor], info: dict, glow: Wave
 # the loop
 # --------------------------------------------------------------------------------------------------
 def train(config: TrainConfig, stft: STFTConfig = STFTConfig(),
-          on_log: Callable[[dict], None] | None = None) -> dict[str, Any]:
+          on_log: Callable[[dict], None] | None = None,
+          on_sample: Callable[[int, WaveGlow], None] | None = None, sample_every: int = 0) -> dict[str, Any]:
     """Train (or fine-tune, or resume) as `config` says; returns a summary. Rank 0 writes into `out_dir`:
     `model.safetensors` (folded, for `load_waveglow`), `train_state.safetensors` (resume) and `history.json`.
 
-    `on_log(entry)` is called on rank 0 with each history entry (loss, lr, samples/s, validation loss).
+    On rank 0, `on_log(entry)` gets each history entry (loss, lr, samples/s, validation loss) and
+    `on_sample(step, model)` the folded model (eval mode) every `sample_every` steps, to listen to.
     """
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     info = setup_distributed(config.device)
     try:
-        return _train(config, stft, info, on_log)
+        return _train(config, stft, info, on_log, on_sample if sample_every > 0 else None, sample_every)
     finally:
         if info.initialised_here:
             dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, stft: STFTConfig, info: DistInfo,
-           on_log: Callable[[dict], None] | None) -> dict[str, Any]:
+def _train(config: TrainConfig, stft: STFTConfig, info: DistInfo, on_log: Callable[[dict], None] | None,
+           on_sample: Callable[[int, WaveGlow], None] | None, sample_every: int) -> dict[str, Any]:
     if config.batch_size % info.world_size:
         raise ConfigError(f"parameter 'batch_size' ({config.batch_size}, the global batch) must be a "
                           f"multiple of the number of processes ({info.world_size})")
@@ -633,6 +635,8 @@ def _train(config: TrainConfig, stft: STFTConfig, info: DistInfo,
             window_start, window_samples, window_losses = time.monotonic(), 0, []
         if step % config.checkpoint_every == 0:
             checkpoint(step)
+        if on_sample is not None and info.is_main and step % sample_every == 0:
+            on_sample(step, folded_copy(glow))
     if saved_step != step:
         checkpoint(step)
     glow.eval()
