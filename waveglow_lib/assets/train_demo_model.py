@@ -118,22 +118,34 @@ def _summary(scores: dict[str, dict]) -> dict[str, float]:
     return {key: float(np.mean([s[key] for s in scores.values()])) for key in ("stoi", "pesq")}
 
 
+def _cached_scores(model_path: Path, cache_dir: Path) -> dict[str, dict]:
+    """Scores of one model file, kept in `cache_dir` (keyed by name and size) so re-runs skip it."""
+    cache = cache_dir / f"{model_path.name}.{model_path.stat().st_size}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    scores = vocode_corpus(load_waveglow(model_path))
+    atomic_write_json(cache, scores)
+    return scores
+
+
 def evaluate_run(out_dir: Path, every: int = 1) -> dict:
     """Score the untrained demo model and the run's snapshots; write curve.json and the candidate model."""
-    torch.set_num_threads(1)
+    cache_dir = out_dir / "scores"
     snapshots = sorted(out_dir.glob("model_step*.safetensors.gz"))
     chosen = snapshots[::every]
     if snapshots and snapshots[-1] not in chosen:
         chosen.append(snapshots[-1])
     curve = {"config": DEMO_TRAIN_CONFIG.to_dict(), "eval": {"sigma": EVAL_SIGMA, "seed": EVAL_SEED},
-             "untrained_bundled": _summary(vocode_corpus(load_waveglow(DEMO_MODEL_PATH))), "snapshots": []}
+             "untrained_bundled": _summary(_cached_scores(DEMO_MODEL_PATH, cache_dir)), "snapshots": []}
     for path in chosen:
         step = int(path.name[len("model_step"):].split(".")[0])
-        scores = vocode_corpus(load_waveglow(path))
+        scores = _cached_scores(path, cache_dir)
         curve["snapshots"].append({"step": step, **_summary(scores), "per_utterance": scores})
         print(f"step {step}: {_summary(scores)}", flush=True)
     history_path = out_dir / HISTORY_NAME
     curve["history"] = json.loads(history_path.read_text()) if history_path.is_file() else []
+    plan_path = out_dir / PLAN_NAME
+    curve["plan"] = json.loads(plan_path.read_text()) if plan_path.is_file() else None
     if snapshots:
         shutil.copyfile(snapshots[-1], out_dir / CANDIDATE_NAME)
         curve["candidate"] = {"file": str(out_dir / CANDIDATE_NAME), "from": snapshots[-1].name,
