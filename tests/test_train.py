@@ -101,6 +101,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=key)
     # the state file is safetensors + JSON: no pickle opcodes anywhere
     assert (tmp_path / "straight" / STATE_NAME).read_bytes()[8:9] == b"{"
+    with pytest.raises(TrainingError, match="another architecture"):
+        train(tiny_run(tmp_path / "straight", model=dict(TINY, n_layers=2), max_steps=8))
 
 
 def test_lr_schedule_warms_up_then_decays():

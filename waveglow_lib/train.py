@@ -498,7 +498,11 @@ def restore_train_state(tensors: dict[str, torch.Tensor], info: dict, glow: Wave
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in info["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except ValueError as error:  # e.g. freeze_upsample changed: another set of trained parameters
+        raise TrainingError(f"{path}: the saved optimizer state does not fit this run ({error}); keep the "
+                            "run's parameters, or set resume: false", path=path) from None
     generator.set_state(tensors["rng.data"])
     torch.set_rng_state(tensors["rng.torch"])
 
@@ -548,6 +552,10 @@ def _train(config: TrainConfig, stft: STFTConfig, info: DistInfo, on_log: Callab
     if resuming:
         tensors, saved = read_train_state(state_path)
         glow = WaveGlow(ModelConfig.from_dict(saved["model_config"]))
+        if config.model and config.model_config() != glow.config:
+            raise TrainingError(f"{state_path}: this out_dir holds a run of another architecture than the "
+                                "'model' parameter; use another out_dir, or set resume: false to start over",
+                                path=state_path)
     elif config.warm_start:
         glow = warm_start_model(config.warm_start, config.model_config() if config.model else None)
     else:
