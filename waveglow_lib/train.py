@@ -678,6 +678,8 @@ def train_with_ray(config: TrainConfig, num_workers: int = 2, use_gpu: bool = Fa
     def loop(loop_config: dict) -> None:
         import ray.train
 
+        # Ray Train has set up torch.distributed; our device choice reads the local rank from the env
+        os.environ["LOCAL_RANK"] = str(ray.train.get_context().get_local_rank())
         result = train(TrainConfig.from_dict(loop_config["train"]), stft)
         ray.train.report({k: v for k, v in result.items() if k in ("step", "final_loss")})
 
