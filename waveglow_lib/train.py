@@ -673,14 +673,19 @@ def train_with_ray(config: TrainConfig, num_workers: int = 2, use_gpu: bool = Fa
     except ImportError:
         raise MissingDependency("Ray Train is not installed: pip install 'ray[train]' (or the project's "
                                 "scale-out extra) to train on a Ray cluster; torchrun needs no extra") from None
-    config_dict = config.with_overrides(device="cuda" if use_gpu else config.device).to_dict()
+    # workers run in their own folders: hand them absolute paths
+    config_dict = config.to_dict()
+    for key in ("corpus", "out_dir", "warm_start"):
+        if config_dict[key] not in ("", "demo"):
+            config_dict[key] = str(Path(config_dict[key]).expanduser().resolve())
 
     def loop(loop_config: dict) -> None:
         import ray.train
+        import ray.train.torch
 
-        # Ray Train has set up torch.distributed; our device choice reads the local rank from the env
-        os.environ["LOCAL_RANK"] = str(ray.train.get_context().get_local_rank())
-        result = train(TrainConfig.from_dict(loop_config["train"]), stft)
+        # Ray Train has set up torch.distributed and picks each worker's device (its GPU, or the CPU)
+        worker_config = {**loop_config["train"], "device": str(ray.train.torch.get_device())}
+        result = train(TrainConfig.from_dict(worker_config), stft)
         ray.train.report({k: v for k, v in result.items() if k in ("step", "final_loss")})
 
     trainer = TorchTrainer(loop, train_loop_config={"train": config_dict},
