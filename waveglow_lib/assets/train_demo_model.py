@@ -27,7 +27,7 @@ from ..config import DEMO_CORPUS_DIR, DEMO_MODEL_PATH
 from ..errors import TrainingError
 from ..evaluate import pesq_score, stoi_score
 from ..io import atomic_write_json
-from ..train import HISTORY_NAME, STATE_NAME, TrainConfig, train
+from ..train import HISTORY_NAME, TrainConfig, train
 
 DEMO_TRAIN_CONFIG = TrainConfig(
     corpus="demo",
