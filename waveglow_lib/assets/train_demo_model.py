@@ -5,9 +5,9 @@ A small WaveGlow (8 flows, WN 6 x 48, the upsampler frozen as a per-band Hann in
 espeak-ng utterances, then scored (STOI, PESQ against the originals, sigma 0.6) and written as a gzipped
 float16 file in our format. The run is resumable: run the same command again to continue it.
 
-How many steps: training runs in sittings (resumed from the last checkpoint); before each, the cosine
-learning-rate schedule is re-planned from the measured speed to end at `--until` (kept in
-`<out-dir>/plan.json`). A non-finite loss resumes from the last checkpoint with half the learning rate.
+How many steps: training runs in sittings (resumed from the last checkpoint); before each, the rest of
+the cosine learning-rate decay is re-planned from the measured speed to end at `--until`, starting from
+the rate reached so far (kept in `<out-dir>/plan.json`). A non-finite loss resumes from the last checkpoint with half the learning rate.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from ..config import DEMO_CORPUS_DIR, DEMO_MODEL_PATH
 from ..errors import TrainingError
 from ..evaluate import pesq_score, stoi_score
 from ..io import atomic_write_json
-from ..train import HISTORY_NAME, TrainConfig, train
+from ..train import HISTORY_NAME, TrainConfig, lr_at, train
 
 DEMO_TRAIN_CONFIG = TrainConfig(
     corpus="demo",
@@ -83,12 +83,18 @@ def run_training(out_dir: Path, deadline: dt.datetime, probe_steps: int = 20, si
             per_step = (recent[-1]["time"] - recent[0]["time"]) / (recent[-1]["step"] - recent[0]["step"])
         else:
             per_step = (history[-1]["time"] - history[0]["time"]) / max(1, step - history[0]["step"])
+        if "max_steps" in plan:  # continue the decay from today's rate: the schedule never jumps back up
+            current = config.with_overrides(max_steps=plan["max_steps"], learning_rate=plan["learning_rate"],
+                                            warmup_steps=plan.get("warmup_steps", config.warmup_steps))
+            plan["learning_rate"], plan["warmup_steps"] = lr_at(current, step), step
         plan["max_steps"] = step + max(1, int(_seconds_left(deadline) / per_step))
-        plan["replans"].append({"step": step, "seconds_per_step": per_step, "max_steps": plan["max_steps"]})
+        plan["replans"].append({"step": step, "seconds_per_step": per_step, "max_steps": plan["max_steps"],
+                                "learning_rate": plan["learning_rate"]})
         atomic_write_json(plan_path, plan)
         print(f"step {step}: {per_step:.2f} s/step, schedule ends at step {plan['max_steps']} "
               f"({deadline:%H:%M} UTC)", flush=True)
         run = config.with_overrides(max_steps=plan["max_steps"], learning_rate=plan["learning_rate"],
+                                    warmup_steps=plan.get("warmup_steps", config.warmup_steps),
                                     max_seconds=min(sitting_minutes * 60, _seconds_left(deadline)))
         try:
             result = train(run, on_log=_log)
