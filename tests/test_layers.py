@@ -19,7 +19,7 @@ import waveglow_lib
 LAYERS = [
     ("errors",), ("layout",), ("io",), ("safe_yaml", "runlock"), ("config",), ("hardware",),
     ("audio",), ("metrics",), ("model",), ("checkpoint", "denoiser"), ("mel_input",),
-    ("export", "convert"), ("backends",), ("batching",), ("stages",), ("engines",), ("train",),
+    ("export", "convert"), ("backends",), ("batching",), ("train",), ("stages",), ("engines",),
     ("provenance",), ("evaluate",), ("bench",), ("notebook", "report"), ("service",), ("cli", "__main__"),
     ("assets",),  # the scripts that regenerate the bundled demo model and corpus use the whole library
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import typing
@@ -29,6 +30,8 @@ from .evaluate import collect_metrics
 from .io import atomic_write_json, atomic_write_text
 from .layout import CONVERT_TARGETS
 from .notebook.runner import NOTEBOOKS, run_notebooks
+from .stages.train import load_train_config, run_train
+from .train import TrainConfig
 from . import service
 
 
@@ -51,7 +54,9 @@ class Command:
     aliases: tuple[Alias, ...] = ()
     default_params: str | None = None
     options: Callable[[argparse.ArgumentParser], None] | None = None
-    run: Callable[[WorkflowConfig, argparse.Namespace], Any] = field(default=lambda cfg, args: None)
+    run: Callable[[Any, argparse.Namespace], Any] = field(default=lambda cfg, args: None)
+    #: how the command's parameters are read from --params/--set (training has its own TrainConfig)
+    configure: Callable[[argparse.Namespace], Any] | None = None
 
 
 #: every command names the run (name, runs_dir) and the model (checkpoint)
@@ -183,6 +188,17 @@ def _run_bench(cfg: WorkflowConfig, args: argparse.Namespace) -> Any:
     return {"files": result.get("files"), "auto": result["auto"]}
 
 
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    return load_train_config(args.params, parse_set_option(args.overrides))
+
+
+def _run_train(config: TrainConfig, args: argparse.Namespace) -> Any:
+    result = run_train(config, on_log=lambda entry: print(json.dumps(entry), file=sys.stderr, flush=True))
+    if result.get("world_size", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return None  # under torchrun, rank 0 prints the summary
+    return {k: v for k, v in result.items() if k != "history"}
+
+
 def _run_evaluate(cfg: WorkflowConfig, args: argparse.Namespace) -> Any:
     record = collect_metrics(cfg)
     return {"metrics": str(cfg.layout.metrics), "summary": record["summary"]}
@@ -265,6 +281,8 @@ COMMANDS: list[Command] = [
     Command("serve", "HTTP POST /vocode (a mel as .npy or JSON → audio/wav) on Ray Serve, batched, N replicas; "
             "--load-test measures it", COMMON_FIELDS + ("backend", "precision", "seed", "sigma", "ray_cpus_per_actor"),
             options=_serve_options, run=_run_serve),
+    Command("train", "train or fine-tune WaveGlow (resumable; torchrun / Ray Train for data parallel); its "
+            "parameters are TrainConfig's (params/train_demo.yaml)", configure=_train_config, run=_run_train),
 ]
 
 
@@ -293,7 +311,7 @@ def _add_config_options(parser: argparse.ArgumentParser, command: Command) -> No
         else:
             group.add_argument(alias.flag, dest=alias.field, default=None, type=alias.convert or kind, help=help_text)
     parser.add_argument("--params", default=command.default_params, metavar="FILE",
-                        help=f"params YAML file (default: {command.default_params or 'WorkflowConfig defaults'})")
+                        help=f"params YAML file (default: {command.default_params or 'the built-in defaults'})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any parameter (YAML value), repeatable, e.g. --set limit=2")
     parser.add_argument("--force", action="store_true", help="redo finished work instead of skipping it")
@@ -339,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command: Command = args.command_spec
     try:
-        result = command.run(config_from_args(args), args)
+        result = command.run((command.configure or config_from_args)(args), args)
     except KeyboardInterrupt:
         print("interrupted; finished outputs are kept, re-run to continue", file=sys.stderr)
         return 130

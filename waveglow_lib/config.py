@@ -328,18 +328,7 @@ class WorkflowConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> "WorkflowConfig":
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise InputNotFound(f"params file not found: {path}", path=path) from None
-        except (OSError, UnicodeDecodeError) as error:
-            raise ConfigError(f"{path}: cannot be read as a UTF-8 YAML file ({error})", path=path) from None
-        data = load_yaml(text, str(path)) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of parameter: value, got {type(data).__name__}")
-        data.update(overrides or {})
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict({**read_params_file(path), **(overrides or {})}, source=str(path))
 
     def to_yaml(self, path: str | Path) -> None:
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -348,6 +337,21 @@ class WorkflowConfig:
         data = self.to_dict()
         data.update(changes)
         return type(self).from_dict(data)
+
+
+def read_params_file(path: str | Path) -> dict[str, Any]:
+    """A params YAML file as a mapping, through the bounded safe loader; errors name the file (and line)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputNotFound(f"params file not found: {path}", path=path) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot be read as a UTF-8 YAML file ({error})", path=path) from None
+    data = load_yaml(text, str(path)) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of parameter: value, got {type(data).__name__}", path=path)
+    return data
 
 
 def parse_set_option(items: list[str] | None) -> dict[str, Any]:

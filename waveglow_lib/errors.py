@@ -96,6 +96,10 @@ class NotebookRunError(WaveGlowError, RuntimeError):
         self.output = output
 
 
+class TrainingError(WaveGlowError, RuntimeError):
+    """Training cannot go on (non-finite loss, unusable resume state); names the step and the files."""
+
+
 def import_optional(module: str, install: str, purpose: str = ""):
     """Import an optional package, or raise MissingDependency saying what to install."""
     import importlib

@@ -47,6 +47,7 @@ NOTEBOOKS = (
 #: notebooks outside the default chain, run by name: `run --notebooks 06_vocode_mels.ipynb`
 ON_DEMAND_NOTEBOOKS = (
     "06_vocode_mels.ipynb",
+    "07_train.ipynb",
 )
 #: the kernel name the notebooks carry in their metadata
 KERNEL_NAME = "python3"

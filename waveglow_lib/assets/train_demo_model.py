@@ -1,0 +1,184 @@
+"""Train the demo model on the demo corpus: `python -m waveglow_lib.assets.train_demo_model --until 02:15`.
+
+A small WaveGlow (8 flows, WN 6 x 48, the upsampler frozen as a per-band Hann interpolation so that its
+6.5 M weights cost nothing to store or learn) trained with `waveglow_lib.train` on the 10 bundled
+espeak-ng utterances, then scored (STOI, PESQ against the originals, sigma 0.6) and written as a gzipped
+float16 file in our format. The run is resumable: run the same command again to continue it.
+
+How many steps: training runs in sittings (resumed from the last checkpoint); before each, the rest of
+the cosine learning-rate decay is re-planned from the measured speed to end at `--until`, starting from
+the rate reached so far (kept in `<out-dir>/plan.json`). A non-finite loss resumes from the last checkpoint with half the learning rate.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..audio import load_wav, mel_spectrogram
+from ..checkpoint import load_waveglow
+from ..config import DEMO_CORPUS_DIR, DEMO_MODEL_PATH
+from ..errors import TrainingError
+from ..metrics import pesq_score, stoi_score
+from ..io import atomic_write_json
+from ..train import HISTORY_NAME, TrainConfig, lr_at, train
+
+DEMO_TRAIN_CONFIG = TrainConfig(
+    corpus="demo",
+    model=dict(n_mel_channels=80, n_flows=8, n_group=8, n_early_every=4, n_early_size=2,
+               n_layers=6, n_channels=48, kernel_size=3),
+    freeze_upsample=True, hann_upsample=True,
+    segment_length=4096, batch_size=6, sigma=1.0,
+    learning_rate=8e-4, warmup_steps=50, cosine_decay=True, final_learning_rate=4e-5, grad_clip=20.0,
+    max_steps=100000, checkpoint_every=150, keep_snapshots=True, save_dtype="float16",
+    log_every=10, validate_every=50, validation_segments=6, seed=2019,
+)
+PLAN_NAME = "plan.json"
+CANDIDATE_NAME = "demo_waveglow.safetensors.gz"
+EVAL_SIGMA = 0.6
+EVAL_SEED = 1234
+
+
+def _deadline(text: str) -> dt.datetime:
+    """HH:MM (today, UTC; tomorrow if already past) or an ISO time."""
+    now = dt.datetime.now(dt.timezone.utc)
+    if len(text) <= 5 and ":" in text:
+        hour, minute = map(int, text.split(":"))
+        moment = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        return moment if moment > now else moment + dt.timedelta(days=1)
+    moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
+
+
+def _seconds_left(deadline: dt.datetime) -> float:
+    return (deadline - dt.datetime.now(dt.timezone.utc)).total_seconds()
+
+
+def _log(entry: dict) -> None:
+    parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items() if k != "time"]
+    print(time.strftime("%H:%M:%S"), " ".join(parts), flush=True)
+
+
+def run_training(out_dir: Path, deadline: dt.datetime, probe_steps: int = 20, sitting_minutes: float = 15) -> None:
+    """Sittings of `sitting_minutes`; before each, the cosine schedule's length is re-planned from the speed
+    measured so far so that it ends at `deadline` (the machine is shared: its speed changes)."""
+    config = DEMO_TRAIN_CONFIG.with_overrides(out_dir=str(out_dir))
+    plan_path = out_dir / PLAN_NAME
+    if plan_path.is_file():
+        plan = json.loads(plan_path.read_text())
+    else:  # a short first sitting measures the speed
+        train(config.with_overrides(max_steps=probe_steps), on_log=_log)
+        plan = {"learning_rate": config.learning_rate, "deadline": deadline.isoformat(), "replans": []}
+    while _seconds_left(deadline) > 30:
+        history = json.loads((out_dir / HISTORY_NAME).read_text())
+        step = history[-1]["step"]
+        recent = [e for e in history if e["time"] >= history[-1]["time"] - sitting_minutes * 60]
+        if len(recent) >= 2:
+            per_step = (recent[-1]["time"] - recent[0]["time"]) / (recent[-1]["step"] - recent[0]["step"])
+        else:
+            per_step = (history[-1]["time"] - history[0]["time"]) / max(1, step - history[0]["step"])
+        if "max_steps" in plan:  # continue the decay from today's rate: the schedule never jumps back up
+            current = config.with_overrides(max_steps=plan["max_steps"], learning_rate=plan["learning_rate"],
+                                            warmup_steps=plan.get("warmup_steps", config.warmup_steps))
+            plan["learning_rate"], plan["warmup_steps"] = lr_at(current, step), step
+        plan["max_steps"] = step + max(1, int(_seconds_left(deadline) / per_step))
+        plan["replans"].append({"step": step, "seconds_per_step": per_step, "max_steps": plan["max_steps"],
+                                "learning_rate": plan["learning_rate"]})
+        atomic_write_json(plan_path, plan)
+        print(f"step {step}: {per_step:.2f} s/step, schedule ends at step {plan['max_steps']} "
+              f"({deadline:%H:%M} UTC)", flush=True)
+        run = config.with_overrides(max_steps=plan["max_steps"], learning_rate=plan["learning_rate"],
+                                    warmup_steps=plan.get("warmup_steps", config.warmup_steps),
+                                    max_seconds=min(sitting_minutes * 60, _seconds_left(deadline)))
+        try:
+            result = train(run, on_log=_log)
+        except TrainingError as error:  # resume from the last good checkpoint, more gently
+            print(f"{error}\n-> halving the learning rate and resuming", flush=True)
+            plan["learning_rate"] /= 2
+            atomic_write_json(plan_path, plan)
+            continue
+        if result["stopped_by"] == "max_steps":
+            break
+
+
+def vocode_corpus(model, sigma: float = EVAL_SIGMA, seed: int = EVAL_SEED) -> dict[str, dict]:
+    """STOI and PESQ of each demo utterance vocoded from its own mel, against the original."""
+    scores = {}
+    for path in sorted((DEMO_CORPUS_DIR / "wavs").glob("*.wav")):
+        audio, rate = load_wav(path)
+        mel = torch.from_numpy(mel_spectrogram(audio))[None]
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            out = model.infer(mel, sigma=sigma, generator=generator)[0, : len(audio)].numpy()
+        scores[path.stem] = {"stoi": stoi_score(audio, out, rate), "pesq": pesq_score(audio, out, rate)}
+    return scores
+
+
+def _summary(scores: dict[str, dict]) -> dict[str, float]:
+    return {key: float(np.mean([s[key] for s in scores.values()])) for key in ("stoi", "pesq")}
+
+
+def _cached_scores(model_path: Path, cache_dir: Path) -> dict[str, dict]:
+    """Scores of one model file, kept in `cache_dir` (keyed by name and size) so re-runs skip it."""
+    cache = cache_dir / f"{model_path.name}.{model_path.stat().st_size}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    scores = vocode_corpus(load_waveglow(model_path))
+    atomic_write_json(cache, scores)
+    return scores
+
+
+def evaluate_run(out_dir: Path, every: int = 1) -> dict:
+    """Score the untrained demo model and the run's snapshots; write curve.json and the candidate model."""
+    cache_dir = out_dir / "scores"
+    snapshots = sorted(out_dir.glob("model_step*.safetensors.gz"))
+    chosen = snapshots[::every]
+    if snapshots and snapshots[-1] not in chosen:
+        chosen.append(snapshots[-1])
+    curve = {"config": DEMO_TRAIN_CONFIG.to_dict(), "eval": {"sigma": EVAL_SIGMA, "seed": EVAL_SEED},
+             "untrained_bundled": _summary(_cached_scores(DEMO_MODEL_PATH, cache_dir)), "snapshots": []}
+    for path in chosen:
+        step = int(path.name[len("model_step"):].split(".")[0])
+        scores = _cached_scores(path, cache_dir)
+        curve["snapshots"].append({"step": step, **_summary(scores), "per_utterance": scores})
+        print(f"step {step}: {_summary(scores)}", flush=True)
+    history_path = out_dir / HISTORY_NAME
+    curve["history"] = json.loads(history_path.read_text()) if history_path.is_file() else []
+    plan_path = out_dir / PLAN_NAME
+    curve["plan"] = json.loads(plan_path.read_text()) if plan_path.is_file() else None
+    if snapshots:
+        shutil.copyfile(snapshots[-1], out_dir / CANDIDATE_NAME)
+        curve["candidate"] = {"file": str(out_dir / CANDIDATE_NAME), "from": snapshots[-1].name,
+                              "bytes": (out_dir / CANDIDATE_NAME).stat().st_size}
+    atomic_write_json(out_dir / "curve.json", curve)
+    return curve
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", type=Path, default=Path("demo_train"),
+                        help="checkpoints, snapshots, history, curve.json and the candidate model")
+    parser.add_argument("--until", default=None, help="stop training at this UTC time (HH:MM or ISO)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--evaluate-every", type=int, default=3, help="score every Nth snapshot (and the last)")
+    parser.add_argument("--evaluate-only", action="store_true", help="score the snapshots, no training")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if not args.evaluate_only:
+        if args.until is None:
+            parser.error("--until is required for training")
+        run_training(args.out_dir, _deadline(args.until))
+    curve = evaluate_run(args.out_dir, args.evaluate_every)
+    print(json.dumps({k: v for k, v in curve.items() if k in ("untrained_bundled", "candidate")}, indent=2))
+    if curve["snapshots"]:
+        print("trained:", {k: curve["snapshots"][-1][k] for k in ("step", "stoi", "pesq")})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The train stage: a params file (+ overrides) → `TrainConfig` → `waveglow_lib.train.train` (or Ray Train).
+
+Thin on purpose: the loop, its checkpoints and its checks live in `waveglow_lib.train`. The parameters
+used are written to `<out_dir>/params.yaml` by rank 0, so the folder says how its model was made.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+import yaml
+
+from ..audio import load_wav, mel_spectrogram
+from ..config import STFTConfig
+from ..io import atomic_write_text
+from ..model import WaveGlow
+from ..train import TrainConfig, train, train_with_ray
+
+#: TrainConfig fields that are paths ("" and "demo" mean no path)
+PATH_FIELDS = ("corpus", "out_dir", "warm_start")
+
+
+def load_train_config(params: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
+                      base_dir: str | Path | None = None) -> TrainConfig:
+    """A params YAML file (None = TrainConfig defaults) with `overrides` (e.g. from --set) on top.
+
+    With `base_dir` (a notebook passes the repository root), relative paths are taken from there.
+    """
+    if params is not None and base_dir is not None and not Path(params).is_absolute():
+        params = Path(base_dir) / params
+    if params is None:
+        config = TrainConfig.from_dict(dict(overrides or {}), source="command line")
+    else:
+        config = TrainConfig.from_yaml(params, overrides)
+    if base_dir is None:
+        return config
+    changes = {key: str(Path(base_dir) / getattr(config, key)) for key in PATH_FIELDS
+               if getattr(config, key) not in ("", "demo") and not Path(getattr(config, key)).is_absolute()}
+    return config.with_overrides(**changes)
+
+
+@dataclass
+class TrainingSamples:
+    """What a notebook shows while training: one utterance vocoded every N steps (audio and its mel)."""
+
+    reference: np.ndarray
+    reference_mel: np.ndarray
+    sigma: float = 0.6
+    seed: int = 1234
+    show: Callable[[dict], None] | None = None
+    samples: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def for_corpus(cls, config: TrainConfig, utterance: int = 0, seconds: float = 2.0,
+                   **kwargs: Any) -> "TrainingSamples":
+        """The first `seconds` of the corpus's `utterance`-th wav (sorted), as the reference."""
+        wav = sorted((config.corpus_dir / "wavs").glob("*.wav"))[utterance]
+        audio, rate = load_wav(wav)
+        audio = audio[: int(seconds * rate)]
+        return cls(audio, mel_spectrogram(audio, STFTConfig()), **kwargs)
+
+    def __call__(self, step: int, model: WaveGlow) -> None:
+        generator = torch.Generator().manual_seed(self.seed)
+        with torch.no_grad():
+            audio = model.infer(torch.from_numpy(self.reference_mel)[None], sigma=self.sigma,
+                                generator=generator)[0, : len(self.reference)].numpy()
+        sample = {"step": step, "audio": audio, "mel": mel_spectrogram(np.clip(audio, -1, 1))}
+        self.samples.append(sample)
+        if self.show is not None:
+            self.show(sample)
+
+
+def run_train(config: TrainConfig, on_log: Callable[[dict], None] | None = None,
+              on_sample: Callable[[int, WaveGlow], None] | None = None, sample_every: int = 0) -> dict[str, Any]:
+    """Train as `config` says (engine local: this process or its torchrun group; engine ray: Ray Train)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(config.out_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(config.out_dir) / "params.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    if config.engine == "ray":
+        return train_with_ray(config, num_workers=config.ray_workers, use_gpu=config.device.startswith("cuda"))
+    return train(config, on_log=on_log, on_sample=on_sample, sample_every=sample_every)
