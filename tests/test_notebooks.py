@@ -56,12 +56,16 @@ def test_committed_without_outputs_and_with_one_parameters_cell(name):
     assert len(tagged) == 1
     namespace: dict = {}
     exec(tagged[0].source, namespace)  # plain assignments only
-    assert namespace["params_file"] == "params/demo.yaml" and namespace["overrides"] == {}
+    # the training notebook reads training parameters (TrainConfig), every other one the run's
+    expected = "params/train_demo.yaml" if name == "07_train.ipynb" else "params/demo.yaml"
+    assert namespace["params_file"] == expected and namespace["overrides"] == {}
     assert nb.metadata.kernelspec.name == nr.KERNEL_NAME
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
     # all logic lives in waveglow_lib: the notebooks import nothing else that computes
     sources = "\n".join(c.source for c in code)
-    assert "notebook_config(params_file, overrides)" in sources
+    reader = "load_train_config(params_file, overrides" if name == "07_train.ipynb" else \
+        "notebook_config(params_file, overrides)"
+    assert reader in sources
     assert "def " not in sources.replace("def show", "")
 
 

@@ -216,7 +216,7 @@ class FlowLoss(nn.Module):
             x = audio.reshape(batch, columns, glow.n_group).transpose(1, 2)
             early, log_s_total, log_det_w_total = [], 0.0, 0.0
             for k in range(c.n_flows):
-                if glow._has_early_output(k):
+                if glow.config.has_early_output(k):
                     early.append(x[:, : c.n_early_size])
                     x = x[:, c.n_early_size:]
                 conv = glow.convinv[k]
@@ -226,7 +226,7 @@ class FlowLoss(nn.Module):
                 log_det_w_total = log_det_w_total + batch * columns * torch.linalg.slogdet(
                     weight.squeeze(-1).float())[1]
                 n_half = x.shape[1] // 2
-                if glow._swaps_halves(k):
+                if glow.config.swaps_halves(k):
                     audio_1, audio_0 = x[:, :n_half], x[:, n_half:]
                 else:
                     audio_0, audio_1 = x[:, :n_half], x[:, n_half:]
@@ -234,7 +234,7 @@ class FlowLoss(nn.Module):
                 log_s, b = output[:, n_half:], output[:, :n_half]
                 audio_1 = torch.exp(log_s) * audio_1 + b
                 log_s_total = log_s_total + torch.sum(log_s.float())
-                pair = (audio_1, audio_0) if glow._swaps_halves(k) else (audio_0, audio_1)
+                pair = (audio_1, audio_0) if glow.config.swaps_halves(k) else (audio_0, audio_1)
                 x = torch.cat(pair, 1)
             z = torch.cat([x] + early[::-1], 1)
         return z, log_s_total, log_det_w_total
