@@ -214,12 +214,12 @@ class WorkflowConfig:
     runs_dir: str = "runs"
     resample: bool = False
     downmix: bool = False
-    #: torch | onnxruntime | openvino | om | fast (bench.py: the fast CPU path, fast.py) | auto
+    #: auto | fast (our CPU path, backends/fast/) | torch | onnxruntime | openvino | om
     backend: Backend = "auto"
     #: cpu | cuda | npu:<id>
     device: str = "cpu"
     #: auto | fp32 | bf16 | fp16 | int8 (fast only). auto: the fast backend runs the fastest of int8, bf16 that
-    #: the CPU has natively and that passes a quality probe (fast.auto_engine), else fp32; other backends fp32
+    #: the CPU has natively and that passes a quality probe (backends/fast/auto.py), else fp32; other backends fp32
     precision: Precision = "auto"
     batch_size: int = 1
     #: padded batches: recompute each padded utterance's last receptive field alone (a short window),
@@ -259,10 +259,7 @@ class WorkflowConfig:
     vocode_out_bin: bool = False
 
     def __post_init__(self) -> None:
-        for key, choices in self.choices().items():
-            value = getattr(self, key)
-            if value not in choices:
-                raise ConfigError(f"parameter {key!r}: {value!r} is not one of {', '.join(choices)}")
+        check_choices(self)
         for key in ("batch_size", "bench_repeats", "n_buckets", "ray_cpus_per_actor"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"parameter {key!r} must be >= 1, got {getattr(self, key)}")
@@ -290,9 +287,7 @@ class WorkflowConfig:
     @classmethod
     def choices(cls) -> dict[str, tuple[str, ...]]:
         """The fields typed `Literal[...]` and their allowed values (drives validation and the CLI)."""
-        hints = typing.get_type_hints(cls)
-        return {name: typing.get_args(hint) for name, hint in hints.items()
-                if typing.get_origin(hint) is Literal}
+        return literal_choices(cls)
 
     # --- resolved paths --------------------------------------------------------------------
     @property
@@ -317,14 +312,7 @@ class WorkflowConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "parameters") -> "WorkflowConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(
-                f"{source}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
-                f"known: {', '.join(sorted(known))}")
-        values = {k: _coerce(k, v, _field_type(cls, k), source) for k, v in data.items()}
-        return cls(**values)
+        return from_mapping(cls, data, source)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> "WorkflowConfig":
@@ -337,6 +325,31 @@ class WorkflowConfig:
         data = self.to_dict()
         data.update(changes)
         return type(self).from_dict(data)
+
+
+# --- shared by every parameter dataclass (WorkflowConfig here, train.TrainConfig) ------------------------
+def literal_choices(cls: type) -> dict[str, tuple[str, ...]]:
+    """The fields of dataclass `cls` typed `Literal[...]` and their allowed values."""
+    return {name: typing.get_args(hint) for name, hint in typing.get_type_hints(cls).items()
+            if typing.get_origin(hint) is Literal}
+
+
+def check_choices(obj: Any) -> None:
+    """ConfigError naming the first `Literal` field of `obj` whose value is not one of its choices."""
+    for key, choices in literal_choices(type(obj)).items():
+        value = getattr(obj, key)
+        if value not in choices:
+            raise ConfigError(f"parameter {key!r}: {value!r} is not one of {', '.join(choices)}")
+
+
+def from_mapping(cls: type, data: Mapping[str, Any], source: str = "parameters") -> Any:
+    """`cls(**data)` after rejecting unknown keys and wrong types by name (`source` says where they came from)."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
+                          f"known: {', '.join(sorted(known))}")
+    return cls(**{k: _coerce(k, v, _field_type(cls, k), source) for k, v in data.items()})
 
 
 def read_params_file(path: str | Path) -> dict[str, Any]:

@@ -24,11 +24,10 @@ import json
 import math
 import os
 import time
-import typing
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import numpy as np
 import torch
@@ -40,7 +39,7 @@ from torch import nn
 
 from .audio import load_wav, mel_spectrogram
 from .checkpoint import load_waveglow, save_waveglow
-from .config import DEMO_CORPUS_DIR, ModelConfig, STFTConfig, _coerce, _field_type, read_params_file
+from .config import DEMO_CORPUS_DIR, ModelConfig, STFTConfig, check_choices, from_mapping, read_params_file
 from .errors import AudioError, CheckpointError, ConfigError, MissingDependency, TrainingError
 from .io import atomic_write_bytes, atomic_write_json
 from .model import WaveGlow
@@ -95,27 +94,19 @@ class TrainConfig:
     n_validation: int = 0
     validation_segments: int = 4
     #: fp32 | bf16 (bf16 = autocast of the forward pass; the loss terms are summed in fp32)
-    precision: str = "fp32"
+    precision: Literal["fp32", "bf16"] = "fp32"
     device: str = "cpu"
     seed: int = 1234
     #: torch threads per process; 0 = torch's default
     num_threads: int = 0
     #: dtype of the model snapshots (keep_snapshots): float32 | float16 (gzipped)
-    save_dtype: str = "float32"
+    save_dtype: Literal["float32", "float16"] = "float32"
     #: local (this process, or each torchrun process) | ray (Ray Train TorchTrainer, ray_workers workers)
-    engine: str = "local"
+    engine: Literal["local", "ray"] = "local"
     ray_workers: int = 2
 
-    CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
-        "precision": ("fp32", "bf16"),
-        "save_dtype": ("float32", "float16"),
-        "engine": ("local", "ray"),
-    }
-
     def __post_init__(self) -> None:
-        for key, choices in self.CHOICES.items():
-            if getattr(self, key) not in choices:
-                raise ConfigError(f"parameter {key!r}: {getattr(self, key)!r} is not one of {', '.join(choices)}")
+        check_choices(self)
         positive = ("segment_length", "batch_size", "max_steps", "checkpoint_every", "log_every",
                     "validation_segments", "ray_workers")
         for key in positive:
@@ -145,19 +136,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "parameters") -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
-                              f"known: {', '.join(sorted(known))}")
-        try:
-            values = {k: _coerce(k, v, _field_type(cls, k), source) for k, v in data.items()}
-        except TypeError as error:
-            raise ConfigError(str(error)) from None
-        if "model" in values and not isinstance(values["model"], dict):
+        if "model" in data and not isinstance(data["model"], dict):
             raise ConfigError(f"{source}: parameter 'model' expects a mapping of ModelConfig keys, "
-                              f"got {values['model']!r}")
-        return cls(**values)
+                              f"got {data['model']!r}")
+        return from_mapping(cls, data, source)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> "TrainConfig":
