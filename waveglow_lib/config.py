@@ -217,6 +217,9 @@ class WorkflowConfig:
     bench_quick: bool = False
     #: run the metrics that need optional packages (pystoi, pesq) when installed
     metrics: bool = True
+    #: the fast backend's engine cache (built engines, auto's verdict): "" = $WAVEGLOW_CACHE_DIR or
+    #: ~/.cache/waveglow-workflow; "off" = build at every load
+    cache_dir: str = ""
 
     def __post_init__(self) -> None:
         for key, choices in self.choices().items():

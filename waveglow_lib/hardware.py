@@ -77,13 +77,13 @@ class CpuMeter:
     busy ticks over a short window, less this process's own CPU time. `others_busy()` measures at most
     once per `reuse` seconds (`window` seconds each) and returns 0.0 where /proc/stat is missing."""
 
-    def __init__(self, window: float = 0.03, reuse: float = 1.0):
+    def __init__(self, window: float = 0.05, reuse: float = 1.0):
         self.window, self.reuse = window, reuse
         self._value: float | None = None
         self._when = -1e9
 
     @staticmethod
-    def _sample() -> tuple[int, float, float] | None:
+    def _sample() -> tuple[int, float, float, int] | None:
         try:
             text = Path("/proc/stat").read_text()
         except OSError:
@@ -92,7 +92,7 @@ class CpuMeter:
             cpus = os.sched_getaffinity(0)
         except AttributeError:  # pragma: no cover - not Linux
             cpus = None
-        return cpu_jiffies(text, cpus)[0], time.process_time(), time.monotonic()
+        return cpu_jiffies(text, cpus)[0], time.process_time(), time.monotonic(), len(cpus) if cpus else os.cpu_count()
 
     def others_busy(self) -> float:
         now = time.monotonic()
@@ -106,7 +106,8 @@ class CpuMeter:
         ticks_per_second = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         wall = max(second[2] - first[2], 1e-6)
         busy = (second[0] - first[0]) / ticks_per_second - (second[1] - first[1])
-        self._value, self._when = max(0.0, busy / wall), second[2]
+        # ticks are counted in 1/100 s steps per core: a short window can over- or undershoot by a tick
+        self._value, self._when = min(float(second[3] or 1), max(0.0, busy / wall)), second[2]
         return self._value
 
 

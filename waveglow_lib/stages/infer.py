@@ -39,7 +39,8 @@ def open_backend(cfg: WorkflowConfig, model=None, model_config: ModelConfig | No
     if name in ("torch", "fast"):  # built from the model itself, no exported file
         if model is None:
             model = load_waveglow(cfg.checkpoint_path)
-        return get_backend(name, model=model, device=cfg.device, precision=cfg.precision)
+        extra = {"cache_dir": cfg.cache_dir} if name == "fast" else {}  # the engine cache (backends/fast/cache.py)
+        return get_backend(name, model=model, device=cfg.device, precision=cfg.precision, **extra)
     spec = ModelSpec.from_model_config(model_config or model.config)
     if name == "om":
         return get_backend("om", om_path=files["om"], device=cfg.device, precision=cfg.precision, spec=spec)
