@@ -20,8 +20,10 @@ from waveglow_lib.model import WaveGlow
 from support import TINY, snr_db, tiny_waveglow
 
 
-def patch_native(monkeypatch, **native: bool) -> None:
-    """Pretend the CPU has (or lacks) native int8 / bf16: the auto policy and the engine both ask."""
+def patch_native(monkeypatch, amx: bool = False, **native: bool) -> None:
+    """Pretend the CPU has (or lacks) native int8 / bf16 (and AMX-BF16, which puts bf16 first): the auto
+    policy and the engine both ask."""
+    monkeypatch.setattr(fast_auto, "cpu_flags", lambda: {"avx512f", "amx_bf16"} if amx else {"avx512f"})
     for kind, value in native.items():
         for module in (fast_auto, fast_engine):
             monkeypatch.setattr(module, f"native_{kind}", lambda value=value: value)
@@ -133,6 +135,18 @@ def test_auto_tries_int8_first_where_it_pays(monkeypatch):
     monkeypatch.setattr(fast_auto, "INT8_MIN_CHANNELS", 17)
     _, record = auto_engine(tiny_model(seed=6), threads=1)
     assert "int8" not in record["tried"] and "int8 not faster for 16 WN channels" in record["reason"]
+
+
+def test_auto_tries_bf16_first_on_amx(monkeypatch):
+    """With AMX-BF16, bf16 GEMMs run on the tiles as fast as int8 ones without int8's per-call
+    quantisation, so bf16 is tried first; int8 only when bf16 fails the gate."""
+    assert fast_auto.precision_order({"amx_bf16", "amx_int8"}) == ("bf16", "int8")
+    assert fast_auto.precision_order({"avx512_vnni", "avx512_bf16"}) == ("int8", "bf16")
+    patch_native(monkeypatch, amx=True, int8=True, bf16=True)
+    monkeypatch.setattr(fast_auto, "INT8_MIN_CHANNELS", 16)
+    engine, record = auto_engine(tiny_model(seed=6), threads=1)
+    assert engine.precision == record["precision"] == "bf16" and list(record["tried"]) == ["bf16"]
+    assert "AMX-BF16" in record["reason"]
 
 
 def test_auto_without_native_int8_or_bf16_runs_fp32(monkeypatch):
