@@ -103,8 +103,11 @@ def layer_arrays(fwn: FastWN, i: int, precision: str) -> dict[str, torch.Tensor]
     is built from (and the cache stores): per GEMM `<name>.weight` (bf16/fp32, [in, out]) or `<name>.q`
     + `<name>.scale` (int8, [out, in]), and `<name>.bias` (fp32) where it has one.
 
-    The tanh half of the gate's input is scaled by 2 (exact in binary), so the gate is one sigmoid over
-    all 2C channels: tanh(a)·σ(b) = (2σ(2a) − 1)·σ(b) — bf16 tanh costs about twice a sigmoid in PyTorch."""
+    The gate needs no tanh and no temporaries: the tanh half of its input is scaled by 2 (exact in binary),
+    so tanh(a)·σ(b) = (2σ(2a) − 1)·σ(b) = 2·σ(2a)σ(b) − σ(b). The engine takes one in-place sigmoid over all
+    2C channels, multiplies the first half by the second in place, giving [σ(2a)σ(b) | σ(b)], and the
+    res/skip GEMM takes that (K = 2C) with the weight [2W; −W] — fewer passes over memory than a separate
+    tanh, product and difference, for a GEMM with twice the K (cheap next to element-wise passes)."""
     n, steps, taps = fwn.n_channels, fwn.steps, fwn.taps
     gain = torch.ones(2 * n)  # ×2 is exact in any binary format
     gain[:n] = 2.0
@@ -117,6 +120,7 @@ def layer_arrays(fwn: FastWN, i: int, precision: str) -> dict[str, torch.Tensor]
     b_cond = (conv.bias.detach().float().reshape(2 * n, steps) * gain[:, None]).t().reshape(-1)
     rs = fwn.res_skip_layers[i]
     w_rs, b_rs = rs.weight.detach()[..., 0].t().float(), rs.bias.detach().float()
+    w_rs = torch.cat([2.0 * w_rs, -w_rs])  # [2C, out]: applied to [σ(2a)σ(b) | σ(b)] (×2 and − are exact)
     arrays = {}
     for name, weight, bias in (("taps", w_in, None), ("cond", w_cond, b_cond), ("res_skip", w_rs, b_rs)):
         if precision == "int8":  # all three GEMMs in int8
@@ -131,10 +135,15 @@ def layer_arrays(fwn: FastWN, i: int, precision: str) -> dict[str, torch.Tensor]
 class _Layer:
     """One WN layer's GEMMs, built from `layer_arrays` (int8: packed here)."""
 
-    __slots__ = ("taps_gemm", "cond_gemm", "res_skip_gemm", "dilation", "taps", "rs_out")
+    __slots__ = ("taps_gemm", "cond_gemm", "res_skip_gemm", "dilation", "taps", "rs_out", "tap_weights")
 
     def __init__(self, arrays: dict[str, torch.Tensor], dilation: int, taps: int, precision: str):
         self.dilation, self.taps = dilation, taps
+        # float: one GEMM per tap accumulating into the gate's input (no concatenated copy of the taps);
+        # int8 GEMMs cannot accumulate, so they take the taps side by side (K = taps·C) in one GEMM
+        weight = arrays.get("taps.weight")
+        rows = None if weight is None else weight.shape[0] // taps
+        self.tap_weights = None if weight is None else [weight[j * rows:(j + 1) * rows] for j in range(taps)]
         for name in GEMMS:
             bias = arrays.get(f"{name}.bias")
             gemm = (_Int8Gemm(arrays[f"{name}.q"], arrays[f"{name}.scale"], bias) if precision == "int8"
@@ -305,11 +314,16 @@ class FastEngine:
         n, pad, steps = self.config.n_channels, self.pad, self.steps
         t0, t1 = pad + f0 * steps, pad + f1 * steps
         acts = layer.cond_gemm(unfolded[f0:f1]).view(t1 - t0, 2 * n)
-        centre, d = (layer.taps - 1) // 2, layer.dilation  # the dilated taps side by side: one GEMM, K = 3C
-        taps = torch.cat([x[t0 + (j - centre) * d: t1 + (j - centre) * d] for j in range(layer.taps)], 1)
-        sig = torch.sigmoid(layer.taps_gemm.accumulate(acts, taps))
-        gated = torch.addcmul(sig[:, n:].neg(), sig[:, :n], sig[:, n:], value=2.0)
-        res_skip = layer.res_skip_gemm(gated)
+        centre, d = (layer.taps - 1) // 2, layer.dilation
+        if layer.tap_weights is not None:  # each dilated tap is a row offset: one accumulating GEMM per tap
+            for j, weight in enumerate(layer.tap_weights):
+                acts.addmm_(x[t0 + (j - centre) * d: t1 + (j - centre) * d], weight)
+        else:  # int8: the taps side by side, one GEMM with K = taps·C
+            taps = torch.cat([x[t0 + (j - centre) * d: t1 + (j - centre) * d] for j in range(layer.taps)], 1)
+            layer.taps_gemm.accumulate(acts, taps)
+        gate = acts.sigmoid_()  # [σ(2a) | σ(b)] in place, then [σ(2a)σ(b) | σ(b)]: see layer_arrays
+        gate[:, :n].mul_(gate[:, n:])
+        res_skip = layer.res_skip_gemm(gate)
         n_skip = skip.shape[1]
         skip[t0 - pad: t1 - pad] += res_skip[:, res_skip.shape[1] - n_skip:]
         if res_skip.shape[1] > n_skip:
