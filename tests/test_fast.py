@@ -339,3 +339,27 @@ def test_cpu_jiffies_and_meter():
     assert cpu_jiffies(stat, {1}) == (11, 61)
     value = CpuMeter(window=0.01).others_busy()
     assert 0.0 <= value <= usable_cpus()
+
+
+def test_batches_run_ragged_and_equal_each_utterance_alone(monkeypatch):
+    """vocode hands the fast backend the utterances at their own lengths: nothing padded is computed, and
+    the batch's audio equals each utterance run alone (batch 1), bit for bit."""
+    from waveglow_lib.batching import vocode
+
+    model = tiny_model(seed=9)
+    backend = get_backend("fast", model=model, precision="fp32", threads=2, cache_dir="off")
+    generator = torch.Generator().manual_seed(2)
+    lengths = (17, 5, 11)
+    mels = [(torch.randn(80, n, generator=generator) - 5).numpy() for n in lengths]
+    noises = [torch.randn(8, n * 32, generator=generator).numpy() for n in lengths]
+    monkeypatch.setattr(backend, "_run", lambda *a: pytest.fail("a padded batch was run"))
+    for busy in (0.0, 1.0):  # several utterances on 2 threads, and all on one
+        monkeypatch.setattr(backend.engine._meter, "others_busy", lambda busy=busy: busy)
+        audio, stats = vocode(backend, mels, noises, 0.6, model.config)
+        assert [a.shape[0] for a in audio] == [n * 256 for n in lengths] and stats["tail_frames"] == 0
+        for mel, noise, out in zip(mels, noises, audio):
+            alone = backend.engine.run(mel[None], 0.6 * noise[None])[0]
+            assert np.array_equal(out, alone)
+            assert snr_db(model.infer(torch.from_numpy(mel)[None], 1.0, torch.from_numpy(0.6 * noise)[None])[0], out) > 100
+    with pytest.raises(Exception, match="z must be"):
+        backend.run_ragged(mels, [n[:, :-1] for n in noises])

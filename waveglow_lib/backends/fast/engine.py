@@ -20,6 +20,7 @@ traffic, not arithmetic, bounds the conditioning GEMM.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -256,31 +257,65 @@ class FastEngine:
         if mel.dim() != 3 or tuple(z.shape) != self.noise_shape(mel.shape[0], mel.shape[2]):
             raise MelError(f"FastEngine: mel {tuple(mel.shape)} and z {tuple(z.shape)} do not fit "
                              f"(z must be [B, {self.config.n_group}, T*{self.steps}] for mel [B, n_mel, T])")
-        # conditioning input at frame rate: row f holds mel frames f-3 .. f (zeros before the start)
-        batch, frames = mel.shape[0], mel.shape[2]
-        mel_rows = F.pad(mel.transpose(1, 2), (0, 0, self.taps - 1, 0))
-        unfolded = mel_rows.unfold(1, self.taps, 1).transpose(2, 3).reshape(batch, frames, -1)
-        unfolded = unfolded.to(self.dtype).contiguous()
-        noise = z.transpose(1, 2).contiguous()  # [B, steps, n_group]
-        threads = self.last_threads = self.plan_threads(batch)
-        # Whole utterances on our own threads, one core each, rather than OpenMP inside every op: no
-        # barrier per GEMM, and one-core GEMMs waste less. Left-over utterances (and batch 1) use OpenMP.
-        parallel = batch - batch % threads if threads > 1 else 0
-        audio = []
+        return np.stack(self.run_utterances(list(mel), list(z)))
+
+    @torch.inference_mode()
+    def run_utterances(self, mels, zs) -> list[np.ndarray]:
+        """Utterances of any lengths, each at its own length (no padding): mels [n_mel, T_i], zs [n_group,
+        T_i·hop/n_group] (complete, sigma-scaled) → audio [T_i·hop] float32 each, equal to running each alone."""
+        prepared = []
+        for mel, z in zip(mels, zs, strict=True):
+            mel, z = torch.as_tensor(mel).float(), torch.as_tensor(z).float()
+            if mel.dim() != 2 or tuple(z.shape) != self.noise_shape(1, mel.shape[1])[1:]:
+                raise MelError(f"FastEngine: mel {tuple(mel.shape)} and z {tuple(z.shape)} do not fit (z must be "
+                               f"[{self.config.n_group}, T*{self.steps}] for mel [n_mel, T])")
+            # conditioning input at frame rate: row f holds mel frames f-3 .. f (zeros before the start)
+            rows = F.pad(mel.t(), (0, 0, self.taps - 1, 0))
+            unfolded = rows.unfold(0, self.taps, 1).transpose(1, 2).reshape(mel.shape[1], -1)
+            prepared.append((unfolded.to(self.dtype).contiguous(), z.t().contiguous()))  # noise [steps, n_group]
+        threads = self.last_threads = self.plan_threads(len(prepared))
         previous = torch.get_num_threads()
         try:
-            if parallel:
-                torch.set_num_threads(1)
-                with ThreadPoolExecutor(threads) as pool:
-                    audio = list(pool.map(lambda b: self._reverse(unfolded[b], noise[b]), range(parallel)))
-            torch.set_num_threads(threads)
-            audio += [self._reverse(unfolded[b], noise[b]) for b in range(parallel, batch)]
+            if threads == 1 or len(prepared) == 1:
+                torch.set_num_threads(threads)
+                return [self._reverse(*p).numpy() for p in prepared]
+            return self._run_parallel(prepared, threads)
         finally:
             torch.set_num_threads(previous)
-        return torch.stack(audio).numpy()
+
+    def _run_parallel(self, prepared, threads: int) -> list[np.ndarray]:
+        """Whole utterances on our own threads, longest first, one core each, rather than OpenMP inside
+        every op: no barrier per GEMM, and one-core GEMMs waste less. When no utterance is left to start,
+        the threads still running take over the idle cores (OpenMP inside their ops, from their next flow)."""
+        order = iter(sorted(range(len(prepared)), key=lambda i: -prepared[i][0].shape[0]))
+        lock = threading.Lock()
+        state = {"active": min(threads, len(prepared)), "drained": False}
+        outputs: list[np.ndarray | None] = [None] * len(prepared)
+
+        def share() -> int:  # OpenMP threads for this worker's next flow
+            with lock:
+                return max(1, threads // state["active"]) if state["drained"] else 1
+
+        def worker() -> None:
+            torch.set_num_threads(1)  # this thread's own OpenMP team
+            while True:
+                with lock:
+                    i = next(order, None)
+                    if i is None:
+                        state["drained"] = True
+                        state["active"] -= 1
+                        return
+                outputs[i] = self._reverse(*prepared[i], share=share).numpy()
+
+        with ThreadPoolExecutor(state["active"]) as pool:
+            for future in [pool.submit(worker) for _ in range(state["active"])]:
+                future.result()
+        return outputs
 
     @torch.inference_mode()  # per call: worker threads do not inherit the caller's mode
-    def _reverse(self, unfolded: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def _reverse(self, unfolded: torch.Tensor, noise: torch.Tensor, share=None) -> torch.Tensor:
+        """One utterance: unfolded mel [T, taps·n_mel], noise [T·steps, n_group] → audio [T·hop]. `share`:
+        called before each flow, the OpenMP threads to use for it (a worker of `_run_parallel`)."""
         c, pad, steps = self.config, self.pad, self.steps
         n, total = c.n_channels, unfolded.shape[0] * steps
         frames = unfolded.shape[0]
@@ -289,7 +324,12 @@ class FastEngine:
         x_next = torch.zeros_like(x)
         audio = noise[:, : self.n_remaining_channels]
         next_row = self.n_remaining_channels
+        omp = torch.get_num_threads()
         for k in reversed(range(c.n_flows)):
+            want = omp if share is None else share()
+            if want != omp:
+                omp = want
+                torch.set_num_threads(omp)
             flow = self.flows[k]
             n_half = audio.shape[1] // 2
             swap = c.swaps_halves(k)
