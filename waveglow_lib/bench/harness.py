@@ -18,6 +18,8 @@ the corpus wavs (each cut or repeated to its length), else synthetic. Noise per 
 `batching.utterance_noise` (identical for every row), sigma 0.6; batches as the infer stage forms them
 (`plan_batches`, `vocode(..., exact=False)`: padded with log(1e-5), trimmed back — like the guide's
 batches; the infer stage's default `exact=True` also recomputes padded tails, extra work not timed here).
+The fast rows take a batch without padding (`run_ragged`: each utterance at its own length, exact), so
+they compute no padded frames; the graph runtimes compute the padded batch.
 
 Per row and batch size: utterances/s (the guide's unit), audio-seconds/s (× real time), median and p10/p90
 over `repeats` timed passes after a warm-up batch, peak memory (resident-set growth sampled every 5 ms
@@ -58,7 +60,8 @@ from ..backends import ModelSpec, get_backend
 from ..batching import Utterance, plan_batches, utterance_noise, vocode
 from ..config import GUIDE_THROUGHPUT, ModelConfig, STFTConfig, WorkflowConfig
 from ..errors import ConfigError
-from ..hardware import machine_busy, machine_info
+from ..backends.fast.auto import precision_order
+from ..hardware import cpu_flags, machine_busy, machine_info
 from ..io import atomic_write_json, atomic_write_text, read_bin
 from ..layout import load_manifest, mel_bin
 from ..metrics import MAX_LOG_MEL_DISTANCE, MIN_SNR_DB, quality_check, quality_ok
@@ -327,7 +330,7 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
                      "quality_gate": {"max_log_mel_distance": MAX_LOG_MEL_DISTANCE, "min_snr_db": MIN_SNR_DB},
                      "load": competitor.summary()},
         "rows": results, "skipped_rows": skipped, "engine_build": engine_build,
-        "auto": pick_auto(results), "default_path": default_path_summary(results),
+        "auto": pick_auto(results), "default_path": default_path_summary(results, precision_order(cpu_flags())),
         "busy": machine_busy(),
         "guide": {name: {str(b): v for b, v in table.items()} for name, table in GUIDE_THROUGHPUT.items()},
         "guide_mean_audio_seconds": round(GUIDE_MEAN_SECONDS, 3),
@@ -422,23 +425,24 @@ def pick_auto(results: Sequence[Mapping[str, Any]]) -> dict:
             "rejected": sorted({r["row"] for r in results if not r["quality_ok"]})}
 
 
-def default_path(results: Sequence[Mapping[str, Any]]) -> str | None:
-    """The row the workflow's defaults run (`backend: auto`, `precision: auto` → fast): the first of
-    fast-int8, fast-bf16, fast-fp32 that was measured (native on this CPU) and passes the gate at every batch
-    size; without fast rows, the bench's own auto pick."""
+def default_path(results: Sequence[Mapping[str, Any]], order: Sequence[str] = ("int8", "bf16")) -> str | None:
+    """The row the workflow's defaults run (`backend: auto`, `precision: auto` → fast): the first of the fast
+    rows in auto's order (`order`: the reduced precisions, `fast.auto.precision_order`; then fp32) that was
+    measured (native on this CPU) and passes the gate at every batch size; without fast rows, the bench's
+    own auto pick."""
     rows: dict[str, list] = {}
     for r in results:
         rows.setdefault(r["row"], []).append(r["quality_ok"])
-    for row in ("fast-int8", "fast-bf16", "fast-fp32"):
+    for row in [f"fast-{p}" for p in order] + ["fast-fp32"]:
         if rows.get(row) and all(rows[row]):
             return row
     return pick_auto(results)["overall"]
 
 
-def default_path_summary(results: Sequence[Mapping[str, Any]]) -> dict:
+def default_path_summary(results: Sequence[Mapping[str, Any]], order: Sequence[str] = ("int8", "bf16")) -> dict:
     """The default path's row and, per batch size, its speed-up over the reference, its ratio to OpenVINO
     bf16 (when measured), × real time and its quality verdict: ratios, no thresholds."""
-    chosen = default_path(results)
+    chosen = default_path(results, order)
     per_batch = {str(r["batch_size"]): {"speedup_vs_reference": r["speedup_vs_reference"],
                                         "ratio_vs_openvino_bf16": r["ratio_vs_openvino_bf16"],
                                         "real_time_factor": r["audio_seconds_per_second"],
