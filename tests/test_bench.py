@@ -81,7 +81,9 @@ def test_quality_gate_rejects_paths_that_break_the_audio(result):
     by_row = {(r["row"], r["batch_size"]): r for r in res["rows"]}
     for bs in (1, 2):
         assert by_row[("reference", bs)]["quality_ok"] and by_row[("reference", bs)]["snr_db"] == 200.0
-        assert by_row[("fast-fp32", bs)]["quality_ok"] and by_row[("fast-fp32", bs)]["snr_db"] > 100
+        # batch 2: the reference pads (exact=False) while fast runs each utterance at its own length, so
+        # they differ by the reference's padded tails; batch 1 pads nothing
+        assert by_row[("fast-fp32", bs)]["quality_ok"] and by_row[("fast-fp32", bs)]["snr_db"] > (100 if bs == 1 else 40)
         assert by_row[("onnxruntime-fp32", bs)]["quality_ok"]
         broken = by_row[("broken", bs)]
         assert not broken["quality_ok"] and broken["log_mel_distance"] > MAX_LOG_MEL_DISTANCE

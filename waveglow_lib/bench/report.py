@@ -93,6 +93,8 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     if s["quick"]:  # a smoke run times a few tiny utterances once: no verdicts from it
         lines += ["*Smoke run (`--quick`): a few very short utterances, one pass. It shows that every row runs "
                   "and agrees with the reference; its speeds are not a verdict — run the full benchmark for that.*", ""]
+        if auto["rejected"]:  # quality is a verdict even on a smoke run
+            lines += [f"Rejected by the gate: {', '.join(auto['rejected'])}.", ""]
     else:
         lines += _verdicts(auto, result["default_path"])
     if result.get("busy"):
