@@ -31,7 +31,10 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import safetensors
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from ...checkpoint import model_fingerprint
 from ...hardware import cpu_signature
@@ -62,8 +65,6 @@ def resolve_cache_dir(cache_dir: str | Path | None) -> Path | None:
 
 def environment_key() -> dict:
     """The machine's part of every key: CPU features, library versions, the entry format."""
-    import safetensors  # noqa: PLC0415  (a dependency of the base install; imported where it is used)
-
     return {"format": CACHE_FORMAT, "cpu": cpu_signature(), "torch": torch.__version__,
             "numpy": np.__version__, "safetensors": safetensors.__version__,
             "python": platform.python_version()}
@@ -141,8 +142,6 @@ class EngineCache:
 
     def _read_flows(self, folder: Path, n_flows: int) -> Iterator[dict[str, torch.Tensor]]:
         """Each flow's tensors, its bytes checked against meta.json's sha256 before they are parsed."""
-        from safetensors.torch import load as load_safetensors  # noqa: PLC0415
-
         files = json.loads((folder / "meta.json").read_text())["files"]
         for k in range(n_flows):
             name = f"flow{k:02d}.safetensors"
@@ -154,8 +153,6 @@ class EngineCache:
     def _build(self, model, precision: str, folder: Path, fields: dict, **options) -> FastEngine:
         """Build the engine flow by flow, writing each flow's tensors into a temporary folder as it goes;
         the folder becomes the entry (rename) once complete. A cache that cannot be written is skipped."""
-        from safetensors.torch import save as save_safetensors  # noqa: PLC0415
-
         files: dict[str, str] = {}
         tmp: Path | None = None
         try:
