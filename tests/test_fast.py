@@ -363,3 +363,19 @@ def test_batches_run_ragged_and_equal_each_utterance_alone(monkeypatch):
             assert snr_db(model.infer(torch.from_numpy(mel)[None], 1.0, torch.from_numpy(0.6 * noise)[None])[0], out) > 100
     with pytest.raises(Exception, match="z must be"):
         backend.run_ragged(mels, [n[:, :-1] for n in noises])
+
+
+def test_importing_the_package_first_makes_openmp_wait_passively():
+    """OpenMP reads OMP_WAIT_POLICY once, when torch loads: importing waveglow_lib first sets it (PASSIVE,
+    unless the user set one), so waiting threads sleep rather than spin on a shared machine."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import waveglow_lib, torch, os; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ACTIVE"

@@ -154,4 +154,5 @@ def machine_info() -> dict:
             "torch_threads": torch.get_num_threads(), "isa": isa, "native_bf16": native_bf16(),
             "native_int8": native_int8(),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "versions": library_versions(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "load_average": load_average()}
