@@ -337,6 +337,7 @@ def test_cpu_jiffies_and_meter():
             "intr 1 2 3\n")
     assert cpu_jiffies(stat) == (13 + 11, 65 + 61)  # steal (3) is busy, iowait (2) is not
     assert cpu_jiffies(stat, {1}) == (11, 61)
+    assert cpu_jiffies(stat, {0}, count_nice=False) == (12, 65)  # a niced job's tick left out
     value = CpuMeter(window=0.01).others_busy()
     assert 0.0 <= value <= usable_cpus()
 

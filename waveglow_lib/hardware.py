@@ -55,9 +55,10 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def cpu_jiffies(stat_text: str, cpus: set[int] | None = None) -> tuple[int, int]:
+def cpu_jiffies(stat_text: str, cpus: set[int] | None = None, count_nice: bool = True) -> tuple[int, int]:
     """(busy, total) clock ticks since boot summed over `cpus` (default: all) from /proc/stat's text;
-    busy = everything but idle and iowait (steal counts as busy: another guest has the core)."""
+    busy = everything but idle and iowait (steal counts as busy: another guest has the core); without
+    `count_nice`, also not the time of niced processes (they yield to a process of normal priority)."""
     busy = total = 0
     for line in stat_text.splitlines():
         name, _, rest = line.partition(" ")
@@ -66,7 +67,7 @@ def cpu_jiffies(stat_text: str, cpus: set[int] | None = None) -> tuple[int, int]
         if cpus is not None and int(name[3:]) not in cpus:
             continue
         ticks = [int(v) for v in rest.split()[:8]]
-        idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+        idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0) + (0 if count_nice else ticks[1])
         busy += sum(ticks) - idle
         total += sum(ticks)
     return busy, total
@@ -74,7 +75,8 @@ def cpu_jiffies(stat_text: str, cpus: set[int] | None = None) -> tuple[int, int]
 
 class CpuMeter:
     """How many cores' worth of *other* processes' work runs on this process's CPUs right now: /proc/stat's
-    busy ticks over a short window, less this process's own CPU time. `others_busy()` measures at most
+    busy ticks over a short window (niced processes' ticks left out when this one is not niced: they
+    yield to it), less this process's own CPU time. `others_busy()` measures at most
     once per `reuse` seconds (`window` seconds each) and returns 0.0 where /proc/stat is missing."""
 
     def __init__(self, window: float = 0.05, reuse: float = 1.0):
@@ -92,7 +94,10 @@ class CpuMeter:
             cpus = os.sched_getaffinity(0)
         except AttributeError:  # pragma: no cover - not Linux
             cpus = None
-        return cpu_jiffies(text, cpus)[0], time.process_time(), time.monotonic(), len(cpus) if cpus else os.cpu_count()
+        # a niced background job yields to us, unless we are niced too: then it competes
+        count_nice = os.nice(0) > 0 if hasattr(os, "nice") else True
+        busy = cpu_jiffies(text, cpus, count_nice)[0]
+        return busy, time.process_time(), time.monotonic(), len(cpus) if cpus else os.cpu_count()
 
     def others_busy(self) -> float:
         now = time.monotonic()
