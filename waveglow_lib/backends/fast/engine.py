@@ -108,7 +108,9 @@ def layer_arrays(fwn: FastWN, i: int, precision: str) -> dict[str, torch.Tensor]
     so tanh(a)·σ(b) = (2σ(2a) − 1)·σ(b) = 2·σ(2a)σ(b) − σ(b). The engine takes one in-place sigmoid over all
     2C channels, multiplies the first half by the second in place, giving [σ(2a)σ(b) | σ(b)], and the
     res/skip GEMM takes that (K = 2C) with the weight [2W; −W] — fewer passes over memory than a separate
-    tanh, product and difference, for a GEMM with twice the K (cheap next to element-wise passes)."""
+    tanh, product and difference, for a GEMM with twice the K (cheap next to element-wise passes). int8
+    keeps W and forms the gate before the GEMM: its per-call quantisation of 2σσ and σ separately would
+    not survive their difference."""
     n, steps, taps = fwn.n_channels, fwn.steps, fwn.taps
     gain = torch.ones(2 * n)  # ×2 is exact in any binary format
     gain[:n] = 2.0
@@ -121,7 +123,8 @@ def layer_arrays(fwn: FastWN, i: int, precision: str) -> dict[str, torch.Tensor]
     b_cond = (conv.bias.detach().float().reshape(2 * n, steps) * gain[:, None]).t().reshape(-1)
     rs = fwn.res_skip_layers[i]
     w_rs, b_rs = rs.weight.detach()[..., 0].t().float(), rs.bias.detach().float()
-    w_rs = torch.cat([2.0 * w_rs, -w_rs])  # [2C, out]: applied to [σ(2a)σ(b) | σ(b)] (×2 and − are exact)
+    if precision != "int8":  # int8 quantises the GEMM's input: the difference 2σσ − σ is formed before it
+        w_rs = torch.cat([2.0 * w_rs, -w_rs])  # [2C, out]: applied to [σ(2a)σ(b) | σ(b)] (×2 and − are exact)
     arrays = {}
     for name, weight, bias in (("taps", w_in, None), ("cond", w_cond, b_cond), ("res_skip", w_rs, b_rs)):
         if precision == "int8":  # all three GEMMs in int8
@@ -362,7 +365,10 @@ class FastEngine:
             taps = torch.cat([x[t0 + (j - centre) * d: t1 + (j - centre) * d] for j in range(layer.taps)], 1)
             layer.taps_gemm.accumulate(acts, taps)
         gate = acts.sigmoid_()  # [σ(2a) | σ(b)] in place, then [σ(2a)σ(b) | σ(b)]: see layer_arrays
-        gate[:, :n].mul_(gate[:, n:])
+        if layer.tap_weights is not None:
+            gate[:, :n].mul_(gate[:, n:])
+        else:  # int8: (2σ(2a) − 1)·σ(b) itself, so that the quantised input carries no cancelling terms
+            gate = torch.addcmul(gate[:, n:].neg(), gate[:, :n], gate[:, n:], value=2.0)
         res_skip = layer.res_skip_gemm(gate)
         n_skip = skip.shape[1]
         skip[t0 - pad: t1 - pad] += res_skip[:, res_skip.shape[1] - n_skip:]
