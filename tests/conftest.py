@@ -4,6 +4,7 @@ run folders. Plain helpers are in support.py."""
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,19 @@ from waveglow_lib.stages.preprocess import preprocess
 def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: long end-to-end tests (notebook chains, a real browser); "
                                        "skip locally with -m 'not e2e', .ci/run runs them")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def engine_cache_dir(tmp_path_factory) -> Path:
+    """The fast backend's engine cache in pytest's temporary folder: tests never write into ~/.cache."""
+    path = tmp_path_factory.mktemp("engine_cache")
+    previous = os.environ.get("WAVEGLOW_CACHE_DIR")
+    os.environ["WAVEGLOW_CACHE_DIR"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("WAVEGLOW_CACHE_DIR", None)
+    else:
+        os.environ["WAVEGLOW_CACHE_DIR"] = previous
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
 """backends/fast/: the folded WaveGlow equals the original, and FastEngine / the `fast` backend reproduce it."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,16 +11,19 @@ from waveglow_lib.backends import available_backends, get_backend
 from waveglow_lib.config import ModelConfig
 from waveglow_lib.backends.fast import FastEngine, FastWaveGlow, auto_engine, fold_waveglow
 from waveglow_lib.backends.fast import auto as fast_auto
+from waveglow_lib.backends.fast import cache as fast_cache
 from waveglow_lib.backends.fast import engine as fast_engine
-from waveglow_lib.hardware import native_bf16, native_int8
+from waveglow_lib.hardware import CpuMeter, cpu_jiffies, native_bf16, native_int8, usable_cpus
 from waveglow_lib.metrics import MAX_LOG_MEL_DISTANCE, MIN_SNR_DB
 from waveglow_lib.model import WaveGlow
 
 from support import TINY, snr_db, tiny_waveglow
 
 
-def patch_native(monkeypatch, **native: bool) -> None:
-    """Pretend the CPU has (or lacks) native int8 / bf16: the auto policy and the engine both ask."""
+def patch_native(monkeypatch, amx: bool = False, **native: bool) -> None:
+    """Pretend the CPU has (or lacks) native int8 / bf16 (and AMX-BF16, which puts bf16 first): the auto
+    policy and the engine both ask."""
+    monkeypatch.setattr(fast_auto, "cpu_flags", lambda: {"avx512f", "amx_bf16"} if amx else {"avx512f"})
     for kind, value in native.items():
         for module in (fast_auto, fast_engine):
             monkeypatch.setattr(module, f"native_{kind}", lambda value=value: value)
@@ -132,6 +137,18 @@ def test_auto_tries_int8_first_where_it_pays(monkeypatch):
     assert "int8" not in record["tried"] and "int8 not faster for 16 WN channels" in record["reason"]
 
 
+def test_auto_tries_bf16_first_on_amx(monkeypatch):
+    """With AMX-BF16, bf16 GEMMs run on the tiles as fast as int8 ones without int8's per-call
+    quantisation, so bf16 is tried first; int8 only when bf16 fails the gate."""
+    assert fast_auto.precision_order({"amx_bf16", "amx_int8"}) == ("bf16", "int8")
+    assert fast_auto.precision_order({"avx512_vnni", "avx512_bf16"}) == ("int8", "bf16")
+    patch_native(monkeypatch, amx=True, int8=True, bf16=True)
+    monkeypatch.setattr(fast_auto, "INT8_MIN_CHANNELS", 16)
+    engine, record = auto_engine(tiny_model(seed=6), threads=1)
+    assert engine.precision == record["precision"] == "bf16" and list(record["tried"]) == ["bf16"]
+    assert "AMX-BF16" in record["reason"]
+
+
 def test_auto_without_native_int8_or_bf16_runs_fp32(monkeypatch):
     patch_native(monkeypatch, int8=False, bf16=False)
     engine, record = auto_engine(tiny_model(seed=6), threads=1)
@@ -164,3 +181,202 @@ def test_auto_rejects_a_precision_that_breaks_the_audio(monkeypatch, broken):
     assert all(record["tried"][p]["snr_db"] < MIN_SNR_DB for p in broken)
     mel, z = inputs(model, batch=1, frames=12)  # the engine kept is an honest one
     assert snr_db(model.infer(mel, 1.0, z), engine.run(mel, z)) > (100 if expected == "fp32" else 25)
+
+
+# --- the engine cache -------------------------------------------------------------------------------------
+def cached_backend(model, cache_dir, precision="fp32"):
+    return get_backend("fast", model=model, precision=precision, threads=1, cache_dir=cache_dir)
+
+
+def test_cache_hit_gives_the_same_engine_without_building(tmp_path, monkeypatch):
+    model = tiny_model(seed=7)
+    mel, z = inputs(model, batch=2, frames=14)
+    first = cached_backend(model, tmp_path)
+    assert first.cache_events == ["built"] and "engine from cache" not in first.description
+    entries = list((tmp_path / "fast").glob("engine-*"))
+    assert len(entries) == 1 and (entries[0] / "meta.json").is_file()
+    assert len(list(entries[0].glob("flow*.safetensors"))) == model.config.n_flows
+    # a hit must not fold or quantise anything: building is made to fail
+    monkeypatch.setattr(fast_cache, "flow_arrays", lambda *a: pytest.fail("rebuilt on a cache hit"))
+    second = cached_backend(model, tmp_path)
+    assert second.cache_events == ["hit"] and "engine from cache" in second.description
+    assert np.array_equal(first.run(mel, z), second.run(mel, z))  # bit for bit
+
+
+def test_cache_int8_entry_repacks_to_the_same_engine(tmp_path):
+    if "onednn" not in torch.backends.quantized.supported_engines:
+        pytest.skip("this torch build has no oneDNN quantized engine")
+    model = tiny_model(seed=7)
+    mel, z = inputs(model, batch=1, frames=14)
+    cache = fast_cache.EngineCache(tmp_path)
+    built = cache.engine(model, "int8", threads=1)
+    hit = cache.engine(model, "int8", threads=1)
+    assert cache.events == ["built", "hit"] and built.precision == hit.precision
+    tensors = list((cache.engine_dir(model, built.precision)).glob("flow00.safetensors"))
+    assert tensors and tensors[0].read_bytes()[:8] != b"\x80\x02\x8a\x0a"  # safetensors, not a pickle
+    assert np.array_equal(built.run(mel, z), hit.run(mel, z))
+
+
+def test_cache_key_follows_precision_fingerprint_and_machine(tmp_path, monkeypatch):
+    model, other = tiny_model(seed=7), tiny_model(seed=8)
+    cache = fast_cache.EngineCache(tmp_path)
+    dirs = {cache.engine_dir(model, "fp32"), cache.engine_dir(model, "bf16"), cache.engine_dir(other, "fp32")}
+    assert len(dirs) == 3
+    monkeypatch.setattr(fast_cache, "cpu_signature", lambda: {"cpu": "another", "flags": [], "capability": "x"})
+    assert fast_cache.EngineCache(tmp_path).engine_dir(model, "fp32") not in dirs
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    assert fast_cache.EngineCache(tmp_path).engine_dir(model, "fp32") not in dirs
+
+
+def test_cache_stale_or_corrupt_entries_are_rebuilt(tmp_path):
+    model = tiny_model(seed=7)
+    mel, z = inputs(model, batch=1, frames=14)
+    reference = cached_backend(model, tmp_path).run(mel, z)
+    entry = next((tmp_path / "fast").glob("engine-*"))
+    flow = entry / "flow01.safetensors"
+
+    def reload(expected: str):
+        backend = cached_backend(model, tmp_path)
+        assert backend.cache_events[0].startswith(expected), backend.cache_events
+        assert np.array_equal(backend.run(mel, z), reference)
+
+    data = bytearray(flow.read_bytes())  # one flipped bit in a weight: the sha256 catches it
+    data[-5] ^= 0x10
+    flow.write_bytes(bytes(data))
+    reload("rebuilt: unreadable")
+    reload("hit")  # the rebuilt entry replaced the corrupt one
+    flow.write_bytes(flow.read_bytes()[:100])  # truncated
+    reload("rebuilt: unreadable")
+    meta = json.loads((entry / "meta.json").read_text())
+    meta["key"]["torch"] = "0.0.1"  # written by another version under this key
+    (entry / "meta.json").write_text(json.dumps(meta))
+    reload("rebuilt: stale")
+    (entry / "meta.json").write_text("{not json")
+    reload("rebuilt: meta.json unreadable")
+    (entry / "flow02.safetensors").unlink()
+    meta = json.loads((entry / "meta.json").read_text())
+    del meta["files"]["flow03.safetensors"]
+    (entry / "meta.json").write_text(json.dumps(meta))
+    reload("rebuilt: incomplete")
+    reload("hit")
+    assert not list((tmp_path / "fast").glob(".engine-*"))  # no temporary folders left behind
+
+
+def test_cache_off_and_unwritable_cache_still_build(tmp_path):
+    model = tiny_model(seed=7)
+    off = get_backend("fast", model=model, precision="fp32", threads=1, cache_dir="off")
+    assert off.cache_events == [] and not (tmp_path / "fast").exists()
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")  # the cache folder cannot be created: built without it
+    backend = cached_backend(model, blocked / "cache")
+    assert backend.cache_events == ["built"]
+    mel, z = inputs(model, batch=1, frames=10)
+    assert snr_db(model.infer(mel, 1.0, z), backend.run(mel, z)) > 100
+
+
+def test_default_cache_dir_follows_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(fast_cache.CACHE_ENV, str(tmp_path / "c"))
+    assert fast_cache.default_cache_dir() == tmp_path / "c" == fast_cache.resolve_cache_dir("")
+    monkeypatch.delenv(fast_cache.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert fast_cache.default_cache_dir() == tmp_path / "xdg" / "waveglow-workflow"
+    assert fast_cache.resolve_cache_dir("off") is None and fast_cache.resolve_cache_dir(tmp_path) == tmp_path
+
+
+def test_auto_verdict_is_cached_and_a_corrupt_verdict_reprobes(tmp_path, monkeypatch):
+    model = tiny_model(seed=6)
+    first = get_backend("fast", model=model, precision="auto", threads=1, cache_dir=tmp_path)
+    assert first.probe["cached"] is False
+    probed = []
+    honest = fast_auto.probe_quality
+    monkeypatch.setattr(fast_auto, "probe_quality", lambda *a: probed.append(1) or honest(*a))
+    second = get_backend("fast", model=model, precision="auto", threads=1, cache_dir=tmp_path)
+    assert second.probe["cached"] is True and not probed and "verdict cached" in second.description
+    assert second.precision == first.precision and second.probe["reason"] == first.probe["reason"]
+    verdict = next((tmp_path / "fast").glob("probe-*.json"))
+    verdict.write_text('{"key": {}, "record": {"precision": "int8"}}')  # not this model's key: not trusted
+    third = get_backend("fast", model=model, precision="auto", threads=1, cache_dir=tmp_path)
+    assert third.probe["cached"] is False and probed and third.precision == first.precision
+    verdict.write_text("garbage")
+    assert get_backend("fast", model=model, precision="auto", threads=1, cache_dir=tmp_path).probe["cached"] is False
+
+
+# --- threads per run --------------------------------------------------------------------------------------
+def test_thread_choice_is_the_free_cores_within_the_cap():
+    choose = fast_engine.choose_threads
+    assert choose(2, 0.0, 1) == 2  # idle: every core
+    assert choose(2, 1.0, 1) == 1  # one core taken by another process: one thread, no shared barrier
+    assert choose(2, 0.3, 1) == 2 and choose(2, 0.6, 1) == 1
+    assert choose(2, 5.0, 16) == 1  # heavily shared: never below one
+    assert choose(8, 2.0, 4) == 6 and choose(8, 2.0, 4, limit=4) == 4
+    assert choose(4, 0.0, 1, limit=16) == 4  # never more than the usable cores
+    assert choose(2, -1.0, 1) == 2
+
+
+def test_engine_threads_per_run_follow_the_meter(monkeypatch):
+    model = tiny_model(seed=3)
+    mel, z = inputs(model, batch=3, frames=9)
+    engine = FastEngine(model, "fp32", threads=2)
+    reference = FastEngine(model, "fp32", threads=1).run(mel, z)
+    monkeypatch.setattr(fast_engine, "usable_cpus", lambda: 2)
+    for busy, expected in ((0.0, 2), (1.0, 1)):
+        monkeypatch.setattr(engine._meter, "others_busy", lambda busy=busy: busy)
+        assert np.array_equal(engine.run(mel, z), reference) and engine.last_threads == expected
+    fixed = FastEngine(model, "fp32", threads=2, adaptive=False)
+    monkeypatch.setattr(fixed._meter, "others_busy", lambda: pytest.fail("measured with adaptive=False"))
+    fixed.run(mel, z)
+    assert fixed.last_threads == 2
+    assert torch.get_num_threads() == torch.get_num_threads()  # restored (no exception left it at 1)
+
+
+def test_cpu_jiffies_and_meter():
+    stat = ("cpu  10 0 10 100 0 0 0 0 0 0\n"
+            "cpu0 4 1 5 50 2 0 0 3 0 0\n"
+            "cpu1 6 0 5 50 0 0 0 0 0 0\n"
+            "intr 1 2 3\n")
+    assert cpu_jiffies(stat) == (13 + 11, 65 + 61)  # steal (3) is busy, iowait (2) is not
+    assert cpu_jiffies(stat, {1}) == (11, 61)
+    assert cpu_jiffies(stat, {0}, count_nice=False) == (12, 65)  # a niced job's tick left out
+    value = CpuMeter(window=0.01).others_busy()
+    assert 0.0 <= value <= usable_cpus()
+
+
+def test_batches_run_ragged_and_equal_each_utterance_alone(monkeypatch):
+    """vocode hands the fast backend the utterances at their own lengths: nothing padded is computed, and
+    the batch's audio equals each utterance run alone (batch 1), bit for bit."""
+    from waveglow_lib.batching import vocode
+
+    model = tiny_model(seed=9)
+    backend = get_backend("fast", model=model, precision="fp32", threads=2, cache_dir="off")
+    generator = torch.Generator().manual_seed(2)
+    lengths = (17, 5, 11)
+    mels = [(torch.randn(80, n, generator=generator) - 5).numpy() for n in lengths]
+    noises = [torch.randn(8, n * 32, generator=generator).numpy() for n in lengths]
+    monkeypatch.setattr(backend, "_run", lambda *a: pytest.fail("a padded batch was run"))
+    for busy in (0.0, 1.0):  # several utterances on 2 threads, and all on one
+        monkeypatch.setattr(backend.engine._meter, "others_busy", lambda busy=busy: busy)
+        audio, stats = vocode(backend, mels, noises, 0.6, model.config)
+        assert [a.shape[0] for a in audio] == [n * 256 for n in lengths] and stats["tail_frames"] == 0
+        for mel, noise, out in zip(mels, noises, audio):
+            alone = backend.engine.run(mel[None], 0.6 * noise[None])[0]
+            assert np.array_equal(out, alone)
+            assert snr_db(model.infer(torch.from_numpy(mel)[None], 1.0, torch.from_numpy(0.6 * noise)[None])[0], out) > 100
+    with pytest.raises(Exception, match="z must be"):
+        backend.run_ragged(mels, [n[:, :-1] for n in noises])
+
+
+def test_importing_the_package_first_makes_openmp_wait_passively():
+    """OpenMP reads OMP_WAIT_POLICY once, when torch loads: importing waveglow_lib first sets it (PASSIVE,
+    unless the user set one), so waiting threads sleep rather than spin on a shared machine."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import waveglow_lib, torch, os; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ACTIVE"

@@ -116,7 +116,8 @@ def vocode(backend, mels: list[np.ndarray], noises: list[np.ndarray], sigma: flo
     receptive field reaches into the padding) recomputed from a short window of its own mel and noise,
     all windows in one batch; utterances shorter than the window are rerun alone. The result equals
     running each utterance by itself. A backend that cannot take the window length (an `.om` without that
-    gear) leaves those tails as padded: their indices are listed in `stats["inexact"]`.
+    gear) leaves those tails as padded: their indices are listed in `stats["inexact"]`. A backend with
+    `run_ragged` (fast) runs each utterance at its own length: nothing padded, so exact either way.
     """
     if chunk_frames > 0:
         window = chunk_window(model_config, chunk_frames)
@@ -125,6 +126,10 @@ def vocode(backend, mels: list[np.ndarray], noises: list[np.ndarray], sigma: flo
             return _vocode_with_chunks(backend, mels, noises, sigma, model_config, exact, pad_value,
                                        chunk_frames, long)
     lengths = [m.shape[1] for m in mels]
+    if getattr(backend, "run_ragged", None) is not None:  # each utterance at its own length (fast): exact
+        audios = backend.run_ragged(mels, [(sigma * n).astype(np.float32) for n in noises])
+        return audios, {"padded_frames": max(lengths), "tail_frames": 0, "inexact": [], "chunked": [],
+                        "chunk_windows": 0}
     padded = backend.pad_length(max(lengths))
     audios = _run_padded(backend, mels, noises, sigma, padded, pad_value)
     stats = {"padded_frames": padded, "tail_frames": 0, "inexact": [], "chunked": [], "chunk_windows": 0}

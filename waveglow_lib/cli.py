@@ -130,6 +130,8 @@ def _bench_options(parser: argparse.ArgumentParser) -> None:
                         help=f"rows, comma separated, or all (default: {','.join(DEFAULT_ROWS)}); known: {', '.join(ROWS)}")
     parser.add_argument("--threads", type=int, default=None, help="cores for every row (default: torch's)")
     parser.add_argument("--profile", action="store_true", help="also record the profilers' top operations")
+    parser.add_argument("--load", type=int, default=0, metavar="N",
+                        help="keep N cores busy with a competitor process for the whole measurement (shared machine)")
     parser.add_argument("--out-dir", type=Path, default=None, help="where bench.json/bench.md go (default runs/<name>)")
     parser.add_argument("--stream", action="store_true",
                         help="instead of the table: streaming latency (time to first audio, per-chunk p50/p95, "
@@ -183,7 +185,7 @@ def _run_bench(cfg: WorkflowConfig, args: argparse.Namespace) -> Any:
     result = run_bench(cfg, model=args.model or ("demo" if quick else "official"), lengths=args.lengths,
                        batch_sizes=args.bench_batch_sizes, repeats=args.bench_repeats,
                        rows=args.backends.split(",") if args.backends else None, quick=quick,
-                       threads=args.threads, out_dir=args.out_dir, profile=args.profile)
+                       threads=args.threads, out_dir=args.out_dir, profile=args.profile, load=args.load)
     print(render_markdown(result))
     return {"files": result.get("files"), "auto": result["auto"]}
 

@@ -257,6 +257,9 @@ class WorkflowConfig:
     mel_convert: MelConvert = "none"
     #: vocode: also write the guide's `<id>_out.bin` (float32 audio) beside each wav
     vocode_out_bin: bool = False
+    #: the fast backend's engine cache (built engines, auto's verdict): "" = $WAVEGLOW_CACHE_DIR or
+    #: ~/.cache/waveglow-workflow; "off" = build at every load
+    cache_dir: str = ""
 
     def __post_init__(self) -> None:
         check_choices(self)

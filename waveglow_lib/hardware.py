@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,75 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def cpu_jiffies(stat_text: str, cpus: set[int] | None = None, count_nice: bool = True) -> tuple[int, int]:
+    """(busy, total) clock ticks since boot summed over `cpus` (default: all) from /proc/stat's text;
+    busy = everything but idle and iowait (steal counts as busy: another guest has the core); without
+    `count_nice`, also not the time of niced processes (they yield to a process of normal priority)."""
+    busy = total = 0
+    for line in stat_text.splitlines():
+        name, _, rest = line.partition(" ")
+        if not name.startswith("cpu") or name == "cpu":
+            continue
+        if cpus is not None and int(name[3:]) not in cpus:
+            continue
+        ticks = [int(v) for v in rest.split()[:8]]
+        idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0) + (0 if count_nice else ticks[1])
+        busy += sum(ticks) - idle
+        total += sum(ticks)
+    return busy, total
+
+
+class CpuMeter:
+    """How many cores' worth of *other* processes' work runs on this process's CPUs right now: /proc/stat's
+    busy ticks over a short window (niced processes' ticks left out when this one is not niced: they
+    yield to it), less this process's own CPU time. `others_busy()` measures at most
+    once per `reuse` seconds (`window` seconds each) and returns 0.0 where /proc/stat is missing."""
+
+    def __init__(self, window: float = 0.05, reuse: float = 1.0):
+        self.window, self.reuse = window, reuse
+        self._value: float | None = None
+        self._when = -1e9
+
+    @staticmethod
+    def _sample() -> tuple[int, float, float, int] | None:
+        try:
+            text = Path("/proc/stat").read_text()
+        except OSError:
+            return None
+        try:
+            cpus = os.sched_getaffinity(0)
+        except AttributeError:  # pragma: no cover - not Linux
+            cpus = None
+        # a niced background job yields to us, unless we are niced too: then it competes
+        count_nice = os.nice(0) > 0 if hasattr(os, "nice") else True
+        busy = cpu_jiffies(text, cpus, count_nice)[0]
+        return busy, time.process_time(), time.monotonic(), len(cpus) if cpus else os.cpu_count()
+
+    def others_busy(self) -> float:
+        now = time.monotonic()
+        if self._value is not None and now - self._when < self.reuse:
+            return self._value
+        first = self._sample()
+        if first is None:
+            return 0.0
+        time.sleep(self.window)
+        second = self._sample()
+        ticks_per_second = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        wall = max(second[2] - first[2], 1e-6)
+        busy = (second[0] - first[0]) / ticks_per_second - (second[1] - first[1])
+        # ticks are counted in 1/100 s steps per core: a short window can over- or undershoot by a tick
+        self._value, self._when = min(float(second[3] or 1), max(0.0, busy / wall)), second[2]
+        return self._value
+
+
+def cpu_signature() -> dict:
+    """What decides which kernels oneDNN picks on this CPU: its model, ISA flags, torch's CPU capability
+    (the engine cache's key: an entry built on another CPU is not trusted here)."""
+    prefixes = ("avx", "amx", "fma", "f16c", "sse", "ssse", "vnni", "bmi")
+    return {"cpu": cpu_model(), "flags": sorted(f for f in cpu_flags() if f.startswith(prefixes)),
+            "capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def load_average() -> list[float] | None:
     return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
@@ -70,7 +140,7 @@ def machine_busy() -> str | None:
 def library_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {"python": platform.python_version(), "numpy": np.__version__,
                                        "torch": torch.__version__}
-    for name in ("onnxruntime", "openvino"):
+    for name in ("onnxruntime", "openvino", "safetensors"):
         try:
             module = __import__(name)
             versions[name] = module.__version__.split("-")[0]
@@ -89,4 +159,5 @@ def machine_info() -> dict:
             "torch_threads": torch.get_num_threads(), "isa": isa, "native_bf16": native_bf16(),
             "native_int8": native_int8(),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "versions": library_versions(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "load_average": load_average()}

@@ -18,6 +18,8 @@ the corpus wavs (each cut or repeated to its length), else synthetic. Noise per 
 `batching.utterance_noise` (identical for every row), sigma 0.6; batches as the infer stage forms them
 (`plan_batches`, `vocode(..., exact=False)`: padded with log(1e-5), trimmed back — like the guide's
 batches; the infer stage's default `exact=True` also recomputes padded tails, extra work not timed here).
+The fast rows take a batch without padding (`run_ragged`: each utterance at its own length, exact), so
+they compute no padded frames; the graph runtimes compute the padded batch.
 
 Per row and batch size: utterances/s (the guide's unit), audio-seconds/s (× real time), median and p10/p90
 over `repeats` timed passes after a warm-up batch, peak memory (resident-set growth sampled every 5 ms
@@ -43,6 +45,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -57,11 +60,13 @@ from ..backends import ModelSpec, get_backend
 from ..batching import Utterance, plan_batches, utterance_noise, vocode
 from ..config import GUIDE_THROUGHPUT, ModelConfig, STFTConfig, WorkflowConfig
 from ..errors import ConfigError
-from ..hardware import machine_busy, machine_info
+from ..backends.fast.auto import precision_order
+from ..hardware import cpu_flags, machine_busy, machine_info
 from ..io import atomic_write_json, atomic_write_text, read_bin
 from ..layout import load_manifest, mel_bin
 from ..metrics import MAX_LOG_MEL_DISTANCE, MIN_SNR_DB, quality_check, quality_ok
 from ..stages.infer import backend_name, open_backend, resolve_model_config
+from .load import CpuLoad
 from .profile import profile_paths
 from .report import render_markdown
 from .workload import (DEFAULT_LENGTHS, GUIDE_MEAN_SECONDS, QUICK_LENGTHS, build_model, exported_graph,
@@ -182,10 +187,13 @@ def rss_bytes() -> int:
 
 
 # --- building the rows ----------------------------------------------------------------------------------
-def open_row(row: Row, model, threads: int | None, cache_dir: Path):
+def open_row(row: Row, model, threads: int | None, cache_dir: Path, engine_cache: str | Path | None = None):
+    """The row's backend; `engine_cache`: the fast backend's engine cache folder (None: none)."""
     if row.factory is not None:
         return row.factory(model, threads)
     opts = {"threads": threads} if threads else {}
+    if row.backend == "fast":
+        opts["cache_dir"] = engine_cache if engine_cache is not None else "off"
     if row.graph is None:
         return get_backend(row.backend, model=model, precision=row.precision, **opts)
     return get_backend(row.backend, onnx_path=exported_graph(model, row.graph, cache_dir), precision=row.precision,
@@ -201,13 +209,17 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
               batch_sizes: Sequence[int] | None = None, repeats: int | None = None,
               rows: Sequence[str | Row] | None = None, quick: bool | None = None, threads: int | None = None,
               out_dir: str | Path | None = None, write: bool = True, profile: bool = False,
-              progress: bool = True) -> dict:
+              progress: bool = True, load: int = 0) -> dict:
     """Measure the table; returns the result dict (also written as bench.json + bench.md when `write`).
 
     `cfg` gives seed, sigma, corpus/run folder and the bench_* defaults (batch sizes, repeats, quick).
     `rows`: row ids from ROWS (or "all"), or Row objects (e.g. a test's custom path); the reference row is
     always measured (it is the quality truth). `threads`: cores for every row (default: torch's setting).
     `out_dir`: default `cfg.run_dir`. `profile`: also record the profilers' top operations (see `profile_paths`).
+    `load`: cores kept busy by a competitor (`load.CpuLoad`) from the warm-ups to the last timed pass, so a
+    shared machine is reproducible; the rows are loaded before it starts.
+    fast rows are loaded twice through a fresh engine cache: the first load builds (and stores) the engine,
+    the second reads it back (`engine_build_seconds`: first and cached); the second is the one measured.
     """
     cfg = cfg or WorkflowConfig()
     quick = cfg.bench_quick if quick is None else quick
@@ -242,13 +254,22 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
     peaks = matmul_peaks(512 if quick else 2048, bf16=machine["native_bf16"],
                          int8=any(r.precision == "int8" for r in row_list))
 
-    backends, load_info = {}, {}
-    for row in tqdm(row_list, desc="bench: load", disable=not progress):
-        before, t0 = rss_bytes(), time.perf_counter()
-        backends[row.id] = open_row(row, net, threads, out_dir / "bench_models")
-        load_info[row.id] = {"load_seconds": round(time.perf_counter() - t0, 2),
-                             "load_mib": round((rss_bytes() - before) / 2 ** 20, 1),
-                             "description": getattr(backends[row.id], "description", row.id)}
+    backends, load_info, engine_build = {}, {}, {}
+    with tempfile.TemporaryDirectory(prefix="engine_cache_", dir=_writable(out_dir)) as engine_cache:
+        for row in tqdm(row_list, desc="bench: load", disable=not progress):
+            cached = row.backend == "fast" and row.factory is None
+            if cached:  # first load: build and store the engine, then the timed row reads it back
+                t0 = time.perf_counter()
+                open_row(row, net, threads, out_dir / "bench_models", engine_cache).close()
+                first = time.perf_counter() - t0
+            before, t0 = rss_bytes(), time.perf_counter()
+            backends[row.id] = open_row(row, net, threads, out_dir / "bench_models", engine_cache if cached else None)
+            load_info[row.id] = {"load_seconds": round(time.perf_counter() - t0, 2),
+                                 "load_mib": round((rss_bytes() - before) / 2 ** 20, 1),
+                                 "description": getattr(backends[row.id], "description", row.id)}
+            if cached:
+                engine_build[row.id] = {"first_seconds": round(first, 2), "cached_seconds": load_info[row.id]["load_seconds"],
+                                        "cache": getattr(backends[row.id], "cache_events", [])}
 
     def one_pass(backend, bs):
         outputs = [None] * len(utts)
@@ -260,7 +281,9 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
         return outputs
 
     results = []
+    competitor = CpuLoad(load)
     try:
+        competitor.__enter__()
         for bs in batch_sizes:
             times = {r.id: [] for r in row_list}
             peak_mib = {r.id: 0.0 for r in row_list}
@@ -284,6 +307,7 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
                 results.append(_row_result(row, bs, times[row.id], peak_mib[row.id], outputs, len(utts),
                                            audio_seconds, useful_flops, peaks, load_info[row.id]))
     finally:
+        competitor.__exit__(None, None, None)
         for backend in backends.values():
             backend.close()
     _add_ratios(results)
@@ -296,9 +320,10 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
                      "reference_gflop_per_audio_second": round(reference_flops_per_audio_second(c) / 1e9, 3),
                      "reference_macs_per_step": reference_macs_per_step(c),
                      "folded_macs_per_step": folded_macs_per_step(c),
-                     "quality_gate": {"max_log_mel_distance": MAX_LOG_MEL_DISTANCE, "min_snr_db": MIN_SNR_DB}},
-        "rows": results, "skipped_rows": skipped,
-        "auto": pick_auto(results), "default_path": default_path_summary(results),
+                     "quality_gate": {"max_log_mel_distance": MAX_LOG_MEL_DISTANCE, "min_snr_db": MIN_SNR_DB},
+                     "load": competitor.summary()},
+        "rows": results, "skipped_rows": skipped, "engine_build": engine_build,
+        "auto": pick_auto(results), "default_path": default_path_summary(results, precision_order(cpu_flags())),
         "busy": machine_busy(),
         "guide": {name: {str(b): v for b, v in table.items()} for name, table in GUIDE_THROUGHPUT.items()},
         "guide_mean_audio_seconds": round(GUIDE_MEAN_SECONDS, 3),
@@ -310,6 +335,15 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
         atomic_write_text(out_dir / "bench.md", render_markdown(result))
         result["files"] = {"json": str(out_dir / "bench.json"), "markdown": str(out_dir / "bench.md")}
     return result
+
+
+def _writable(folder: Path) -> Path | None:
+    """`folder` (created) for the bench's temporary engine cache, or None (the system's temp folder)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    except OSError:
+        return None
 
 
 def _select_rows(rows, native_bf16: bool) -> list[Row]:
@@ -384,23 +418,24 @@ def pick_auto(results: Sequence[Mapping[str, Any]]) -> dict:
             "rejected": sorted({r["row"] for r in results if not r["quality_ok"]})}
 
 
-def default_path(results: Sequence[Mapping[str, Any]]) -> str | None:
-    """The row the workflow's defaults run (`backend: auto`, `precision: auto` → fast): the first of
-    fast-int8, fast-bf16, fast-fp32 that was measured (native on this CPU) and passes the gate at every batch
-    size; without fast rows, the bench's own auto pick."""
+def default_path(results: Sequence[Mapping[str, Any]], order: Sequence[str] = ("int8", "bf16")) -> str | None:
+    """The row the workflow's defaults run (`backend: auto`, `precision: auto` → fast): the first of the fast
+    rows in auto's order (`order`: the reduced precisions, `fast.auto.precision_order`; then fp32) that was
+    measured (native on this CPU) and passes the gate at every batch size; without fast rows, the bench's
+    own auto pick."""
     rows: dict[str, list] = {}
     for r in results:
         rows.setdefault(r["row"], []).append(r["quality_ok"])
-    for row in ("fast-int8", "fast-bf16", "fast-fp32"):
+    for row in [f"fast-{p}" for p in order] + ["fast-fp32"]:
         if rows.get(row) and all(rows[row]):
             return row
     return pick_auto(results)["overall"]
 
 
-def default_path_summary(results: Sequence[Mapping[str, Any]]) -> dict:
+def default_path_summary(results: Sequence[Mapping[str, Any]], order: Sequence[str] = ("int8", "bf16")) -> dict:
     """The default path's row and, per batch size, its speed-up over the reference, its ratio to OpenVINO
     bf16 (when measured), × real time and its quality verdict: ratios, no thresholds."""
-    chosen = default_path(results)
+    chosen = default_path(results, order)
     per_batch = {str(r["batch_size"]): {"speedup_vs_reference": r["speedup_vs_reference"],
                                         "ratio_vs_openvino_bf16": r["ratio_vs_openvino_bf16"],
                                         "real_time_factor": r["audio_seconds_per_second"],

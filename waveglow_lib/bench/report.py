@@ -31,6 +31,22 @@ def _verdicts(auto: Mapping[str, Any], path: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _amx_note(machine: Mapping[str, Any]) -> str:
+    isa = machine["isa"]
+    if isa.get("AMX-BF16") or isa.get("AMX-INT8"):
+        return (f"**AMX**: this CPU has AMX (BF16 {_fmt(bool(isa.get('AMX-BF16')))}, INT8 {_fmt(bool(isa.get('AMX-INT8')))}): "
+                "oneDNN's bf16 and int8 GEMMs (ours, OpenVINO's) may use its tiles.")
+    return "**AMX**: none on this CPU: the bf16 and int8 rows run on AVX-512 / AVX-VNNI where present."
+
+
+def _load_note(load: Mapping[str, Any] | None) -> str:
+    if not load or not load.get("cores"):
+        return "**Load**: no competitor (`--load 0`); see the load average above."
+    share = ", ".join("?" if v is None else f"{v:.2f}" for v in load["competitor_core_share"])
+    return (f"**Load**: {load['cores']} busy-loop competitor(s) pinned to CPU(s) {load['pinned_to_cpus']} for the "
+            f"whole measurement ({load['seconds']} s; each got {share} of a core): every row ran beside them.")
+
+
 def render_markdown(result: Mapping[str, Any]) -> str:
     """bench.md: machine, settings, one table per batch size, auto pick, default path, the guide's rows."""
     m, s = result["machine"], result["settings"]
@@ -52,8 +68,13 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         f"step; our folded model {s['folded_macs_per_step']:,}).",
         f"**Quality gate**: against the reference row at the same batch size with the same noise: log-mel "
         f"distance ≤ {s['quality_gate']['max_log_mel_distance']} (mean |Δ ln mel|) and SNR ≥ "
-        f"{s['quality_gate']['min_snr_db']} dB.", "",
+        f"{s['quality_gate']['min_snr_db']} dB.",
+        _amx_note(m), _load_note(s.get("load")), "",
     ]
+    if result.get("engine_build"):
+        lines += ["**Engine build** (fast rows, through a fresh engine cache): " + "; ".join(
+            f"{row} first {e['first_seconds']} s, cached {e['cached_seconds']} s"
+            for row, e in result["engine_build"].items()) + ".", ""]
     header = ("| row | utt/s | × real time (p10–p90) | vs reference | vs OpenVINO bf16 | eff. GFLOP/s | % of peak "
               "| peak MiB (+load) | SNR dB | log-mel dist | quality |")
     for bs in s["batch_sizes"]:
@@ -71,8 +92,9 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     auto = result["auto"]
     if s["quick"]:  # a smoke run times a few tiny utterances once: no verdicts from it
         lines += ["*Smoke run (`--quick`): a few very short utterances, one pass. It shows that every row runs "
-                  "and agrees with the reference; its speeds are not a verdict — run the full benchmark for that.*"
-                  + (f" Rejected by the gate: {', '.join(auto['rejected'])}." if auto["rejected"] else ""), ""]
+                  "and agrees with the reference; its speeds are not a verdict — run the full benchmark for that.*", ""]
+        if auto["rejected"]:  # quality is a verdict even on a smoke run
+            lines += [f"Rejected by the gate: {', '.join(auto['rejected'])}.", ""]
     else:
         lines += _verdicts(auto, result["default_path"])
     if result.get("busy"):

@@ -56,6 +56,8 @@ def open_backend(cfg: WorkflowConfig, model=None, model_config: ModelConfig | No
     if name in ("torch", "fast"):  # built from the model itself, no exported file
         if model is None:
             model = load_waveglow(cfg.checkpoint_path)
+        if name == "fast":  # the engine cache (backends/fast/cache.py)
+            opts["cache_dir"] = cfg.cache_dir
         return get_backend(name, model=model, device=cfg.device, precision=cfg.precision, **opts)
     spec = ModelSpec.from_model_config(model_config or model.config)
     if name == "om":

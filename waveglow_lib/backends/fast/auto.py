@@ -1,7 +1,8 @@
 """`precision: auto`: the fastest precision this CPU runs natively that also passes the quality gate.
 
 int8 (VNNI or AMX-INT8; only for WN layers of at least INT8_MIN_CHANNELS, where it beats bf16), then bf16
-(AVX512-BF16 or AMX), each checked against the fp32 model with the same noise on a probe of real speech —
+(AVX512-BF16 or AMX) — on a CPU with AMX-BF16, bf16 first: its tiles run bf16 GEMMs about as fast as
+int8 ones, and bf16 skips int8's per-call quantisation of the activations — each checked against the fp32 model with the same noise on a probe of real speech —
 the bundled demo corpus's first wav — with `metrics.quality_ok`; else fp32. The verdict and the probe's
 numbers are kept with the engine.
 """
@@ -12,8 +13,9 @@ import torch
 
 from ...audio import load_wav, mel_spectrogram
 from ...config import DEMO_CORPUS_DIR, STFTConfig
-from ...hardware import native_bf16, native_int8
-from ...metrics import quality_check, quality_ok
+from ...hardware import cpu_flags, native_bf16, native_int8
+from ...metrics import MAX_LOG_MEL_DISTANCE, MIN_SNR_DB, quality_check, quality_ok
+from .cache import EngineCache
 from .engine import FastEngine
 
 #: frames of real speech a reduced-precision engine is checked on before `precision: auto` trusts it
@@ -49,27 +51,60 @@ def probe_quality(engine: "FastEngine", probe: tuple[torch.Tensor, torch.Tensor,
     return quality_check([reference], [engine.run(mel, z).reshape(-1)])
 
 
-def auto_engine(model, **options) -> tuple["FastEngine", dict]:
+def precision_order(flags: set[str]) -> tuple[str, ...]:
+    """The reduced precisions `auto` tries, fastest first on a CPU with these /proc/cpuinfo flags."""
+    return ("bf16", "int8") if "amx_bf16" in flags else ("int8", "bf16")
+
+
+def probe_settings() -> dict:
+    """What a stored verdict depends on besides the model and the machine (the cache's key)."""
+    return {"frames": PROBE_FRAMES, "sigma": PROBE_SIGMA, "int8_min_channels": INT8_MIN_CHANNELS,
+            "order": list(precision_order(cpu_flags())),
+            "gate": {"max_log_mel_distance": MAX_LOG_MEL_DISTANCE, "min_snr_db": MIN_SNR_DB}}
+
+
+def auto_engine(model, cache: EngineCache | None = None, **options) -> tuple["FastEngine", dict]:
     """`precision: auto`: the fastest of int8 (for models of ≥ INT8_MIN_CHANNELS WN channels), bf16 that
     this CPU runs natively and that passes the quality gate on the probe, else fp32. Returns (engine,
     record): the precision chosen, why, and the probe numbers of every precision tried (`tried`).
-    `options`: FastEngine's block_frames / threads."""
+    `cache`: an `EngineCache`: a verdict stored for this model on this machine is reused (no probe;
+    `record["cached"]` is True) and engines come from / go to it. `options`: FastEngine's block_frames /
+    threads."""
+    def build(precision: str) -> FastEngine:
+        return cache.engine(model, precision, **options) if cache is not None else FastEngine(model, precision, **options)
+
+    if cache is not None:
+        record = cache.verdict(model, probe_settings())
+        if record is not None:
+            return build(record["precision"]), {**record, "cached": True}
     tried, skipped, probe = {}, [], None
-    for precision, native, hardware in (("int8", native_int8, "int8 dot products (VNNI / AMX-INT8)"),
-                                        ("bf16", native_bf16, "native bf16 (AVX512-BF16 / AMX)")):
+    record = None
+    candidates = {"int8": (native_int8, "int8 dot products (VNNI / AMX-INT8)"),
+                  "bf16": (native_bf16, "native bf16 (AVX512-BF16 / AMX)")}
+    order = precision_order(cpu_flags())
+    if order[0] == "bf16":
+        skipped.append("bf16 first: AMX-BF16 (bf16 GEMMs as fast as int8, no per-call quantisation)")
+    for precision in order:
+        native, hardware = candidates[precision]
         if not native():
             skipped.append(f"no {hardware} on this CPU")
             continue
         if precision == "int8" and model.config.n_channels < INT8_MIN_CHANNELS:
             skipped.append(f"int8 not faster for {model.config.n_channels} WN channels (< {INT8_MIN_CHANNELS})")
             continue
-        engine = FastEngine(model, precision, **options)
+        engine = build(precision)
         probe = probe or probe_reference(model)
         tried[precision] = quality = probe_quality(engine, probe)
         if quality_ok(quality):
-            return engine, {"precision": precision, "reason": "; ".join(
+            record = {"precision": precision, "reason": "; ".join(
                 skipped + [f"{p} failed the quality gate" for p in tried if p != precision]
                 + [f"{precision}: native, quality gate passed on the probe"]), **quality, "tried": tried}
+            break
         del engine  # its packed weights go before the next ones are built
-    reasons = skipped + [f"{p} failed the quality gate on the probe" for p in tried]
-    return FastEngine(model, "fp32", **options), {"precision": "fp32", "reason": "; ".join(reasons), "tried": tried}
+    if record is None:
+        reasons = skipped + [f"{p} failed the quality gate on the probe" for p in tried]
+        engine = build("fp32")
+        record = {"precision": "fp32", "reason": "; ".join(reasons), "tried": tried}
+    if cache is not None:
+        cache.store_verdict(model, probe_settings(), record)
+    return engine, {**record, "cached": False}

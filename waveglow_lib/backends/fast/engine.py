@@ -19,29 +19,47 @@ traffic, not arithmetic, bounds the conditioning GEMM.
 """
 from __future__ import annotations
 
+import math
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ...errors import ConfigError, MelError
-from ...hardware import native_bf16, native_int8
+from ...hardware import CpuMeter, native_bf16, native_int8, usable_cpus
 from .fold import FastWaveGlow, FastWN, fold_wn
 
-def _pack_int8(weight: torch.Tensor, bias: torch.Tensor | None):
-    """`weight` [in, out] (x @ weight) → oneDNN's packed int8 weight, one scale per output channel, for
-    `quantized.linear_dynamic` (activations quantized per call, per tensor, fp32 in and out)."""
+#: FastEngine precisions, fastest first
+PRECISIONS = ("int8", "bf16", "fp32")
+#: the GEMM operands and the WN state per precision; int8 GEMMs take fp32 in and give fp32 out
+DTYPES = {"int8": torch.float32, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`weight` [in, out] (x @ weight) → (int8 [out, in], float64 scale per output channel): what the
+    engine cache stores for an int8 GEMM (oneDNN's packed form cannot be serialised; it is rebuilt from
+    these by `_pack_int8`, bit for bit the same)."""
     w = weight.t().float().contiguous()  # [out, in]
     scales = (w.abs().amax(1) / 127.0).clamp_min(1e-12).double()
+    with warnings.catch_warnings():  # quantized tensors are deprecated in torch, still the int8 GEMM API
+        warnings.simplefilter("ignore", UserWarning)
+        qw = torch.quantize_per_channel(w, scales, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
+    return qw.int_repr().contiguous(), scales
+
+
+def _pack_int8(q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+    """int8 [out, in] + per-output-channel scales → oneDNN's packed int8 weight for
+    `quantized.linear_dynamic` (activations quantized per call, per tensor, fp32 in and out)."""
     previous = torch.backends.quantized.engine
     torch.backends.quantized.engine = "onednn"  # the packing decides the kernels, not the global setting
     try:
-        with warnings.catch_warnings():  # quantized tensors are deprecated in torch, still the int8 GEMM API
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            qw = torch.quantize_per_channel(w, scales, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
+            qw = torch._make_per_channel_quantized_tensor(q, scales.double(), torch.zeros(q.shape[0], dtype=torch.long), 0)
             return torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.float())
     finally:
         torch.backends.quantized.engine = previous
@@ -50,9 +68,9 @@ def _pack_int8(weight: torch.Tensor, bias: torch.Tensor | None):
 class _FloatGemm:
     """x @ weight (+ bias) in the weight's dtype (fp32 or bf16, fp32 accumulation)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
-        self.weight = weight.contiguous().to(dtype)
-        self.bias = None if bias is None else bias.contiguous().to(dtype)
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight = weight.contiguous()
+        self.bias = None if bias is None else bias.contiguous()
         self.out_features = self.weight.shape[1]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,9 +84,9 @@ class _FloatGemm:
 class _Int8Gemm:
     """x @ weight + bias through oneDNN's int8 GEMM: weight packed once, x quantized per call."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        self.packed = _pack_int8(weight, bias)
-        self.out_features = weight.shape[1]
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+        self.packed = _pack_int8(q, scales, bias)
+        self.out_features = q.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized.linear_dynamic(x, self.packed, False)
@@ -77,35 +95,78 @@ class _Int8Gemm:
         return out.add_(self(x))  # int8 GEMMs cannot accumulate into `out`: add after
 
 
-class _Layer:
-    """One WN layer's weights in GEMM form (x @ w, channels-last). The tanh half of the gate's input is
-    scaled by 2 (exact in binary), so the gate is one sigmoid over all 2C channels:
-    tanh(a)·σ(b) = (2σ(2a) − 1)·σ(b) — bf16 tanh costs about twice a sigmoid in PyTorch."""
+#: the three GEMMs of a WN layer, by the names their arrays are stored under
+GEMMS = ("taps", "cond", "res_skip")
 
-    __slots__ = ("taps_gemm", "cond_gemm", "res_skip_gemm", "dilation", "taps", "rs_out")
 
-    def __init__(self, fwn: FastWN, i: int, dtype: torch.dtype, int8: bool = False):
-        n, steps, taps = fwn.n_channels, fwn.steps, fwn.taps
-        gain = torch.ones(2 * n)  # ×2 is exact in any binary format
-        gain[:n] = 2.0
-        w_in = fwn.in_layers[i].weight.detach().float() * gain[:, None, None]  # [2n, n, kernel]
-        self.taps = w_in.shape[2]
-        w_in = w_in.permute(2, 1, 0).reshape(-1, 2 * n)  # rows (tap, channel)
-        self.dilation = fwn.in_layers[i].dilation[0]
-        conv = fwn.cond_layers[i]  # [2n·steps (o, p), n_mel, taps] → [(tap, mel), (p, o)]
-        w_cond = conv.weight.detach().float().reshape(2 * n, steps, -1, taps) * gain[:, None, None, None]
-        w_cond = w_cond.permute(3, 2, 1, 0)
-        w_cond = w_cond.reshape(taps * w_cond.shape[1], steps * 2 * n)
-        b_cond = (conv.bias.detach().float().reshape(2 * n, steps) * gain[:, None]).t().reshape(-1)
-        rs = fwn.res_skip_layers[i]
-        w_rs, b_rs = rs.weight.detach()[..., 0].t().float(), rs.bias.detach().float()
-        self.rs_out = w_rs.shape[1]  # C + skip channels; the last layer: skip channels only
-        if int8:  # all three GEMMs in int8 (the packing takes fp32 weights)
-            self.taps_gemm, self.cond_gemm = _Int8Gemm(w_in, None), _Int8Gemm(w_cond, b_cond)
-            self.res_skip_gemm = _Int8Gemm(w_rs, b_rs)
+def layer_arrays(fwn: FastWN, i: int, precision: str) -> dict[str, torch.Tensor]:
+    """Layer i of a folded coupling network in GEMM form (x @ w, channels-last), as the tensors the engine
+    is built from (and the cache stores): per GEMM `<name>.weight` (bf16/fp32, [in, out]) or `<name>.q`
+    + `<name>.scale` (int8, [out, in]), and `<name>.bias` (fp32) where it has one.
+
+    The gate needs no tanh and no temporaries: the tanh half of its input is scaled by 2 (exact in binary),
+    so tanh(a)·σ(b) = (2σ(2a) − 1)·σ(b) = 2·σ(2a)σ(b) − σ(b). The engine takes one in-place sigmoid over all
+    2C channels, multiplies the first half by the second in place, giving [σ(2a)σ(b) | σ(b)], and the
+    res/skip GEMM takes that (K = 2C) with the weight [2W; −W] — fewer passes over memory than a separate
+    tanh, product and difference, for a GEMM with twice the K (cheap next to element-wise passes). int8
+    keeps W and forms the gate before the GEMM: its per-call quantisation of 2σσ and σ separately would
+    not survive their difference."""
+    n, steps, taps = fwn.n_channels, fwn.steps, fwn.taps
+    gain = torch.ones(2 * n)  # ×2 is exact in any binary format
+    gain[:n] = 2.0
+    w_in = fwn.in_layers[i].weight.detach().float() * gain[:, None, None]  # [2n, n, kernel]
+    w_in = w_in.permute(2, 1, 0).reshape(-1, 2 * n)  # rows (tap, channel)
+    conv = fwn.cond_layers[i]  # [2n·steps (o, p), n_mel, taps] → [(tap, mel), (p, o)]
+    w_cond = conv.weight.detach().float().reshape(2 * n, steps, -1, taps) * gain[:, None, None, None]
+    w_cond = w_cond.permute(3, 2, 1, 0)
+    w_cond = w_cond.reshape(taps * w_cond.shape[1], steps * 2 * n)
+    b_cond = (conv.bias.detach().float().reshape(2 * n, steps) * gain[:, None]).t().reshape(-1)
+    rs = fwn.res_skip_layers[i]
+    w_rs, b_rs = rs.weight.detach()[..., 0].t().float(), rs.bias.detach().float()
+    if precision != "int8":  # int8 quantises the GEMM's input: the difference 2σσ − σ is formed before it
+        w_rs = torch.cat([2.0 * w_rs, -w_rs])  # [2C, out]: applied to [σ(2a)σ(b) | σ(b)] (×2 and − are exact)
+    arrays = {}
+    for name, weight, bias in (("taps", w_in, None), ("cond", w_cond, b_cond), ("res_skip", w_rs, b_rs)):
+        if precision == "int8":  # all three GEMMs in int8
+            arrays[f"{name}.q"], arrays[f"{name}.scale"] = quantize_int8(weight)
         else:
-            self.taps_gemm, self.cond_gemm = _FloatGemm(w_in, None, dtype), _FloatGemm(w_cond, b_cond, dtype)
-            self.res_skip_gemm = _FloatGemm(w_rs, b_rs, dtype)
+            arrays[f"{name}.weight"] = weight.to(DTYPES[precision]).contiguous()
+        if bias is not None:
+            arrays[f"{name}.bias"] = bias.to(torch.float32 if precision == "int8" else DTYPES[precision]).contiguous()
+    return arrays
+
+
+class _Layer:
+    """One WN layer's GEMMs, built from `layer_arrays` (int8: packed here)."""
+
+    __slots__ = ("taps_gemm", "cond_gemm", "res_skip_gemm", "dilation", "taps", "rs_out", "tap_weights")
+
+    def __init__(self, arrays: dict[str, torch.Tensor], dilation: int, taps: int, precision: str):
+        self.dilation, self.taps = dilation, taps
+        # float: one GEMM per tap accumulating into the gate's input (no concatenated copy of the taps);
+        # int8 GEMMs cannot accumulate, so they take the taps side by side (K = taps·C) in one GEMM
+        weight = arrays.get("taps.weight")
+        rows = None if weight is None else weight.shape[0] // taps
+        self.tap_weights = None if weight is None else [weight[j * rows:(j + 1) * rows] for j in range(taps)]
+        for name in GEMMS:
+            bias = arrays.get(f"{name}.bias")
+            gemm = (_Int8Gemm(arrays[f"{name}.q"], arrays[f"{name}.scale"], bias) if precision == "int8"
+                    else _FloatGemm(arrays[f"{name}.weight"], bias))
+            setattr(self, f"{name}_gemm", gemm)
+        self.rs_out = self.res_skip_gemm.out_features  # C + skip channels; the last layer: skip only
+
+
+def flow_arrays(model, k: int, precision: str) -> dict[str, torch.Tensor]:
+    """Flow k of `model` (a WaveGlow, folded here, or a FastWaveGlow) as the engine's tensors:
+    `layer<i>.<gemm>.<part>` per WN layer, `start.weight`/`start.bias` (the start 1x1 conv) and `inverse`
+    (the inverse of the flow's 1x1 mixing), all channels-last."""
+    fwn = model.WN[k] if isinstance(model, FastWaveGlow) else fold_wn(model, k)
+    arrays = {f"layer{i}.{name}": t for i in range(model.config.n_layers)
+              for name, t in layer_arrays(fwn, i, precision).items()}
+    arrays["start.weight"] = fwn.start.weight.detach()[..., 0].t().float().contiguous()
+    arrays["start.bias"] = fwn.start.bias.detach().float().clone()
+    arrays["inverse"] = model.convinv[k].W_inverse.detach()[..., 0].t().float().contiguous()
+    return arrays
 
 
 @dataclass
@@ -118,8 +179,27 @@ class _Flow:
     inverse: torch.Tensor
 
 
-#: FastEngine precisions, fastest first
-PRECISIONS = ("int8", "bf16", "fp32")
+def native_precision(precision: str) -> str:
+    """`precision` if this CPU runs it natively, else the next one down (int8 → bf16 → fp32)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"FastEngine: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "int8" and not native_int8():
+        precision = "bf16"
+    if precision == "bf16" and not native_bf16():
+        precision = "fp32"
+    return precision
+
+
+def choose_threads(usable: int, others_busy: float, batch: int, limit: int | None = None) -> int:
+    """Threads for one `run`: the cores not taken by other processes (`others_busy`: cores' worth of
+    other work measured just before), at least 1, at most `limit` (the caller's cap) and `usable`.
+
+    Why: OpenMP's GEMMs split every op evenly across threads and wait at a barrier after each, so one
+    thread sharing its core with another process makes every op as slow as that thread; one thread per
+    free core avoids it. A batch of at least two utterances runs them on separate threads anyway."""
+    cap = max(1, min(limit or usable, usable))
+    free = usable - max(0.0, others_busy)
+    return max(1, min(cap, math.floor(free + 0.5)))
 
 
 class FastEngine:
@@ -131,39 +211,46 @@ class FastEngine:
       `self.precision`).
     - `block_frames`: mel frames per block (× steps per frame): large enough that per-op overhead is small,
       small enough that a block's activations stay in cache.
-    - `threads`: cores to use (default: torch's setting); with a batch, utterances run in parallel, one
-      core each, since one core per GEMM is more efficient than two on small blocks.
+    - `threads`: the most cores to use (default: torch's setting). Each `run` uses as many of them as are
+      free at that moment (`choose_threads`; `adaptive=False`: always `threads`); with a batch, utterances
+      run in parallel, one core each, since one core per GEMM is more efficient than two on small blocks.
+    - `flows`: the engine's tensors per flow (`flow_arrays`; the cache's way in): then `model` is only
+      asked for its `config` and `n_remaining_channels`.
     """
 
-    def __init__(self, model, precision: str = "bf16", block_frames: int = 128, threads: int | None = None):
-        if precision not in PRECISIONS:
-            raise ConfigError(f"FastEngine: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    def __init__(self, model, precision: str = "bf16", block_frames: int = 128, threads: int | None = None,
+                 adaptive: bool = True, flows: Iterable[dict[str, torch.Tensor]] | None = None):
         if block_frames < 1:
             raise ConfigError(f"FastEngine: block_frames must be >= 1, got {block_frames}")
-        if precision == "int8" and not native_int8():
-            precision = "bf16"
-        if precision == "bf16" and not native_bf16():
-            precision = "fp32"
-        self.precision = precision
-        # the GEMM operands and the WN state; int8 GEMMs take fp32 in and give fp32 out (quantized per call)
-        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.precision = precision = native_precision(precision)
+        self.dtype = DTYPES[precision]
         self.config = c = model.config
         self.block_frames = block_frames
         self.threads = threads or torch.get_num_threads()
+        self.adaptive = adaptive
+        self.last_threads = self.threads  # what the latest `run` used
+        self._meter = CpuMeter()
         self.steps, self.taps = c.steps_per_frame, c.upsample_taps
         self.pad = (c.kernel_size - 1) // 2 * 2 ** (c.n_layers - 1)  # rows of zeros around each utterance
-        self.flows = []
-        for k in range(c.n_flows):  # one flow folded at a time: the fp32 folded weights never all exist
-            fwn = model.WN[k] if isinstance(model, FastWaveGlow) else fold_wn(model, k)
-            layers = [_Layer(fwn, i, self.dtype, int8=precision == "int8") for i in range(c.n_layers)]
-            self.flows.append(_Flow(layers, fwn.start.weight.detach()[..., 0].t().float().contiguous(),
-                                    fwn.start.bias.detach().float().clone(),
-                                    model.convinv[k].W_inverse.detach()[..., 0].t().float().contiguous()))
-            del fwn
         self.n_remaining_channels = model.n_remaining_channels
+        if flows is None:  # one flow folded at a time: the fp32 folded weights never all exist
+            flows = (flow_arrays(model, k, precision) for k in range(c.n_flows))
+        self.flows = []
+        for arrays in flows:
+            layers = [_Layer({key.split(".", 1)[1]: t for key, t in arrays.items() if key.startswith(f"layer{i}.")},
+                             2 ** i, c.kernel_size, precision) for i in range(c.n_layers)]
+            self.flows.append(_Flow(layers, arrays["start.weight"], arrays["start.bias"], arrays["inverse"]))
+        if len(self.flows) != c.n_flows:
+            raise ConfigError(f"FastEngine: {len(self.flows)} flows given for a model of {c.n_flows}")
 
     def noise_shape(self, batch: int, frames: int) -> tuple[int, int, int]:
         return batch, self.config.n_group, frames * self.config.hop_length // self.config.n_group
+
+    def plan_threads(self, batch: int) -> int:
+        """The threads the next `run` of `batch` utterances uses (see `choose_threads`)."""
+        if not self.adaptive or self.threads == 1:
+            return self.threads
+        return choose_threads(usable_cpus(), self._meter.others_busy(), batch, self.threads)
 
     @torch.inference_mode()
     def run(self, mel, z) -> np.ndarray:
@@ -173,29 +260,65 @@ class FastEngine:
         if mel.dim() != 3 or tuple(z.shape) != self.noise_shape(mel.shape[0], mel.shape[2]):
             raise MelError(f"FastEngine: mel {tuple(mel.shape)} and z {tuple(z.shape)} do not fit "
                              f"(z must be [B, {self.config.n_group}, T*{self.steps}] for mel [B, n_mel, T])")
-        # conditioning input at frame rate: row f holds mel frames f-3 .. f (zeros before the start)
-        batch, frames = mel.shape[0], mel.shape[2]
-        mel_rows = F.pad(mel.transpose(1, 2), (0, 0, self.taps - 1, 0))
-        unfolded = mel_rows.unfold(1, self.taps, 1).transpose(2, 3).reshape(batch, frames, -1)
-        unfolded = unfolded.to(self.dtype).contiguous()
-        noise = z.transpose(1, 2).contiguous()  # [B, steps, n_group]
-        # Whole utterances on our own threads, one core each, rather than OpenMP inside every op: no
-        # barrier per GEMM, and one-core GEMMs waste less. Left-over utterances (and batch 1) use OpenMP.
-        parallel = batch - batch % self.threads if self.threads > 1 else 0
-        audio = []
-        if parallel:
-            previous = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                with ThreadPoolExecutor(self.threads) as pool:
-                    audio = list(pool.map(lambda b: self._reverse(unfolded[b], noise[b]), range(parallel)))
-            finally:
-                torch.set_num_threads(previous)
-        audio += [self._reverse(unfolded[b], noise[b]) for b in range(parallel, batch)]
-        return torch.stack(audio).numpy()
+        return np.stack(self.run_utterances(list(mel), list(z)))
+
+    @torch.inference_mode()
+    def run_utterances(self, mels, zs) -> list[np.ndarray]:
+        """Utterances of any lengths, each at its own length (no padding): mels [n_mel, T_i], zs [n_group,
+        T_i·hop/n_group] (complete, sigma-scaled) → audio [T_i·hop] float32 each, equal to running each alone."""
+        prepared = []
+        for mel, z in zip(mels, zs, strict=True):
+            mel, z = torch.as_tensor(mel).float(), torch.as_tensor(z).float()
+            if mel.dim() != 2 or tuple(z.shape) != self.noise_shape(1, mel.shape[1])[1:]:
+                raise MelError(f"FastEngine: mel {tuple(mel.shape)} and z {tuple(z.shape)} do not fit (z must be "
+                               f"[{self.config.n_group}, T*{self.steps}] for mel [n_mel, T])")
+            # conditioning input at frame rate: row f holds mel frames f-3 .. f (zeros before the start)
+            rows = F.pad(mel.t(), (0, 0, self.taps - 1, 0))
+            unfolded = rows.unfold(0, self.taps, 1).transpose(1, 2).reshape(mel.shape[1], -1)
+            prepared.append((unfolded.to(self.dtype).contiguous(), z.t().contiguous()))  # noise [steps, n_group]
+        threads = self.last_threads = self.plan_threads(len(prepared))
+        previous = torch.get_num_threads()
+        try:
+            if threads == 1 or len(prepared) == 1:
+                torch.set_num_threads(threads)
+                return [self._reverse(*p).numpy() for p in prepared]
+            return self._run_parallel(prepared, threads)
+        finally:
+            torch.set_num_threads(previous)
+
+    def _run_parallel(self, prepared, threads: int) -> list[np.ndarray]:
+        """Whole utterances on our own threads, longest first, one core each, rather than OpenMP inside
+        every op: no barrier per GEMM, and one-core GEMMs waste less. When no utterance is left to start,
+        the threads still running take over the idle cores (OpenMP inside their ops, from their next flow)."""
+        order = iter(sorted(range(len(prepared)), key=lambda i: -prepared[i][0].shape[0]))
+        lock = threading.Lock()
+        state = {"active": min(threads, len(prepared)), "drained": False}
+        outputs: list[np.ndarray | None] = [None] * len(prepared)
+
+        def share() -> int:  # OpenMP threads for this worker's next flow
+            with lock:
+                return max(1, threads // state["active"]) if state["drained"] else 1
+
+        def worker() -> None:
+            torch.set_num_threads(1)  # this thread's own OpenMP team
+            while True:
+                with lock:
+                    i = next(order, None)
+                    if i is None:
+                        state["drained"] = True
+                        state["active"] -= 1
+                        return
+                outputs[i] = self._reverse(*prepared[i], share=share).numpy()
+
+        with ThreadPoolExecutor(state["active"]) as pool:
+            for future in [pool.submit(worker) for _ in range(state["active"])]:
+                future.result()
+        return outputs
 
     @torch.inference_mode()  # per call: worker threads do not inherit the caller's mode
-    def _reverse(self, unfolded: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def _reverse(self, unfolded: torch.Tensor, noise: torch.Tensor, share=None) -> torch.Tensor:
+        """One utterance: unfolded mel [T, taps·n_mel], noise [T·steps, n_group] → audio [T·hop]. `share`:
+        called before each flow, the OpenMP threads to use for it (a worker of `_run_parallel`)."""
         c, pad, steps = self.config, self.pad, self.steps
         n, total = c.n_channels, unfolded.shape[0] * steps
         frames = unfolded.shape[0]
@@ -204,7 +327,12 @@ class FastEngine:
         x_next = torch.zeros_like(x)
         audio = noise[:, : self.n_remaining_channels]
         next_row = self.n_remaining_channels
+        omp = torch.get_num_threads()
         for k in reversed(range(c.n_flows)):
+            want = omp if share is None else share()
+            if want != omp:
+                omp = want
+                torch.set_num_threads(omp)
             flow = self.flows[k]
             n_half = audio.shape[1] // 2
             swap = c.swaps_halves(k)
@@ -229,11 +357,19 @@ class FastEngine:
         n, pad, steps = self.config.n_channels, self.pad, self.steps
         t0, t1 = pad + f0 * steps, pad + f1 * steps
         acts = layer.cond_gemm(unfolded[f0:f1]).view(t1 - t0, 2 * n)
-        centre, d = (layer.taps - 1) // 2, layer.dilation  # the dilated taps side by side: one GEMM, K = 3C
-        taps = torch.cat([x[t0 + (j - centre) * d: t1 + (j - centre) * d] for j in range(layer.taps)], 1)
-        sig = torch.sigmoid(layer.taps_gemm.accumulate(acts, taps))
-        gated = torch.addcmul(sig[:, n:].neg(), sig[:, :n], sig[:, n:], value=2.0)
-        res_skip = layer.res_skip_gemm(gated)
+        centre, d = (layer.taps - 1) // 2, layer.dilation
+        if layer.tap_weights is not None:  # each dilated tap is a row offset: one accumulating GEMM per tap
+            for j, weight in enumerate(layer.tap_weights):
+                acts.addmm_(x[t0 + (j - centre) * d: t1 + (j - centre) * d], weight)
+        else:  # int8: the taps side by side, one GEMM with K = taps·C
+            taps = torch.cat([x[t0 + (j - centre) * d: t1 + (j - centre) * d] for j in range(layer.taps)], 1)
+            layer.taps_gemm.accumulate(acts, taps)
+        gate = acts.sigmoid_()  # [σ(2a) | σ(b)] in place, then [σ(2a)σ(b) | σ(b)]: see layer_arrays
+        if layer.tap_weights is not None:
+            gate[:, :n].mul_(gate[:, n:])
+        else:  # int8: (2σ(2a) − 1)·σ(b) itself, so that the quantised input carries no cancelling terms
+            gate = torch.addcmul(gate[:, n:].neg(), gate[:, :n], gate[:, n:], value=2.0)
+        res_skip = layer.res_skip_gemm(gate)
         n_skip = skip.shape[1]
         skip[t0 - pad: t1 - pad] += res_skip[:, res_skip.shape[1] - n_skip:]
         if res_skip.shape[1] > n_skip:
