@@ -4,8 +4,14 @@ Fixtures (built once per session) live in conftest.py."""
 from __future__ import annotations
 
 import importlib
+import secrets
+import socket
+import subprocess
 import sys
+import time
 import types
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -185,3 +191,37 @@ def optional_ray(*submodules: str):
         ray = None
     reason = f"{', '.join(('ray',) + submodules)} not installed: pip install 'waveglow-workflow[ray]' (not in .[all])"
     return ray, pytest.mark.skipif(ray is None, reason=reason)
+
+
+# --- JupyterLab on 127.0.0.1 (the notebook and browser tests) --------------------------------------
+@dataclass
+class JupyterLabServer:
+    proc: subprocess.Popen
+    base: str
+    token: str
+    log: Any
+
+
+def start_jupyterlab(root: Path, env: dict, log_path: Path, *, timeout: float = 60,
+                     new_session: bool = False) -> JupyterLabServer:
+    """`jupyter lab` of this interpreter serving `root` on a free 127.0.0.1 port with a random token, once
+    its API answers; RuntimeError with the end of its log when it exits or does not answer in `timeout`."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    token = secrets.token_hex(16)
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("jupyter-lab")), "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.port_retries=0",
+         "--allow-root"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=new_session)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
+            return JupyterLabServer(proc, base, token, log)
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"jupyter lab did not start:\n{Path(log_path).read_text()[-3000:]}") from None
+            time.sleep(0.3)

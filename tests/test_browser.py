@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import nbformat
@@ -33,6 +29,7 @@ if not Path(CHROMIUM).is_file():
     pytest.skip("Debian's chromium is not installed (make test installs it with apt-get where apt is available)",
                 allow_module_level=True)
 
+from support import start_jupyterlab  # noqa: E402
 from waveglow_lib.config import DEMO_CORPUS_DIR  # noqa: E402  (after the skips: no import work when skipped)
 
 SHORT_UTTERANCES = ("LJ001-0002", "LJ001-0008")
@@ -41,12 +38,6 @@ HOP_SECONDS = 256 / 22050
 
 
 # --- the server -----------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """A copy of notebooks 01 and 05 with params/demo.yaml set small, served by `jupyter lab`; stopped
@@ -75,26 +66,12 @@ def lab(tmp_path_factory):
     (settings / "apputils-extension").mkdir(parents=True)
     (settings / "apputils-extension" / "notification.jupyterlab-settings").write_text(
         json.dumps({"fetchNews": "false", "checkForUpdates": False}))
-    port, token = _free_port(), secrets.token_hex(16)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
            "JUPYTER_RUNTIME_DIR": str(root / "runtime"), "JUPYTERLAB_SETTINGS_DIR": str(root / "settings"),
            "JUPYTERLAB_WORKSPACES_DIR": str(root / "workspaces")}
-    log = open(root / "jupyterlab.log", "w")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("jupyter-lab")), "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.port_retries=0",
-         "--allow-root"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    server = start_jupyterlab(root, env, root / "jupyterlab.log", timeout=90, new_session=True)
+    proc, base, token, log = server.proc, server.base, server.token, server.log
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"jupyter lab did not start:\n{(root / 'jupyterlab.log').read_text()[-3000:]}")
-                time.sleep(0.3)
         yield {"root": root, "base": base, "token": token, "run": root / "runs" / "browser", "env": env}
     finally:
         try:

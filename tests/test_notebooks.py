@@ -13,6 +13,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from support import start_jupyterlab
 from waveglow_lib.notebook import runner as nr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,31 +237,9 @@ class JupyterLab:
     cells sent as execute_requests, widget comm messages answered as the widget manager would."""
 
     def __init__(self, root: Path, workdir: Path):
-        import secrets
-        import socket
-        import time
-        import urllib.request
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.token = secrets.token_hex(16)
-        self.base = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(workdir / "runtime"), "PYTHONPATH": str(root)}
-        self.log = open(workdir / "jupyterlab.log", "w")
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).with_name("jupyter-lab")), "--no-browser", "--ip=127.0.0.1",
-             f"--port={self.port}", f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={root}",
-             "--ServerApp.port_retries=0", "--allow-root"], cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.base}/api/status?token={self.token}", timeout=2)
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"jupyter lab did not start: {(workdir / 'jupyterlab.log').read_text()[-2000:]}")
-                time.sleep(0.3)
+        server = start_jupyterlab(root, env, workdir / "jupyterlab.log")
+        self.proc, self.base, self.token, self.log = server.proc, server.base, server.token, server.log
 
     def api(self, method: str, path: str, body: dict | None = None) -> dict:
         import urllib.request
