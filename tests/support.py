@@ -197,6 +197,7 @@ def optional_ray(*submodules: str):
 @dataclass
 class JupyterLabServer:
     proc: subprocess.Popen
+    port: int
     base: str
     token: str
     log: Any
@@ -220,7 +221,7 @@ def start_jupyterlab(root: Path, env: dict, log_path: Path, *, timeout: float = 
     while True:
         try:
             urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
-            return JupyterLabServer(proc, base, token, log)
+            return JupyterLabServer(proc, port, base, token, log)
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"jupyter lab did not start:\n{Path(log_path).read_text()[-3000:]}") from None

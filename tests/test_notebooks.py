@@ -239,7 +239,8 @@ class JupyterLab:
     def __init__(self, root: Path, workdir: Path):
         env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(workdir / "runtime"), "PYTHONPATH": str(root)}
         server = start_jupyterlab(root, env, workdir / "jupyterlab.log")
-        self.proc, self.base, self.token, self.log = server.proc, server.base, server.token, server.log
+        self.proc, self.port, self.base, self.token = server.proc, server.port, server.base, server.token
+        self.log = server.log
 
     def api(self, method: str, path: str, body: dict | None = None) -> dict:
         import urllib.request
