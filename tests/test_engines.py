@@ -4,7 +4,8 @@ nothing; a two-node cluster (ray.cluster_utils.Cluster) is driven through `ray_a
 NPU request is a contract test (no NPU here): it checks what the engine asks Ray Data for.
 
 Real-Ray tests are `e2e` (each starts actors, tens of seconds on a small machine) and skip when ray is
-not installed (`pip install 'waveglow-workflow[ray]'`; it is not part of `.[all]`).
+not installed (`pip install 'waveglow-workflow[ray]'`, part of `.[all]`). The vocode command on Ray (a
+folder of TTS mels) gives the local engine's wavs byte for byte.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 
 from support import TINY_PIPELINE, optional_ray
 from waveglow_lib import engines
+from waveglow_lib.cli import main
 from waveglow_lib.config import DEMO_CORPUS_DIR
 from waveglow_lib.engines import ray as ray_engine
 from waveglow_lib.errors import ConfigError, SynthesisError
@@ -194,6 +196,41 @@ def test_rerun_skips_finished_items_like_local(local_ray, demo_run, tmp_path):
     redo = engines.infer(cfg)
     assert redo["written"] == ["LJ001-0003"] and len(redo["skipped"]) == 9
     assert out_bytes(cfg.layout.out_dir) == before
+
+
+@needs_ray
+@pytest.mark.e2e
+def test_vocode_command_on_ray_gives_the_local_wavs(local_ray, demo_run, tmp_path, capsys):
+    """`vocode --mels DIR --set engine=ray`: a folder of TTS-style mels (.npy, and a guide .bin with its .txt)
+    on the actor pool gives the local engine's wavs byte for byte; per-actor timings; a rerun skips all."""
+    source = demo_run(tmp_path / "source", backend="fast", precision="fp32")
+    folder = tmp_path / "tts"
+    folder.mkdir()
+    items = manifest_items(source.layout.mel_dir, json.loads(source.layout.manifest.read_text()), TINY_PIPELINE)
+    for item in items[:4]:
+        save_mel(folder / f"{item.id}.npy", ManifestMelReader(80)(item))
+    shutil.copy2(items[4].bin_path, folder)
+    shutil.copy2(items[4].bin_path.with_suffix(".txt"), folder)
+    ids = sorted(u.id for u in items[:5])
+    local = engines.vocode(demo_run(tmp_path / "local", backend="fast", precision="fp32"), folder)
+    assert sorted(local["written"]) == ids
+    ray_cfg = demo_run(tmp_path / "ray", backend="fast", precision="fp32")
+    argv = ["vocode", "--mels", str(folder), "--runs-dir", ray_cfg.runs_dir, "--name", ray_cfg.name,
+            "--checkpoint", ray_cfg.checkpoint, "--backend", "fast", "--precision", "fp32",
+            "--set", "engine=ray"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["engine"] == "ray" and sorted(result["written"]) == ids and result["repeated_results"] == 0
+    wavs = {p.name: p.read_bytes() for p in sorted(ray_cfg.layout.vocode_dir.glob("*_syn.wav"))}
+    expected = {p.name: p.read_bytes() for p in sorted(Path(local["out_dir"]).glob("*_syn.wav"))}
+    assert len(wavs) == 5 and wavs == expected
+    record = json.loads(ray_cfg.layout.vocode_record.read_text())
+    assert record["settings"]["engine"] == "ray"
+    assert sum(w["items"] for w in record["workers"].values()) == 5
+    assert {entry["worker"] for entry in record["items"].values()} == set(record["workers"])
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["written"] == [] and sorted(again["skipped"]) == ids
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The vocoding service: request decoding and its refusals (clear 4xx, checked without Ray), and a real
 Ray Serve deployment under concurrent clients whose responses equal the infer stage's outputs byte for
-byte (e2e; skipped without ray, which is the `ray` extra, not part of `.[all]`)."""
+byte (e2e; skipped without ray, which is the `ray` extra, part of `.[all]`)."""
 from __future__ import annotations
 
 import io

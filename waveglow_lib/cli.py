@@ -67,8 +67,8 @@ STAGE_FIELDS = {
     "convert": ("gear_policy", "n_buckets", "soc_version", "batch_size", "chunk_frames"),
     "infer": ("backend", "device", "precision", "batch_size", "sigma", "seed", "engine", "chunk_frames"),
     "postprocess": ("denoiser_strength",),
-    "vocode": ("backend", "device", "precision", "sigma", "seed", "chunk_frames", "mel_layout", "mel_convert",
-               "denoiser_strength", "vocode_out_bin"),
+    "vocode": ("backend", "device", "precision", "batch_size", "sigma", "seed", "engine", "chunk_frames",
+               "mel_layout", "mel_convert", "denoiser_strength", "vocode_out_bin"),
 }
 ALL_STAGE_FIELDS = tuple(dict.fromkeys(f for stage, fields in STAGE_FIELDS.items() if stage != "vocode"
                                        for f in fields))
@@ -110,7 +110,7 @@ def _vocode_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_vocode(cfg: WorkflowConfig, args: argparse.Namespace) -> Any:
-    return stages.vocode(cfg, args.mels, out_dir=args.out_dir, force=args.force)
+    return engines.vocode(cfg, args.mels, out_dir=args.out_dir, force=args.force)
 
 
 def _run_options(parser: argparse.ArgumentParser) -> None:

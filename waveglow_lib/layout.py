@@ -28,6 +28,8 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "waveglow_lib mel manifest v1"
 #: per-run settings (incl. what `auto` became) and per-utterance timings, in the output folder
 TIMINGS_FILE = "timings.json"
+#: the vocode stage's record (settings, sources, per-item and per-worker timings) in its output folder
+VOCODE_RECORD_FILE = "vocode.json"
 #: the notebooks' quick throughput rows, collected into metrics.json
 THROUGHPUT_FILE = "throughput.json"
 #: what `convert` may build
@@ -119,7 +121,7 @@ class RunLayout:
 
     @property
     def vocode_record(self) -> Path:
-        return self.vocode_dir / "vocode.json"
+        return self.vocode_dir / VOCODE_RECORD_FILE
 
     @property
     def notebooks_dir(self) -> Path:

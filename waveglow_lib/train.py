@@ -281,11 +281,12 @@ def init_from_scratch(config: ModelConfig, seed: int, hann_upsample: bool = Fals
             wn.end.weight.zero_()
             wn.end.bias.zero_()
         if hann_upsample:  # each band interpolated to audio rate by itself; overlap-added Hann sums to 1
-            kernel = torch.hann_window(config.upsample_kernel, periodic=True) * (
-                config.upsample_stride / config.upsample_kernel * 2)
+            # at the kernel's start: frame t is centred on sample t*hop, and the transposed convolution
+            # places it from sample t*hop on, so a window at the start is as close to aligned as it gets
+            width = 2 * config.upsample_stride
             glow.upsample.weight.zero_()
             for band in range(config.n_mel_channels):
-                glow.upsample.weight[band, band] = kernel
+                glow.upsample.weight[band, band, :width] = torch.hann_window(width, periodic=True)
             glow.upsample.bias.zero_()
     glow.refresh_inverses()
     return glow

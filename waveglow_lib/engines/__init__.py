@@ -2,8 +2,9 @@
 
 An engine takes a prepared `InferJob` (`stages.infer.prepare_infer`: the work items still to do, how to
 read each one's mel, the batch plan, the run folder's `timings.json`) and returns the job's summary.
-A stage with other inputs (a folder of TTS mels) prepares its own job with `items=` and `read_mel=` and
-calls `run_job`; the outputs, the skipping of finished items and the timings are the same on every engine.
+A stage with other inputs (a folder of TTS mels: `stages.vocode`) prepares its own job with `items=` and
+`read_mel=` and calls `run_job`; the outputs, the skipping of finished items and the timings are the same
+on every engine.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from . import local, ray
 #: engine name (`WorkflowConfig.engine`) → run(cfg, job, *, model=None) -> summary
 ENGINES: dict[str, Callable[..., dict]] = {"local": local.run, "ray": ray.run}
 
-__all__ = ["ENGINES", "infer", "run_all", "run_job"]
+__all__ = ["ENGINES", "infer", "run_all", "run_job", "vocode"]
 
 
 def run_job(cfg: WorkflowConfig, job: InferJob, *, model=None) -> dict:
@@ -32,6 +33,12 @@ def infer(cfg: WorkflowConfig, *, model=None, out_dir: str | Path | None = None,
     """The infer stage (`mel/manifest.json` → `out/`) on the engine `cfg.engine` names."""
     job = prepare_infer(cfg, model=model, out_dir=out_dir, force=force, engine=cfg.engine)
     return run_job(cfg, job, model=model)
+
+
+def vocode(cfg: WorkflowConfig, mels: str | Path, *, model=None, out_dir: str | Path | None = None,
+           force: bool = False) -> dict:
+    """The vocode stage (a folder of TTS mels → wavs) on the engine `cfg.engine` names."""
+    return stages.vocode(cfg, mels, model=model, out_dir=out_dir, force=force, run_with=run_job)
 
 
 def run_all(cfg: WorkflowConfig, *, model=None, force: bool = False, convert_targets=None) -> dict:

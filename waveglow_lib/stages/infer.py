@@ -150,15 +150,22 @@ class MelFileReader:
     format check included (picklable, like ManifestMelReader)."""
 
     n_mel: int
+    #: `mel_input.read_mel`'s layout and (asked-for) conversion
+    layout: str = "auto"
+    convert: str | None = None
 
     def __call__(self, item: Utterance) -> np.ndarray:
-        return read_mel(item.bin_path, self.n_mel)
+        return read_mel(item.bin_path, self.n_mel, layout=self.layout, convert=self.convert,
+                        stft=STFTConfig(n_mel_channels=self.n_mel))
 
 
-def mel_folder_items(folder: str | Path, n_mel: int = 80) -> tuple[list[Utterance], MelFileReader]:
-    """Work items for a folder of mels (`mel_input.list_mels`), each read once here for its length."""
-    items = [Utterance(utt_id, read_mel(path, n_mel).shape[1], path) for utt_id, path in list_mels(folder)]
-    return items, MelFileReader(n_mel)
+def mel_folder_items(folder: str | Path, n_mel: int = 80, layout: str = "auto",
+                     convert: str | None = None) -> tuple[list[Utterance], MelFileReader]:
+    """Work items for a folder (or one file) of mels (`mel_input.list_mels`), each read and checked once
+    here for its length: a file in the wrong format is refused by name before any audio is made."""
+    reader = MelFileReader(n_mel, layout, convert)
+    items = [Utterance(utt_id, reader(Utterance(utt_id, 0, path)).shape[1], path) for utt_id, path in list_mels(folder)]
+    return items, reader
 
 
 @dataclass(frozen=True)
@@ -274,9 +281,8 @@ class InferJob:
         self.record["settings"].update(result.backend_info)
         batch_frames = sum(u.frames for u in result.items)
         for position, (u, audio) in enumerate(zip(result.items, result.audios)):
-            write_bin(out_bin(self.out_dir, u.id), audio)
             items[u.id] = {
-                "frames": u.frames, "samples": int(audio.size), "batch": index,
+                **self.write_item(u, audio), "batch": index,
                 "batch_items": len(result.items), "padded_frames": result.stats["padded_frames"],
                 "tail_frames": result.stats["tail_frames"], "exact": position not in result.stats["inexact"],
                 # vocoded alone in chunks of chunk_frames (+ context): exact, bounded memory
@@ -297,6 +303,11 @@ class InferJob:
             if worker["busy_seconds"] else None
         atomic_write_json(self.timings_path, self.record)
         return [u.id for u in result.items]
+
+    def write_item(self, utterance: Utterance, audio: np.ndarray) -> dict:
+        """Write one utterance's output atomically; returns what its record entry says of the output."""
+        write_bin(out_bin(self.out_dir, utterance.id), audio)
+        return {"frames": utterance.frames, "samples": int(audio.size)}
 
     def summary(self) -> dict:
         total = time.perf_counter() - self.started

@@ -2,34 +2,38 @@
 `runs/<name>/vocode/<id>_syn.wav` (and the guide's `<id>_out.bin` with `vocode_out_bin`).
 
 Every mel goes through `mel_input.read_mel` (reader and format check) before anything is vocoded, so a
-mel in the wrong format is refused with its file's name instead of becoming noise. Each utterance is
-vocoded alone, in chunks when it is longer than `chunk_frames` + context (`batching.vocode`: exactly the
-one-shot output, memory bounded by a chunk), with the noise of (seed, file stem) as the infer stage
-draws it: a mel saved from our own preprocess gives the wav route's samples. Resumable: a wav made from
-the same file with the same settings is skipped (`vocode/vocode.json`).
+mel in the wrong format is refused with its file's name instead of becoming noise. The mels are then a
+job like the infer stage's (`prepare_infer(items=..., read_mel=...)`): the same batch plan, per-batch
+work (`infer.vocode_batch`: long utterances alone in exact chunks, memory bounded by a chunk) and noise
+of (seed, file stem), so a mel saved from our own preprocess gives the wav route's samples — and the same
+engines (`waveglow_lib.engines.vocode` runs it on `engine: ray`). Only the writing differs
+(`VocodeJob.write_item`: denoiser, the `.txt` length, a wav). Resumable: a wav made from the same file
+with the same settings is skipped (`vocode/vocode.json`, which also holds the per-worker timings).
 """
 from __future__ import annotations
 
 import json
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from ..batching import NOISE_SCHEME, utterance_noise, vocode as vocode_batch, vocode_stream
+from ..batching import NOISE_SCHEME, Utterance, utterance_noise, vocode_stream
 from ..checkpoint import load_waveglow
 from ..config import STFTConfig, WorkflowConfig
 from ..denoiser import Denoiser
-from ..errors import MelError, SynthesisError
-from ..io import atomic_write_bytes, atomic_write_json, sha256_bytes, write_bin
-from ..layout import out_bin, syn_wav
+from ..errors import MelError
+from ..io import atomic_write_bytes, read_json, sha256_bytes, write_bin
+from ..layout import VOCODE_RECORD_FILE, out_bin, syn_wav
 from ..mel_input import list_mels, mel_sample_count, read_mel
 from ..metrics import snr_db
-from .infer import backend_name, open_backend, resolve_model_config
+from ..runlock import locked
+from .infer import InferJob, VocodeSettings, backend_name, mel_folder_items, open_backend, resolve_model_config, \
+    run_local
 from .postprocess import wav_bytes
 
-__all__ = ["vocode", "read_mels", "stream_matches_offline"]
+__all__ = ["vocode", "prepare_vocode", "VocodeJob", "read_mels", "stream_matches_offline"]
 
 
 def read_mels(cfg: WorkflowConfig, mels: str | Path, n_mel: int = 80) -> list[dict]:
@@ -42,91 +46,102 @@ def read_mels(cfg: WorkflowConfig, mels: str | Path, n_mel: int = 80) -> list[di
     items = []
     for utt_id, path in list_mels(mels):
         mel = read_mel(path, n_mel, layout=cfg.mel_layout, convert=convert, stft=STFTConfig(n_mel_channels=n_mel))
-        samples = mel_sample_count(path) if path.suffix.lower() == ".bin" else None
-        items.append({"id": utt_id, "path": path, "mel": mel, "samples": samples})
+        items.append({"id": utt_id, "path": path, "mel": mel, "samples": _source_samples(path)})
     return items
 
 
-def vocode(cfg: WorkflowConfig, mels: str | Path, *, model=None, backend=None, out_dir: str | Path | None = None,
-           force: bool = False) -> dict:
-    """Vocode every mel of `mels` (a folder of `<id>.npy|.pt|.bin`, or one file) into `<out_dir>/<id>_syn.wav`.
+def _source_samples(path: Path) -> int | None:
+    return mel_sample_count(path) if path.suffix.lower() == ".bin" else None
 
-    `out_dir` defaults to `runs/<name>/vocode/`. Settings that shape the audio: `checkpoint`, `backend`,
-    `precision`, `sigma`, `seed` (noise per file stem), `denoiser_strength`, `mel_layout`, `mel_convert`,
-    `chunk_frames` (changes memory and time, not the audio). `backend=` takes an opened Backend (not
-    closed here). Returns a summary with the written / skipped ids and the real-time factor.
-    """
+
+@dataclass
+class VocodeJob(InferJob):
+    """An infer job whose outputs are wavs: denoised (`denoiser_strength`), cut to the source's `.txt`
+    length, written with the raw `<id>_out.bin` on request; its record is `vocode.json`."""
+
+    denoiser: Denoiser | None = None
+    denoiser_strength: float = 0.0
+    write_bin: bool = False
+    #: id → {"source", "source_sha256", "samples" (the .txt count or None)}
+    sources: dict = field(default_factory=dict)
+
+    @property
+    def timings_path(self) -> Path:
+        return self.out_dir / VOCODE_RECORD_FILE
+
+    def write_item(self, utterance: Utterance, audio: np.ndarray) -> dict:
+        source = self.sources[utterance.id]
+        raw = audio
+        if self.denoiser is not None:
+            audio = np.asarray(self.denoiser(audio[None], strength=self.denoiser_strength),
+                               dtype=np.float32).reshape(-1)
+        if source["samples"] is not None:  # the source's length, as the wav route trims
+            audio = audio[: source["samples"]]
+        if self.write_bin:
+            write_bin(out_bin(self.out_dir, utterance.id), raw)
+        atomic_write_bytes(syn_wav(self.out_dir, utterance.id), wav_bytes(audio, self.rate))
+        return {"source": source["source"], "source_sha256": source["source_sha256"], "frames": utterance.frames,
+                "samples": int(audio.size), "settings": self.output_settings}
+
+    def summary(self) -> dict:
+        return {**super().summary(), "backend": self.backend, "record": str(self.timings_path)}
+
+
+def prepare_vocode(cfg: WorkflowConfig, mels: str | Path, *, model=None, name: str | None = None,
+                   out_dir: str | Path | None = None, force: bool = False, engine: str = "local") -> VocodeJob:
+    """Read and check every mel of `mels`, then what is left to vocode into `out_dir` (nothing written)."""
     out_dir = Path(out_dir) if out_dir else cfg.layout.vocode_dir
     model_config = resolve_model_config(cfg, model)
-    items = read_mels(cfg, mels, model_config.n_mel_channels)  # every file checked before any audio
     stft = STFTConfig(n_mel_channels=model_config.n_mel_channels)
-    name = backend.name if backend is not None else backend_name(cfg)
+    convert = None if cfg.mel_convert == "none" else cfg.mel_convert
+    items, reader = mel_folder_items(mels, model_config.n_mel_channels, cfg.mel_layout, convert)
+    if not items:
+        raise MelError(f"{mels}: no mels to vocode", path=Path(mels))
+    name = name or backend_name(cfg)
     settings = {"checkpoint": cfg.checkpoint, "backend": name, "precision": cfg.precision, "sigma": cfg.sigma,
                 "seed": cfg.seed, "noise": NOISE_SCHEME, "denoiser_strength": float(cfg.denoiser_strength),
                 "mel_layout": cfg.mel_layout, "mel_convert": cfg.mel_convert, "out_bin": cfg.vocode_out_bin}
-    record_path = out_dir / "vocode.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() and not force else {}
+    record_path = out_dir / VOCODE_RECORD_FILE
+    record = read_json(record_path, "the vocode stage's record") if record_path.is_file() and not force else {}
     done: dict = record.get("items", {})
-    for item in items:
-        item["source_sha256"] = sha256_bytes(item["path"].read_bytes())
+    sources = {u.id: {"source": str(u.bin_path), "source_sha256": sha256_bytes(u.bin_path.read_bytes()),
+                      "samples": _source_samples(u.bin_path)} for u in items}
 
-    def finished(item: dict) -> bool:
-        entry = done.get(item["id"], {})
-        return (syn_wav(out_dir, item["id"]).is_file() and entry.get("settings") == settings
-                and entry.get("source_sha256") == item["source_sha256"])
+    def finished(u: Utterance) -> bool:
+        entry = done.get(u.id, {})
+        return (syn_wav(out_dir, u.id).is_file() and entry.get("settings") == settings
+                and entry.get("source_sha256") == sources[u.id]["source_sha256"])
 
-    todo = [item for item in items if not finished(item)]
-    skipped = [item["id"] for item in items if item not in todo]
-    written: list[str] = []
-    seconds = audio_seconds = 0.0
-    if todo:
-        if model is None and (name in ("torch", "fast") or cfg.denoiser_strength > 0):
-            model = load_waveglow(cfg.checkpoint_path)
-        denoiser = Denoiser.from_model(model) if cfg.denoiser_strength > 0 else None
-        own_backend = backend is None
-        if own_backend:
-            backend = open_backend(cfg, model=model, model_config=model_config, name=name)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            for item in tqdm(todo, desc=f"vocode ({backend.name})", unit="utt"):
-                utt_id, mel = item["id"], item["mel"]
-                noise = utterance_noise(model_config, mel.shape[1], cfg.seed, utt_id)
-                t0 = time.perf_counter()
-                audios, stats = vocode_batch(backend, [mel], [noise], cfg.sigma, model_config,
-                                             exact=cfg.exact_batching, pad_value=stft.pad_value,
-                                             chunk_frames=cfg.chunk_frames)
-                raw = audios[0]
-                if not np.isfinite(raw).all():
-                    raise SynthesisError(f"{item['path']}: the {backend.name} backend produced NaN/Inf audio",
-                                         path=item["path"])
-                audio = raw
-                if denoiser is not None:
-                    audio = np.asarray(denoiser(audio[None], strength=cfg.denoiser_strength),
-                                       dtype=np.float32).reshape(-1)
-                if item["samples"] is not None:  # the source's length, as the wav route trims
-                    audio = audio[: item["samples"]]
-                elapsed = time.perf_counter() - t0
-                if cfg.vocode_out_bin:
-                    write_bin(out_bin(out_dir, utt_id), raw)
-                atomic_write_bytes(syn_wav(out_dir, utt_id), wav_bytes(audio, stft.sampling_rate))
-                done[utt_id] = {"source": str(item["path"]), "source_sha256": item["source_sha256"],
-                                "frames": int(mel.shape[1]), "samples": int(audio.size),
-                                "chunk_windows": stats["chunk_windows"], "exact": not stats["inexact"],
-                                "seconds": round(elapsed, 6), "settings": settings}
-                # rewritten after each file: an interrupted run keeps what it finished
-                atomic_write_json(record_path, {"settings": settings, "items": done})
-                written.append(utt_id)
-                seconds += elapsed
-                audio_seconds += audio.size / stft.sampling_rate
-        finally:
-            if own_backend:
-                backend.close()
-    if not items:
-        raise MelError(f"{mels}: no mels to vocode", path=Path(mels))
-    return {"out_dir": str(out_dir), "backend": name, "written": written, "skipped": skipped,
-            "seconds": round(seconds, 3), "audio_seconds": round(audio_seconds, 3),
-            "real_time_factor": round(seconds / audio_seconds, 4) if audio_seconds else None,
-            "record": str(record_path)}
+    todo = [u for u in items if not finished(u)]
+    denoiser = None
+    if todo and cfg.denoiser_strength > 0:
+        denoiser = Denoiser.from_model(model if model is not None else load_waveglow(cfg.checkpoint_path))
+    return VocodeJob(out_dir=out_dir, todo=todo, skipped=[u.id for u in items if u not in todo], backend=name,
+                     settings=VocodeSettings(model_config, cfg.sigma, cfg.seed, cfg.exact_batching, stft.pad_value,
+                                             reader, cfg.checkpoint, cfg.chunk_frames),
+                     batch_size=cfg.batch_size, rate=stft.sampling_rate, record=record, output_settings=settings,
+                     device=cfg.device, engine=engine, denoiser=denoiser,
+                     denoiser_strength=float(cfg.denoiser_strength), write_bin=cfg.vocode_out_bin, sources=sources)
+
+
+@locked("vocode")
+def vocode(cfg: WorkflowConfig, mels: str | Path, *, model=None, backend=None, out_dir: str | Path | None = None,
+           force: bool = False, run_with: Callable[..., dict] | None = None) -> dict:
+    """Vocode every mel of `mels` (a folder of `<id>.npy|.pt|.bin`, or one file) into `<out_dir>/<id>_syn.wav`.
+
+    `out_dir` defaults to `runs/<name>/vocode/`. Settings that shape the audio: `checkpoint`, `backend`,
+    `precision`, `sigma`, `seed` (noise per file stem), `denoiser_strength`, `mel_layout`, `mel_convert`;
+    `batch_size` and `chunk_frames` change memory and time, not the audio (exact batching). `backend=` takes
+    an opened Backend (not closed here). `run_with(cfg, job, model=...)` runs the job elsewhere
+    (`waveglow_lib.engines.vocode` passes the engine `cfg.engine` names); default: this process.
+    Returns a summary with the written / skipped ids and the real-time factor.
+    """
+    engine = "local" if run_with is None or backend is not None else cfg.engine
+    job = prepare_vocode(cfg, mels, model=model, name=backend.name if backend is not None else None,
+                         out_dir=out_dir, force=force, engine=engine)
+    if engine == "local":
+        return run_local(cfg, job, model=model, backend=backend)
+    return run_with(cfg, job, model=model)
 
 
 def stream_matches_offline(cfg: WorkflowConfig, mel, utt_id: str, *, model=None, chunk_frames: int | None = None,
