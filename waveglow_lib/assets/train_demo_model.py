@@ -1,13 +1,15 @@
-"""Train the demo model on the demo corpus: `python -m waveglow_lib.assets.train_demo_model --until 02:15`.
+"""Train the demo model on the demo corpus: `python -m waveglow_lib.assets.train_demo_model --until 05:10 [--install]`.
 
-A small WaveGlow (8 flows, WN 6 x 48, the upsampler frozen as a per-band Hann interpolation so that its
-6.5 M weights cost nothing to store or learn) trained with `waveglow_lib.train` on the 10 bundled
-espeak-ng utterances, then scored (STOI, PESQ against the originals, sigma 0.6) and written as a gzipped
-float16 file in our format. The run is resumable: run the same command again to continue it.
+A small WaveGlow (8 flows, WN 6 x 48, the upsampler frozen as a per-band Hann interpolation placed where each
+mel frame's centre lands, so that its 6.5 M weights cost nothing to store or learn) trained with
+`waveglow_lib.train` on the 10 bundled espeak-ng utterances, then scored (STOI, PESQ against the originals,
+sigma 0.6): the snapshot with the best STOI becomes the candidate, a gzipped float16 file in our format, and
+`--install` makes it the bundled demo model. The run is resumable: run the same command again to continue it.
 
 How many steps: training runs in sittings (resumed from the last checkpoint); before each, the rest of
-the cosine learning-rate decay is re-planned from the measured speed to end at `--until`, starting from
-the rate reached so far (kept in `<out-dir>/plan.json`). A non-finite loss resumes from the last checkpoint with half the learning rate.
+the cosine learning-rate decay is re-planned from the median speed logged so far to end at `--until`,
+starting from the rate reached so far (kept in `<out-dir>/plan.json`). A non-finite loss resumes from the
+last checkpoint with half the learning rate.
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ from ..checkpoint import load_waveglow
 from ..config import DEMO_CORPUS_DIR, DEMO_MODEL_PATH
 from ..errors import TrainingError
 from ..metrics import pesq_score, stoi_score
-from ..io import atomic_write_json
-from ..train import HISTORY_NAME, TrainConfig, lr_at, train
+from ..io import atomic_write_bytes, atomic_write_json
+from ..train import HISTORY_NAME, TrainConfig, folded_copy, init_from_scratch, lr_at, train
 
 DEMO_TRAIN_CONFIG = TrainConfig(
     corpus="demo",
@@ -78,11 +80,9 @@ def run_training(out_dir: Path, deadline: dt.datetime, probe_steps: int = 20, si
     while _seconds_left(deadline) > 30:
         history = json.loads((out_dir / HISTORY_NAME).read_text())
         step = history[-1]["step"]
-        recent = [e for e in history if e["time"] >= history[-1]["time"] - sitting_minutes * 60]
-        if len(recent) >= 2:
-            per_step = (recent[-1]["time"] - recent[0]["time"]) / (recent[-1]["step"] - recent[0]["step"])
-        else:
-            per_step = (history[-1]["time"] - history[0]["time"]) / max(1, step - history[0]["step"])
+        # the median logged speed so far: a pause (the machine lent to a benchmark) does not shrink the plan
+        speed = float(np.median([e["samples_per_s"] for e in history]))
+        per_step = config.batch_size * config.segment_length / speed
         if "max_steps" in plan:  # continue the decay from today's rate: the schedule never jumps back up
             current = config.with_overrides(max_steps=plan["max_steps"], learning_rate=plan["learning_rate"],
                                             warmup_steps=plan.get("warmup_steps", config.warmup_steps))
@@ -134,30 +134,53 @@ def _cached_scores(model_path: Path, cache_dir: Path) -> dict[str, dict]:
     return scores
 
 
+def _untrained_scores(cache_dir: Path) -> dict[str, dict]:
+    """Scores of the same architecture at step 0 (the run's seed): what training starts from."""
+    cache = cache_dir / "untrained.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    config = DEMO_TRAIN_CONFIG
+    scores = vocode_corpus(folded_copy(init_from_scratch(config.model_config(), config.seed, config.hann_upsample)))
+    atomic_write_json(cache, scores)
+    return scores
+
+
 def evaluate_run(out_dir: Path, every: int = 1) -> dict:
-    """Score the untrained demo model and the run's snapshots; write curve.json and the candidate model."""
+    """Score the untrained architecture, the bundled demo model and the run's snapshots; write curve.json and
+    the candidate model (the snapshot with the best STOI, then PESQ)."""
     cache_dir = out_dir / "scores"
     snapshots = sorted(out_dir.glob("model_step*.safetensors.gz"))
     chosen = snapshots[::every]
     if snapshots and snapshots[-1] not in chosen:
         chosen.append(snapshots[-1])
     curve = {"config": DEMO_TRAIN_CONFIG.to_dict(), "eval": {"sigma": EVAL_SIGMA, "seed": EVAL_SEED},
-             "untrained_bundled": _summary(_cached_scores(DEMO_MODEL_PATH, cache_dir)), "snapshots": []}
+             "untrained": _summary(_untrained_scores(cache_dir)),
+             "bundled": _summary(_cached_scores(DEMO_MODEL_PATH, cache_dir)), "snapshots": []}
     for path in chosen:
         step = int(path.name[len("model_step"):].split(".")[0])
         scores = _cached_scores(path, cache_dir)
-        curve["snapshots"].append({"step": step, **_summary(scores), "per_utterance": scores})
+        curve["snapshots"].append({"step": step, "file": path.name, **_summary(scores), "per_utterance": scores})
         print(f"step {step}: {_summary(scores)}", flush=True)
     history_path = out_dir / HISTORY_NAME
     curve["history"] = json.loads(history_path.read_text()) if history_path.is_file() else []
     plan_path = out_dir / PLAN_NAME
     curve["plan"] = json.loads(plan_path.read_text()) if plan_path.is_file() else None
-    if snapshots:
-        shutil.copyfile(snapshots[-1], out_dir / CANDIDATE_NAME)
-        curve["candidate"] = {"file": str(out_dir / CANDIDATE_NAME), "from": snapshots[-1].name,
+    if curve["snapshots"]:
+        best = max(curve["snapshots"], key=lambda snap: (round(snap["stoi"], 3), snap["pesq"]))
+        shutil.copyfile(out_dir / best["file"], out_dir / CANDIDATE_NAME)
+        curve["candidate"] = {"file": str(out_dir / CANDIDATE_NAME), "from": best["file"], "step": best["step"],
+                              "stoi": best["stoi"], "pesq": best["pesq"],
                               "bytes": (out_dir / CANDIDATE_NAME).stat().st_size}
     atomic_write_json(out_dir / "curve.json", curve)
     return curve
+
+
+def install_candidate(out_dir: Path) -> Path:
+    """Make the run's candidate the bundled demo model (checked loadable first; written atomically)."""
+    candidate = out_dir / CANDIDATE_NAME
+    load_waveglow(candidate)
+    atomic_write_bytes(DEMO_MODEL_PATH, candidate.read_bytes())
+    return DEMO_MODEL_PATH
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -168,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--evaluate-every", type=int, default=3, help="score every Nth snapshot (and the last)")
     parser.add_argument("--evaluate-only", action="store_true", help="score the snapshots, no training")
+    parser.add_argument("--install", action="store_true",
+                        help=f"then copy the candidate over the bundled demo model ({DEMO_MODEL_PATH.name})")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not args.evaluate_only:
@@ -175,9 +200,9 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--until is required for training")
         run_training(args.out_dir, _deadline(args.until))
     curve = evaluate_run(args.out_dir, args.evaluate_every)
-    print(json.dumps({k: v for k, v in curve.items() if k in ("untrained_bundled", "candidate")}, indent=2))
-    if curve["snapshots"]:
-        print("trained:", {k: curve["snapshots"][-1][k] for k in ("step", "stoi", "pesq")})
+    print(json.dumps({k: v for k, v in curve.items() if k in ("untrained", "bundled", "candidate")}, indent=2))
+    if args.install and curve["snapshots"]:
+        print("installed:", install_candidate(args.out_dir))
 
 
 if __name__ == "__main__":
