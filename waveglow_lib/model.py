@@ -187,15 +187,23 @@ class WaveGlow(nn.Module):
             raise AudioError(f"audio of shape {tuple(audio.shape)} does not fit mel of shape {tuple(mel.shape)} "
                              f"(need batch {mel.shape[0]} and at most {length} samples)")
         audio = F.pad(audio.to(mel.dtype), (0, length - audio.shape[1]))
-        spect = self.condition(mel)
+        grouped = audio.reshape(audio.shape[0], -1, self.n_group).transpose(1, 2)
+        return self.flows_forward(grouped, self.condition(mel))[0]
+
+    def flows_forward(self, x: torch.Tensor, spect: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every flow in the training direction: grouped audio x [B, n_group, T'] and conditioning spect
+        [B, n_mel*n_group, T'] → (z in `infer`'s row order, the sum of all log s, the sum over flows of
+        log|det W| — per column: NVIDIA's loss multiplies it by B·T'). Training (`train.FlowLoss`) and
+        `noise_from_audio` both walk the flows here."""
         c = self.config
-        x = audio.reshape(audio.shape[0], -1, self.n_group).transpose(1, 2)
-        early = []
+        early, log_s_total, log_det_w = [], x.new_zeros((), dtype=torch.float32), x.new_zeros((), dtype=torch.float32)
         for k in range(c.n_flows):
             if c.has_early_output(k):
                 early.append(x[:, : c.n_early_size])
                 x = x[:, c.n_early_size:]
             x = self.convinv[k](x)
+            # in fp32 whatever an autocast region around this call says
+            log_det_w = log_det_w + torch.linalg.slogdet(self.convinv[k].conv.weight.squeeze(-1).float())[1]
             n_half = x.shape[1] // 2
             if c.swaps_halves(k):
                 audio_1, audio_0 = x[:, :n_half], x[:, n_half:]
@@ -204,10 +212,11 @@ class WaveGlow(nn.Module):
             output = self.WN[k](audio_0, spect)
             log_s, b = output[:, n_half:], output[:, :n_half]
             audio_1 = torch.exp(log_s) * audio_1 + b
+            log_s_total = log_s_total + torch.sum(log_s.float())
             pair = (audio_1, audio_0) if c.swaps_halves(k) else (audio_0, audio_1)
             x = torch.cat(pair, 1)
         # the reverse pass starts from the last flow's output and re-inserts the early outputs last-first
-        return torch.cat([x] + early[::-1], 1)
+        return torch.cat([x] + early[::-1], 1), log_s_total, log_det_w
 
     def _check_mel(self, mel: torch.Tensor) -> None:
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():

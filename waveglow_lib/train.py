@@ -189,37 +189,14 @@ class FlowLoss(nn.Module):
     def flow(self, mel: torch.Tensor, audio: torch.Tensor, autocast_dtype: torch.dtype | None = None):
         """(z, sum of log s, sum of log|det W|) for audio [B, N] (N a multiple of n_group, ≤ frames*hop)."""
         glow = self.glow
-        c = glow.config
         batch, n_samples = audio.shape
         columns = n_samples // glow.n_group
-        device_type = audio.device.type
-        with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        with torch.autocast(audio.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             spect = condition(glow, mel, columns)
             x = audio.reshape(batch, columns, glow.n_group).transpose(1, 2)
-            early, log_s_total, log_det_w_total = [], 0.0, 0.0
-            for k in range(c.n_flows):
-                if glow.config.has_early_output(k):
-                    early.append(x[:, : c.n_early_size])
-                    x = x[:, c.n_early_size:]
-                conv = glow.convinv[k]
-                weight = conv.conv.weight
-                x = F.conv1d(x, weight.to(x.dtype))
-                # log|det W| in fp32 whatever the autocast: NVIDIA's batch * n_of_groups * logdet(W)
-                log_det_w_total = log_det_w_total + batch * columns * torch.linalg.slogdet(
-                    weight.squeeze(-1).float())[1]
-                n_half = x.shape[1] // 2
-                if glow.config.swaps_halves(k):
-                    audio_1, audio_0 = x[:, :n_half], x[:, n_half:]
-                else:
-                    audio_0, audio_1 = x[:, :n_half], x[:, n_half:]
-                output = glow.WN[k](audio_0, spect)
-                log_s, b = output[:, n_half:], output[:, :n_half]
-                audio_1 = torch.exp(log_s) * audio_1 + b
-                log_s_total = log_s_total + torch.sum(log_s.float())
-                pair = (audio_1, audio_0) if glow.config.swaps_halves(k) else (audio_0, audio_1)
-                x = torch.cat(pair, 1)
-            z = torch.cat([x] + early[::-1], 1)
-        return z, log_s_total, log_det_w_total
+            z, log_s_total, log_det_w = glow.flows_forward(x, spect)
+        # NVIDIA's batch * n_of_groups * logdet(W)
+        return z, log_s_total, batch * columns * log_det_w
 
 
 def upsample(layer: nn.ConvTranspose1d, mel: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,6 @@ with the same settings is skipped (`vocode/vocode.json`, which also holds the pe
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
