@@ -14,7 +14,6 @@ from waveglow_lib import bench
 from waveglow_lib.metrics import MAX_LOG_MEL_DISTANCE, quality_ok
 from waveglow_lib.backends.base import Backend, ModelSpec
 from waveglow_lib.config import GUIDE_MEL_LENGTHS, ModelConfig, WorkflowConfig
-from waveglow_lib.model import WaveGlow
 
 from support import TINY, tiny_waveglow
 

@@ -1,5 +1,4 @@
 """Checkpoint formats, the allow-listed unpickler, and clear errors for bad files."""
-import io
 import os
 import pickle
 import sys

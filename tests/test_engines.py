@@ -22,7 +22,6 @@ import torch
 from support import TINY_PIPELINE, optional_ray
 from waveglow_lib import engines
 from waveglow_lib.cli import main
-from waveglow_lib.config import DEMO_CORPUS_DIR
 from waveglow_lib.engines import ray as ray_engine
 from waveglow_lib.errors import ConfigError, SynthesisError
 from waveglow_lib.hardware import native_int8

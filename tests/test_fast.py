@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from waveglow_lib.backends import available_backends, get_backend
-from waveglow_lib.config import ModelConfig
 from waveglow_lib.backends.fast import FastEngine, FastWaveGlow, auto_engine, fold_waveglow
 from waveglow_lib.backends.fast import auto as fast_auto
 from waveglow_lib.backends.fast import cache as fast_cache

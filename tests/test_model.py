@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from waveglow_lib.checkpoint import load_waveglow
-from waveglow_lib.config import ModelConfig
 from waveglow_lib.model import WaveGlow
 
 from support import TINY, make_reference, snr_db, tiny_waveglow

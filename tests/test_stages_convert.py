@@ -7,7 +7,6 @@ import json
 import os
 import stat
 
-import numpy as np
 import pytest
 
 from support import random_batch, snr_db

@@ -265,7 +265,7 @@ def vocode_stream(mels: np.ndarray | Iterable[np.ndarray], backend, model_config
         noise = noise_source(model_config, seed, utt_id)
     take_noise = noise if callable(noise) else _array_noise(noise)
     left, right = model_config.chunk_context()
-    spf, hop = model_config.steps_per_frame, model_config.hop_length
+    hop = model_config.hop_length
     gears = list(getattr(backend, "gear_lengths", None) or [])
     keep = max(left, max(gears, default=0))  # frames kept before the next centre (left context, gear room)
     stats = stats if stats is not None else {}

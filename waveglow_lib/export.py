@@ -8,7 +8,6 @@ commands; its outputs are not reproducible.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings

@@ -24,7 +24,6 @@ below the ~1 dB level difference a listener notices) and its SNR ≥ MIN_SNR_DB 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np

@@ -58,7 +58,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         f"torch CPU capability {m['torch_cpu_capability']}; load average at start "
         f"{', '.join(f'{v:.2f}' for v in m.get('load_average') or [])}.",
         f"**Libraries**: {versions}.",
-        f"**Measured matmul peak** (square torch.matmul): " +
+        "**Measured matmul peak** (square torch.matmul): " +
         ", ".join(f"{k} {v} GFLOP/s" for k, v in result["peaks_gflops"].items()) + ".", "",
         f"**Workload**: {s['model']}; {s['utterances']} utterances of {s['lengths']} mel frames "
         f"({s['audio_seconds_per_pass']} s of audio per pass), mels from {s['mel_source']}; sigma {s['sigma']}, "
