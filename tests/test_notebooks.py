@@ -215,7 +215,7 @@ def test_ci_run_folder_and_report(ci_run):
     assert report.count("<audio") >= 5 and "data:image/png;base64" in report
     # the summary on top, and nothing fetched from a network (tests/test_browser.py opens it offline)
     assert report.index('id="summary"') < report.index("Notebook <code>00_setup.ipynb</code>")
-    assert "noise by design" in report and not re.findall(r"<script[^>]+src=", report)
+    assert "far from converged" in report and not re.findall(r"<script[^>]+src=", report)
 
 
 @pytest.mark.e2e

@@ -774,7 +774,7 @@ def read_stft_config(path: str | Path | None = None) -> STFTConfig:
 
 def load_waveglow(checkpoint: str | Path | None = None, config: ModelConfig | Mapping[str, Any] | None = None,
                   device: str | torch.device = "cpu") -> WaveGlow:
-    """Load a WaveGlow in eval mode; `checkpoint=None` gives the bundled (untrained) demo model.
+    """Load a WaveGlow in eval mode; `checkpoint=None` gives the bundled demo model.
 
     `config` overrides or fills in hyper-parameters the checkpoint does not carry.
     """

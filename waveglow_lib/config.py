@@ -208,7 +208,7 @@ class WorkflowConfig:
     corpus: str = "demo"
     #: number of utterances, in sorted file order like the guide's `ls wavs/*.wav | head -n10`; 0 = all
     limit: int = 10
-    #: checkpoint path; "demo" means the bundled (untrained) demo model
+    #: checkpoint path; "demo" means the bundled demo model (small, briefly trained)
     checkpoint: str = "demo"
     #: parent of the run folder runs/<name>/
     runs_dir: str = "runs"

@@ -28,7 +28,7 @@ from .provenance import run_provenance
 def round_trip(model: Any, audio: Any, stft: STFTConfig = STFTConfig()) -> dict[str, Any]:
     """audio → mel → `noise_from_audio` → `infer(sigma=1)`: the flow is invertible, so the audio comes back.
 
-    This holds for any weights (the untrained demo model too), which makes it the check that the model, its
+    This holds for any weights (untrained ones too), which makes it the check that the model, its
     inverse and the mel front-end fit together. Returns the trimmed input, the reconstruction and their SNR.
     """
     x = _as_1d(audio, "audio").astype(np.float32)

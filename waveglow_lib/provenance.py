@@ -1,4 +1,4 @@
-"""Where a run's numbers come from: the checkpoint (file, fingerprint, size, whether it is the untrained
+"""Where a run's numbers come from: the checkpoint (file, fingerprint, size, whether it is the bundled
 demo model), the backend and precision the infer stage actually used, the machine and the commit.
 
 `evaluate.collect_metrics` merges `run_provenance(cfg)` into metrics.json, and the report's summary reads
@@ -29,7 +29,7 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def checkpoint_info(cfg: WorkflowConfig) -> dict[str, Any]:
-    """The checkpoint's path, sha256, size, and whether it is the bundled untrained demo model (by content,
+    """The checkpoint's path, sha256, size, and whether it is the bundled demo model (by content,
     so a copy of the demo file elsewhere is recognised too)."""
     path = cfg.checkpoint_path or DEMO_MODEL_PATH
     info: dict[str, Any] = {"path": str(path), "file": Path(path).name}

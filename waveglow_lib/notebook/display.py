@@ -128,7 +128,7 @@ def metrics_with_reference(summary: Mapping[str, Any], demo_model: bool = False)
     """The mean metrics beside what they mean and what a trained model scores (see `REFERENCE_NOTE`)."""
     rows = [{"metric": METRIC_NAMES[k], "this run": summary.get(k), "a trained WaveGlow (approx.)": REFERENCE[k][1],
              "how to read it": REFERENCE[k][0]} for k in METRIC_NAMES]
-    note = REFERENCE_NOTE + (" The untrained demo model scores at the floor of each scale, by design."
+    note = REFERENCE_NOTE + (" The small, briefly trained demo model scores near the floor of each scale."
                              if demo_model else "")
     return Table(rows, caption=note)
 

@@ -29,8 +29,9 @@ from ..provenance import checkpoint_info, git_commit, machine as this_machine
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
-DEMO_BANNER = ("Untrained demo model: audio is noise by design; the round trip shows the pipeline is exact. "
-               "Point <code>checkpoint:</code> at NVIDIA's <code>waveglow_256channels_universal_v5.pt</code> "
+DEMO_BANNER = ("Demo model: a small WaveGlow trained briefly on ten utterances, far from converged — its audio "
+               "is noisy, not yet clear speech (the metrics say how far); the round trip shows the pipeline is "
+               "exact. Point <code>checkpoint:</code> at NVIDIA's <code>waveglow_256channels_universal_v5.pt</code> "
                "for speech.")
 
 _CSS = """
@@ -181,7 +182,7 @@ def _checkpoint_section(params: Mapping[str, Any], metrics: Mapping[str, Any]) -
             ("size", _size(info.get("size_bytes"))),
             ("parameters", f"{n_params / 1e6:.2f} M" if n_params else "—"),
             ("sha256", f"<code>{_e((info.get('sha256') or '—')[:16])}</code>"),
-            ("untrained demo model", "yes" if info.get("is_demo_model") else "no")]
+            ("bundled demo model", "yes" if info.get("is_demo_model") else "no")]
     banner = f'<div class="wg-banner wg-demo">{DEMO_BANNER}</div>' if info.get("is_demo_model") else ""
     return "<h2>Checkpoint</h2>" + banner + _table(rows)
 
@@ -238,7 +239,7 @@ def _metrics_section(metrics: Mapping[str, Any]) -> str:
     rows = [(METRIC_NAMES[k], _num(summary.get(k)), _e(REFERENCE[k][1] or "—"), _e(REFERENCE[k][0]))
             for k in METRIC_NAMES]
     demo = (metrics.get("checkpoint") or {}).get("is_demo_model")
-    note = REFERENCE_NOTE + (" The demo model is untrained, so its scores sit at the floor of each scale."
+    note = REFERENCE_NOTE + (" The demo model is small and briefly trained, so its scores sit near the floor of each scale."
                              if demo else "")
     text = "<h2>Metrics (mean over utterances)</h2>" + _table(
         rows, ["metric", "this run", "a trained WaveGlow (approx.)", "how to read it"], numeric=(1,))
