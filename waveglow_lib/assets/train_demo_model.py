@@ -19,6 +19,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -124,25 +125,26 @@ def _summary(scores: dict[str, dict]) -> dict[str, float]:
     return {key: float(np.mean([s[key] for s in scores.values()])) for key in ("stoi", "pesq")}
 
 
-def _cached_scores(model_path: Path, cache_dir: Path) -> dict[str, dict]:
-    """Scores of one model file, kept in `cache_dir` (keyed by name and size) so re-runs skip it."""
-    cache = cache_dir / f"{model_path.name}.{model_path.stat().st_size}.json"
+def _cached(cache: Path, score: Callable[[], dict[str, dict]]) -> dict[str, dict]:
+    """`score()`, kept in the file `cache` so that re-runs skip it."""
     if cache.is_file():
         return json.loads(cache.read_text())
-    scores = vocode_corpus(load_waveglow(model_path))
+    scores = score()
     atomic_write_json(cache, scores)
     return scores
+
+
+def _cached_scores(model_path: Path, cache_dir: Path) -> dict[str, dict]:
+    """Scores of one model file (cached by name and size)."""
+    return _cached(cache_dir / f"{model_path.name}.{model_path.stat().st_size}.json",
+                   lambda: vocode_corpus(load_waveglow(model_path)))
 
 
 def _untrained_scores(cache_dir: Path) -> dict[str, dict]:
     """Scores of the same architecture at step 0 (the run's seed): what training starts from."""
-    cache = cache_dir / "untrained.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
     config = DEMO_TRAIN_CONFIG
-    scores = vocode_corpus(folded_copy(init_from_scratch(config.model_config(), config.seed, config.hann_upsample)))
-    atomic_write_json(cache, scores)
-    return scores
+    return _cached(cache_dir / "untrained.json", lambda: vocode_corpus(
+        folded_copy(init_from_scratch(config.model_config(), config.seed, config.hann_upsample))))
 
 
 def evaluate_run(out_dir: Path, every: int = 1) -> dict:

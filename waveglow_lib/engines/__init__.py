@@ -2,9 +2,9 @@
 
 An engine takes a prepared `InferJob` (`stages.infer.prepare_infer`: the work items still to do, how to
 read each one's mel, the batch plan, the run folder's `timings.json`) and returns the job's summary.
-A stage with other inputs (a folder of TTS mels: `stages.vocode`) prepares its own job with `items=` and
-`read_mel=` and calls `run_job`; the outputs, the skipping of finished items and the timings are the same
-on every engine.
+A stage with other inputs prepares its own job — `prepare_infer(items=..., read_mel=...)`, or a subclass
+with its own writer like `stages.vocode.prepare_vocode` for a folder of TTS mels — and calls `run_job`; the
+outputs, the skipping of finished items and the timings are the same on every engine.
 """
 from __future__ import annotations
 

@@ -159,11 +159,11 @@ class MelFileReader:
                         stft=STFTConfig(n_mel_channels=self.n_mel))
 
 
-def mel_folder_items(folder: str | Path, n_mel: int = 80, layout: str = "auto",
-                     convert: str | None = None) -> tuple[list[Utterance], MelFileReader]:
+def mel_folder_items(folder: str | Path, reader: MelFileReader | None = None) -> tuple[list[Utterance], MelFileReader]:
     """Work items for a folder (or one file) of mels (`mel_input.list_mels`), each read and checked once
-    here for its length: a file in the wrong format is refused by name before any audio is made."""
-    reader = MelFileReader(n_mel, layout, convert)
+    here for its length by `reader` (default: 80 bands, layout auto, no conversion): a file in the wrong
+    format is refused by name before any audio is made."""
+    reader = reader or MelFileReader(80)
     items = [Utterance(utt_id, reader(Utterance(utt_id, 0, path)).shape[1], path) for utt_id, path in list_mels(folder)]
     return items, reader
 

@@ -3,7 +3,7 @@
 
 Every mel goes through `mel_input.read_mel` (reader and format check) before anything is vocoded, so a
 mel in the wrong format is refused with its file's name instead of becoming noise. The mels are then a
-job like the infer stage's (`prepare_infer(items=..., read_mel=...)`): the same batch plan, per-batch
+job like the infer stage's (`prepare_vocode`: an `InferJob` of the files and their reader): the same batch plan, per-batch
 work (`infer.vocode_batch`: long utterances alone in exact chunks, memory bounded by a chunk) and noise
 of (seed, file stem), so a mel saved from our own preprocess gives the wav route's samples — and the same
 engines (`waveglow_lib.engines.vocode` runs it on `engine: ray`). Only the writing differs
@@ -25,11 +25,11 @@ from ..denoiser import Denoiser
 from ..errors import MelError
 from ..io import atomic_write_bytes, read_json, sha256_bytes, write_bin
 from ..layout import VOCODE_RECORD_FILE, out_bin, syn_wav
-from ..mel_input import list_mels, mel_sample_count, read_mel
+from ..mel_input import list_mels, mel_sample_count
 from ..metrics import snr_db
 from ..runlock import locked
-from .infer import InferJob, VocodeSettings, backend_name, mel_folder_items, open_backend, resolve_model_config, \
-    run_local
+from .infer import (InferJob, MelFileReader, VocodeSettings, backend_name, mel_folder_items, open_backend,
+                    resolve_model_config, run_local)
 from .postprocess import wav_bytes
 
 __all__ = ["vocode", "prepare_vocode", "VocodeJob", "read_mels", "stream_matches_offline"]
@@ -41,12 +41,14 @@ def read_mels(cfg: WorkflowConfig, mels: str | Path, n_mel: int = 80) -> list[di
     `samples` is the `.txt` sample count beside a guide-style `.bin` (the wav route trims to it), else None.
     Raises MelError naming the first file that is unreadable or not natural-log mel magnitudes.
     """
-    convert = None if cfg.mel_convert == "none" else cfg.mel_convert
-    items = []
-    for utt_id, path in list_mels(mels):
-        mel = read_mel(path, n_mel, layout=cfg.mel_layout, convert=convert, stft=STFTConfig(n_mel_channels=n_mel))
-        items.append({"id": utt_id, "path": path, "mel": mel, "samples": _source_samples(path)})
-    return items
+    reader = mel_file_reader(cfg, n_mel)
+    return [{"id": utt_id, "path": path, "mel": reader(Utterance(utt_id, 0, path)), "samples": _source_samples(path)}
+            for utt_id, path in list_mels(mels)]
+
+
+def mel_file_reader(cfg: WorkflowConfig, n_mel: int) -> MelFileReader:
+    """The reader of `cfg`'s mel files: its `mel_layout` and `mel_convert` ("none" = no conversion)."""
+    return MelFileReader(n_mel, cfg.mel_layout, None if cfg.mel_convert == "none" else cfg.mel_convert)
 
 
 def _source_samples(path: Path) -> int | None:
@@ -92,8 +94,7 @@ def prepare_vocode(cfg: WorkflowConfig, mels: str | Path, *, model=None, name: s
     out_dir = Path(out_dir) if out_dir else cfg.layout.vocode_dir
     model_config = resolve_model_config(cfg, model)
     stft = STFTConfig(n_mel_channels=model_config.n_mel_channels)
-    convert = None if cfg.mel_convert == "none" else cfg.mel_convert
-    items, reader = mel_folder_items(mels, model_config.n_mel_channels, cfg.mel_layout, convert)
+    items, reader = mel_folder_items(mels, mel_file_reader(cfg, model_config.n_mel_channels))
     if not items:
         raise MelError(f"{mels}: no mels to vocode", path=Path(mels))
     name = name or backend_name(cfg)
