@@ -33,7 +33,7 @@ class FastBackend(Backend):
     name = "fast"
 
     def __init__(self, model, device: str = "cpu", precision: str = "bf16", threads: int | None = None,
-                 block_frames: int = 128, cache_dir=None) -> None:
+                 block_frames: int | None = None, cache_dir=None) -> None:
         if model is None:
             raise BackendError("fast backend needs the model: get_backend('fast', model=load_waveglow(...))")
         if str(device or "cpu") != "cpu":

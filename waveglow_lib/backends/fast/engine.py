@@ -2,10 +2,11 @@
 
 All the arithmetic runs as GEMMs (oneDNN through `torch.matmul`; bf16 with fp32 accumulation where the CPU
 has native bf16, AVX512-BF16 or AMX) in a channels-last layout, where a dilated tap is a row offset and the
-frame-rate conditioning GEMM `[frames, 4·80] @ [4·80, 32·2C]` lands directly as `[steps, 2C]` rows; each
-WN layer is processed in blocks of `block_frames` mel frames so that the gate, residual and skip updates
-stay in cache instead of streaming full-length tensors through memory (what an op-by-op graph runtime
-does). Utterances of a batch run on separate threads when there are spare cores.
+frame-rate conditioning GEMM `[frames, 4·80] @ [4·80, 32·2C]` lands directly as `[steps, 2C]` rows. Each
+WN layer's conditioning is one GEMM over the whole utterance (its weights are read once per layer); the
+taps, gate, residual and skip run in blocks of `block_frames` mel frames, by default whole utterances of
+up to ~24 s: on the CPUs measured, large GEMMs win over keeping a block in cache. Utterances of a batch run
+on separate threads when there are spare cores.
 
 Precisions: fp32; bf16 (GEMM operands and the WN state in bf16, fp32 accumulation); int8 (every WN GEMM —
 conditioning, dilated taps, res/skip — through oneDNN's `quantized.linear_dynamic`: weights int8 with one
@@ -14,8 +15,8 @@ point, fp32 in and out, so the state and the gate stay fp32). Where the time goe
 conditioning GEMM too, is recorded by `python -m waveglow_lib bench --profile`.
 
 Cost: the folded conditioning weights are `steps` phases × (4·80 → 2C) per layer, 16× the original
-cond_layer (503 M values for the official model), read once per block; for very short utterances that
-traffic, not arithmetic, bounds the conditioning GEMM.
+cond_layer (503 M values for the official model), read once per layer and utterance; for very short
+utterances that traffic, not arithmetic, bounds the conditioning GEMM.
 """
 from __future__ import annotations
 
@@ -73,8 +74,11 @@ class _FloatGemm:
         self.bias = None if bias is None else bias.contiguous()
         self.out_features = self.weight.shape[1]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(self.bias, x, self.weight) if self.bias is not None else x @ self.weight
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ weight (+ bias); into `out` when given (no allocation)."""
+        if self.bias is not None:
+            return torch.addmm(self.bias, x, self.weight, out=out)
+        return torch.mm(x, self.weight, out=out)
 
     def accumulate(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """out += x @ weight, in place (one fused GEMM)."""
@@ -88,7 +92,8 @@ class _Int8Gemm:
         self.packed = _pack_int8(q, scales, bias)
         self.out_features = q.shape[0]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ weight + bias, a new tensor (`out` is ignored: oneDNN's int8 GEMM allocates its own)."""
         return torch.ops.quantized.linear_dynamic(x, self.packed, False)
 
     def accumulate(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -97,6 +102,12 @@ class _Int8Gemm:
 
 #: the three GEMMs of a WN layer, by the names their arrays are stored under
 GEMMS = ("taps", "cond", "res_skip")
+#: mel frames per block by default, per precision: float, a whole utterance of up to ~24 s in one pass per
+#: op (on the CPU measured, large GEMMs win over keeping a block in cache); int8's dynamically quantised
+#: GEMMs are faster on blocks that stay in cache
+BLOCK_FRAMES = {"fp32": 2048, "bf16": 2048, "int8": 128}
+#: float res/skip GEMMs have their output columns padded to a multiple of this
+RS_ALIGN = 32
 
 
 def layer_arrays(fwn: FastWN, i: int, precision: str) -> dict[str, torch.Tensor]:
@@ -104,13 +115,13 @@ def layer_arrays(fwn: FastWN, i: int, precision: str) -> dict[str, torch.Tensor]
     is built from (and the cache stores): per GEMM `<name>.weight` (bf16/fp32, [in, out]) or `<name>.q`
     + `<name>.scale` (int8, [out, in]), and `<name>.bias` (fp32) where it has one.
 
-    The gate needs no tanh and no temporaries: the tanh half of its input is scaled by 2 (exact in binary),
-    so tanh(a)·σ(b) = (2σ(2a) − 1)·σ(b) = 2·σ(2a)σ(b) − σ(b). The engine takes one in-place sigmoid over all
-    2C channels, multiplies the first half by the second in place, giving [σ(2a)σ(b) | σ(b)], and the
-    res/skip GEMM takes that (K = 2C) with the weight [2W; −W] — fewer passes over memory than a separate
-    tanh, product and difference, for a GEMM with twice the K (cheap next to element-wise passes). int8
-    keeps W and forms the gate before the GEMM: its per-call quantisation of 2σσ and σ separately would
-    not survive their difference."""
+    The gate needs no tanh: the tanh half of its input is scaled by 2 (exact in binary), so
+    tanh(a)·σ(b) = (2σ(2a) − 1)·σ(b). The engine takes one in-place sigmoid over all 2C channels and one
+    fused multiply-add, σ(b) − 2·σ(2a)·σ(b) = −gate, which the res/skip GEMM takes with the weight −W (the
+    sign is exact). The float GEMMs' biases: the conditioning bias is the weight's last row, against a
+    column of ones the engine appends to the mel (a separate bias costs a pass over the GEMM's output);
+    the res/skip outputs (C + skip, e.g. 264) are padded with zero columns to a multiple of RS_ALIGN (AMX
+    tiles are that wide, and a ragged edge costs more than the padded columns)."""
     n, steps, taps = fwn.n_channels, fwn.steps, fwn.taps
     gain = torch.ones(2 * n)  # ×2 is exact in any binary format
     gain[:n] = 2.0
@@ -122,9 +133,11 @@ def layer_arrays(fwn: FastWN, i: int, precision: str) -> dict[str, torch.Tensor]
     w_cond = w_cond.reshape(taps * w_cond.shape[1], steps * 2 * n)
     b_cond = (conv.bias.detach().float().reshape(2 * n, steps) * gain[:, None]).t().reshape(-1)
     rs = fwn.res_skip_layers[i]
-    w_rs, b_rs = rs.weight.detach()[..., 0].t().float(), rs.bias.detach().float()
-    if precision != "int8":  # int8 quantises the GEMM's input: the difference 2σσ − σ is formed before it
-        w_rs = torch.cat([2.0 * w_rs, -w_rs])  # [2C, out]: applied to [σ(2a)σ(b) | σ(b)] (×2 and − are exact)
+    w_rs, b_rs = -rs.weight.detach()[..., 0].t().float(), rs.bias.detach().float()  # −W: applied to −gate
+    if precision != "int8":  # int8's packed GEMMs take their biases themselves
+        w_cond, b_cond = torch.cat([w_cond, b_cond[None]]), None
+        extra = -w_rs.shape[1] % RS_ALIGN
+        w_rs, b_rs = F.pad(w_rs, (0, extra)), F.pad(b_rs, (0, extra))
     arrays = {}
     for name, weight, bias in (("taps", w_in, None), ("cond", w_cond, b_cond), ("res_skip", w_rs, b_rs)):
         if precision == "int8":  # all three GEMMs in int8
@@ -139,10 +152,11 @@ def layer_arrays(fwn: FastWN, i: int, precision: str) -> dict[str, torch.Tensor]
 class _Layer:
     """One WN layer's GEMMs, built from `layer_arrays` (int8: packed here)."""
 
-    __slots__ = ("taps_gemm", "cond_gemm", "res_skip_gemm", "dilation", "taps", "rs_out", "tap_weights")
+    __slots__ = ("taps_gemm", "cond_gemm", "res_skip_gemm", "dilation", "taps", "has_residual", "tap_weights")
 
-    def __init__(self, arrays: dict[str, torch.Tensor], dilation: int, taps: int, precision: str):
-        self.dilation, self.taps = dilation, taps
+    def __init__(self, arrays: dict[str, torch.Tensor], dilation: int, taps: int, precision: str,
+                 has_residual: bool):
+        self.dilation, self.taps, self.has_residual = dilation, taps, has_residual
         # float: one GEMM per tap accumulating into the gate's input (no concatenated copy of the taps);
         # int8 GEMMs cannot accumulate, so they take the taps side by side (K = taps·C) in one GEMM
         weight = arrays.get("taps.weight")
@@ -153,7 +167,6 @@ class _Layer:
             gemm = (_Int8Gemm(arrays[f"{name}.q"], arrays[f"{name}.scale"], bias) if precision == "int8"
                     else _FloatGemm(arrays[f"{name}.weight"], bias))
             setattr(self, f"{name}_gemm", gemm)
-        self.rs_out = self.res_skip_gemm.out_features  # C + skip channels; the last layer: skip only
 
 
 def flow_arrays(model, k: int, precision: str) -> dict[str, torch.Tensor]:
@@ -209,8 +222,8 @@ class FastEngine:
     - `precision`: "int8", "bf16" (GEMM operands in bf16, fp32 accumulation; the flows' affine/1×1 parts
       stay fp32) or "fp32". A precision the CPU does not run natively falls back (int8 → bf16 → fp32; see
       `self.precision`).
-    - `block_frames`: mel frames per block (× steps per frame): large enough that per-op overhead is small,
-      small enough that a block's activations stay in cache.
+    - `block_frames`: mel frames per block of the taps, gate, residual and skip (× steps per frame): a
+      cap on their temporaries; default: BLOCK_FRAMES for the precision.
     - `threads`: the most cores to use (default: torch's setting). Each `run` uses as many of them as are
       free at that moment (`choose_threads`; `adaptive=False`: always `threads`); with a batch, utterances
       run in parallel, one core each, since one core per GEMM is more efficient than two on small blocks.
@@ -218,11 +231,12 @@ class FastEngine:
       asked for its `config` and `n_remaining_channels`.
     """
 
-    def __init__(self, model, precision: str = "bf16", block_frames: int = 128, threads: int | None = None,
+    def __init__(self, model, precision: str = "bf16", block_frames: int | None = None, threads: int | None = None,
                  adaptive: bool = True, flows: Iterable[dict[str, torch.Tensor]] | None = None):
-        if block_frames < 1:
+        if block_frames is not None and block_frames < 1:
             raise ConfigError(f"FastEngine: block_frames must be >= 1, got {block_frames}")
         self.precision = precision = native_precision(precision)
+        block_frames = block_frames or BLOCK_FRAMES[precision]
         self.dtype = DTYPES[precision]
         self.config = c = model.config
         self.block_frames = block_frames
@@ -238,8 +252,11 @@ class FastEngine:
         self.flows = []
         for arrays in flows:
             layers = [_Layer({key.split(".", 1)[1]: t for key, t in arrays.items() if key.startswith(f"layer{i}.")},
-                             2 ** i, c.kernel_size, precision) for i in range(c.n_layers)]
-            self.flows.append(_Flow(layers, arrays["start.weight"], arrays["start.bias"], arrays["inverse"]))
+                             2 ** i, c.kernel_size, precision, has_residual=i < c.n_layers - 1)
+                      for i in range(c.n_layers)]
+            # the start 1x1 conv writes the WN state directly, so in its dtype
+            self.flows.append(_Flow(layers, arrays["start.weight"].to(self.dtype), arrays["start.bias"].to(self.dtype),
+                                    arrays["inverse"]))
         if len(self.flows) != c.n_flows:
             raise ConfigError(f"FastEngine: {len(self.flows)} flows given for a model of {c.n_flows}")
 
@@ -275,6 +292,8 @@ class FastEngine:
             # conditioning input at frame rate: row f holds mel frames f-3 .. f (zeros before the start)
             rows = F.pad(mel.t(), (0, 0, self.taps - 1, 0))
             unfolded = rows.unfold(0, self.taps, 1).transpose(1, 2).reshape(mel.shape[1], -1)
+            if self.precision != "int8":  # the conditioning bias's column (see layer_arrays)
+                unfolded = F.pad(unfolded, (0, 1), value=1.0)
             prepared.append((unfolded.to(self.dtype).contiguous(), z.t().contiguous()))  # noise [steps, n_group]
         threads = self.last_threads = self.plan_threads(len(prepared))
         previous = torch.get_num_threads()
@@ -325,6 +344,7 @@ class FastEngine:
         blocks = [(f0, min(frames, f0 + self.block_frames)) for f0 in range(0, frames, self.block_frames)]
         x = torch.zeros(total + 2 * pad, n, dtype=self.dtype)
         x_next = torch.zeros_like(x)
+        cond = None  # the conditioning, [frames, steps·2C]: reused by every layer (float GEMMs write into it)
         audio = noise[:, : self.n_remaining_channels]
         next_row = self.n_remaining_channels
         omp = torch.get_num_threads()
@@ -337,12 +357,16 @@ class FastEngine:
             n_half = audio.shape[1] // 2
             swap = c.swaps_halves(k)
             audio_0, audio_1 = (audio[:, n_half:], audio[:, :n_half]) if swap else (audio[:, :n_half], audio[:, n_half:])
-            x[pad: pad + total] = torch.addmm(flow.start_bias, audio_0, flow.start_weight)
+            torch.addmm(flow.start_bias, audio_0.to(self.dtype), flow.start_weight, out=x[pad: pad + total])
             skip = torch.zeros(total, 2 * n_half)
             for layer in flow.layers:
+                # float: the conditioning of every step at once, so its weights (steps × 2C per mel row)
+                # are read once per layer; int8's GEMM is faster per block
+                cond = None if self.precision == "int8" else layer.cond_gemm(unfolded, out=cond)
                 for f0, f1 in blocks:
-                    self._layer_block(layer, unfolded, x, x_next, skip, f0, f1)
-                if layer.rs_out > skip.shape[1]:  # the residual stream moved to x_next
+                    acts = layer.cond_gemm(unfolded[f0:f1]) if cond is None else cond[f0:f1]
+                    self._layer_block(layer, acts.view(-1, 2 * n), x, x_next, skip, f0 * steps, f1 * steps)
+                if layer.has_residual:  # the residual stream moved to x_next
                     x, x_next = x_next, x
             log_s, b = skip[:, n_half:], skip[:, :n_half]
             audio_1 = (audio_1 - b) * torch.exp(-log_s)
@@ -352,11 +376,11 @@ class FastEngine:
                 next_row += c.n_early_size
         return audio.reshape(-1)
 
-    def _layer_block(self, layer: _Layer, unfolded, x, x_next, skip, f0: int, f1: int) -> None:
-        """One WN layer on frames [f0, f1): conditioning GEMM, dilated taps, gate, residual and skip."""
-        n, pad, steps = self.config.n_channels, self.pad, self.steps
-        t0, t1 = pad + f0 * steps, pad + f1 * steps
-        acts = layer.cond_gemm(unfolded[f0:f1]).view(t1 - t0, 2 * n)
+    def _layer_block(self, layer: _Layer, acts, x, x_next, skip, s0: int, s1: int) -> None:
+        """One WN layer on steps [s0, s1): dilated taps added onto the conditioning `acts` (in place), gate,
+        residual and skip."""
+        n, pad = self.config.n_channels, self.pad
+        t0, t1 = pad + s0, pad + s1
         centre, d = (layer.taps - 1) // 2, layer.dilation
         if layer.tap_weights is not None:  # each dilated tap is a row offset: one accumulating GEMM per tap
             for j, weight in enumerate(layer.tap_weights):
@@ -364,13 +388,10 @@ class FastEngine:
         else:  # int8: the taps side by side, one GEMM with K = taps·C
             taps = torch.cat([x[t0 + (j - centre) * d: t1 + (j - centre) * d] for j in range(layer.taps)], 1)
             layer.taps_gemm.accumulate(acts, taps)
-        gate = acts.sigmoid_()  # [σ(2a) | σ(b)] in place, then [σ(2a)σ(b) | σ(b)]: see layer_arrays
-        if layer.tap_weights is not None:
-            gate[:, :n].mul_(gate[:, n:])
-        else:  # int8: (2σ(2a) − 1)·σ(b) itself, so that the quantised input carries no cancelling terms
-            gate = torch.addcmul(gate[:, n:].neg(), gate[:, :n], gate[:, n:], value=2.0)
-        res_skip = layer.res_skip_gemm(gate)
-        n_skip = skip.shape[1]
-        skip[t0 - pad: t1 - pad] += res_skip[:, res_skip.shape[1] - n_skip:]
-        if res_skip.shape[1] > n_skip:
+        sig = acts.sigmoid_()  # [σ(2a) | σ(b)] in place
+        negative_gate = torch.addcmul(sig[:, n:], sig[:, :n], sig[:, n:], value=-2.0)  # see layer_arrays
+        res_skip = layer.res_skip_gemm(negative_gate)
+        n_res = n if layer.has_residual else 0  # columns: [residual (C) | skip | zero padding]
+        skip[s0:s1] += res_skip[:, n_res: n_res + skip.shape[1]]
+        if layer.has_residual:
             torch.add(x[t0:t1], res_skip[:, :n], out=x_next[t0:t1])
