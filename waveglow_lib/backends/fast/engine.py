@@ -72,7 +72,7 @@ class _FloatGemm:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         self.weight = weight.contiguous()
         self.bias = None if bias is None else bias.contiguous()
-        self.out_features = self.weight.shape[1]
+        self.in_features, self.out_features = self.weight.shape
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x @ weight (+ bias); into `out` when given (no allocation)."""
@@ -84,13 +84,17 @@ class _FloatGemm:
         """out += x @ weight, in place (one fused GEMM)."""
         return out.addmm_(x, self.weight)
 
+    def add_into(self, out: torch.Tensor, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out = base + x @ weight (one GEMM; `out` may be `base`)."""
+        return out.addmm_(x, self.weight) if out is base else torch.addmm(base, x, self.weight, out=out)
+
 
 class _Int8Gemm:
     """x @ weight + bias through oneDNN's int8 GEMM: weight packed once, x quantized per call."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
         self.packed = _pack_int8(q, scales, bias)
-        self.out_features = q.shape[0]
+        self.out_features, self.in_features = q.shape
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x @ weight + bias, a new tensor (`out` is ignored: oneDNN's int8 GEMM allocates its own)."""
@@ -99,6 +103,9 @@ class _Int8Gemm:
     def accumulate(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return out.add_(self(x))  # int8 GEMMs cannot accumulate into `out`: add after
 
+    def add_into(self, out: torch.Tensor, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.add(base, self(x), out=out)
+
 
 #: the three GEMMs of a WN layer, by the names their arrays are stored under
 GEMMS = ("taps", "cond", "res_skip")
@@ -106,8 +113,15 @@ GEMMS = ("taps", "cond", "res_skip")
 #: op (on the CPU measured, large GEMMs win over keeping a block in cache); int8's dynamically quantised
 #: GEMMs are faster on blocks that stay in cache
 BLOCK_FRAMES = {"fp32": 2048, "bf16": 2048, "int8": 128}
-#: float res/skip GEMMs have their output columns padded to a multiple of this
+#: float res/skip GEMMs have their rows and columns padded to a multiple of this
 RS_ALIGN = 32
+
+
+def state_width(n_channels: int, n_skip: int, precision: str) -> int:
+    """Columns of the engine's WN state: the residual stream (C), the skip sum, and (float) zeros up to a
+    multiple of RS_ALIGN."""
+    width = n_channels + n_skip
+    return width if precision == "int8" else -(-width // RS_ALIGN) * RS_ALIGN
 
 
 def layer_arrays(fwn: FastWN, i: int, precision: str) -> dict[str, torch.Tensor]:
@@ -118,10 +132,13 @@ def layer_arrays(fwn: FastWN, i: int, precision: str) -> dict[str, torch.Tensor]
     The gate needs no tanh: the tanh half of its input is scaled by 2 (exact in binary), so
     tanh(a)·σ(b) = (2σ(2a) − 1)·σ(b). The engine takes one in-place sigmoid over all 2C channels and one
     fused multiply-add, σ(b) − 2·σ(2a)·σ(b) = −gate, which the res/skip GEMM takes with the weight −W (the
-    sign is exact). The float GEMMs' biases: the conditioning bias is the weight's last row, against a
-    column of ones the engine appends to the mel (a separate bias costs a pass over the GEMM's output);
-    the res/skip outputs (C + skip, e.g. 264) are padded with zero columns to a multiple of RS_ALIGN (AMX
-    tiles are that wide, and a ragged edge costs more than the padded columns)."""
+    sign is exact).
+
+    Float GEMMs carry their biases as a last weight row, against a column of ones the engine appends to
+    the mel and to the gate: a separate bias costs a pass over the GEMM's output. The res/skip GEMM adds
+    straight onto the engine's state, [residual (C) | skip | zeros] (the last layer: its skip columns
+    only), its columns padded to a multiple of RS_ALIGN, and its rows (the gate, the bias, zeros) too: AMX
+    tiles are that wide, and a ragged edge costs more than the padding."""
     n, steps, taps = fwn.n_channels, fwn.steps, fwn.taps
     gain = torch.ones(2 * n)  # ×2 is exact in any binary format
     gain[:n] = 2.0
@@ -136,8 +153,10 @@ def layer_arrays(fwn: FastWN, i: int, precision: str) -> dict[str, torch.Tensor]
     w_rs, b_rs = -rs.weight.detach()[..., 0].t().float(), rs.bias.detach().float()  # −W: applied to −gate
     if precision != "int8":  # int8's packed GEMMs take their biases themselves
         w_cond, b_cond = torch.cat([w_cond, b_cond[None]]), None
-        extra = -w_rs.shape[1] % RS_ALIGN
-        w_rs, b_rs = F.pad(w_rs, (0, extra)), F.pad(b_rs, (0, extra))
+        w_rs, b_rs = torch.cat([w_rs, b_rs[None]]), None  # against the gate's column of ones
+        width = state_width(n, fwn.n_out, precision)  # the last layer writes only the columns after C
+        columns = width - n if i == fwn.n_layers - 1 else width
+        w_rs = F.pad(w_rs, (0, columns - w_rs.shape[1], 0, -w_rs.shape[0] % RS_ALIGN))
     arrays = {}
     for name, weight, bias in (("taps", w_in, None), ("cond", w_cond, b_cond), ("res_skip", w_rs, b_rs)):
         if precision == "int8":  # all three GEMMs in int8
@@ -342,8 +361,15 @@ class FastEngine:
         n, total = c.n_channels, unfolded.shape[0] * steps
         frames = unfolded.shape[0]
         blocks = [(f0, min(frames, f0 + self.block_frames)) for f0 in range(0, frames, self.block_frames)]
-        x = torch.zeros(total + 2 * pad, n, dtype=self.dtype)
-        x_next = torch.zeros_like(x)
+        # the WN state, [residual stream (C) | skip sum | zeros], `pad` zero rows around the utterance; each
+        # layer but the last writes the next state into the other buffer (the dilated taps of the rows
+        # after a block still read the old one)
+        width = n + max(flow.layers[-1].res_skip_gemm.out_features for flow in self.flows)
+        state, state_next = (torch.zeros(total + 2 * pad, width, dtype=self.dtype) for _ in range(2))
+        # −gate, then (float) a column of ones for the res/skip bias and zeros up to the GEMM's K
+        k_rs = self.flows[0].layers[0].res_skip_gemm.in_features
+        gate = torch.zeros(min(total, blocks[0][1] * steps), k_rs, dtype=self.dtype)
+        gate[:, n:n + 1] = 1.0
         cond = None  # the conditioning, [frames, steps·2C]: reused by every layer (float GEMMs write into it)
         audio = noise[:, : self.n_remaining_channels]
         next_row = self.n_remaining_channels
@@ -357,17 +383,19 @@ class FastEngine:
             n_half = audio.shape[1] // 2
             swap = c.swaps_halves(k)
             audio_0, audio_1 = (audio[:, n_half:], audio[:, :n_half]) if swap else (audio[:, :n_half], audio[:, n_half:])
-            torch.addmm(flow.start_bias, audio_0.to(self.dtype), flow.start_weight, out=x[pad: pad + total])
-            skip = torch.zeros(total, 2 * n_half)
+            rows = state[pad: pad + total]
+            rows[:, :n] = torch.addmm(flow.start_bias, audio_0.to(self.dtype), flow.start_weight)
+            rows[:, n:] = 0.0
             for layer in flow.layers:
                 # float: the conditioning of every step at once, so its weights (steps × 2C per mel row)
                 # are read once per layer; int8's GEMM is faster per block
                 cond = None if self.precision == "int8" else layer.cond_gemm(unfolded, out=cond)
                 for f0, f1 in blocks:
                     acts = layer.cond_gemm(unfolded[f0:f1]) if cond is None else cond[f0:f1]
-                    self._layer_block(layer, acts.view(-1, 2 * n), x, x_next, skip, f0 * steps, f1 * steps)
-                if layer.has_residual:  # the residual stream moved to x_next
-                    x, x_next = x_next, x
+                    self._layer_block(layer, acts.view(-1, 2 * n), gate, state, state_next, f0 * steps, f1 * steps)
+                if layer.has_residual:
+                    state, state_next = state_next, state
+            skip = state[pad: pad + total, n: n + 2 * n_half].float()
             log_s, b = skip[:, n_half:], skip[:, :n_half]
             audio_1 = (audio_1 - b) * torch.exp(-log_s)
             audio = torch.cat((audio_1, audio_0) if swap else (audio_0, audio_1), 1) @ flow.inverse
@@ -376,12 +404,13 @@ class FastEngine:
                 next_row += c.n_early_size
         return audio.reshape(-1)
 
-    def _layer_block(self, layer: _Layer, acts, x, x_next, skip, s0: int, s1: int) -> None:
+    def _layer_block(self, layer: _Layer, acts, gate, state, state_next, s0: int, s1: int) -> None:
         """One WN layer on steps [s0, s1): dilated taps added onto the conditioning `acts` (in place), gate,
-        residual and skip."""
+        then the residual and skip added onto the state."""
         n, pad = self.config.n_channels, self.pad
         t0, t1 = pad + s0, pad + s1
         centre, d = (layer.taps - 1) // 2, layer.dilation
+        x = state[:, :n]
         if layer.tap_weights is not None:  # each dilated tap is a row offset: one accumulating GEMM per tap
             for j, weight in enumerate(layer.tap_weights):
                 acts.addmm_(x[t0 + (j - centre) * d: t1 + (j - centre) * d], weight)
@@ -389,9 +418,11 @@ class FastEngine:
             taps = torch.cat([x[t0 + (j - centre) * d: t1 + (j - centre) * d] for j in range(layer.taps)], 1)
             layer.taps_gemm.accumulate(acts, taps)
         sig = acts.sigmoid_()  # [σ(2a) | σ(b)] in place
-        negative_gate = torch.addcmul(sig[:, n:], sig[:, :n], sig[:, n:], value=-2.0)  # see layer_arrays
-        res_skip = layer.res_skip_gemm(negative_gate)
-        n_res = n if layer.has_residual else 0  # columns: [residual (C) | skip | zero padding]
-        skip[s0:s1] += res_skip[:, n_res: n_res + skip.shape[1]]
-        if layer.has_residual:
-            torch.add(x[t0:t1], res_skip[:, :n], out=x_next[t0:t1])
+        gate = gate[: s1 - s0]
+        torch.addcmul(sig[:, n:], sig[:, :n], sig[:, n:], value=-2.0, out=gate[:, :n])  # −gate: see layer_arrays
+        width = layer.res_skip_gemm.out_features
+        if layer.has_residual:  # next state = state + residual and skip, one GEMM
+            layer.res_skip_gemm.add_into(state_next[t0:t1, :width], state[t0:t1, :width], gate)
+        else:  # skip only, in place: no later block reads these columns
+            columns = state[t0:t1, n:n + width]
+            layer.res_skip_gemm.add_into(columns, columns, gate)
