@@ -5,8 +5,9 @@ has native bf16, AVX512-BF16 or AMX) in a channels-last layout, where a dilated 
 frame-rate conditioning GEMM `[frames, 4·80] @ [4·80, 32·2C]` lands directly as `[steps, 2C]` rows. Each
 WN layer's conditioning is one GEMM over the whole utterance (its weights are read once per layer); the
 taps, gate, residual and skip run in blocks of `block_frames` mel frames, by default whole utterances of
-up to ~24 s: on the CPUs measured, large GEMMs win over keeping a block in cache. Utterances of a batch run
-on separate threads when there are spare cores.
+up to ~24 s: on the CPU measured, large GEMMs win over keeping a block in cache. The utterances of a batch
+run end to end as one sequence (zero frames between them, as wide as the WN's reach), so that short
+utterances make large GEMMs too.
 
 Precisions: fp32; bf16 (GEMM operands and the WN state in bf16, fp32 accumulation); int8 (every WN GEMM —
 conditioning, dilated taps, res/skip — through oneDNN's `quantized.linear_dynamic`: weights int8 with one
@@ -21,9 +22,7 @@ utterances that traffic, not arithmetic, bounds the conditioning GEMM.
 from __future__ import annotations
 
 import math
-import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -113,6 +112,10 @@ GEMMS = ("taps", "cond", "res_skip")
 #: op (on the CPU measured, large GEMMs win over keeping a block in cache); int8's dynamically quantised
 #: GEMMs are faster on blocks that stay in cache
 BLOCK_FRAMES = {"fp32": 2048, "bf16": 2048, "int8": 128}
+#: the utterances of a batch run end to end in sequences of up to this many mel frames: on the CPU measured,
+#: ~1,000 frames per sequence ran fastest (short ones leave the conditioning GEMM bound by its weights,
+#: long ones spill out of cache), and faster than an utterance per thread
+PACK_FRAMES = 1024
 #: float res/skip GEMMs have their rows and columns padded to a multiple of this
 RS_ALIGN = 32
 
@@ -222,13 +225,13 @@ def native_precision(precision: str) -> str:
     return precision
 
 
-def choose_threads(usable: int, others_busy: float, batch: int, limit: int | None = None) -> int:
+def choose_threads(usable: int, others_busy: float, limit: int | None = None) -> int:
     """Threads for one `run`: the cores not taken by other processes (`others_busy`: cores' worth of
     other work measured just before), at least 1, at most `limit` (the caller's cap) and `usable`.
 
     Why: OpenMP's GEMMs split every op evenly across threads and wait at a barrier after each, so one
     thread sharing its core with another process makes every op as slow as that thread; one thread per
-    free core avoids it. A batch of at least two utterances runs them on separate threads anyway."""
+    free core avoids it."""
     cap = max(1, min(limit or usable, usable))
     free = usable - max(0.0, others_busy)
     return max(1, min(cap, math.floor(free + 0.5)))
@@ -244,8 +247,7 @@ class FastEngine:
     - `block_frames`: mel frames per block of the taps, gate, residual and skip (× steps per frame): a
       cap on their temporaries; default: BLOCK_FRAMES for the precision.
     - `threads`: the most cores to use (default: torch's setting). Each `run` uses as many of them as are
-      free at that moment (`choose_threads`; `adaptive=False`: always `threads`); with a batch, utterances
-      run in parallel, one core each, since one core per GEMM is more efficient than two on small blocks.
+      free at that moment (`choose_threads`; `adaptive=False`: always `threads`).
     - `flows`: the engine's tensors per flow (`flow_arrays`; the cache's way in): then `model` is only
       asked for its `config` and `n_remaining_channels`.
     """
@@ -265,6 +267,8 @@ class FastEngine:
         self._meter = CpuMeter()
         self.steps, self.taps = c.steps_per_frame, c.upsample_taps
         self.pad = (c.kernel_size - 1) // 2 * 2 ** (c.n_layers - 1)  # rows of zeros around each utterance
+        self.gap_frames = -(-self.pad // self.steps)  # zero frames between packed utterances: ≥ pad rows
+        self.pack_frames = PACK_FRAMES
         self.n_remaining_channels = model.n_remaining_channels
         if flows is None:  # one flow folded at a time: the fp32 folded weights never all exist
             flows = (flow_arrays(model, k, precision) for k in range(c.n_flows))
@@ -282,11 +286,11 @@ class FastEngine:
     def noise_shape(self, batch: int, frames: int) -> tuple[int, int, int]:
         return batch, self.config.n_group, frames * self.config.hop_length // self.config.n_group
 
-    def plan_threads(self, batch: int) -> int:
-        """The threads the next `run` of `batch` utterances uses (see `choose_threads`)."""
+    def plan_threads(self) -> int:
+        """The threads the next `run` uses (see `choose_threads`)."""
         if not self.adaptive or self.threads == 1:
             return self.threads
-        return choose_threads(usable_cpus(), self._meter.others_busy(), batch, self.threads)
+        return choose_threads(usable_cpus(), self._meter.others_busy(), self.threads)
 
     @torch.inference_mode()
     def run(self, mel, z) -> np.ndarray:
@@ -314,49 +318,52 @@ class FastEngine:
             if self.precision != "int8":  # the conditioning bias's column (see layer_arrays)
                 unfolded = F.pad(unfolded, (0, 1), value=1.0)
             prepared.append((unfolded.to(self.dtype).contiguous(), z.t().contiguous()))  # noise [steps, n_group]
-        threads = self.last_threads = self.plan_threads(len(prepared))
+        threads = self.last_threads = self.plan_threads()
         previous = torch.get_num_threads()
         try:
-            if threads == 1 or len(prepared) == 1:
-                torch.set_num_threads(threads)
-                return [self._reverse(*p).numpy() for p in prepared]
-            return self._run_parallel(prepared, threads)
+            torch.set_num_threads(threads)
+            return self._run_packed(prepared)
         finally:
             torch.set_num_threads(previous)
 
-    def _run_parallel(self, prepared, threads: int) -> list[np.ndarray]:
-        """Whole utterances on our own threads, longest first, one core each, rather than OpenMP inside
-        every op: no barrier per GEMM, and one-core GEMMs waste less. When no utterance is left to start,
-        the threads still running take over the idle cores (OpenMP inside their ops, from their next flow)."""
-        order = iter(sorted(range(len(prepared)), key=lambda i: -prepared[i][0].shape[0]))
-        lock = threading.Lock()
-        state = {"active": min(threads, len(prepared)), "drained": False}
+    def _run_packed(self, prepared) -> list[np.ndarray]:
+        """Utterances end to end, longest first, as few sequences of up to `pack_frames` frames as they fit
+        in (an utterance longer than that alone), `gap_frames` zero frames apart — at least the WN's reach,
+        so that no tap sees another utterance: each sequence runs as one utterance with larger GEMMs."""
+        order = sorted(range(len(prepared)), key=lambda i: -prepared[i][0].shape[0])
+        groups: list[list[int]] = []
+        frames = 0
+        for i in order:
+            length = prepared[i][0].shape[0]
+            if not groups or frames + self.gap_frames + length > self.pack_frames:
+                groups.append([])
+                frames = -self.gap_frames
+            groups[-1].append(i)
+            frames += self.gap_frames + length
         outputs: list[np.ndarray | None] = [None] * len(prepared)
-
-        def share() -> int:  # OpenMP threads for this worker's next flow
-            with lock:
-                return max(1, threads // state["active"]) if state["drained"] else 1
-
-        def worker() -> None:
-            torch.set_num_threads(1)  # this thread's own OpenMP team
-            while True:
-                with lock:
-                    i = next(order, None)
-                    if i is None:
-                        state["drained"] = True
-                        state["active"] -= 1
-                        return
-                outputs[i] = self._reverse(*prepared[i], share=share).numpy()
-
-        with ThreadPoolExecutor(state["active"]) as pool:
-            for future in [pool.submit(worker) for _ in range(state["active"])]:
-                future.result()
+        for group in groups:
+            gap = (torch.zeros(self.gap_frames, prepared[group[0]][0].shape[1], dtype=self.dtype),
+                   torch.zeros(self.gap_frames * self.steps, self.config.n_group))
+            parts, spans, gaps, row = [], [], [], 0
+            for i in group:
+                if parts:
+                    parts.append(gap)
+                    gaps.append((row, row + self.gap_frames * self.steps))
+                    row = gaps[-1][1]
+                parts.append(prepared[i])
+                spans.append((i, row, row + prepared[i][1].shape[0]))
+                row = spans[-1][2]
+            unfolded, noise = (torch.cat([p[j] for p in parts]) if len(parts) > 1 else parts[0][j] for j in (0, 1))
+            audio = self._reverse(unfolded, noise, gaps=gaps)
+            for i, r0, r1 in spans:
+                outputs[i] = audio[r0:r1].reshape(-1).numpy()
         return outputs
 
-    @torch.inference_mode()  # per call: worker threads do not inherit the caller's mode
-    def _reverse(self, unfolded: torch.Tensor, noise: torch.Tensor, share=None) -> torch.Tensor:
-        """One utterance: unfolded mel [T, taps·n_mel], noise [T·steps, n_group] → audio [T·hop]. `share`:
-        called before each flow, the OpenMP threads to use for it (a worker of `_run_parallel`)."""
+    @torch.inference_mode()
+    def _reverse(self, unfolded: torch.Tensor, noise: torch.Tensor, gaps=()) -> torch.Tensor:
+        """One utterance: unfolded mel [T, taps·n_mel], noise [T·steps, n_group] → audio [T·steps, n_group].
+        `gaps`: (first, end) step rows that separate packed utterances (`_run_packed`): kept at zero in the
+        WN state, as the padding around an utterance is."""
         c, pad, steps = self.config, self.pad, self.steps
         n, total = c.n_channels, unfolded.shape[0] * steps
         frames = unfolded.shape[0]
@@ -373,12 +380,7 @@ class FastEngine:
         cond = None  # the conditioning, [frames, steps·2C]: reused by every layer (float GEMMs write into it)
         audio = noise[:, : self.n_remaining_channels]
         next_row = self.n_remaining_channels
-        omp = torch.get_num_threads()
         for k in reversed(range(c.n_flows)):
-            want = omp if share is None else share()
-            if want != omp:
-                omp = want
-                torch.set_num_threads(omp)
             flow = self.flows[k]
             n_half = audio.shape[1] // 2
             swap = c.swaps_halves(k)
@@ -386,6 +388,8 @@ class FastEngine:
             rows = state[pad: pad + total]
             rows[:, :n] = torch.addmm(flow.start_bias, audio_0.to(self.dtype), flow.start_weight)
             rows[:, n:] = 0.0
+            for g0, g1 in gaps:
+                rows[g0:g1] = 0.0
             for layer in flow.layers:
                 # float: the conditioning of every step at once, so its weights (steps × 2C per mel row)
                 # are read once per layer; int8's GEMM is faster per block
@@ -395,14 +399,18 @@ class FastEngine:
                     self._layer_block(layer, acts.view(-1, 2 * n), gate, state, state_next, f0 * steps, f1 * steps)
                 if layer.has_residual:
                     state, state_next = state_next, state
+                    for g0, g1 in gaps:
+                        state[pad + g0: pad + g1, :n] = 0.0
             skip = state[pad: pad + total, n: n + 2 * n_half].float()
             log_s, b = skip[:, n_half:], skip[:, :n_half]
             audio_1 = (audio_1 - b) * torch.exp(-log_s)
             audio = torch.cat((audio_1, audio_0) if swap else (audio_0, audio_1), 1) @ flow.inverse
+            for g0, g1 in gaps:  # whatever the gaps' rows became (they are thrown away), not inf or NaN
+                audio[g0:g1] = 0.0
             if c.has_early_output(k):
                 audio = torch.cat((noise[:, next_row: next_row + c.n_early_size], audio), 1)
                 next_row += c.n_early_size
-        return audio.reshape(-1)
+        return audio
 
     def _layer_block(self, layer: _Layer, acts, gate, state, state_next, s0: int, s1: int) -> None:
         """One WN layer on steps [s0, s1): dilated taps added onto the conditioning `acts` (in place), gate,
