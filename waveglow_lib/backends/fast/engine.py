@@ -305,7 +305,8 @@ class FastEngine:
     @torch.inference_mode()
     def run_utterances(self, mels, zs) -> list[np.ndarray]:
         """Utterances of any lengths, each at its own length (no padding): mels [n_mel, T_i], zs [n_group,
-        T_i·hop/n_group] (complete, sigma-scaled) → audio [T_i·hop] float32 each, equal to running each alone."""
+        T_i·hop/n_group] (complete, sigma-scaled) → audio [T_i·hop] float32 each, equal to running each alone
+        (fp32 and bf16 bit for bit; int8 quantises its activations per call, so up to rounding)."""
         prepared = []
         for mel, z in zip(mels, zs, strict=True):
             mel, z = torch.as_tensor(mel).float(), torch.as_tensor(z).float()
@@ -361,7 +362,8 @@ class FastEngine:
 
     @torch.inference_mode()
     def _reverse(self, unfolded: torch.Tensor, noise: torch.Tensor, gaps=()) -> torch.Tensor:
-        """One utterance: unfolded mel [T, taps·n_mel], noise [T·steps, n_group] → audio [T·steps, n_group].
+        """One sequence (an utterance, or several packed by `_run_packed`): unfolded mel [T, taps·n_mel],
+        noise [T·steps, n_group] → audio [T·steps, n_group].
         `gaps`: (first, end) step rows that separate packed utterances (`_run_packed`): kept at zero in the
         WN state, as the padding around an utterance is."""
         c, pad, steps = self.config, self.pad, self.steps
