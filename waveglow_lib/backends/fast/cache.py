@@ -42,7 +42,7 @@ from ...io import atomic_write_json
 from .engine import FastEngine, flow_arrays, native_precision
 
 #: bump when what an entry holds changes (tensor names, layout, quantisation)
-CACHE_FORMAT = 4
+CACHE_FORMAT = 5
 CACHE_ENV = "WAVEGLOW_CACHE_DIR"
 
 
