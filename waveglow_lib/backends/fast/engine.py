@@ -3,11 +3,11 @@
 All the arithmetic runs as GEMMs (oneDNN through `torch.matmul`; bf16 with fp32 accumulation where the CPU
 has native bf16, AVX512-BF16 or AMX) in a channels-last layout, where a dilated tap is a row offset and the
 frame-rate conditioning GEMM `[frames, 4·80] @ [4·80, 32·2C]` lands directly as `[steps, 2C]` rows. Each
-WN layer's conditioning is one GEMM over the whole utterance (its weights are read once per layer); the
-taps, gate, residual and skip run in blocks of `block_frames` mel frames, by default whole utterances of
-up to ~24 s: on the CPU measured, large GEMMs win over keeping a block in cache. The utterances of a batch
-run end to end as one sequence (zero frames between them, as wide as the WN's reach), so that short
-utterances make large GEMMs too.
+WN layer runs in blocks of `block_frames` mel frames, by default (fp32, bf16) whole utterances of up to
+~24 s: on the CPU measured, large GEMMs win over cache-sized blocks (and the conditioning's weights are
+read once per block). The utterances of a batch run end to end as one sequence (zero frames between them,
+as wide as the WN's reach), so that short utterances make large GEMMs too. Memory per call: the WN state
+(C + skip columns per step, twice) and one block's conditioning.
 
 Precisions: fp32; bf16 (GEMM operands and the WN state in bf16, fp32 accumulation); int8 (every WN GEMM —
 conditioning, dilated taps, res/skip — through oneDNN's `quantized.linear_dynamic`: weights int8 with one
@@ -16,7 +16,7 @@ point, fp32 in and out, so the state and the gate stay fp32). Where the time goe
 conditioning GEMM too, is recorded by `python -m waveglow_lib bench --profile`.
 
 Cost: the folded conditioning weights are `steps` phases × (4·80 → 2C) per layer, 16× the original
-cond_layer (503 M values for the official model), read once per layer and utterance; for very short
+cond_layer (503 M values for the official model), read once per layer and block; for very short
 utterances that traffic, not arithmetic, bounds the conditioning GEMM.
 """
 from __future__ import annotations
@@ -379,7 +379,8 @@ class FastEngine:
         k_rs = self.flows[0].layers[0].res_skip_gemm.in_features
         gate = torch.zeros(min(total, blocks[0][1] * steps), k_rs, dtype=self.dtype)
         gate[:, n:n + 1] = 1.0
-        cond = None  # the conditioning, [frames, steps·2C]: reused by every layer (float GEMMs write into it)
+        # the conditioning of a block, [frames, steps·2C]: reused by every layer (float GEMMs write into it)
+        cond = torch.empty(blocks[0][1], self.flows[0].layers[0].cond_gemm.out_features, dtype=self.dtype)
         audio = noise[:, : self.n_remaining_channels]
         next_row = self.n_remaining_channels
         for k in reversed(range(c.n_flows)):
@@ -393,11 +394,8 @@ class FastEngine:
             for g0, g1 in gaps:
                 rows[g0:g1] = 0.0
             for layer in flow.layers:
-                # float: the conditioning of every step at once, so its weights (steps × 2C per mel row)
-                # are read once per layer; int8's GEMM is faster per block
-                cond = None if self.precision == "int8" else layer.cond_gemm(unfolded, out=cond)
-                for f0, f1 in blocks:
-                    acts = layer.cond_gemm(unfolded[f0:f1]) if cond is None else cond[f0:f1]
+                for f0, f1 in blocks:  # the conditioning's weights (steps × 2C per mel row) are read once per block
+                    acts = layer.cond_gemm(unfolded[f0:f1], out=cond[: f1 - f0])
                     self._layer_block(layer, acts.view(-1, 2 * n), gate, state, state_next, f0 * steps, f1 * steps)
                 if layer.has_residual:
                     state, state_next = state_next, state
