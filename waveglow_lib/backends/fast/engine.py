@@ -66,22 +66,16 @@ def _pack_int8(q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None)
 
 
 class _FloatGemm:
-    """x @ weight (+ bias) in the weight's dtype (fp32 or bf16, fp32 accumulation)."""
+    """x @ weight in the weight's dtype (fp32 or bf16, fp32 accumulation); a bias is the weight's last row
+    (see `layer_arrays`)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor):
         self.weight = weight.contiguous()
-        self.bias = None if bias is None else bias.contiguous()
         self.in_features, self.out_features = self.weight.shape
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """x @ weight (+ bias); into `out` when given (no allocation)."""
-        if self.bias is not None:
-            return torch.addmm(self.bias, x, self.weight, out=out)
+        """x @ weight; into `out` when given (no allocation)."""
         return torch.mm(x, self.weight, out=out)
-
-    def accumulate(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """out += x @ weight, in place (one fused GEMM)."""
-        return out.addmm_(x, self.weight)
 
     def add_into(self, out: torch.Tensor, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """out = base + x @ weight (one GEMM; `out` may be `base`)."""
@@ -130,7 +124,7 @@ def state_width(n_channels: int, n_skip: int, precision: str) -> int:
 def layer_arrays(fwn: FastWN, i: int, precision: str) -> dict[str, torch.Tensor]:
     """Layer i of a folded coupling network in GEMM form (x @ w, channels-last), as the tensors the engine
     is built from (and the cache stores): per GEMM `<name>.weight` (bf16/fp32, [in, out]) or `<name>.q`
-    + `<name>.scale` (int8, [out, in]), and `<name>.bias` (fp32) where it has one.
+    + `<name>.scale` (int8, [out, in]), and (int8) `<name>.bias` (fp32) where it has one.
 
     The gate needs no tanh: the tanh half of its input is scaled by 2 (exact in binary), so
     tanh(a)·σ(b) = (2σ(2a) − 1)·σ(b). The engine takes one in-place sigmoid over all 2C channels and one
@@ -166,8 +160,8 @@ def layer_arrays(fwn: FastWN, i: int, precision: str) -> dict[str, torch.Tensor]
             arrays[f"{name}.q"], arrays[f"{name}.scale"] = quantize_int8(weight)
         else:
             arrays[f"{name}.weight"] = weight.to(DTYPES[precision]).contiguous()
-        if bias is not None:
-            arrays[f"{name}.bias"] = bias.to(torch.float32 if precision == "int8" else DTYPES[precision]).contiguous()
+        if bias is not None:  # int8 only: float biases are weight rows
+            arrays[f"{name}.bias"] = bias.float().contiguous()
     return arrays
 
 
@@ -185,9 +179,8 @@ class _Layer:
         rows = None if weight is None else weight.shape[0] // taps
         self.tap_weights = None if weight is None else [weight[j * rows:(j + 1) * rows] for j in range(taps)]
         for name in GEMMS:
-            bias = arrays.get(f"{name}.bias")
-            gemm = (_Int8Gemm(arrays[f"{name}.q"], arrays[f"{name}.scale"], bias) if precision == "int8"
-                    else _FloatGemm(arrays[f"{name}.weight"], bias))
+            gemm = (_Int8Gemm(arrays[f"{name}.q"], arrays[f"{name}.scale"], arrays.get(f"{name}.bias"))
+                    if precision == "int8" else _FloatGemm(arrays[f"{name}.weight"]))
             setattr(self, f"{name}_gemm", gemm)
 
 
