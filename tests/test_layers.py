@@ -17,7 +17,7 @@ import waveglow_lib
 
 #: the layers, first to last; a module belongs to the first entry that is its name or a parent package of it
 LAYERS = [
-    ("errors",), ("layout",), ("io",), ("safe_yaml", "runlock"), ("config",), ("hardware",),
+    ("errors", "isa"), ("io",), ("layout",), ("safe_yaml", "runlock"), ("config",), ("hardware",),
     ("audio",), ("metrics",), ("model",), ("checkpoint", "denoiser"), ("mel_input",),
     ("export", "convert"), ("backends",), ("batching",), ("train",), ("stages",), ("engines",),
     ("provenance",), ("evaluate",), ("bench",), ("notebook", "report"), ("service",), ("cli", "__main__"),

@@ -10,12 +10,17 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .isa import apply_isa_cap
+
 __version__ = "0.1.0"
 
 # OpenMP's wait policy is left to OpenMP (libgomp: spin briefly, then sleep). Forcing PASSIVE made the fast
 # engine's batch-1 runs about a quarter slower on an idle machine (every op's barrier wakes sleeping threads),
 # and on a shared machine the engine already runs one thread per free core (backends/fast/engine.py), where
 # nothing waits. An OMP_WAIT_POLICY the user sets still wins.
+
+# an ISA cap (WAVEGLOW_ISA_CAP, see isa.py) must reach oneDNN and MKL before their first GEMM
+apply_isa_cap()
 
 _EXPORTS = {
     "ModelConfig": "config", "STFTConfig": "config", "WorkflowConfig": "config",

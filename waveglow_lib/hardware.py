@@ -9,13 +9,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .isa import capped_flags, isa_cap
+
 
 def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none), less what an ISA cap
+    (`isa.ENV`) takes away."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+                return capped_flags(set(line.split(":", 1)[1].split()))
     except OSError:
         pass
     return set()
@@ -121,7 +124,7 @@ def cpu_signature() -> dict:
     (the engine cache's key: an entry built on another CPU is not trusted here)."""
     prefixes = ("avx", "amx", "fma", "f16c", "sse", "ssse", "vnni", "bmi")
     return {"cpu": cpu_model(), "flags": sorted(f for f in cpu_flags() if f.startswith(prefixes)),
-            "capability": torch.backends.cpu.get_cpu_capability()}
+            "capability": torch.backends.cpu.get_cpu_capability(), "isa_cap": isa_cap()}
 
 
 def load_average() -> list[float] | None:
@@ -159,5 +162,5 @@ def machine_info() -> dict:
             "torch_threads": torch.get_num_threads(), "isa": isa, "native_bf16": native_bf16(),
             "native_int8": native_int8(),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "versions": library_versions(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "isa_cap": isa_cap(),
             "load_average": load_average()}

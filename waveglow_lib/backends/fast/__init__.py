@@ -65,8 +65,8 @@ class FastBackend(Backend):
 
     def run_ragged(self, mels: list[np.ndarray], zs: list[np.ndarray]) -> list[np.ndarray]:
         """A batch without padding: mels [n_mel, T_i], zs [n_group, T_i·hop/n_group] (complete, sigma-scaled)
-        → audio [T_i·hop] each, equal to running each utterance alone (`batching.vocode` uses it: no padded
-        frames are computed and no tails need recomputing)."""
+        → audio [T_i·hop] each, equal to running each utterance alone within `engine.PACKED_MIN_SNR_DB`
+        (`batching.vocode` uses it: no padded frames are computed and no tails need recomputing)."""
         for mel, z in zip(mels, zs, strict=True):
             self.check_inputs(mel[None], z[None])
         return [np.asarray(a, dtype=np.float32) for a in self.engine.run_utterances(mels, zs)]
