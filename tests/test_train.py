@@ -280,3 +280,46 @@ def test_train_notebook_is_committed_clean_with_one_parameters_cell():
     assert namespace["params_file"] == "params/train_demo.yaml" and namespace["overrides"] == {}
     sources = "\n".join(c.source for c in code)
     assert "run_train(" in sources and "def " not in sources  # the logic stays in the library
+
+
+# --- the generation-direction losses (train option: stft_loss_weight, mel_loss_weight) --------------------
+def test_generation_loss_scores_spectra_and_is_zero_for_the_recording():
+    corpus = load_corpus(DEMO_CORPUS_DIR, 4096)
+    target = torch.from_numpy(np.stack([corpus.audio[0][8000:12096], corpus.audio[1][8000:12096]]))
+    loss = train_module.GenerationLoss(sigma=0.6, stft_weight=1.0, mel_weight=1.0)
+    same, parts = loss(target, target)
+    assert float(same) == pytest.approx(0.0, abs=1e-3) and set(parts) == {"stft", "mel"}
+    quieter, _ = loss(0.5 * target, target)
+    noise, _ = loss(0.05 * torch.randn_like(target), target)
+    assert 0.1 < float(quieter) < float(noise)  # a level error costs less than losing the spectrum
+    only_mel = train_module.GenerationLoss(sigma=0.6, stft_weight=0.0, mel_weight=2.0)
+    total, parts = only_mel(0.5 * target, target)
+    assert set(parts) == {"mel"} and float(total) == pytest.approx(2.0 * parts["mel"], rel=1e-5)
+
+
+def test_the_reverse_pass_carries_gradients_only_when_training(tiny_config):
+    """The generation losses train through the reverse pass: its 1x1 inverses are computed from the weights
+    (with gradients) then, and are the float64 buffers in inference, the same numbers up to rounding."""
+    glow = init_from_scratch(tiny_config, seed=2)
+    mel, z = torch.randn(1, 80, 5) - 5, 0.6 * torch.randn(glow.noise_shape(1, 5))
+    inferred = glow.infer(mel, 1.0, z)
+    generated = glow(mel, z)
+    generated.square().sum().backward()
+    assert all(c.conv.weight.grad is not None and c.conv.weight.grad.abs().sum() > 0 for c in glow.convinv)
+    torch.testing.assert_close(generated.detach(), inferred, rtol=1e-4, atol=1e-5)
+
+
+def test_training_with_generation_losses_lowers_them_and_logs_each_term(tmp_path):
+    run = tiny_run(tmp_path, max_steps=12, learning_rate=2e-3, segment_length=2048, stft_loss_weight=1.0,
+                   mel_loss_weight=1.0, gen_start_step=2)
+    result = train(run)
+    history = result["history"]
+    assert all("flow_loss" in e for e in history)
+    assert not any("stft_loss" in e for e in history[:2])  # warm-up: the flow loss alone
+    stft = [e["stft_loss"] for e in history[2:]]
+    mel = [e["mel_loss"] for e in history[2:]]
+    assert all(np.isfinite(stft + mel)) and np.mean(mel[-3:]) < np.mean(mel[:3])
+    for entry in history[2:]:  # the logged loss is the weighted sum of the terms
+        assert entry["loss"] == pytest.approx(entry["flow_loss"] + entry["stft_loss"] + entry["mel_loss"], rel=1e-4)
+    with pytest.raises(ConfigError, match="stft_loss_weight"):
+        tiny_run(tmp_path, stft_loss_weight=-1.0)

@@ -45,6 +45,9 @@ class Invertible1x1Conv(nn.Module):
         return F.conv1d(z, self.conv.weight.to(z.dtype))
 
     def reverse(self, z: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.conv.weight.requires_grad and not torch.jit.is_tracing():
+            # training through the generation direction: the inverse must carry gradients
+            return F.conv1d(z, torch.linalg.inv(self.conv.weight.squeeze(-1).float())[..., None].to(z.dtype))
         return F.conv1d(z, self.W_inverse.to(z.dtype))
 
 
@@ -134,7 +137,12 @@ class WaveGlow(nn.Module):
 
     def forward(self, mel: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The reverse pass with complete noise `z` (already scaled by sigma): what ONNX export traces."""
-        spect = self.condition(mel)
+        return self.flows_reverse(z, self.condition(mel))
+
+    def flows_reverse(self, z: torch.Tensor, spect: torch.Tensor) -> torch.Tensor:
+        """Every flow in the generation direction: noise z [B, n_group, T'] (scaled, `infer`'s row order) and
+        conditioning spect [B, n_mel*n_group, T'] → audio [B, n_group*T']. Inference and the training's
+        generation losses (`train.GenerationLoss`) both walk the flows here."""
         c = self.config
         n_rem = self.n_remaining_channels
         audio = z[:, :n_rem]

@@ -37,11 +37,11 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from .audio import load_wav, mel_spectrogram
+from .audio import load_wav, mel_filterbank, mel_spectrogram
 from .checkpoint import load_waveglow, save_waveglow
 from .config import DEMO_CORPUS_DIR, ModelConfig, STFTConfig, check_choices, from_mapping, read_params_file
 from .errors import AudioError, CheckpointError, ConfigError, MissingDependency, TrainingError
-from .io import atomic_write_bytes, atomic_write_json
+from .io import atomic_write_bytes, atomic_write_json, read_bounded
 from .model import WaveGlow
 
 STATE_NAME = "train_state.safetensors"
@@ -93,6 +93,13 @@ class TrainConfig:
     #: hold out the last N utterances for validation; 0 = validate on fixed segments of the training set
     n_validation: int = 0
     validation_segments: int = 4
+    #: generation-direction losses (audio = model(mel, gen_sigma * z) against the recording), added to the
+    #: flow loss from step `gen_start_step` on: multi-resolution STFT (spectral convergence + log magnitude)
+    #: and log-mel L1, each with its weight; 0 = off (NVIDIA's objective alone)
+    stft_loss_weight: float = 0.0
+    mel_loss_weight: float = 0.0
+    gen_sigma: float = 0.6
+    gen_start_step: int = 0
     #: fp32 | bf16 (bf16 = autocast of the forward pass; the loss terms are summed in fp32)
     precision: Literal["fp32", "bf16"] = "fp32"
     device: str = "cpu"
@@ -116,7 +123,8 @@ class TrainConfig:
             if not getattr(self, key) > 0:
                 raise ConfigError(f"parameter {key!r} must be > 0, got {getattr(self, key)}")
         for key in ("warmup_steps", "final_learning_rate", "grad_clip", "max_seconds", "validate_every",
-                    "n_validation", "num_threads"):
+                    "n_validation", "num_threads", "stft_loss_weight", "mel_loss_weight", "gen_sigma",
+                    "gen_start_step"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"parameter {key!r} must be >= 0, got {getattr(self, key)}")
         try:
@@ -126,6 +134,10 @@ class TrainConfig:
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_dict(self.model)
+
+    @property
+    def uses_generation_loss(self) -> bool:
+        return self.stft_loss_weight > 0 or self.mel_loss_weight > 0
 
     @property
     def corpus_dir(self) -> Path:
@@ -171,20 +183,36 @@ WEIGHT_NORM_LAYERS = ("start", "cond_layer", "in_layers", "res_skip_layers")
 class FlowLoss(nn.Module):
     """WaveGlow run audio → noise with gradients; forward returns NVIDIA's loss (a scalar).
 
+    With a `generation` loss, forward adds it (weighted): the model also runs noise → audio with gradients.
     A module (not a function) so that DDP can wrap it: DDP syncs gradients of what its forward ran.
     """
 
-    def __init__(self, glow: WaveGlow, sigma: float = 1.0):
+    def __init__(self, glow: WaveGlow, sigma: float = 1.0, generation: "GenerationLoss | None" = None):
         super().__init__()
         self.glow = glow
         self.sigma = sigma
+        self.generation = generation
+        #: the last call's terms (flow, stft, mel), for the history
+        self.terms: dict[str, float] = {}
 
     def forward(self, mel: torch.Tensor, audio: torch.Tensor,
-                autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+                autocast_dtype: torch.dtype | None = None, with_generation: bool = False) -> torch.Tensor:
         z, log_s_total, log_det_w_total = self.flow(mel, audio, autocast_dtype)
         sum_sq = torch.sum(z.float() * z.float())
-        loss = sum_sq / (2 * self.sigma ** 2) - log_s_total - log_det_w_total
-        return loss / z.numel()
+        loss = (sum_sq / (2 * self.sigma ** 2) - log_s_total - log_det_w_total) / z.numel()
+        self.terms = {"flow": float(loss.detach())}
+        if with_generation and self.generation is not None:
+            columns = audio.shape[1] // self.glow.n_group
+            with torch.autocast(audio.device.type, dtype=autocast_dtype or torch.bfloat16,
+                                enabled=autocast_dtype is not None):
+                spect = condition(self.glow, mel, columns)
+                noise = torch.randn(audio.shape[0], self.glow.n_group, columns, device=audio.device)
+                generated = self.glow.flows_reverse(noise * self.generation.sigma, spect)
+            extra, parts = self.generation(generated.float(), audio[:, : generated.shape[1]])
+            loss = loss + extra
+            self.terms.update(parts)
+        return loss
+
 
     def flow(self, mel: torch.Tensor, audio: torch.Tensor, autocast_dtype: torch.dtype | None = None):
         """(z, sum of log s, sum of log|det W|) for audio [B, N] (N a multiple of n_group, ≤ frames*hop)."""
@@ -198,6 +226,47 @@ class FlowLoss(nn.Module):
         # NVIDIA's batch * n_of_groups * logdet(W)
         return z, log_s_total, batch * columns * log_det_w
 
+
+class GenerationLoss(nn.Module):
+    """Generated audio against the recording, both [B, N]: multi-resolution STFT loss (spectral convergence
+    + L1 of log magnitudes, averaged over resolutions, as Parallel WaveGAN's) and L1 of the log-mel
+    (the front-end's filterbank on a magnitude STFT). What the flow loss learns last, voicing, is what
+    these see first."""
+
+    #: (fft size, hop, window) per resolution
+    RESOLUTIONS = ((512, 128, 512), (1024, 256, 1024), (2048, 512, 2048))
+
+    def __init__(self, sigma: float, stft_weight: float, mel_weight: float, stft: STFTConfig = STFTConfig()):
+        super().__init__()
+        self.sigma, self.stft_weight, self.mel_weight, self.stft = sigma, stft_weight, mel_weight, stft
+        basis = mel_filterbank(stft.sampling_rate, stft.filter_length, stft.n_mel_channels, stft.mel_fmin,
+                               stft.mel_fmax)
+        self.register_buffer("mel_basis", torch.from_numpy(basis).float(), persistent=False)
+
+    @staticmethod
+    def magnitude(audio: torch.Tensor, n_fft: int, hop: int, window: int) -> torch.Tensor:
+        spec = torch.stft(audio, n_fft, hop, window, torch.hann_window(window, device=audio.device),
+                          return_complex=True)
+        return torch.sqrt(spec.real ** 2 + spec.imag ** 2 + 1e-9)
+
+    def forward(self, generated: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        total, parts = generated.new_zeros(()), {}
+        if self.stft_weight:
+            stft_loss = generated.new_zeros(())
+            for n_fft, hop, window in self.RESOLUTIONS:
+                mag_g, mag_t = self.magnitude(generated, n_fft, hop, window), self.magnitude(target, n_fft, hop, window)
+                convergence = torch.linalg.norm(mag_t - mag_g) / torch.linalg.norm(mag_t).clamp(min=1e-7)
+                stft_loss = stft_loss + convergence + F.l1_loss(torch.log(mag_g), torch.log(mag_t))
+            stft_loss = stft_loss / len(self.RESOLUTIONS)
+            total, parts["stft"] = total + self.stft_weight * stft_loss, float(stft_loss.detach())
+        if self.mel_weight:
+            c = self.stft
+            mels = [torch.log(torch.clamp(self.mel_basis @ self.magnitude(x, c.filter_length, c.hop_length,
+                                                                          c.win_length), min=c.clip_val))
+                    for x in (generated, target)]
+            mel_loss = F.l1_loss(*mels)
+            total, parts["mel"] = total + self.mel_weight * mel_loss, float(mel_loss.detach())
+        return total, parts
 
 def upsample(layer: nn.ConvTranspose1d, mel: torch.Tensor) -> torch.Tensor:
     """`layer(mel)` as one matmul and an overlap-add: the same numbers, and on the CPU many times faster
@@ -419,8 +488,14 @@ def save_train_state(path: Path, glow: WaveGlow, optimizer: torch.optim.Optimize
     return atomic_write_bytes(path, data)
 
 
+#: the weights and Adam's two moments of a model of at most the 4 GiB a checkpoint may have, and the JSON
+MAX_STATE_BYTES = 16 * 2**30
+
+
 def read_train_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    data = path.read_bytes()
+    """The tensors and the JSON of a resume state; TrainingError naming the file when it is not a regular file
+    of a sane size, not ours, or holds values no run saves (a negative step, ...)."""
+    data = read_bounded(path, "a training state", MAX_STATE_BYTES, TrainingError)
     try:
         header = json.loads(data[8: 8 + int.from_bytes(data[:8], "little")])
         info = json.loads(header["__metadata__"][STATE_FORMAT])
@@ -428,7 +503,24 @@ def read_train_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     except Exception as error:
         raise TrainingError(f"{path}: not a readable training state (truncated or not ours?): {error}; "
                             "delete it or set resume: false to start over", path=path) from None
+    problem = _state_problem(info)
+    if problem:
+        raise TrainingError(f"{path}: not a usable training state: {problem}; delete it or set resume: false "
+                            "to start over", path=path)
     return tensors, info
+
+
+def _state_problem(info: Any) -> str | None:
+    """What in a state's JSON no run saves (the loop would start from it), or None."""
+    if not isinstance(info, dict):
+        return f"its metadata is a JSON {type(info).__name__}, not an object"
+    step = info.get("step")
+    if type(step) is not int or step < 0:  # bool is an int subclass: `type` refuses it
+        return f"step is {step!r}, not a non-negative integer"
+    for key, kind in (("history", list), ("param_groups", list), ("model_config", dict)):
+        if not isinstance(info.get(key), kind):
+            return f"{key} is {type(info.get(key)).__name__}, not a JSON {'array' if kind is list else 'object'}"
+    return None
 
 
 def restore_train_state(tensors: dict[str, torch.Tensor], info: dict, glow: WaveGlow,
@@ -521,7 +613,9 @@ def _train(config: TrainConfig, stft: STFTConfig, info: DistInfo, on_log: Callab
         step, history = int(saved["step"]), list(saved["history"])
         del tensors
 
-    loss_module = FlowLoss(glow, config.sigma)
+    generation = (GenerationLoss(config.gen_sigma, config.stft_loss_weight, config.mel_loss_weight, stft).to(device)
+                  if config.uses_generation_loss else None)
+    loss_module = FlowLoss(glow, config.sigma, generation)
     trainer: nn.Module = loss_module
     if info.world_size > 1:
         trainer = nn.parallel.DistributedDataParallel(
@@ -551,7 +645,7 @@ def _train(config: TrainConfig, stft: STFTConfig, info: DistInfo, on_log: Callab
             return float(loss_module(mel, audio, autocast_dtype))
 
     started = time.monotonic()
-    window_start, window_samples, window_losses = time.monotonic(), 0, []
+    window_start, window_samples, window_losses, window_terms = time.monotonic(), 0, [], []
     stopped_by = "max_steps"
     while step < config.max_steps:
         if config.max_seconds and time.monotonic() - started >= config.max_seconds:
@@ -563,7 +657,7 @@ def _train(config: TrainConfig, stft: STFTConfig, info: DistInfo, on_log: Callab
         utterances, starts = draw_batch(corpus, train_indices, config.batch_size, config.segment_length, generator)
         mel, audio = segments_and_mels(corpus, utterances[mine], starts[mine], config.segment_length, stft, device)
         optimizer.zero_grad(set_to_none=True)
-        loss = trainer(mel, audio, autocast_dtype)
+        loss = trainer(mel, audio, autocast_dtype, step >= config.gen_start_step)
         global_loss = _mean_over_ranks(loss, info)
         if not math.isfinite(global_loss):
             ids = sorted({corpus.ids[u] for u in utterances})
@@ -579,16 +673,22 @@ def _train(config: TrainConfig, stft: STFTConfig, info: DistInfo, on_log: Callab
         step += 1
         window_samples += config.batch_size * config.segment_length
         window_losses.append(global_loss)
+        window_terms.append(loss_module.terms)
         if step % config.log_every == 0 or step == config.max_steps:
             elapsed = time.monotonic() - window_start
             entry = {"step": step, "loss": float(np.mean(window_losses)), "lr": lr,
                      "samples_per_s": window_samples / max(elapsed, 1e-9), "time": time.time()}
+            if generation is not None:  # the terms on rank 0 (the loss is averaged over ranks)
+                for key in ("flow", "stft", "mel"):
+                    values = [t[key] for t in window_terms if key in t]
+                    if values:
+                        entry[f"{key}_loss"] = float(np.mean(values))
             if config.validate_every and step % config.validate_every == 0:
                 entry["val_loss"] = validation_loss()
             history.append(entry)
             if info.is_main and on_log is not None:
                 on_log(entry)
-            window_start, window_samples, window_losses = time.monotonic(), 0, []
+            window_start, window_samples, window_losses, window_terms = time.monotonic(), 0, [], []
         if step % config.checkpoint_every == 0:
             checkpoint(step)
         if on_sample is not None and info.is_main and step % sample_every == 0:

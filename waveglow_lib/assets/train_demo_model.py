@@ -41,7 +41,11 @@ DEMO_TRAIN_CONFIG = TrainConfig(
     learning_rate=8e-4, warmup_steps=50, cosine_decay=True, final_learning_rate=4e-5, grad_clip=20.0,
     max_steps=100000, checkpoint_every=150, keep_snapshots=True, save_dtype="float16",
     log_every=10, validate_every=50, validation_segments=6, seed=2019,
+    # voicing: the generation-direction losses join the flow loss once the envelope is learnt
+    stft_loss_weight=4.0, mel_loss_weight=2.0, gen_sigma=0.6, gen_start_step=5000,
 )
+#: continuing from a trained model (--warm-start): the generation losses from the first step, gentler rate
+WARM_START_OVERRIDES = dict(model={}, learning_rate=2e-4, warmup_steps=0, gen_start_step=0)
 PLAN_NAME = "plan.json"
 CANDIDATE_NAME = "demo_waveglow.safetensors.gz"
 EVAL_SIGMA = 0.6
@@ -68,10 +72,13 @@ def _log(entry: dict) -> None:
     print(time.strftime("%H:%M:%S"), " ".join(parts), flush=True)
 
 
-def run_training(out_dir: Path, deadline: dt.datetime, probe_steps: int = 20, sitting_minutes: float = 15) -> None:
+def run_training(out_dir: Path, deadline: dt.datetime, probe_steps: int = 20, sitting_minutes: float = 15,
+                 warm_start: Path | None = None) -> None:
     """Sittings of `sitting_minutes`; before each, the cosine schedule's length is re-planned from the speed
     measured so far so that it ends at `deadline` (the machine is shared: its speed changes)."""
     config = DEMO_TRAIN_CONFIG.with_overrides(out_dir=str(out_dir))
+    if warm_start is not None:
+        config = config.with_overrides(warm_start=str(warm_start), **WARM_START_OVERRIDES)
     plan_path = out_dir / PLAN_NAME
     if plan_path.is_file():
         plan = json.loads(plan_path.read_text())
@@ -191,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="checkpoints, snapshots, history, curve.json and the candidate model")
     parser.add_argument("--until", default=None, help="stop training at this UTC time (HH:MM or ISO)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--warm-start", type=Path, default=None,
+                        help="continue from this model (e.g. the bundled one) with the generation losses on")
     parser.add_argument("--evaluate-every", type=int, default=3, help="score every Nth snapshot (and the last)")
     parser.add_argument("--evaluate-only", action="store_true", help="score the snapshots, no training")
     parser.add_argument("--install", action="store_true",
@@ -200,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.evaluate_only:
         if args.until is None:
             parser.error("--until is required for training")
-        run_training(args.out_dir, _deadline(args.until))
+        run_training(args.out_dir, _deadline(args.until), warm_start=args.warm_start)
     curve = evaluate_run(args.out_dir, args.evaluate_every)
     print(json.dumps({k: v for k, v in curve.items() if k in ("untrained", "bundled", "candidate")}, indent=2))
     if args.install and curve["snapshots"]:
