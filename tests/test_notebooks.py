@@ -127,12 +127,16 @@ def _notebook(path: Path, *sources: str) -> None:
 
 
 @pytest.mark.e2e
-def test_a_failing_notebook_stops_the_run_and_names_the_cell(tmp_path):
+def test_a_failing_notebook_stops_the_run_and_names_the_cell(tmp_path, monkeypatch):
     src = tmp_path / "nbs"
     src.mkdir()
     _notebook(src / "a.ipynb", "import sys\nprint(sys.executable)",
               "from waveglow_lib.notebook import notebook_config\n"
-              "print(notebook_config(params_file, overrides).limit)")
+              "print(notebook_config(params_file, overrides).limit)",
+              "from waveglow_lib.provenance import git_commit\nprint('commit', git_commit())")
+    # the runner works the commit out once and its kernels record that one (they do not ask git again)
+    monkeypatch.delenv(nr.COMMIT_ENV, raising=False)
+    monkeypatch.setattr(nr, "git_commit", lambda: "c0ffee+from-the-runner")
     _notebook(src / "b.ipynb", "x = 1", "raise RuntimeError('no corpus here')", "print('never')")
     _notebook(src / "c.ipynb", "print('not reached')")
     with pytest.raises(nr.NotebookRunError) as info:
@@ -145,6 +149,7 @@ def test_a_failing_notebook_stops_the_run_and_names_the_cell(tmp_path):
     done = nbformat.read(run / "notebooks" / "a.ipynb", as_version=4)
     printed = "".join(o.get("text", "") for c in done.cells for o in c.get("outputs", []))
     assert sys.executable in printed and "\n3\n" in printed        # this interpreter; the run's parameters
+    assert "commit c0ffee+from-the-runner" in printed and nr.COMMIT_ENV not in os.environ
     failed = nbformat.read(run / "notebooks" / "b.ipynb", as_version=4)
     assert any(o.output_type == "error" for c in failed.cells if c.cell_type == "code" for o in c.outputs)
     assert not (run / "notebooks" / "c.ipynb").exists()
@@ -183,6 +188,10 @@ def test_ci_run_metrics_are_complete_and_finite(ci_run):
     run, _ = ci_run
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["name"] == "ci"
+    # the commit that ran, though the kernels' working directory and git's filters could hide it
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty\??)?", metrics["commit"]), metrics["commit"]
+    head = _git("rev-parse", "HEAD").stdout.strip()   # (an ancestor of it if a commit landed mid-run)
+    assert _git("merge-base", "--is-ancestor", metrics["commit"].split("+")[0], head).returncode == 0
     assert len(metrics["utterances"]) == 2
     for key in ("log_mel_distance", "mcd_db", "stoi", "pesq"):
         assert math.isfinite(metrics["summary"][key]), key

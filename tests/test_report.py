@@ -3,14 +3,19 @@ what metrics.json records about where its numbers come from."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import time
+from pathlib import Path
 
 import nbformat
 import pytest
 
 from waveglow_lib.notebook import report
 from waveglow_lib.config import DEMO_CORPUS_DIR, DEMO_MODEL_PATH, WorkflowConfig
+from waveglow_lib import provenance
 from waveglow_lib.provenance import checkpoint_info, git_commit, run_provenance
 
 pytest.importorskip("nbconvert")
@@ -70,6 +75,40 @@ def test_run_provenance_fields(tmp_path):
     assert record["machine"]["cpu"] and record["machine"]["logical_cpus"] >= 1
     assert record["commit"] == git_commit() and record["commit"]
     json.dumps(record)   # plain JSON
+
+
+def test_commit_survives_a_slow_dirty_check_and_any_working_directory(tmp_path, monkeypatch):
+    """`make demo` recorded commit "unknown": with the nbstripout filter configured, `git status` runs it (a
+    Python start) for every notebook whose file stat changed, 18 s on a loaded 2-core machine, past the
+    dirty check's bound, and that timeout threw away the HEAD already read."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                              capture_output=True, text=True, timeout=60).stdout.strip()
+
+    git("init", "-q")
+    (repo / ".gitattributes").write_text("*.ipynb filter=slow\n")
+    (repo / "a.ipynb").write_text("{}\n")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    git("config", "filter.slow.clean", "sleep 12; cat")   # longer than the old 10 s bound
+    later = time.time() + 100
+    os.utime(repo / "a.ipynb", (later, later))            # same content, new stat: status must run the filter
+    monkeypatch.setattr(provenance, "DIRTY_CHECK_SECONDS", 1, raising=False)
+    monkeypatch.delenv(provenance.COMMIT_ENV, raising=False)
+    start = time.perf_counter()
+    assert git_commit(repo) == git("rev-parse", "HEAD") + "+dirty?"   # the hash kept, the check said unfinished
+    assert time.perf_counter() - start < 8
+
+    monkeypatch.chdir(tmp_path)   # a kernel's working directory is no guide to the code's repository
+    root = Path(provenance.__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    assert git_commit().split("+")[0] == head
+    monkeypatch.setenv(provenance.COMMIT_ENV, "0123abc")   # what the runner hands its kernels
+    assert git_commit() == "0123abc" and run_provenance(WorkflowConfig(name="t"))["commit"] == "0123abc"
+    assert git_commit(repo).startswith(git("rev-parse", "HEAD"))   # an explicit repository is still asked
 
 
 def test_summary_names_the_run_checkpoint_backend_and_embeds_the_players(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import signal
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,18 +51,47 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version()}
 
 
-def git_commit(where: str | Path = PACKAGE_DIR) -> str:
-    """The commit of the code that ran (with "+dirty" when it had uncommitted changes), else "unknown"."""
+#: the commit the runner worked out once, handed to its notebook kernels (they inherit the environment)
+COMMIT_ENV = "WAVEGLOW_COMMIT"
+#: bound on the dirty check: `git status` runs the nbstripout clean filter (a Python start) for every notebook
+#: whose file stat changed, which took 18 s for the 8 notebooks on a loaded 2-core machine
+DIRTY_CHECK_SECONDS = 30
+
+
+def _git(args: list[str], where: str | Path, timeout: float) -> subprocess.CompletedProcess:
+    """`git args` in `where`; on timeout its whole process group (the filters it started too) is killed."""
+    proc = subprocess.Popen(["git", *args], cwd=where, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
-                              timeout=10)
-        if head.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
-                               capture_output=True, text=True, timeout=10)
-        return head.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def git_commit(where: str | Path | None = None) -> str:
+    """The commit of the code that ran: the hash, "+dirty" when it had uncommitted changes, "+dirty?" when
+    that check did not finish within DIRTY_CHECK_SECONDS; "unknown" outside a git checkout.
+
+    Default: this package's repository (found from the package, not the working directory), or the value
+    of $WAVEGLOW_COMMIT when the runner set it for its notebooks (worked out once per run)."""
+    if where is None:
+        if os.environ.get(COMMIT_ENV):
+            return os.environ[COMMIT_ENV]
+        where = PACKAGE_DIR
+    try:
+        head = _git(["rev-parse", "HEAD"], where, timeout=10)  # reads refs only: no filters run
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    if head.returncode != 0 or not head.stdout.strip():
+        return "unknown"
+    try:  # a slow or failing dirty check must not cost the hash
+        dirty = _git(["status", "--porcelain", "--untracked-files=no"], where, timeout=DIRTY_CHECK_SECONDS)
+    except (OSError, subprocess.SubprocessError):
+        return head.stdout.strip() + "+dirty?"
+    return head.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
 
 
 def backend_used(cfg: WorkflowConfig) -> dict[str, Any]:

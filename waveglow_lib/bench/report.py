@@ -66,7 +66,8 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         f"{s['threads']} threads. The reference model needs {s['reference_gflop_per_audio_second']} GFLOP per "
         f"second of audio ({s['reference_macs_per_step']:,} multiply-adds per {s['model_config']['n_group']}-sample "
         f"step; our folded model {s['folded_macs_per_step']:,}).",
-        f"**Quality gate**: against the reference row at the same batch size with the same noise: log-mel "
+        f"**Quality gate**: against the reference with the same noise (rows that pad a batch: its padded batch "
+        f"at the same batch size; rows that pad nothing, like fast: each utterance alone): log-mel "
         f"distance ≤ {s['quality_gate']['max_log_mel_distance']} (mean |Δ ln mel|) and SNR ≥ "
         f"{s['quality_gate']['min_snr_db']} dB.",
         _amx_note(m), _load_note(s.get("load")), "",

@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 from ..config import PACKAGE_DIR, WorkflowConfig
 from ..errors import InputNotFound, NotebookRunError
 from ..io import atomic_write_text
+from ..provenance import COMMIT_ENV, git_commit
 from ..runlock import run_folder_lock
 from .report import export_html, summary_html
 
@@ -165,6 +166,10 @@ def run_notebooks(params: str | Path | WorkflowConfig, overrides: Mapping[str, A
         cfg.to_yaml(params_file)
         result = RunResult(run_dir=run_dir, params_file=params_file)
         manager = _kernel_manager_class()
+        # the commit, worked out once here and inherited by every kernel: each record names the same one,
+        # and a slow `git status` (the nbstripout filter, see provenance) is paid once per run, not per call
+        old_commit = os.environ.get(COMMIT_ENV)
+        os.environ[COMMIT_ENV] = git_commit()  # (an outer run's, when one set it)
         try:
             for name in names:
                 output = out_dir / name
@@ -184,8 +189,15 @@ def run_notebooks(params: str | Path | WorkflowConfig, overrides: Mapping[str, A
                     result.seconds[name] = round(time.perf_counter() - start, 2)
                 result.notebooks.append(output)
         finally:
-            if report and result.notebooks:
-                result.report = render_report(result.notebooks, layout.report, title=f"WaveGlow run {cfg.name!r}")
+            try:
+                if report and result.notebooks:
+                    result.report = render_report(result.notebooks, layout.report,
+                                                  title=f"WaveGlow run {cfg.name!r}")
+            finally:
+                if old_commit is None:
+                    os.environ.pop(COMMIT_ENV, None)
+                else:
+                    os.environ[COMMIT_ENV] = old_commit
         return result
 
 
