@@ -5,12 +5,21 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PARAMS ?= params/demo.yaml
 
-.PHONY: demo test test-fast setup clean clean-runs browser
+.PHONY: demo test test-fast test-isa setup clean clean-runs browser
 demo: $(VENV)/.installed
 	$(PY) -m waveglow_lib run --params $(PARAMS)
 
 test: $(VENV)/.installed browser
 	$(PY) -m pytest -q
+	$(MAKE) --no-print-directory test-isa
+
+# the fast engine's exactness tests again, run as a CPU without AMX (AMD EPYC) and one without AVX-512 would
+# run them (WAVEGLOW_ISA_CAP, waveglow_lib/isa.py): a guarantee that holds on one CPU only fails here too
+ISA_CAPS  := no_amx avx2
+ISA_TESTS := reproduces or matches_reference or reduced_precision or ragged or packed or cache_hit or repacks or threads_per_run
+test-isa: $(VENV)/.installed
+	@for cap in $(ISA_CAPS); do echo "== WAVEGLOW_ISA_CAP=$$cap"; \
+	  WAVEGLOW_ISA_CAP=$$cap $(PY) -m pytest -q -p no:cacheprovider tests/test_fast.py -k "$(ISA_TESTS)" || exit 1; done
 
 # the suite without the long end-to-end tests (notebook chains, the browser): for a quick local loop
 test-fast: $(VENV)/.installed

@@ -202,7 +202,8 @@ def test_cpu_load_starts_and_stops_its_competitors():
     summary = load.summary()
     assert summary["cores"] == 2 and summary["seconds"] >= 0.3 and len(summary["competitor_core_share"]) == 2
     if Path("/proc/self/stat").exists():
-        assert all(share is not None and share > 0 for share in summary["competitor_core_share"])
+        # measured (ticks of 10 ms); on a machine busy with other jobs a competitor may get next to no CPU in 0.3 s
+        assert all(share is not None and 0 <= share <= 1.1 for share in summary["competitor_core_share"])
     with CpuLoad(1, max_seconds=0.2) as bounded:  # its own deadline ends it even if never stopped
         bounded.processes[0].wait(timeout=30)
         assert not any(bounded.running())
@@ -238,7 +239,8 @@ def test_bench_load_and_engine_build_are_recorded(tmp_path, monkeypatch):
     assert res["settings"]["load"]["cores"] == 1 and seen_running and all(seen_running)
     assert not any(seen["entered"].running())  # stopped after the measurement
     build = res["engine_build"]["fast-fp32"]
-    assert build["cache"] == ["hit"] and build["first_seconds"] > 0 and build["cached_seconds"] > 0
+    # measured, not asserted fast or slow: a cache hit of the tiny model can take well under a millisecond
+    assert build["cache"] == ["hit"] and build["first_seconds"] >= 0 and build["cached_seconds"] >= 0
     assert not list(tmp_path.glob("engine_cache_*"))  # the bench's engine cache is temporary
     md = (tmp_path / "bench.md").read_text()
     assert "busy-loop competitor" in md and "**Engine build**" in md and "**AMX**" in md

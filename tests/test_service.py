@@ -1,20 +1,31 @@
-"""The vocoding service: request decoding and its refusals (clear 4xx, checked without Ray), and a real
-Ray Serve deployment under concurrent clients whose responses equal the infer stage's outputs byte for
-byte (e2e; skipped without ray, which is the `ray` extra, part of `.[all]`)."""
+"""The vocoding service: request decoding and its refusals (clear 4xx), reading a body within its limits
+(size while it arrives, time, concurrent bodies), checked without Ray; a real Ray Serve deployment under
+concurrent clients whose responses equal the infer stage's outputs byte for byte, and under hostile ones
+(stalled, oversized, chunked); the `serve` command's Ray on 127.0.0.1 and gone after SIGTERM (e2e; skipped
+without ray, which is the `ray` extra, part of `.[all]`)."""
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import select
+import signal
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from support import optional_ray
-from waveglow_lib.bench.serve_load import load_level, load_test, npy_bytes, post_mel, render_load_markdown
+from waveglow_lib.bench.serve_load import (load_level, load_test, npy_bytes, post_mel, render_load_markdown,
+                                           wav_samples)
 from waveglow_lib.errors import ConfigError
 from waveglow_lib.io import read_bin
-from waveglow_lib.service import BadRequest, ServeLimits, decode_mel, request_id, wav_bytes
+from waveglow_lib.service import (BadRequest, BodySlots, ServeLimits, application, decode_mel, read_body,
+                                  receive_body, request_id, wav_bytes)
 
 ray, needs_ray = optional_ray("ray.serve")
 
@@ -63,6 +74,122 @@ def test_size_limits(speech_mel):
     assert refused(json.dumps(speech_mel[:, :5].tolist()).encode(), "application/json", small).status == 413
 
 
+def test_json_nested_too_deep_is_a_400():
+    for body in (b"[" * 100_000, b"[" * 100_000 + b"]" * 100_000, b'{"mel": ' * 50_000):
+        error = refused(body, "application/json")
+        assert error.status == 400 and "nested too deep" in str(error)
+
+
+def test_limits_are_checked():
+    with pytest.raises(ConfigError, match="body_timeout_s"):
+        ServeLimits(body_timeout_s=0)
+    with pytest.raises(ConfigError, match="limits"):
+        application({"limits": {"max_bodies": 3}})
+
+
+class Chunks:
+    """An async iterator of body chunks, like starlette's `request.stream()`: `n` chunks (None: endless),
+    then a stall of `stall_s` if set; counts the chunks it gave."""
+
+    def __init__(self, size: int = 65536, n: int | None = None, stall_s: float = 0.0):
+        self.size, self.n, self.stall_s, self.given = size, n, stall_s, 0
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.n is not None and self.given >= self.n:
+            if self.stall_s:
+                await asyncio.sleep(self.stall_s)
+            raise StopAsyncIteration
+        self.given += 1
+        await asyncio.sleep(0)
+        return b"x" * self.size
+
+
+def read(chunks, declared=None, limit=1 << 20, timeout_s=5.0):
+    return asyncio.run(read_body(chunks, declared, limit, timeout_s))
+
+
+def read_refused(*args, **kwargs) -> BadRequest:
+    with pytest.raises(BadRequest) as info:
+        read(*args, **kwargs)
+    return info.value
+
+
+def test_body_is_refused_while_it_arrives():
+    assert read(Chunks(n=16)) == b"x" * (1 << 20)  # exactly the limit
+    endless = Chunks()  # chunked, no Content-Length, never ending
+    assert read_refused(endless).status == 413
+    assert endless.given == 17  # stopped at the first chunk past 1 MiB, nothing more read
+    unread = Chunks()
+    assert read_refused(unread, declared=str(100 << 20)).status == 413 and unread.given == 0
+    assert read_refused(Chunks(n=1), declared="12; drop table").status == 400
+
+
+def test_body_that_stalls_is_a_408():
+    started = time.monotonic()
+    error = read_refused(Chunks(n=2, stall_s=60), timeout_s=0.3)
+    assert error.status == 408 and "131072 bytes arrived" in str(error)
+    assert time.monotonic() - started < 5
+
+
+class Trickle(Chunks):
+    """One byte every `every_s`: each chunk in time, the body never (the timeout is a total, not per chunk)."""
+
+    def __init__(self, every_s: float):
+        super().__init__(size=1)
+        self.every_s = every_s
+
+    async def __anext__(self) -> bytes:
+        await asyncio.sleep(self.every_s)
+        self.given += 1
+        return b"x"
+
+
+def test_body_trickling_in_is_a_408_too():
+    error = read_refused(Trickle(0.05), timeout_s=0.5)
+    assert error.status == 408
+
+
+class FakeRequest:
+    def __init__(self, chunks, content_type="application/octet-stream", length=None):
+        self.headers = {"content-type": content_type}
+        if length is not None:
+            self.headers["content-length"] = str(length)
+        self.chunks = chunks
+
+    def stream(self):
+        return self.chunks
+
+
+def test_concurrent_bodies_are_bounded_and_freed():
+    limits = ServeLimits(body_timeout_s=0.5, max_concurrent_bodies=2, max_json_bytes=1000)
+    slots = BodySlots(limits.max_concurrent_bodies)
+
+    async def scenario():
+        stalled = [asyncio.create_task(receive_body(FakeRequest(Chunks(n=0, stall_s=60), length=10), limits, slots))
+                   for _ in range(2)]
+        await asyncio.sleep(0.05)
+        assert slots.in_use == 2
+        with pytest.raises(BadRequest) as busy:
+            await receive_body(FakeRequest(Chunks(n=1, size=10), length=10), limits, slots)
+        # refused at once, not after waiting for a slot: the stalled bodies still hold theirs
+        assert busy.value.status == 503 and not any(task.done() for task in stalled)
+        # refused before a slot is needed: too large (JSON's own limit), wrong type
+        for request, status in ((FakeRequest(Chunks(n=1), "application/json", length=2000), 413),
+                                (FakeRequest(Chunks(n=1), "text/plain"), 415)):
+            with pytest.raises(BadRequest) as info:
+                await receive_body(request, limits, slots)
+            assert info.value.status == status
+        outcomes = await asyncio.gather(*stalled, return_exceptions=True)
+        assert [o.status for o in outcomes] == [408, 408]
+        assert slots.in_use == 0  # the stalled clients' slots are free again
+        return await receive_body(FakeRequest(Chunks(n=1, size=10), length=10), limits, slots)
+
+    assert asyncio.run(scenario()) == b"x" * 10
+
+
 def test_request_ids_are_plain_names_or_derived_from_the_mel(speech_mel):
     assert request_id("LJ001-0008", speech_mel) == "LJ001-0008"
     assert request_id(None, speech_mel) == request_id(None, speech_mel.copy()) != request_id(None, speech_mel + 1)
@@ -90,37 +217,166 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@needs_ray
-@pytest.mark.e2e
-def test_served_audio_equals_offline_under_concurrent_clients(preprocessed_run, tmp_path, speech_mel):
+#: the deployment the real-Ray tests share: small body limits and a short body timeout, so that hostile
+#: clients are cheap to play (40 stalled clients fit under 42 body slots; the 41st-42nd are refused)
+E2E_LIMITS = ServeLimits(max_body_bytes=1 << 20, body_timeout_s=8.0, max_concurrent_bodies=42)
+
+
+@pytest.fixture(scope="module")
+def served(preprocessed_run, tmp_path_factory):
+    """(url, mels, expected): the service on the test's Ray, and the infer stage's outputs for its mels."""
     from waveglow_lib import service
     from waveglow_lib.stages.infer import infer
 
-    cfg = preprocessed_run(tmp_path, backend="fast", precision="fp32")
+    cfg = preprocessed_run(tmp_path_factory.mktemp("served"), backend="fast", precision="fp32")
     infer(cfg)  # the offline truth, batch 1
     items = json.loads(cfg.layout.manifest.read_text())["items"]
     mels = [(i["id"], read_bin(cfg.layout.mel_dir / f"{i['id']}.bin", tuple(i["shape"]))) for i in items]
     expected = {i["id"]: np.fromfile(cfg.layout.out_dir / f"{i['id']}_out.bin", dtype="<f4") for i in items}
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
-    url = service.serve_vocoder(cfg, replicas=1, port=free_port(), max_batch=4, batch_wait_s=0.05)
+    url = service.serve_vocoder(cfg, replicas=1, port=free_port(), max_batch=4, batch_wait_s=0.05,
+                                limits=E2E_LIMITS)
     try:
-        level = load_level(url, mels, clients=4, max_requests=12, max_seconds=300, expected=expected)
-        assert level["requests"] == 12 and level["errors"] == 0, level["error_examples"]
-        assert level["compared"] == 12 and level["mismatched"] == []
-        # bad requests are answered, and the replica keeps serving
-        status, body, _ = post_mel(url, npy_bytes(speech_mel.T), "x")
-        assert status == 422 and b"frames first" in body
-        status, body, _ = post_mel(url, b"garbage", "x")
-        assert status == 400
-        status, body, _ = post_mel(url.replace("/vocode", "/nothing"), npy_bytes(speech_mel))
-        assert status == 404
-        status, body, _ = post_mel(url, json.dumps({"mel": mels[0][1].tolist()}).encode(), mels[0][0],
-                                   content_type="application/json")
-        assert status == 200
-        import soundfile
-        audio, _ = soundfile.read(io.BytesIO(body), dtype="float32")
-        assert audio.tobytes() == expected[mels[0][0]].tobytes()
-        assert "| 4 | 12 | 0 |" in render_load_markdown({"levels": [level]})
+        yield url, mels, expected
     finally:
         service.shutdown()
+
+
+@needs_ray
+@pytest.mark.e2e
+def test_served_audio_equals_offline_under_concurrent_clients(served, speech_mel):
+    url, mels, expected = served
+    level = load_level(url, mels, clients=4, max_requests=12, max_seconds=300, expected=expected)
+    assert level["requests"] == 12 and level["errors"] == 0, level["error_examples"]
+    assert level["compared"] == 12 and level["mismatched"] == []
+    # bad requests are answered, and the replica keeps serving
+    status, body, _ = post_mel(url, npy_bytes(speech_mel.T), "x")
+    assert status == 422 and b"frames first" in body
+    status, body, _ = post_mel(url, b"garbage", "x")
+    assert status == 400
+    status, body, _ = post_mel(url.replace("/vocode", "/nothing"), npy_bytes(speech_mel))
+    assert status == 404
+    status, body, _ = post_mel(url, ("[" * 100_000).encode(), content_type="application/json")
+    assert status == 400 and b"nested too deep" in body
+    status, body, _ = post_mel(url, json.dumps({"mel": mels[0][1].tolist()}).encode(), mels[0][0],
+                               content_type="application/json")
+    assert status == 200
+    assert wav_samples(body)[0].tobytes() == expected[mels[0][0]].tobytes()
+    assert "| 4 | 12 | 0 |" in render_load_markdown({"levels": [level]})
+
+
+def open_request(url: str, headers: str) -> socket.socket:
+    """A connection that has sent a POST's headers (and nothing of its body yet)."""
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    sock.sendall(f"POST /vocode HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/octet-stream\r\n"
+                 f"{headers}\r\n".encode())
+    return sock
+
+
+def status_of(sock: socket.socket, timeout: float = 60.0) -> int:
+    """The status of the response on `sock` (0: the connection closed without one)."""
+    sock.settimeout(timeout)
+    try:
+        head = sock.recv(64)
+    except ConnectionError:
+        return 0
+    finally:
+        sock.close()
+    return int(head.split()[1]) if head.startswith(b"HTTP/1.1 ") else 0
+
+
+def answered(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+@needs_ray
+@pytest.mark.e2e
+def test_hostile_clients_neither_swell_nor_starve_the_service(served):
+    url, mels, expected = served
+    utt_id, mel = mels[0]
+    # a declared body over the limit: 413 before any of it is sent
+    assert status_of(open_request(url, f"Content-Length: {100 << 20}\r\n"), timeout=30) == 413
+    # a chunked body (no Content-Length) is refused once it passes the limit, not when it ends: it never does
+    # (how much is sent before the 413 arrives depends on Ray's proxy, which reads ahead of the replica)
+    sock = open_request(url, "Transfer-Encoding: chunked\r\n")
+    chunk, sent = b"10000\r\n" + b"x" * 0x10000 + b"\r\n", 0
+    try:
+        while sent < 128 * E2E_LIMITS.max_body_bytes and not answered(sock):
+            sock.sendall(chunk)
+            sent += 0x10000
+    except ConnectionError:  # refused and closed while we were still sending
+        pass
+    assert status_of(sock, timeout=30) == 413, f"{sent} bytes sent"
+
+    # 40 clients stall after their headers: a good request is still served, while they wait
+    stalled = [open_request(url, "Content-Length: 1000\r\n") for _ in range(40)]
+    status, body, _ = post_mel(url, npy_bytes(mel), utt_id, timeout=60)
+    assert status == 200 and wav_samples(body)[0].tobytes() == expected[utt_id].tobytes()
+    assert not any(answered(sock) for sock in stalled)  # not freed by their timeout: served beside them
+    # the body slots full (40 + 5 > 42): more clients are told so at once, not queued
+    stalled += [open_request(url, "Content-Length: 1000\r\n") for _ in range(5)]
+    for _ in range(20):
+        started = time.monotonic()
+        status, body, headers = post_mel(url, npy_bytes(mel), utt_id, timeout=60)
+        if status == 503:
+            break
+        time.sleep(0.1)  # the last stalled clients had not reached the replica yet
+    assert status == 503 and b"busy" in body and {k.lower(): v for k, v in headers.items()}["retry-after"] == "1"
+    assert time.monotonic() - started < 5
+    # and the stalled clients are cut off after the body timeout (or refused at once when the slots were full)
+    statuses = [status_of(sock) for sock in stalled]
+    assert set(statuses) <= {408, 503} and statuses.count(408) >= 40, statuses
+    status, body, _ = post_mel(url, npy_bytes(mel), utt_id, timeout=60)
+    assert status == 200
+
+
+def on_loopback(ip: str) -> bool:
+    import ipaddress
+
+    address = ipaddress.ip_address(ip)
+    return address.is_loopback or bool(getattr(address, "ipv4_mapped", None) and address.ipv4_mapped.is_loopback)
+
+
+@needs_ray
+@pytest.mark.e2e
+def test_serve_command_keeps_its_ray_on_loopback_and_sigterm_stops_all_of_it(tiny_checkpoint, tmp_path):
+    import psutil  # Ray's own copy (ray/thirdparty_files), on the path once ray is imported
+
+    port = free_port()
+    log, out = tmp_path / "serve.log", tmp_path / "serve.out"
+    command = [sys.executable, "-m", "waveglow_lib", "serve", "--port", str(port), "--set", f"runs_dir={tmp_path}",
+               "--set", f"checkpoint={tiny_checkpoint}", "--set", "backend=fast", "--set", "precision=fp32"]
+    with log.open("w") as stderr, out.open("w") as stdout:
+        proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, cwd=Path(__file__).parents[1])
+    started: list = []
+    try:
+        deadline = time.monotonic() + 300
+        while "serving POST" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "serving POST" in log.read_text(), log.read_text()[-3000:]
+        me = psutil.Process(proc.pid)
+        started = me.children(recursive=True)
+        assert any(p.name() == "raylet" for p in started)
+        listening = [(p.name(), c.laddr) for p in [me, *started] for c in p.net_connections("inet")
+                     if c.status == psutil.CONN_LISTEN]
+        assert any(addr.ip == "127.0.0.1" and addr.port == port for _, addr in listening)
+        elsewhere = [(name, addr) for name, addr in listening if not on_loopback(addr.ip)]
+        # Ray Serve binds each replica's inter-deployment gRPC server to [::] itself (serve/_private/replica.py,
+        # no setting); everything else of this Ray (GCS, raylet, agents, metrics, workers) is on 127.0.0.1
+        assert all(name.startswith("ray::ServeReplica") for name, _ in elsewhere), elsewhere
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+        assert '"stopped": "SIGTERM"' in out.read_text()
+        _, left = psutil.wait_procs(started, timeout=15)
+        assert [p.name() for p in left if p.status() != psutil.STATUS_ZOMBIE] == []
+    finally:  # a failed test leaves nothing running either
+        if proc.poll() is None:
+            proc.kill()
+        for p in started:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import typing
@@ -195,7 +196,8 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def _run_train(config: TrainConfig, args: argparse.Namespace) -> Any:
-    result = run_train(config, on_log=lambda entry: print(json.dumps(entry), file=sys.stderr, flush=True))
+    result = run_train(config, on_log=lambda entry: print(json.dumps(entry), file=sys.stderr, flush=True),
+                       force=args.force)
     if result.get("world_size", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
         return None  # under torchrun, rank 0 prints the summary
     return {k: v for k, v in result.items() if k != "history"}
@@ -218,26 +220,48 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
                              "serve_load.json/.md into the run folder, stop")
     parser.add_argument("--max-requests", type=int, default=48, help="load test: requests per level")
     parser.add_argument("--max-seconds", type=float, default=120.0, help="load test: seconds per level at most")
+    parser.add_argument("--dashboard", action="store_true",
+                        help="start Ray's dashboard (on 127.0.0.1) with the local Ray (no ray_address); off by default")
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived: unwind to the `finally` that stops the service and the Ray this process started."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
 
 
 def _run_serve(cfg: WorkflowConfig, args: argparse.Namespace) -> Any:
     if args.load_test and args.host not in ("127.0.0.1", "localhost"):
         raise ConfigError("--load-test runs on 127.0.0.1 only (drop --host)")
-    url = service.serve_vocoder(cfg, replicas=args.replicas, host=args.host, port=args.port,
-                                max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000)
-    if not args.load_test:
-        print(f"serving POST {url} (Ctrl-C stops)", file=sys.stderr)
-        try:
+    # serve_vocoder starts a local Ray unless given an address or already connected (main() called in-process)
+    owns_ray = cfg.ray_address is None and not engines.ray.import_ray("serve").is_initialized()
+    existing = service.child_pids()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        url = service.serve_vocoder(cfg, replicas=args.replicas, host=args.host, port=args.port,
+                                    max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000,
+                                    dashboard=args.dashboard)
+        # ray.init put in its own handlers, which abort the process (and leave Ray's agents running)
+        signal.signal(signal.SIGTERM, _raise_terminated)
+        if not args.load_test:
+            print(f"serving POST {url} (Ctrl-C or SIGTERM stops)", file=sys.stderr)
             while True:
                 time.sleep(3600)
-        finally:
-            service.shutdown()
-    try:
         mels, expected = offline_outputs(cfg)
         result = load_test(url, mels, levels=LEVELS, max_requests=args.max_requests, max_seconds=args.max_seconds,
                            expected=expected)
+    except _Terminated:
+        result = None
     finally:
-        service.shutdown()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+        ended = service.shutdown(stop_ray=owns_ray, existing=existing)
+        signal.signal(signal.SIGTERM, previous)
+        if ended:
+            print(f"ended Ray processes that outlived ray.shutdown(): {', '.join(ended)}", file=sys.stderr)
+    if result is None:
+        return {"stopped": "SIGTERM", "ended_after_ray_shutdown": ended}
     result.update({"replicas": args.replicas, "max_batch": args.max_batch, "backend": cfg.backend,
                    "precision": cfg.precision, "checkpoint": cfg.checkpoint})
     atomic_write_json(cfg.run_dir / "serve_load.json", result)
@@ -316,7 +340,9 @@ def _add_config_options(parser: argparse.ArgumentParser, command: Command) -> No
                         help=f"params YAML file (default: {command.default_params or 'the built-in defaults'})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any parameter (YAML value), repeatable, e.g. --set limit=2")
-    parser.add_argument("--force", action="store_true", help="redo finished work instead of skipping it")
+    parser.add_argument("--force", action="store_true",
+                        help="train in an out_dir that is not a training folder (one that holds other files)"
+                        if command.name == "train" else "redo finished work instead of skipping it")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
 
 

@@ -16,8 +16,8 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from .errors import ConfigError, ConfigTypeError, InputNotFound
-from .io import atomic_write_text
-from .layout import RunLayout
+from .io import atomic_write_text, read_bounded
+from .layout import RunLayout, run_folder
 
 from .safe_yaml import load_yaml
 
@@ -263,6 +263,7 @@ class WorkflowConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
+        check_run_name(self.name)
         for key in ("batch_size", "bench_repeats", "n_buckets", "ray_cpus_per_actor"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"parameter {key!r} must be >= 1, got {getattr(self, key)}")
@@ -295,7 +296,8 @@ class WorkflowConfig:
     # --- resolved paths --------------------------------------------------------------------
     @property
     def run_dir(self) -> Path:
-        return Path(self.runs_dir) / self.name
+        """`runs_dir/name`; RunFolderError when it is a link leading out of runs_dir (layout.run_folder)."""
+        return run_folder(self.runs_dir, self.name)
 
     @property
     def layout(self) -> RunLayout:
@@ -330,6 +332,16 @@ class WorkflowConfig:
         return type(self).from_dict(data)
 
 
+def check_run_name(name: object) -> None:
+    """The run's name is one folder name in runs_dir: a path in it (`../x`, `/x`, `.`) would write elsewhere."""
+    bad = (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name
+           or any(ord(c) < 32 or ord(c) == 127 for c in name))
+    if bad:
+        raise ConfigError(f"parameter 'name' must be a plain folder name (no '/', '\\', control characters, "
+                          f"and not '', '.' or '..'): the run folder is <runs_dir>/<name>; got {name!r}. "
+                          "To put runs elsewhere, set runs_dir")
+
+
 # --- shared by every parameter dataclass (WorkflowConfig here, train.TrainConfig) ------------------------
 def literal_choices(cls: type) -> dict[str, tuple[str, ...]]:
     """The fields of dataclass `cls` typed `Literal[...]` and their allowed values."""
@@ -355,14 +367,18 @@ def from_mapping(cls: type, data: Mapping[str, Any], source: str = "parameters")
     return cls(**{k: _coerce(k, v, _field_type(cls, k), source) for k, v in data.items()})
 
 
+#: a params file holds ~30 settings (a few KiB); read whole, so bounded
+MAX_PARAMS_BYTES = 2**20
+
+
 def read_params_file(path: str | Path) -> dict[str, Any]:
     """A params YAML file as a mapping, through the bounded safe loader; errors name the file (and line)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+        text = read_bounded(path, "a params file (YAML)", MAX_PARAMS_BYTES, ConfigError).decode("utf-8")
+    except InputNotFound:
         raise InputNotFound(f"params file not found: {path}", path=path) from None
-    except (OSError, UnicodeDecodeError) as error:
+    except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: cannot be read as a UTF-8 YAML file ({error})", path=path) from None
     data = load_yaml(text, str(path)) or {}
     if not isinstance(data, dict):

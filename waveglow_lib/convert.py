@@ -148,9 +148,10 @@ _SAFE = re.compile(r"^[A-Za-z0-9_./+@%-]*$")
 
 def _quote_arg(arg: str) -> str:
     key, sep, value = arg.partition("=")
-    if sep and key.startswith("--") and _SAFE.match(key):
-        return f"{key}={value}" if _SAFE.match(value) and value else f'{key}="{_escape(value)}"'
-    return arg if _SAFE.match(arg) and arg else f'"{_escape(arg)}"'
+    # fullmatch: `$` also matches before a final newline, which would end the shell command there
+    if sep and key.startswith("--") and _SAFE.fullmatch(key):
+        return f"{key}={value}" if _SAFE.fullmatch(value) and value else f'{key}="{_escape(value)}"'
+    return arg if _SAFE.fullmatch(arg) and arg else f'"{_escape(arg)}"'
 
 
 def _escape(text: str) -> str:

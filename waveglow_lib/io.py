@@ -1,17 +1,19 @@
 """Atomic file writing and the raw `.bin` arrays the guide's tools exchange."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 
-from .errors import DataError, InputNotFound, ResourceError
+from .errors import DataError, InputNotFound, ResourceError, WaveGlowError
 
 
 def _current_umask() -> int:
@@ -63,18 +65,73 @@ def storage_problem(exc: BaseException) -> str | None:
     return None
 
 
+#: the records and manifests the stages keep (JSON): a manifest of a million utterances is ~200 MB
+MAX_RECORD_BYTES = 256 * 2**20
+
+_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"))
+
+
+@contextlib.contextmanager
+def open_bounded(path: str | Path, what: str, max_bytes: int, error: type[WaveGlowError] = DataError, *,
+                 follow_links: bool = True) -> Iterator[BinaryIO]:
+    """Open a file we did not write in this process for reading, once it is known to be a regular file of at
+    most `max_bytes`: a device, a FIFO or a folder would be read until memory runs out, or for ever.
+
+    `error` (naming the file and `what` it should hold) for anything else; InputNotFound when it is missing.
+    `follow_links=False` refuses a symbolic link itself (folders only we write, such as the engine cache).
+    The kind is checked before opening (opening a FIFO waits for a writer) and again on the open file.
+    """
+    path = Path(path)
+
+    def check(info: os.stat_result) -> None:
+        if not stat.S_ISREG(info.st_mode):
+            kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "not a file")
+            raise error(f"{path}: not a regular file ({kind}); expected {what}", path=path)
+        if info.st_size > max_bytes:
+            raise error(f"{path}: refused: {info.st_size} bytes, more than {what} may have ({max_bytes})",
+                        path=path)
+
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW)
+    try:
+        check(os.stat(path, follow_symlinks=follow_links))
+        fd = os.open(path, flags)
+    except WaveGlowError:
+        raise  # check's own verdict (some of the errors are OSErrors too)
+    except FileNotFoundError:
+        raise InputNotFound(f"{path}: not found (expected {what})", path=path) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow_links:
+            raise error(f"{path}: not a regular file (a symbolic link); expected {what}", path=path) from None
+        raise error(f"{path}: unreadable ({exc.strerror or exc}; expected {what})", path=path) from None
+    with os.fdopen(fd, "rb") as handle:
+        check(os.fstat(fd))  # what was opened, should the path have been swapped since the first look
+        yield handle
+
+
+def read_bounded(path: str | Path, what: str, max_bytes: int, error: type[WaveGlowError] = DataError, *,
+                 follow_links: bool = True) -> bytes:
+    """The bytes of a regular file of at most `max_bytes` (`open_bounded`); a file that grows while it is
+    read is refused (read(n) allocates n bytes up front: n is the file's size, not the cap)."""
+    with open_bounded(path, what, max_bytes, error, follow_links=follow_links) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        try:
+            data = handle.read(size + 1)
+        except OSError as exc:
+            raise error(f"{path}: unreadable ({exc.strerror or exc}; expected {what})", path=path) from None
+    if len(data) > size:
+        raise error(f"{path}: refused: it grew while it was read; expected {what}", path=path)
+    return data
+
+
 def read_json(path: str | Path, what: str, kind: type = dict) -> Any:
     """Parse a JSON file the workflow wrote: DataError naming the file and what it should hold when it is
     missing, not JSON, or not a `kind` (dict by default)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputNotFound(f"{path}: not found (expected {what})", path=path) from None
+        text = read_bounded(path, what, MAX_RECORD_BYTES).decode("utf-8")
     except UnicodeDecodeError:
         raise DataError(f"{path}: not a text file (expected {what}, as JSON)", path=path) from None
-    except OSError as exc:
-        raise DataError(f"{path}: unreadable ({exc.strerror or exc}; expected {what})", path=path) from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -13,11 +13,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ManifestError, RunFolderError
+from .io import MAX_RECORD_BYTES, read_bounded
 
 ONNX_NAME = "waveglow.onnx"
 GUIDE_ONNX_NAME = "WaveGlow_onnx.onnx"
@@ -46,7 +48,7 @@ def gears_file(om_path: str | Path) -> Path:
 
 def check_utterance_id(utt_id: object, source: str | Path) -> str:
     """An id becomes a file name in the run folder: it must be a plain name (no `/`, `..`, or control chars)."""
-    if not isinstance(utt_id, str) or not _PLAIN_ID.match(utt_id) or ".." in utt_id:
+    if not isinstance(utt_id, str) or not _PLAIN_ID.fullmatch(utt_id) or ".." in utt_id:  # `$` passes a final \n
         raise ManifestError(f"{source}: utterance id {utt_id!r} is not a plain file name "
                             "(letters, digits, _ . - + # @; no folders)", path=source)
     return utt_id
@@ -153,14 +155,22 @@ class RunLayout:
                 "om": self.om}
 
 
-def inside(folder: str | Path, path: str | Path, what: str = "path") -> Path:
+def inside(folder: str | Path, path: str | Path, what: str = "path",
+           fix: str = "remove the link (a real folder or file there is fine)") -> Path:
     """`path`, once links and `..` are resolved, must lie in `folder` (resolved too): RunFolderError otherwise."""
     folder, path = Path(folder), Path(path)
     resolved = path.resolve()
     if not resolved.is_relative_to(folder.resolve()):
         raise RunFolderError(f"{path}: {what} resolves to {resolved}, outside {folder} "
-                             "(a symbolic link or '..' leading out of the folder)", path=path)
+                             f"(a symbolic link or '..' leading out of the folder); {fix}", path=path)
     return path
+
+
+def run_folder(runs_dir: str | Path, name: str) -> Path:
+    """`runs_dir/name`, held to the rule of the folders inside it (`mel/`, `out/`, ...): a link leading out
+    of its parent is refused, so a run never writes through a link somewhere the user did not name."""
+    return inside(runs_dir, Path(runs_dir) / name, "the run folder",
+                  fix="remove the link, and set runs_dir to where the runs should go")
 
 
 def corpus_wav(corpus_dir: str | Path, wav: str | Path) -> Path:
@@ -195,11 +205,11 @@ def mel_bin(mel_dir: Path, item: dict) -> Path:
 def load_manifest(mel_dir: str | Path) -> dict:
     """Read `<mel_dir>/manifest.json`; a clear error when it is missing, not ours, or unsafe."""
     path = Path(mel_dir) / MANIFEST_NAME
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ManifestError(f"{path}: manifest not found; run the preprocess stage first", path=path)
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        manifest = json.loads(read_bounded(path, "a mel manifest", MAX_RECORD_BYTES, ManifestError))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ManifestError(f"{path}: not valid JSON ({exc})", path=path) from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("items"), list):
         raise ManifestError(f"{path}: not a mel manifest (no 'items' list)", path=path)

@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -37,10 +38,16 @@ import torch
 from .checkpoint import load_tensor_file
 from .config import STFTConfig
 from .errors import MelError
-from .io import atomic_write_bytes, write_bin
+from .io import atomic_write_bytes, open_bounded, read_bounded, write_bin
 
 #: file suffixes `list_mels` picks up, in the order a duplicate id is reported
 MEL_SUFFIXES = (".npy", ".pt", ".bin")
+
+#: a mel file is read whole: 80 bands × 4 bytes × 86 frames/s make 2 GiB about 21 hours of audio
+MAX_MEL_BYTES = 2**31
+#: a `.txt` sample count: at most 18 ASCII digits (int() also takes '²', '١٢٣' and 5,000-digit numbers)
+MAX_COUNT_BYTES = 64
+_COUNT_PATTERN = re.compile(r"[0-9]{1,18}")
 
 #: `layout` values: `auto` tells them apart by which axis has n_mel entries
 LAYOUTS = ("auto", "mel_first", "time_first")
@@ -123,22 +130,24 @@ def read_mel(path: str | Path, n_mel: int = 80, layout: str = "auto", convert: s
         raise MelError(f"{path}: layout must be one of {', '.join(LAYOUTS)}, not {layout!r}", path=path)
     if convert is not None and convert not in CONVERSIONS:
         raise MelError(f"{path}: convert must be one of {', '.join(CONVERSIONS)}, not {convert!r}", path=path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise MelError(f"{path}: mel file not found", path=path)
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        array = _read_npy(path)
-    elif suffix == ".pt":
+    if suffix not in MEL_SUFFIXES:
+        raise MelError(f"{path}: unknown mel file type '{path.suffix}' (expected .npy, .pt or .bin)", path=path)
+    with open_bounded(path, "a mel file", MAX_MEL_BYTES, MelError) as handle:
+        if suffix == ".npy":
+            array = _read_npy(path, handle)
+        elif suffix == ".bin":
+            array = _read_bin_mel(path, handle, n_mel, stft.hop_length, time_first=layout == "time_first")
+    if suffix == ".pt":
         array = _read_pt(path)
     elif suffix == ".bin":
-        array = _read_bin_mel(path, n_mel, stft.hop_length, time_first=layout == "time_first")
         if layout == "auto" and _looks_interleaved(array):
             raise MelError(f"{path}: read as the guide's [{n_mel}, T], this .bin's rows repeat every {n_mel} "
                            f"values, as a [T, {n_mel}] buffer does; read it with layout='time_first' (or "
                            "layout='mel_first' if it really is [n_mel, T])", path=path)
         layout = "mel_first" if layout == "auto" else layout  # raw bytes carry no shape: the guide's
-    else:
-        raise MelError(f"{path}: unknown mel file type '{path.suffix}' (expected .npy, .pt or .bin)", path=path)
     mel = _to_mel_first(array, n_mel, layout, path)
     if not np.isfinite(mel).all():
         bad = int(np.size(mel) - np.isfinite(mel).sum())
@@ -171,24 +180,26 @@ def _check_conversion_fits(mel: np.ndarray, convert: str, path: Path, stft: STFT
 def mel_sample_count(path: str | Path) -> int | None:
     """The audio sample count in the `.txt` beside a guide-style `.bin`, or None when there is none."""
     txt = Path(path).with_suffix(".txt")
-    if not txt.is_file():
+    if not os.path.lexists(txt):
         return None
-    text = txt.read_text().strip()
-    if not text.isdigit():
-        raise MelError(f"{txt}: expected the audio's sample count (one integer), found {text[:40]!r}", path=txt)
+    what = "the audio's sample count (one integer)"
+    text = read_bounded(txt, what, MAX_COUNT_BYTES, MelError).decode("utf-8", errors="replace").strip()
+    if not _COUNT_PATTERN.fullmatch(text):
+        raise MelError(f"{txt}: expected {what} in ASCII digits, found {text[:40]!r}", path=txt)
     return int(text)
 
 
 def list_mels(dir_or_file: str | Path) -> list[tuple[str, Path]]:
     """`(utterance id, path)` of every `.npy`/`.pt`/`.bin` mel in a folder (or the one file), by id."""
     root = Path(dir_or_file)
-    if root.is_file():
-        files = [root]
-    elif root.is_dir():
-        files = [p for p in root.iterdir()  # hidden files (editors', partial downloads) are not mels
-                 if p.is_file() and p.suffix.lower() in MEL_SUFFIXES and not p.name.startswith(".")]
+    if root.is_dir():
+        # hidden files (editors', partial downloads) and other suffixes (a .bin's .txt) are not mels; every
+        # other entry must be one: a FIFO, a device or a folder named <id>.npy is refused, not skipped
+        files = [p for p in root.iterdir() if p.suffix.lower() in MEL_SUFFIXES and not p.name.startswith(".")]
         if not files:
             raise MelError(f"{root}: no mel files (expected <id>.npy, <id>.pt or <id>.bin)", path=root)
+    elif os.path.lexists(root):
+        files = [root]
     else:
         raise MelError(f"{root}: no such mel file or folder", path=root)
     found: dict[str, Path] = {}
@@ -197,9 +208,11 @@ def list_mels(dir_or_file: str | Path) -> list[tuple[str, Path]]:
             raise MelError(f"{path}: unknown mel file type '{path.suffix}' (expected .npy, .pt or .bin)",
                            path=path)
         utt_id = path.stem
-        if not _ID_PATTERN.match(utt_id):
-            raise MelError(f"{path}: '{utt_id}' is not usable as an utterance id (letters, digits, '.', '_', "
-                           "'-'; not starting with '.' or '-')", path=path)
+        if not _ID_PATTERN.fullmatch(utt_id):  # the name as repr: it may hold a newline
+            raise MelError(f"{path.parent}: {path.name!r}: {utt_id!r} is not usable as an utterance id (letters, "
+                           "digits, '.', '_', '-'; not starting with '.' or '-')", path=path.parent)
+        with open_bounded(path, "a mel file", MAX_MEL_BYTES, MelError):
+            pass  # only its kind and size: it is read (and checked) later
         if utt_id in found:
             raise MelError(f"{root}: two mels for utterance '{utt_id}': {found[utt_id].name} and {path.name}",
                            path=path)
@@ -207,10 +220,28 @@ def list_mels(dir_or_file: str | Path) -> list[tuple[str, Path]]:
     return sorted(found.items())
 
 
-def _read_npy(path: Path) -> np.ndarray:
+def _read_npy(path: Path, handle: BinaryIO) -> np.ndarray:
+    """A plain numeric `.npy` whose header's shape and dtype account for exactly the bytes after it: checked
+    before anything is allocated (a header of a few bytes may declare terabytes)."""
     try:
-        return np.load(path, allow_pickle=False)
-    except ValueError as error:  # object arrays need pickles: refused
+        version = np.lib.format.read_magic(handle)
+        # version 3.0 differs from 2.0 only in the header's encoding (utf-8): the same reader fits
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(handle)
+        if dtype.hasobject:
+            raise ValueError(f"dtype {dtype} holds Python objects (pickles)")
+        expected = math.prod(shape) * dtype.itemsize
+        actual = os.fstat(handle.fileno()).st_size - handle.tell()
+        if expected != actual:
+            diff = (f"{actual - expected} bytes more (data after the array: not written by np.save?)"
+                    if actual > expected else f"{expected - actual} bytes fewer (truncated?)")
+            raise MelError(f"{path}: its header declares shape {shape} of {dtype} ({expected} bytes), but the file "
+                           f"holds {actual} bytes after its header: {diff}", path=path)
+        handle.seek(0)
+        return np.load(handle, allow_pickle=False)
+    except MelError:
+        raise
+    except ValueError as error:  # not a .npy, a bad header, object arrays (pickles: refused)
         raise MelError(f"{path}: not a plain numeric .npy array ({error})", path=path) from None
     except (OSError, EOFError) as error:
         raise MelError(f"{path}: unreadable .npy file (truncated or corrupt?): {error}", path=path) from None
@@ -231,8 +262,8 @@ def _read_pt(path: Path) -> np.ndarray:
     return obj.detach().to("cpu", torch.float32).numpy()
 
 
-def _read_bin_mel(path: Path, n_mel: int, hop_length: int, time_first: bool) -> np.ndarray:
-    size = path.stat().st_size
+def _read_bin_mel(path: Path, handle: BinaryIO, n_mel: int, hop_length: int, time_first: bool) -> np.ndarray:
+    size = os.fstat(handle.fileno()).st_size
     if size == 0 or size % (4 * n_mel):
         raise MelError(f"{path}: {size} bytes is not a whole number of float32 frames of {n_mel} bands "
                        f"({4 * n_mel} bytes each); truncated, or not the guide's raw [n_mel, T] float32 .bin?",
@@ -243,7 +274,9 @@ def _read_bin_mel(path: Path, n_mel: int, hop_length: int, time_first: bool) -> 
         raise MelError(f"{path}: {frames} frames of {n_mel} bands, but {path.with_suffix('.txt').name} says "
                        f"{samples} samples, which make {1 + samples // hop_length} frames at hop {hop_length}; "
                        "a truncated .bin, another band count, or a .txt from another file?", path=path)
-    raw = np.fromfile(path, dtype="<f4")
+    raw = np.fromfile(handle, dtype="<f4", count=frames * n_mel)
+    if raw.size != frames * n_mel:
+        raise MelError(f"{path}: shrank while it was read ({raw.size * 4} of {size} bytes)", path=path)
     return raw.reshape(frames, n_mel) if time_first else raw.reshape(n_mel, frames)
 
 

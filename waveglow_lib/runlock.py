@@ -24,11 +24,14 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import ResourceError, RunFolderError
+from .io import read_bounded
 
 LOCK_NAME = ".lock"
 #: `<resolved root>=<token>` pairs (os.pathsep separated) of the locks this process or its parent holds
 TOKEN_ENV = "WAVEGLOW_RUN_LOCKS"
 _READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+#: a lock record is one line of JSON (pid, host, command line, start, token)
+MAX_LOCK_BYTES = 2**20
 
 _held: dict[str, list] = {}  # resolved root -> [fd, depth, token]
 _guard = threading.Lock()
@@ -41,7 +44,7 @@ def lock_path(root: str | Path) -> Path:
 def read_holder(root: str | Path) -> dict:
     """What the lock file says about its holder (empty when there is none or it is unreadable)."""
     try:
-        info = json.loads(lock_path(root).read_text())
+        info = json.loads(read_bounded(lock_path(root), "a lock record", MAX_LOCK_BYTES, follow_links=False))
     except (OSError, ValueError):
         return {}
     return info if isinstance(info, dict) else {}
@@ -124,8 +127,11 @@ def run_folder_lock(root: str | Path, command: str | None = None) -> Iterator[di
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            if exc.errno not in _READ_ONLY:
-                raise
+            if exc.errno not in _READ_ONLY:  # a file in the way, a folder nothing can be made in
+                where = f"{exc.strerror}: {exc.filename}" if exc.filename and str(exc.filename) != str(root) \
+                    else exc.strerror
+                raise RunFolderError(f"{root}: cannot create the run folder ({where}); set runs_dir to a "
+                                     "folder where runs may be written", path=root) from None
     path = lock_path(root)
     previous = read_holder(root) if path.is_file() else {}
     fd = _open_locked(path) if root.is_dir() else None

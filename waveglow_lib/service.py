@@ -5,16 +5,27 @@ the mel as `.npy` bytes (`Content-Type: application/octet-stream` or `applicatio
 pickles) or, for small mels, JSON (`application/json`: `{"mel": [[...], ...]}` or the bare nested list),
 shaped `[80, T]` (or `[1, 80, T]`). The mel format check (`mel_input.check_mel_format`) applies: a mel in
 dB, log10, normalised, transposed ... is refused with the check's message. The answer is a 32-bit float
-WAV at the model's rate: the same samples as the infer stage's `out/<id>_out.bin` for the same mel, seed
-and utterance id (`?id=LJ001-0001`; without one, the id is the first 16 hex digits of the mel's sha256),
-because the noise comes from (seed, id) and the `fast` backend's output does not depend on what else
-shares its batch.
+WAV at the model's rate: the infer stage's `out/<id>_out.bin` for the same mel, seed and utterance id
+(`?id=LJ001-0001`; without one, the id is the first 16 hex digits of the mel's sha256), because the noise
+comes from (seed, id) and the `fast` backend's output depends on what else shares its batch only by
+rounding (`backends.fast.engine.PACKED_MIN_SNR_DB`).
 
-Bad requests get a 4xx with a one-line message (400 unreadable body, 404/405 wrong route or method, 413
-too large, 415 wrong content type, 422 not a vocodable mel); nothing a client sends crashes the replica.
+Bad requests get a 4xx with a one-line message (400 unreadable body or JSON nested too deep, 404/405
+wrong route or method, 408 body too slow, 413 too large, 415 wrong content type, 422 not a vocodable mel);
+nothing a client sends crashes the replica. What a client can hold (`ServeLimits`): the body is read as it
+arrives and refused with 413 as soon as its Content-Length, or the bytes so far (chunked bodies too), pass
+8 MiB (512 KiB for JSON), so the handler never keeps more than that of one request (Ray's HTTP proxy and
+the replica's receive queue read ahead of it, Ray's doing: tens of MB of a fast oversized upload can be in
+flight before the 413, freed with the request); the whole body must arrive within 10 s of the replica
+starting to read it (a total, not per chunk: a client trickling a byte at a time is cut off too), else
+408; a replica reads at most 64 bodies at once and answers any more with 503 (`Retry-After: 1`) at once,
+so clients that stall after their headers cannot make good requests queue behind them, and kept bodies
+stay under 64 × 8 MiB. A refusal before the body's end closes the connection.
+
 Concurrent requests are batched by Ray Serve (`@serve.batch`: up to `max_batch` requests, waiting at most
-`batch_wait_s` for more); each replica holds one backend (threads = its CPUs). Bound to 127.0.0.1 unless
-`host` says otherwise.
+`batch_wait_s` for more); each replica holds one backend (threads = its CPUs). HTTP is bound to 127.0.0.1
+unless `host` says otherwise; a Ray started here (no `ray_address`) listens on 127.0.0.1 only, without its
+dashboard unless asked (`engines.ray.connect`), and `shutdown(stop_ray=...)` ends every process it started.
 """
 from __future__ import annotations
 
@@ -22,6 +33,8 @@ import asyncio
 import hashlib
 import io
 import json
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +43,7 @@ import torch
 from .batching import utterance_noise, vocode
 from .config import STFTConfig, WorkflowConfig
 from .engines.ray import INSTALL, actor_resources, connect
-from .errors import MelError, WaveGlowError, import_optional
+from .errors import ConfigError, MelError, WaveGlowError, import_optional
 from .layout import check_utterance_id
 from .mel_input import check_mel_format
 from .stages.infer import backend_name, open_backend, resolve_model_config
@@ -40,11 +53,22 @@ APP_NAME = "waveglow"
 
 @dataclass(frozen=True)
 class ServeLimits:
-    """What one request may hold: body bytes (npy / JSON) and mel frames (256 samples each at 22.05 kHz)."""
+    """What one request may hold: body bytes (npy / JSON), mel frames (256 samples each at 22.05 kHz), the
+    time its body may take to arrive; and how many bodies one replica reads at once."""
 
     max_body_bytes: int = 8 * 1024 * 1024
     max_json_bytes: int = 512 * 1024
     max_frames: int = 4000  # 46 s of audio
+    #: for the whole body, from when the replica starts reading it (a per-chunk timeout would let a client
+    #: that sends a byte every few seconds hold its slot forever); 8 MiB in 10 s is 0.8 MB/s
+    body_timeout_s: float = 10.0
+    #: bodies read at once per replica, beyond which 503 at once; worst-case body memory is this × max_body_bytes
+    max_concurrent_bodies: int = 64
+
+    def __post_init__(self):
+        for name in ("max_body_bytes", "max_json_bytes", "max_frames", "body_timeout_s", "max_concurrent_bodies"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"ServeLimits.{name} must be > 0, not {getattr(self, name)!r}")
 
 
 class BadRequest(WaveGlowError):
@@ -53,6 +77,80 @@ class BadRequest(WaveGlowError):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+BODY_KINDS = ("application/json", "application/octet-stream", "application/x-npy", "")
+
+
+def body_kind(content_type: str) -> str:
+    """The media type of a request (no parameters, lower case), or 415 for one the service does not read."""
+    kind = (content_type or "").split(";")[0].strip().lower()
+    if kind not in BODY_KINDS:
+        raise BadRequest(415, f"content type {content_type!r}: send application/octet-stream (.npy bytes) "
+                              "or application/json")
+    return kind
+
+
+@dataclass
+class BodySlots:
+    """How many request bodies a replica is reading; all its requests run on one event loop, so a count is enough."""
+
+    limit: int
+    in_use: int = 0
+
+    @contextmanager
+    def take(self):
+        """One slot while a body is read, or 503 at once when all are taken (rather than a queue that clients
+        stalling after their headers would fill)."""
+        if self.in_use >= self.limit:
+            raise BadRequest(503, f"busy: {self.in_use} request bodies are being received (the limit); retry shortly")
+        self.in_use += 1
+        try:
+            yield
+        finally:
+            self.in_use -= 1
+
+
+async def read_body(chunks, declared: str | None, limit: int, timeout_s: float) -> bytes:
+    """The body from an async iterator of its chunks (starlette's `request.stream()`): 413 as soon as the
+    declared Content-Length or the bytes so far pass `limit` (chunked bodies too; the chunk that passes it is
+    not kept), 408 unless all of it arrives within `timeout_s` in total."""
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise BadRequest(400, f"Content-Length {declared!r} is not a byte count")
+        if int(declared) > limit:
+            raise BadRequest(413, f"request body of {int(declared)} bytes is over the limit of {limit}")
+    parts: list[bytes] = []
+    size = 0
+
+    async def collect():
+        nonlocal size
+        async for chunk in chunks:
+            size += len(chunk)
+            if size > limit:
+                raise BadRequest(413, f"request body passed the limit of {limit} bytes while arriving")
+            parts.append(chunk)
+
+    try:
+        await asyncio.wait_for(collect(), timeout_s)
+    except asyncio.TimeoutError:
+        raise BadRequest(408, f"request body not complete after {timeout_s:g} s ({size} bytes arrived)") from None
+    return b"".join(parts)
+
+
+async def receive_body(request, limits: ServeLimits, slots: BodySlots) -> bytes:
+    """A starlette request's body, within `limits` (JSON's own byte limit for JSON), holding one of `slots`."""
+    kind = body_kind(request.headers.get("content-type", ""))
+    limit = limits.max_json_bytes if kind == "application/json" else limits.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise BadRequest(413, f"request body of {int(declared)} bytes is over the limit of {limit}")  # no slot
+    client_gone = import_optional("starlette.requests", INSTALL, "serve").ClientDisconnect
+    with slots.take():
+        try:
+            return await read_body(request.stream(), declared, limit, limits.body_timeout_s)
+        except client_gone:
+            raise BadRequest(400, "the client disconnected before the end of its body") from None
 
 
 def decode_mel(body: bytes, content_type: str, limits: ServeLimits = ServeLimits(),
@@ -70,6 +168,9 @@ def decode_mel(body: bytes, content_type: str, limits: ServeLimits = ServeLimits
             array = np.asarray(data["mel"] if isinstance(data, dict) else data, dtype=np.float32)
         except (ValueError, KeyError, TypeError) as exc:
             raise BadRequest(400, f"JSON body is not a mel ({{\"mel\": [[...80 rows...]]}}): {exc}") from None
+        except RecursionError:  # "[" * 100000: the parser gives up at Python's recursion limit
+            raise BadRequest(400, "JSON body is nested too deep to be a mel ({\"mel\": [[...80 rows...]]}, "
+                                  "3 levels)") from None
     elif kind in ("application/octet-stream", "application/x-npy", ""):
         try:
             array = np.load(io.BytesIO(body), allow_pickle=False)
@@ -118,10 +219,13 @@ def build_app(cfg: WorkflowConfig, *, replicas: int = 1, max_batch: int = 8, bat
     responses = import_optional("starlette.responses", INSTALL, "serve")
     name = backend_name(cfg)
 
+    # room for every body slot on top of the batching room: a request beyond the slots must reach the replica
+    # to get its quick 503, not wait in the proxy's queue behind stalled clients
     @serve.deployment(name="Vocoder", num_replicas=replicas, ray_actor_options=actor_resources(cfg, name),
-                      max_ongoing_requests=max(2 * max_batch, 16))
+                      max_ongoing_requests=max(2 * max_batch, 16) + limits.max_concurrent_bodies)
     class Vocoder:
         def __init__(self):
+            self.slots = BodySlots(limits.max_concurrent_bodies)
             torch.set_num_threads(cfg.ray_cpus_per_actor)
             self.model_config = resolve_model_config(cfg)
             self.backend = open_backend(cfg, model_config=self.model_config, name=name,
@@ -140,21 +244,22 @@ def build_app(cfg: WorkflowConfig, *, replicas: int = 1, max_batch: int = 8, bat
             return await asyncio.to_thread(self.vocode_now, requests)
 
         async def __call__(self, request):
+            body = None
             try:
                 if request.url.path.rstrip("/") != "/vocode":
                     raise BadRequest(404, f"no route {request.url.path}; POST a mel to /vocode")
                 if request.method != "POST":
                     raise BadRequest(405, f"{request.method} /vocode: POST a mel")
-                declared = request.headers.get("content-length")
-                if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
-                    raise BadRequest(413, f"request body of {declared} bytes is over the limit of "
-                                          f"{limits.max_body_bytes}")
-                body = await request.body()
+                body = await receive_body(request, limits, self.slots)
                 mel = decode_mel(body, request.headers.get("content-type", ""), limits)
                 utt_id = request_id(request.query_params.get("id"), mel)
                 audio, shared = await self.vocode_batched((utt_id, mel))
             except BadRequest as exc:
-                return responses.PlainTextResponse(f"{exc}\n", status_code=exc.status)
+                # a body not read to its end is not read at all: the connection closes rather than carry it
+                headers = {"Connection": "close"} if body is None else {}
+                if exc.status == 503:
+                    headers["Retry-After"] = "1"
+                return responses.PlainTextResponse(f"{exc}\n", status_code=exc.status, headers=headers)
             except (WaveGlowError, MelError) as exc:  # a mel the backend refused: the request's fault
                 return responses.PlainTextResponse(f"{exc}\n", status_code=422)
             return responses.Response(wav_bytes(audio, self.rate), media_type="audio/wav",
@@ -164,9 +269,11 @@ def build_app(cfg: WorkflowConfig, *, replicas: int = 1, max_batch: int = 8, bat
 
 
 def serve_vocoder(cfg: WorkflowConfig, *, replicas: int = 1, host: str = "127.0.0.1", port: int = 8000,
-                  max_batch: int = 8, batch_wait_s: float = 0.01, limits: ServeLimits = ServeLimits()) -> str:
-    """Start (or update) the service on Ray (`cfg.ray_address`, else a local Ray); returns its /vocode URL."""
-    connect(cfg.ray_address)
+                  max_batch: int = 8, batch_wait_s: float = 0.01, limits: ServeLimits = ServeLimits(),
+                  dashboard: bool = False) -> str:
+    """Start (or update) the service on Ray (`cfg.ray_address`, else a local Ray on 127.0.0.1, with Ray's
+    dashboard only if `dashboard`); returns its /vocode URL."""
+    connect(cfg.ray_address, dashboard=dashboard)
     serve = import_optional("ray.serve", INSTALL, "serve")
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(cfg, replicas=replicas, max_batch=max_batch, batch_wait_s=batch_wait_s, limits=limits),
@@ -174,17 +281,50 @@ def serve_vocoder(cfg: WorkflowConfig, *, replicas: int = 1, host: str = "127.0.
     return f"http://{host}:{port}/vocode"
 
 
-def shutdown() -> None:
-    """Stop the service (Ray itself keeps running)."""
+def child_pids() -> set[int]:
+    """The processes this one has started (and they theirs) so far: what `shutdown` must leave alone."""
+    import_optional("ray", INSTALL, "serve")  # Ray ships psutil (ray/thirdparty_files) and puts it on the path
+    psutil = import_optional("psutil", INSTALL, "serve")
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def shutdown(*, stop_ray: bool = False, existing: set[int] | None = None, grace_s: float = 10.0) -> list[str]:
+    """Stop the service. With `stop_ray` (the local Ray `serve_vocoder` started for this process), stop Ray
+    too, then end every process started since (not in `existing`, from `child_pids()` before) that outlived
+    `ray.shutdown()` by `grace_s`: Ray's dashboard and runtime-env agents can. Returns those it had to end."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():  # serve.shutdown() would start a Ray to connect to
+        return []
     serve = import_optional("ray.serve", INSTALL, "serve")
     serve.shutdown()
+    if not stop_ray:
+        return []
+    psutil = import_optional("psutil", INSTALL, "serve")
+    started = [p for p in psutil.Process().children(recursive=True) if p.pid not in (existing or set())]
+    ray.shutdown()
+    _, alive = psutil.wait_procs(started, timeout=grace_s)
+    ended = []
+    for sig in ("terminate", "kill"):
+        for proc in alive:
+            try:
+                ended.append(f"{proc.pid} {proc.name()}")
+                getattr(proc, sig)()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(alive, timeout=3)
+    return sorted(set(ended))
 
 
 def application(args: dict):
     """Ray Serve application builder (`import_path: waveglow_lib.service:application`, as in a RayService or
     `serve run`): `args` = {"params": {WorkflowConfig fields}, "replicas": N, "max_batch": B,
-    "batch_wait_s": S}."""
+    "batch_wait_s": S, "limits": {ServeLimits fields}}."""
     args = dict(args or {})
     cfg = WorkflowConfig.from_dict(args.pop("params", {}) or {}, source="serve application args")
+    try:
+        limits = ServeLimits(**(args.pop("limits", {}) or {}))
+    except TypeError as exc:
+        raise ConfigError(f"serve application args: limits: {exc} (fields: {', '.join(ServeLimits.__annotations__)})") \
+            from None
     return build_app(cfg, replicas=int(args.pop("replicas", 1)), max_batch=int(args.pop("max_batch", 8)),
-                     batch_wait_s=float(args.pop("batch_wait_s", 0.01)))
+                     batch_wait_s=float(args.pop("batch_wait_s", 0.01)), limits=limits)

@@ -266,11 +266,11 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
                 first = time.perf_counter() - t0
             before, t0 = rss_bytes(), time.perf_counter()
             backends[row.id] = open_row(row, net, threads, out_dir / "bench_models", engine_cache if cached else None)
-            load_info[row.id] = {"load_seconds": round(time.perf_counter() - t0, 2),
+            load_info[row.id] = {"load_seconds": round(time.perf_counter() - t0, 4),
                                  "load_mib": round((rss_bytes() - before) / 2 ** 20, 1),
                                  "description": getattr(backends[row.id], "description", row.id)}
             if cached:
-                engine_build[row.id] = {"first_seconds": round(first, 2), "cached_seconds": load_info[row.id]["load_seconds"],
+                engine_build[row.id] = {"first_seconds": round(first, 4), "cached_seconds": load_info[row.id]["load_seconds"],
                                         "cache": getattr(backends[row.id], "cache_events", [])}
 
     def one_pass(backend, bs):

@@ -34,6 +34,10 @@ INSTALL = "pip install 'waveglow-workflow[ray]'  (ray[data,serve])"
 #: Ray's own settings for a Ray this module starts: on a small, busy machine the raylet's default 15 s wait
 #: for its metrics agent runs out and the node dies at start-up (a user's environment wins over these)
 LOCAL_RAY_ENV = {"RAY_agent_register_timeout_ms": "120000", "RAY_USAGE_STATS_ENABLED": "0"}
+#: Ray binds its gRPC servers, agents and metrics endpoints to the node's address, which is the loopback where
+#: Ray expects no cluster (its macOS / Windows default, this switch); a Ray started here is this machine's
+#: alone, so it gets the loopback too (unless the user's environment sets the switch)
+LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 #: Ray's resource name for an Ascend NPU (ray.util.accelerators; ray-ascend adds HCCL on top of it)
 NPU_RESOURCE = "NPU"
 
@@ -62,9 +66,31 @@ def workflow_errors():
         raise cause from exc
 
 
-def connect(address: str | None):
+@contextmanager
+def loopback_node():
+    """While Ray starts a local node: its address is 127.0.0.1, so nothing of it listens on other interfaces.
+    Ray reads the switch at import (ray_constants) in this process, and from the environment in the processes
+    it starts now; both are put back afterwards (the node keeps its address)."""
+    if LOOPBACK_SWITCH in os.environ:
+        yield
+        return
+    from ray._private import ray_constants  # private, but the one place Ray reads it
+
+    saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ[LOOPBACK_SWITCH] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        os.environ.pop(LOOPBACK_SWITCH, None)
+        if saved is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def connect(address: str | None, *, dashboard: bool = False):
     """Ray, connected: to `address` ("auto", "ray://host:10001", a GCS host:port), or a local Ray started
-    now when None. An already connected driver (a notebook, a test's `ray.init`) is used as it is."""
+    now when None: listening on 127.0.0.1 only, with Ray's dashboard (on 127.0.0.1) only if `dashboard`.
+    An already connected driver (a notebook, a test's `ray.init`) is used as it is."""
     ray = import_ray()
     if not ray.is_initialized():
         # workers find this very copy of waveglow_lib (a clone that is not pip-installed); on a cluster
@@ -75,7 +101,9 @@ def connect(address: str | None):
         if address is None:
             for key, value in LOCAL_RAY_ENV.items():
                 os.environ.setdefault(key, value)
-            ray.init(runtime_env=env, include_dashboard=False, configure_logging=False)
+            with loopback_node():
+                ray.init(runtime_env=env, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                         configure_logging=False)
         else:
             ray.init(address=address, runtime_env=env, configure_logging=False)
     return ray

@@ -18,13 +18,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import yaml
-
 from ..checkpoint import load_waveglow
-from ..config import WorkflowConfig
+from ..config import MAX_PARAMS_BYTES, WorkflowConfig
 from .display import METRIC_NAMES, REFERENCE, REFERENCE_NOTE
 from ..errors import WaveGlowError
+from ..io import MAX_RECORD_BYTES, read_bounded
 from ..layout import RunLayout, syn_wav
+from ..safe_yaml import load_yaml
 from ..provenance import checkpoint_info, git_commit, machine as this_machine
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
@@ -81,15 +81,17 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return json.loads(read_bounded(path, "a run record (JSON)", MAX_RECORD_BYTES))
+    except (OSError, ValueError, RecursionError):
         return None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text()) if path.is_file() else None
-    except (OSError, yaml.YAMLError):
+        # the bounded reader and loader of params files: the run folder's copy is read like any other
+        data = load_yaml(read_bounded(path, "a params file (YAML)", MAX_PARAMS_BYTES).decode("utf-8"), str(path)) \
+            if path.is_file() else None
+    except (OSError, ValueError):
         data = None
     return data if isinstance(data, dict) else {}
 

@@ -1,7 +1,8 @@
 """The train stage: a params file (+ overrides) → `TrainConfig` → `waveglow_lib.train.train` (or Ray Train).
 
 Thin on purpose: the loop, its checkpoints and its checks live in `waveglow_lib.train`. The parameters
-used are written to `<out_dir>/params.yaml` by rank 0, so the folder says how its model was made.
+used are written to `<out_dir>/params.yaml` by rank 0, so the folder says how its model was made, beside a
+marker (TRAIN_MARKER) that lets later runs write there: a folder that is not a training folder is refused.
 """
 from __future__ import annotations
 
@@ -16,12 +17,15 @@ import yaml
 
 from ..audio import load_wav, mel_spectrogram
 from ..config import STFTConfig
+from ..errors import RunFolderError
 from ..io import atomic_write_text
 from ..model import WaveGlow
-from ..train import TrainConfig, train, train_with_ray
+from ..train import HISTORY_NAME, STATE_NAME, TrainConfig, train, train_with_ray
 
 #: TrainConfig fields that are paths ("" and "demo" mean no path)
 PATH_FIELDS = ("corpus", "out_dir", "warm_start")
+#: written into every folder `run_train` trains in: what makes it ours to overwrite
+TRAIN_MARKER = ".waveglow-train"
 
 
 def load_train_config(params: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
@@ -74,12 +78,34 @@ class TrainingSamples:
             self.show(sample)
 
 
+def check_train_folder(out_dir: str | Path, force: bool = False) -> Path:
+    """`out_dir` may be trained in (and its params.yaml, history.json, model.safetensors overwritten) when it
+    is missing, empty, marked as ours (TRAIN_MARKER), or a training folder of an earlier version (a resume
+    state and a history, no marker); anything else only with `force`. RunFolderError otherwise."""
+    folder = Path(out_dir)
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderError(f"{folder}: out_dir is not a folder; choose another out_dir", path=folder)
+    if force or not folder.exists() or (folder / TRAIN_MARKER).is_file() or not any(folder.iterdir()):
+        return folder
+    if (folder / STATE_NAME).is_file() and (folder / HISTORY_NAME).is_file():
+        return folder  # written before the marker existed
+    raise RunFolderError(f"{folder}: out_dir is not a training folder (it holds other files, and training "
+                         "writes params.yaml, history.json, model.safetensors there); choose a new or empty "
+                         "out_dir, or pass --force (force=True) to train in it anyway", path=folder)
+
+
 def run_train(config: TrainConfig, on_log: Callable[[dict], None] | None = None,
-              on_sample: Callable[[int, WaveGlow], None] | None = None, sample_every: int = 0) -> dict[str, Any]:
-    """Train as `config` says (engine local: this process or its torchrun group; engine ray: Ray Train)."""
+              on_sample: Callable[[int, WaveGlow], None] | None = None, sample_every: int = 0,
+              force: bool = False) -> dict[str, Any]:
+    """Train as `config` says (engine local: this process or its torchrun group; engine ray: Ray Train).
+
+    `out_dir` must be new, empty or a training folder (check_train_folder) unless `force`."""
     if int(os.environ.get("RANK", "0")) == 0:
-        Path(config.out_dir).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(config.out_dir) / "params.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        # rank 0 alone checks: the others would race its first writes; a refusal ends the torchrun group
+        out_dir = check_train_folder(config.out_dir, force)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / TRAIN_MARKER, "a waveglow-workflow training folder (waveglow_lib train)\n")
+        atomic_write_text(out_dir / "params.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     if config.engine == "ray":
         return train_with_ray(config, num_workers=config.ray_workers, use_gpu=config.device.startswith("cuda"))
     return train(config, on_log=on_log, on_sample=on_sample, sample_every=sample_every)

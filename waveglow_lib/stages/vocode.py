@@ -23,9 +23,9 @@ from ..checkpoint import load_waveglow
 from ..config import STFTConfig, WorkflowConfig
 from ..denoiser import Denoiser
 from ..errors import MelError
-from ..io import atomic_write_bytes, read_json, sha256_bytes, write_bin
+from ..io import atomic_write_bytes, read_bounded, read_json, sha256_bytes, write_bin
 from ..layout import VOCODE_RECORD_FILE, out_bin, syn_wav
-from ..mel_input import list_mels, mel_sample_count
+from ..mel_input import MAX_MEL_BYTES, list_mels, mel_sample_count
 from ..metrics import snr_db
 from ..runlock import locked
 from .infer import (InferJob, MelFileReader, VocodeSettings, backend_name, mel_folder_items, open_backend,
@@ -104,7 +104,8 @@ def prepare_vocode(cfg: WorkflowConfig, mels: str | Path, *, model=None, name: s
     record_path = out_dir / VOCODE_RECORD_FILE
     record = read_json(record_path, "the vocode stage's record") if record_path.is_file() and not force else {}
     done: dict = record.get("items", {})
-    sources = {u.id: {"source": str(u.bin_path), "source_sha256": sha256_bytes(u.bin_path.read_bytes()),
+    sources = {u.id: {"source": str(u.bin_path),
+                      "source_sha256": sha256_bytes(read_bounded(u.bin_path, "a mel file", MAX_MEL_BYTES, MelError)),
                       "samples": _source_samples(u.bin_path)} for u in items}
 
     def finished(u: Utterance) -> bool:

@@ -6,13 +6,17 @@ Layout (`cache_dir`, default `$WAVEGLOW_CACHE_DIR`, else `$XDG_CACHE_HOME/wavegl
 
     fast/engine-<key>/meta.json          what the entry is (its key's fields) and each file's sha256
     fast/engine-<key>/flow<k>.safetensors the engine's tensors of flow k (`engine.flow_arrays`)
-    fast/probe-<key>.json                precision: auto's verdict for a model on this machine
+    fast/probe-<key>.json                precision: auto's verdict for a model on this machine, with the
+                                         sha256 of its key and record
 
 The key is a hash of the model's fingerprint (`checkpoint.model_fingerprint`: its config and every
 weight), the precision, the CPU (`hardware.cpu_signature`), the library versions and the entry format: any
 change makes another key, and an old entry is never read again. An entry is used only when its meta.json
 names the same key fields and every file's sha256 matches; anything else (missing, truncated, corrupt,
-another format) is rebuilt and replaced. Tensors are stored with safetensors (no pickles). oneDNN's packed
+another format) is rebuilt and replaced, with a warning; a verdict is used only when its sha256 matches
+(an edited verdict must not choose the precision in silence), else the probe runs again. Every file is
+read only when it is a regular file (not a link) of a bounded size: a link to a device would be read
+until memory runs out. Tensors are stored with safetensors (no pickles). oneDNN's packed
 int8 weights cannot be serialised: the entry holds the int8 weights and their scales, and they are packed
 again at load (`engine._pack_int8`, bit-identical to a fresh build).
 
@@ -27,6 +31,7 @@ import os
 import platform
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -38,12 +43,15 @@ from safetensors.torch import save as save_safetensors
 
 from ...checkpoint import model_fingerprint
 from ...hardware import cpu_signature
-from ...io import atomic_write_json
+from ...io import atomic_write_json, read_bounded
 from .engine import FastEngine, flow_arrays, native_precision
 
 #: bump when what an entry holds changes (tensor names, layout, quantisation)
-CACHE_FORMAT = 5
+CACHE_FORMAT = 6
 CACHE_ENV = "WAVEGLOW_CACHE_DIR"
+#: meta.json and a verdict are a few KiB; one flow's tensors of the official model about 30 MB
+MAX_META_BYTES = 2**20
+MAX_FLOW_BYTES = 2**30
 
 
 def default_cache_dir() -> Path:
@@ -121,17 +129,21 @@ class EngineCache:
                 return engine
             except Exception as exc:  # noqa: BLE001  any failure to read an entry: never trusted, rebuilt
                 problem = f"unreadable ({type(exc).__name__}: {exc})"
+        if problem != "missing":
+            _warn(folder, f"{problem}; rebuilt")
         self.events.append("built" if problem == "missing" else f"rebuilt: {problem}")
         return self._build(model, precision, folder, fields, **options)
 
     def _check_entry(self, folder: Path, fields: dict, n_flows: int) -> str | None:
         """None when the entry at `folder` is complete and matches `fields`; else why not."""
         meta_path = folder / "meta.json"
-        if not meta_path.is_file():
+        if folder.is_symlink():
+            return "not an entry this cache wrote (a symbolic link)"
+        if not (meta_path.exists() or meta_path.is_symlink()):
             return "missing"
         try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as exc:
+            meta = json.loads(read_bounded(meta_path, "an engine's meta.json", MAX_META_BYTES, follow_links=False))
+        except (OSError, ValueError, RecursionError) as exc:
             return f"meta.json unreadable ({exc})"
         if not isinstance(meta, dict) or meta.get("key") != fields:
             return "stale (its key fields differ)"
@@ -142,10 +154,11 @@ class EngineCache:
 
     def _read_flows(self, folder: Path, n_flows: int) -> Iterator[dict[str, torch.Tensor]]:
         """Each flow's tensors, its bytes checked against meta.json's sha256 before they are parsed."""
-        files = json.loads((folder / "meta.json").read_text())["files"]
+        files = json.loads(read_bounded(folder / "meta.json", "an engine's meta.json", MAX_META_BYTES,
+                                        follow_links=False))["files"]
         for k in range(n_flows):
             name = f"flow{k:02d}.safetensors"
-            data = (folder / name).read_bytes()
+            data = read_bounded(folder / name, "a flow's tensors", MAX_FLOW_BYTES, follow_links=False)
             if hashlib.sha256(data).hexdigest() != files[name]:
                 raise ValueError(f"{name}: sha256 differs from meta.json (corrupt)")
             yield load_safetensors(data)
@@ -180,7 +193,9 @@ class EngineCache:
         if tmp is not None:
             try:
                 atomic_write_json(tmp / "meta.json", {"key": fields, "files": files})
-                if folder.exists():  # a stale or corrupt entry under this key: replaced
+                if folder.is_symlink():  # planted: the link goes, not what it points to
+                    folder.unlink()
+                elif folder.exists():  # a stale or corrupt entry under this key: replaced
                     shutil.rmtree(folder, ignore_errors=True)
                 os.rename(tmp, folder)
             except OSError:  # another process committed the same key first, or the disk is read-only
@@ -189,21 +204,38 @@ class EngineCache:
 
     # --- auto's verdict -----------------------------------------------------------------------------------
     def verdict(self, model, probe_settings: dict) -> dict | None:
-        """The stored `auto_engine` record for this model on this machine, or None (missing, stale, corrupt)."""
+        """The stored `auto_engine` record for this model on this machine, or None (missing, stale, corrupt or
+        edited: each but missing with a warning, and the probe runs again)."""
         path = self.probe_path(model, probe_settings)
+        if not (path.exists() or path.is_symlink()):
+            return None
+        fields = self.probe_fields(model, probe_settings)
         try:
-            stored = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
+            stored = json.loads(read_bounded(path, "a probe verdict", MAX_META_BYTES, follow_links=False))
+        except (OSError, ValueError, RecursionError) as exc:
+            return _warn(path, f"unreadable ({exc}); probing again")
         record = stored.get("record") if isinstance(stored, dict) else None
-        if (stored.get("key") if isinstance(stored, dict) else None) != self.probe_fields(model, probe_settings) \
-                or not isinstance(record, dict) or record.get("precision") not in ("int8", "bf16", "fp32"):
-            return None
+        if not isinstance(record, dict) or stored.get("key") != fields \
+                or record.get("precision") not in ("int8", "bf16", "fp32"):
+            return _warn(path, "not a verdict for this model and machine; probing again")
+        if stored.get("sha256") != _verdict_sha256(fields, record):
+            return _warn(path, "its sha256 does not match its key and record (edited?); probing again")
         return record
 
     def store_verdict(self, model, probe_settings: dict, record: dict) -> None:
         path = self.probe_path(model, probe_settings)
+        fields = self.probe_fields(model, probe_settings)
         try:
-            atomic_write_json(path, {"key": self.probe_fields(model, probe_settings), "record": record})
+            atomic_write_json(path, {"key": fields, "record": record, "sha256": _verdict_sha256(fields, record)})
         except OSError:
             pass  # a read-only cache: the probe runs again next time
+
+
+def _verdict_sha256(fields: dict, record: dict) -> str:
+    """The content hash a verdict is stored with: bound to its key, so a record cannot be moved either."""
+    return hashlib.sha256(json.dumps({"key": fields, "record": record}, sort_keys=True).encode()).hexdigest()
+
+
+def _warn(path: Path, problem: str) -> None:
+    """A cache file that is there but not trusted: say so (it is rebuilt or re-probed, never used)."""
+    warnings.warn(f"engine cache: {path}: {problem}", RuntimeWarning, stacklevel=3)
