@@ -17,11 +17,6 @@ from waveglow_lib.export import export_onnx
 from waveglow_lib.stages.preprocess import preprocess
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "e2e: long end-to-end tests (notebook chains, a real browser); "
-                                       "skip locally with -m 'not e2e', .ci/run runs them")
-
-
 @pytest.fixture(scope="session", autouse=True)
 def engine_cache_dir(tmp_path_factory) -> Path:
     """The fast backend's engine cache in pytest's temporary folder: tests never write into ~/.cache."""

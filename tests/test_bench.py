@@ -35,9 +35,10 @@ class NoiseBackend(Backend):
 
 
 class RaggedNoiseBackend(NoiseBackend):
-    """A broken path that, like fast, takes a batch unpadded (`run_ragged`): judged against each utterance alone."""
+    """A broken path that, like fast, takes a batch unpadded (`run_utterances`): judged against each utterance
+    alone."""
 
-    def run_ragged(self, mels, zs):
+    def run_utterances(self, mels, zs):
         return [self.run(m[None], z[None])[0] for m, z in zip(mels, zs)]
 
 

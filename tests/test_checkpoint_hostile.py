@@ -16,12 +16,12 @@ from typing import Tuple
 import pytest
 import torch
 
-from waveglow_lib import checkpoint
-from waveglow_lib.checkpoint import (CheckpointError, expected_shapes, load_tensor_file, load_waveglow,
-                                     read_stft_config, save_waveglow)
+from waveglow_lib import checkpoint, safe_reader
+from waveglow_lib.checkpoint import expected_shapes, load_waveglow, read_stft_config, save_waveglow
 from waveglow_lib.config import ModelConfig
-from waveglow_lib.errors import MelError
+from waveglow_lib.errors import CheckpointError, MelError
 from waveglow_lib.model import WaveGlow
+from waveglow_lib.safe_reader import load_tensor_file
 
 from support import TINY, ReferenceModules, make_reference
 
@@ -196,7 +196,7 @@ def test_gzip_bomb_stops_at_the_size_its_header_declares(tmp_path):
 
 
 def test_gzip_of_anything_else_stops_at_the_absolute_cap(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint, "MAX_FILE_BYTES", 1 << 20)
+    monkeypatch.setattr(safe_reader, "MAX_FILE_BYTES", 1 << 20)
     path = tmp_path / "zeros.pt.gz"
     path.write_bytes(zlib.compress(bytes(8 << 20), wbits=31))
     refused(path, f"inflates to more than {1 << 20} bytes")
@@ -389,7 +389,7 @@ def saved(tmp_path_factory):
     make_reference("glow", seed=4, save_to=folder / "zip.pt")
     make_reference("glow", seed=4, save_to=folder / "legacy.pt", legacy_format=True)
     model = checkpoint._model_from_pickle(
-        checkpoint._read_pickled((folder / "zip.pt").read_bytes(), "zip.pt", models=True), "zip.pt", {})
+        safe_reader.read_pickled((folder / "zip.pt").read_bytes(), "zip.pt", checkpoint.WAVEGLOW_PICKLE), "zip.pt", {})
     save_waveglow(model, folder / "ours.safetensors")
     save_waveglow(model, folder / "ours.safetensors.gz")
     return folder

@@ -20,13 +20,14 @@ import pytest
 import torch
 
 from support import TINY_PIPELINE, optional_ray
-from waveglow_lib import engines
+from waveglow_lib import engines, stages
 from waveglow_lib.cli import main
 from waveglow_lib.engines import ray as ray_engine
 from waveglow_lib.errors import ConfigError, SynthesisError
 from waveglow_lib.hardware import native_int8
+from waveglow_lib.jobs import ManifestMelReader, mel_folder_items
 from waveglow_lib.mel_input import save_mel
-from waveglow_lib.stages.infer import ManifestMelReader, manifest_items, mel_folder_items, prepare_infer
+from waveglow_lib.stages.infer import manifest_items, prepare_infer
 from waveglow_lib.stages.preprocess import preprocess
 
 ray, needs_ray = optional_ray("ray.data")
@@ -132,7 +133,7 @@ def test_a_folder_of_tts_mels_is_a_job_like_the_manifest(demo_run, tmp_path):
     assert sorted(result["written"]) == [i.id for i in items]
     job = prepare_infer(cfg, items=items, read_mel=read, out_dir=tmp_path / "tts_out")
     assert job.todo == [] and len(job.skipped) == 3  # a rerun skips them
-    reference = engines.infer(cfg)
+    reference = stages.infer(cfg)
     for item in items:
         name = f"{item.id}_out.bin"
         assert (tmp_path / "tts_out" / name).read_bytes() == (cfg.layout.out_dir / name).read_bytes()
@@ -164,10 +165,10 @@ def test_ray_engine_gives_the_local_engines_bytes(local_ray, demo_run, tmp_path,
     if backend == "torch":  # PyTorch's CPU convolutions split their sums by thread: equal threads, equal bytes
         torch.set_num_threads(ray_cfg.ray_cpus_per_actor)
     try:
-        local = engines.infer(local_cfg)
+        local = stages.infer(local_cfg)
     finally:
         torch.set_num_threads(threads)
-    result = engines.infer(ray_cfg)
+    result = stages.infer(ray_cfg)
     assert sorted(result["written"]) == DEMO_IDS and result["repeated_results"] == 0
     expected, got = out_bytes(local_cfg.layout.out_dir), out_bytes(ray_cfg.layout.out_dir)
     assert len(expected) == 10 and got == expected
@@ -187,12 +188,12 @@ def test_ray_engine_gives_the_local_engines_bytes(local_ray, demo_run, tmp_path,
 @pytest.mark.e2e
 def test_rerun_skips_finished_items_like_local(local_ray, demo_run, tmp_path):
     cfg = demo_run(tmp_path, backend="fast", precision="fp32", engine="ray")
-    engines.infer(cfg)
+    stages.infer(cfg)
     before = out_bytes(cfg.layout.out_dir)
-    again = engines.infer(cfg)  # nothing left: no Ray job at all
+    again = stages.infer(cfg)  # nothing left: no Ray job at all
     assert again["written"] == [] and sorted(again["skipped"]) == DEMO_IDS
     (cfg.layout.out_dir / "LJ001-0003_out.bin").unlink()
-    redo = engines.infer(cfg)
+    redo = stages.infer(cfg)
     assert redo["written"] == ["LJ001-0003"] and len(redo["skipped"]) == 9
     assert out_bytes(cfg.layout.out_dir) == before
 
@@ -211,7 +212,7 @@ def test_vocode_command_on_ray_gives_the_local_wavs(local_ray, demo_run, tmp_pat
     shutil.copy2(items[4].bin_path, folder)
     shutil.copy2(items[4].bin_path.with_suffix(".txt"), folder)
     ids = sorted(u.id for u in items[:5])
-    local = engines.vocode(demo_run(tmp_path / "local", backend="fast", precision="fp32"), folder)
+    local = stages.vocode(demo_run(tmp_path / "local", backend="fast", precision="fp32"), folder)
     assert sorted(local["written"]) == ids
     ray_cfg = demo_run(tmp_path / "ray", backend="fast", precision="fp32")
     argv = ["vocode", "--mels", str(folder), "--runs-dir", ray_cfg.runs_dir, "--name", ray_cfg.name,
@@ -261,7 +262,7 @@ def test_an_actor_killed_mid_run_loses_and_duplicates_nothing(local_ray, demo_ru
     assert marker.is_file()  # an actor really died
     assert sorted(result["written"]) == DEMO_IDS and len(result["written"]) == 10
     reference = demo_run(tmp_path / "local", backend="fast", precision="fp32")
-    engines.infer(reference)
+    stages.infer(reference)
     assert out_bytes(cfg.layout.out_dir) == out_bytes(reference.layout.out_dir)
     timings = json.loads(cfg.layout.timings.read_text())
     assert sorted(timings["items"]) == DEMO_IDS
@@ -292,11 +293,11 @@ def test_two_nodes_through_ray_address(demo_run, tmp_path):
         cluster.wait_for_nodes()
         cfg = demo_run(tmp_path / "two", backend="fast", precision="fp32", engine="ray",
                        ray_address=cluster.address)
-        result = engines.infer(cfg)
+        result = stages.infer(cfg)
         assert result["ray_cluster"]["CPU"] == 2.0 and result["ray_actors"] == 2
         assert len(ray.nodes()) == 2
         local = demo_run(tmp_path / "local", backend="fast", precision="fp32")
-        engines.infer(local)
+        stages.infer(local)
         assert out_bytes(cfg.layout.out_dir) == out_bytes(local.layout.out_dir)
     finally:
         ray.shutdown()

@@ -343,7 +343,7 @@ def test_cpu_jiffies_and_meter():
     assert 0.0 <= value <= usable_cpus()
 
 
-def test_batches_run_ragged_and_equal_each_utterance_alone(monkeypatch):
+def test_batches_run_unpadded_and_equal_each_utterance_alone(monkeypatch):
     """vocode hands the fast backend the utterances at their own lengths: nothing padded is computed, and
     the batch's audio equals each utterance run alone (batch 1) within the documented bound (bit for bit
     where the GEMM library keeps each row's summation order, not on MKL's AVX2 path)."""
@@ -365,7 +365,7 @@ def test_batches_run_ragged_and_equal_each_utterance_alone(monkeypatch):
             assert snr_db(alone, out) >= fast_engine.PACKED_MIN_SNR_DB["fp32"]
             assert snr_db(model.infer(torch.from_numpy(mel)[None], 1.0, torch.from_numpy(0.6 * noise)[None])[0], out) > 100
     with pytest.raises(Exception, match="z must be"):
-        backend.run_ragged(mels, [n[:, :-1] for n in noises])
+        backend.run_utterances(mels, [n[:, :-1] for n in noises])
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])

@@ -17,16 +17,18 @@ import waveglow_lib
 
 #: the layers, first to last; a module belongs to the first entry that is its name or a parent package of it
 LAYERS = [
-    ("errors", "isa"), ("io",), ("layout",), ("safe_yaml", "runlock"), ("config",), ("hardware",),
+    ("errors", "isa"), ("io",), ("layout",), ("safe_yaml", "runlock", "safe_reader"), ("config",), ("hardware",),
     ("audio",), ("metrics",), ("model",), ("checkpoint", "denoiser"), ("mel_input",),
-    ("export", "convert"), ("backends",), ("batching",), ("train",), ("stages",), ("engines",),
-    ("provenance",), ("evaluate",), ("bench",), ("notebook", "report"), ("service",), ("cli", "__main__"),
+    ("export", "convert"), ("backends",), ("batching",), ("train",), ("stamps",), ("jobs",), ("engines",),
+    ("stages",),
+    ("provenance",), ("evaluate",), ("bench",), ("notebook",), ("service",), ("cli", "__main__"),
     ("assets",),  # the scripts that regenerate the bundled demo model and corpus use the whole library
 ]
-#: third-party packages that are optional extras (or platform-only): these may be imported inside functions
+#: third-party packages that are optional extras (or platform-only): these may be imported inside functions;
+#: core dependencies (pyproject.toml's `dependencies`) are imported at the top
 OPTIONAL = {"onnx", "onnxruntime", "openvino", "papermill", "nbformat", "nbconvert", "nbclient", "jupyter_client",
             "traitlets", "IPython", "ipywidgets", "matplotlib", "pystoi", "pesq", "ais_bench", "resource", "ray",
-            "starlette", "fastapi", "requests", "playwright", "jinja2", "torchaudio", "soxr", "librosa", "soundfile"}
+            "starlette", "fastapi", "requests", "playwright", "jinja2", "torchaudio"}
 PACKAGE_DIR = Path(waveglow_lib.__file__).parent
 
 

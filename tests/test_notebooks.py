@@ -1,5 +1,6 @@
-"""The notebooks: committed clean, one `parameters` cell each, and the whole chain run headless on
-params/ci.yaml through the real CLI (`python -m waveglow_lib run`, papermill, the venv's ipykernel)."""
+"""The notebooks: numbered in the order the runner and the README list them, committed clean, one
+`parameters` cell each, and the whole chain run headless on params/ci.yaml through the real CLI
+(`python -m waveglow_lib run`, papermill, the venv's ipykernel)."""
 from __future__ import annotations
 
 import json
@@ -41,8 +42,19 @@ def _committed(name: str):
     return nbformat.read(NOTEBOOKS / name, as_version=4)
 
 
-def test_the_notebooks_are_the_six_steps_in_order():
-    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == sorted(nr.NOTEBOOKS + nr.ON_DEMAND_NOTEBOOKS)
+def test_the_notebooks_are_numbered_in_the_order_the_runner_and_the_readme_list_them():
+    """notebooks/ holds the runner's chain (00 … 05) then the on-demand ones (06, 07): each file and title
+    carries its place in that order, and the README's step table names them in the same order."""
+    order = nr.NOTEBOOKS + nr.ON_DEMAND_NOTEBOOKS
+    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == sorted(order)
+    assert [name[:3] for name in order] == [f"{i:02d}_" for i in range(len(order))]
+    for i, name in enumerate(order):
+        assert _committed(name).cells[0].source.startswith(f"# {i} ·"), f"{name}: its title is not numbered {i}"
+    stems = [Path(name).stem for name in order]
+    table = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("|")]
+    named = list(dict.fromkeys(stem for line in table for stem in re.findall(r"`(\d\d_\w+)`", line)))
+    assert len(named) >= len(nr.NOTEBOOKS) and set(named) <= set(stems), named
+    assert named == sorted(named, key=stems.index), f"README's step table: {named}"
 
 
 @pytest.mark.parametrize("name", nr.NOTEBOOKS + nr.ON_DEMAND_NOTEBOOKS)

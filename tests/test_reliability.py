@@ -26,11 +26,11 @@ from waveglow_lib.errors import (DataError, ManifestError, MelError, ResourceErr
                                  SynthesisError)
 from waveglow_lib.export import export_onnx
 from waveglow_lib.io import atomic_write_bytes, read_json
+from waveglow_lib.jobs import check_model_file
 from waveglow_lib.layout import corpus_wav, load_manifest
 from waveglow_lib.runlock import LOCK_NAME, read_holder, run_folder_lock
 from waveglow_lib.stages import export, infer, postprocess, preprocess
 from waveglow_lib.stages.convert import convert
-from waveglow_lib.stages.infer import check_model_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -230,7 +230,7 @@ def test_mels_of_other_stft_settings_are_refused(preprocessed_run, tmp_path):
 
 
 def test_fingerprint_is_cached_beside_the_run(make_cfg, tiny_checkpoint, tmp_path, tiny_model):
-    from waveglow_lib.stages.stamps import CACHE_NAME, model_stamp
+    from waveglow_lib.stamps import CACHE_NAME, model_stamp
 
     cfg = make_cfg(tmp_path / "runs")
     assert model_stamp(cfg) == model_fingerprint(tiny_model(seed=0))

@@ -20,12 +20,13 @@ import numpy as np
 import pytest
 
 from support import optional_ray
+from waveglow_lib.audio import wav_bytes
 from waveglow_lib.bench.serve_load import (load_level, load_test, npy_bytes, post_mel, render_load_markdown,
                                            wav_samples)
 from waveglow_lib.errors import ConfigError
 from waveglow_lib.io import read_bin
 from waveglow_lib.service import (BadRequest, BodySlots, ServeLimits, application, decode_mel, read_body,
-                                  receive_body, request_id, wav_bytes)
+                                  receive_body, request_id)
 
 ray, needs_ray = optional_ray("ray.serve")
 
@@ -202,7 +203,7 @@ def test_wav_response_keeps_the_float32_samples():
     import soundfile
 
     audio = np.random.default_rng(0).standard_normal(1000).astype(np.float32) * 0.1
-    back, rate = soundfile.read(io.BytesIO(wav_bytes(audio, 22050)), dtype="float32")
+    back, rate = soundfile.read(io.BytesIO(wav_bytes(audio, 22050, "float32")), dtype="float32")
     assert rate == 22050 and back.tobytes() == audio.tobytes()
 
 

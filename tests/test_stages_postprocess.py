@@ -8,8 +8,9 @@ import pytest
 from scipy.io import wavfile
 
 from support import SHORT_IDS
+from waveglow_lib.audio import to_int16
 from waveglow_lib.io import write_bin
-from waveglow_lib.stages.postprocess import postprocess, to_int16
+from waveglow_lib.stages.postprocess import postprocess
 
 FRAMES = {"LJ001-0002": 125, "LJ001-0006": 281, "LJ001-0008": 99}
 

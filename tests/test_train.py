@@ -207,18 +207,18 @@ def test_ray_train_entry_names_the_missing_dependency(tmp_path, monkeypatch):
 DDP_WORKER = textwrap.dedent("""
     import json, os, sys
     import torch
-    from waveglow_lib import train as t
+    from waveglow_lib.train import TrainConfig, loop
     writes = {"state": 0, "model": 0}
-    real_state, real_model = t.save_train_state, t.save_waveglow
+    real_state, real_model = loop.save_train_state, loop.save_waveglow
     def count_state(*a, **k):
         writes["state"] += 1
         return real_state(*a, **k)
     def count_model(*a, **k):
         writes["model"] += 1
         return real_model(*a, **k)
-    t.save_train_state, t.save_waveglow = count_state, count_model
-    config = t.TrainConfig.from_dict(json.loads(sys.argv[1]))
-    result = t.train(config)
+    loop.save_train_state, loop.save_waveglow = count_state, count_model  # the names the loop calls
+    config = TrainConfig.from_dict(json.loads(sys.argv[1]))
+    result = loop.train(config)
     rank = int(os.environ["RANK"])
     with open(sys.argv[2] + f"/rank{rank}.json", "w") as f:
         json.dump({"losses": [e["loss"] for e in result["history"]], "writes": writes,

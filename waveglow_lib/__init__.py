@@ -1,8 +1,9 @@
 """waveglow-workflow: WaveGlow vocoder inference from an LJSpeech recording to a measured `.wav`.
 
-Modules import only from those before them, in the data's order: leaves (errors, layout, io, config,
-hardware) → audio → metrics → model → checkpoint, denoiser → export, convert → backends/ → batching →
-stages/ → evaluate → bench/ → notebook/ → cli.
+Modules import only from those before them, in the data's order: leaves (errors, io, layout, config,
+hardware) → audio → model → export, convert → backends/ → batching → stamps → jobs (the work a stage
+prepares) → engines/ (where a job runs) → stages/ (which build jobs) → evaluate → bench/ → notebook/ →
+service → cli (the full order, which tests/test_layers.py checks, is its LAYERS).
 Names are imported lazily, so `import waveglow_lib` stays cheap and optional packages stay optional.
 """
 from __future__ import annotations
@@ -13,11 +14,6 @@ from typing import Any
 from .isa import apply_isa_cap
 
 __version__ = "0.1.0"
-
-# OpenMP's wait policy is left to OpenMP (libgomp: spin briefly, then sleep). Forcing PASSIVE made the fast
-# engine's batch-1 runs about a quarter slower on an idle machine (every op's barrier wakes sleeping threads),
-# and on a shared machine the engine already runs one thread per free core (backends/fast/engine.py), where
-# nothing waits. An OMP_WAIT_POLICY the user sets still wins.
 
 # an ISA cap (WAVEGLOW_ISA_CAP, see isa.py) must reach oneDNN and MKL before their first GEMM
 apply_isa_cap()

@@ -1,4 +1,4 @@
-"""Audio in and out of the model: WAV loading, resampling/down-mixing, and the Tacotron2 STFT mel.
+"""Audio in and out of the model: WAV reading and writing, resampling/down-mixing, and the Tacotron2 STFT mel.
 
 The mel front-end reproduces NVIDIA's tacotron2 `stft.STFT` + `layers.TacotronSTFT.mel_spectrogram`
 (the features `waveglow_256channels_universal_v5.pt` was trained on):
@@ -20,19 +20,26 @@ DFT for any spectrum a real signal can have, so `irfft` is used.
 from __future__ import annotations
 
 import functools
+import io
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import librosa
 import numpy as np
 import soundfile
 import soxr
 import torch
+from scipy.io import wavfile
 from scipy.signal import get_window
 
 from .config import STFTConfig
 from .errors import AudioError
+
+#: NVIDIA's settings (STFTConfig is their home): the defaults below
+_NVIDIA = STFTConfig()
+#: float → int16 PCM scale: ±1.0 → ±32767 (symmetric, so +1.0 does not wrap around)
+INT16_SCALE = 32767
 
 __all__ = [
     "AudioError",
@@ -49,9 +56,9 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------------
-# WAV loading
+# WAV files
 # --------------------------------------------------------------------------------------------------
-def load_wav(path: str | Path, expected_rate: int | None = 22050, resample: bool = False,
+def load_wav(path: str | Path, expected_rate: int | None = _NVIDIA.sampling_rate, resample: bool = False,
              downmix: bool = False) -> tuple[np.ndarray, int]:
     """Read a WAV or FLAC file (anything libsndfile reads) as float32 mono in [-1, 1] and its sample rate.
 
@@ -125,7 +132,31 @@ def downmix(audio: np.ndarray) -> np.ndarray:
     return audio if audio.ndim == 1 else _downmix(audio)
 
 
-def frames_for_samples(n_samples: int, hop: int = 256) -> int:
+def to_int16(audio: np.ndarray) -> np.ndarray:
+    """float audio → int16 PCM: clip to [-1, 1], ×32767, round (no wrap-around at +1.0)."""
+    audio = np.asarray(audio, dtype=np.float32)
+    return np.rint(np.clip(audio, -1.0, 1.0) * INT16_SCALE).astype(np.int16)
+
+
+def wav_bytes(audio: np.ndarray, sample_rate: int = _NVIDIA.sampling_rate,
+              sample_format: Literal["int16", "float32"] = "int16") -> bytes:
+    """A complete mono .wav file in memory (the caller writes it atomically or sends it).
+
+    "int16": 16-bit PCM, the guide's wavs (float audio through `to_int16`; int16 samples as they are);
+    "float32": 32-bit float, the exact samples a backend made (the service's answer).
+    """
+    buffer = io.BytesIO()
+    if sample_format == "int16":
+        audio = np.asarray(audio)
+        wavfile.write(buffer, sample_rate, audio if audio.dtype == np.int16 else to_int16(audio))
+    elif sample_format == "float32":
+        soundfile.write(buffer, np.asarray(audio, dtype=np.float32), sample_rate, subtype="FLOAT", format="WAV")
+    else:
+        raise AudioError(f"wav sample format must be 'int16' or 'float32', got {sample_format!r}")
+    return buffer.getvalue()
+
+
+def frames_for_samples(n_samples: int, hop: int = _NVIDIA.hop_length) -> int:
     """Mel frames NVIDIA's centred STFT gives for `n_samples` samples: 1 + n // hop."""
     return 1 + int(n_samples) // int(hop)
 
@@ -152,8 +183,9 @@ def _mel_filterbank_cached(sampling_rate: int, n_fft: int, n_mels: int, fmin: fl
     return weights
 
 
-def mel_filterbank(sampling_rate: int = 22050, n_fft: int = 1024, n_mels: int = 80, fmin: float = 0.0,
-                   fmax: float | None = 8000.0) -> np.ndarray:
+def mel_filterbank(sampling_rate: int = _NVIDIA.sampling_rate, n_fft: int = _NVIDIA.filter_length,
+                   n_mels: int = _NVIDIA.n_mel_channels, fmin: float = _NVIDIA.mel_fmin,
+                   fmax: float | None = _NVIDIA.mel_fmax) -> np.ndarray:
     """[n_mels, n_fft // 2 + 1] float64 Slaney mel filterbank (`librosa.filters.mel`, as NVIDIA builds it)."""
     fmax = sampling_rate / 2.0 if fmax is None else float(fmax)
     return _mel_filterbank_cached(int(sampling_rate), int(n_fft), int(n_mels), float(fmin), fmax).copy()
@@ -173,8 +205,8 @@ class STFT:
     CUDA (float32 elsewhere); results stay on the input's device.
     """
 
-    def __init__(self, filter_length: int = 1024, hop_length: int = 256, win_length: int = 1024,
-                 window: str = "hann") -> None:
+    def __init__(self, filter_length: int = _NVIDIA.filter_length, hop_length: int = _NVIDIA.hop_length,
+                 win_length: int = _NVIDIA.win_length, window: str = "hann") -> None:
         if not 0 < win_length <= filter_length:
             raise AudioError(f"win_length must be in 1..filter_length, got {win_length} > {filter_length}")
         if hop_length <= 0:

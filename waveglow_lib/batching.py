@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .config import ModelConfig, STFTConfig
+from .backends.base import runs_utterances
 from .errors import BackendError, MelError, SynthesisError
 
 
@@ -117,7 +118,7 @@ def vocode(backend, mels: list[np.ndarray], noises: list[np.ndarray], sigma: flo
     all windows in one batch; utterances shorter than the window are rerun alone. The result equals
     running each utterance by itself. A backend that cannot take the window length (an `.om` without that
     gear) leaves those tails as padded: their indices are listed in `stats["inexact"]`. A backend with
-    `run_ragged` (fast) runs each utterance at its own length: nothing padded, so exact either way.
+    `run_utterances` (fast) runs each utterance at its own length: nothing padded, so exact either way.
     """
     if chunk_frames > 0:
         window = chunk_window(model_config, chunk_frames)
@@ -126,8 +127,8 @@ def vocode(backend, mels: list[np.ndarray], noises: list[np.ndarray], sigma: flo
             return _vocode_with_chunks(backend, mels, noises, sigma, model_config, exact, pad_value,
                                        chunk_frames, long)
     lengths = [m.shape[1] for m in mels]
-    if getattr(backend, "run_ragged", None) is not None:  # each utterance at its own length (fast): exact
-        audios = backend.run_ragged(mels, [(sigma * n).astype(np.float32) for n in noises])
+    if runs_utterances(backend):  # each utterance at its own length (fast): exact
+        audios = backend.run_utterances(mels, [(sigma * n).astype(np.float32) for n in noises])
         return audios, {"padded_frames": max(lengths), "tail_frames": 0, "inexact": [], "chunked": [],
                         "chunk_windows": 0}
     padded = backend.pad_length(max(lengths))

@@ -25,11 +25,11 @@ from . import engines, stages
 from .bench import ROWS, DEFAULT_ROWS, DEFAULT_LENGTHS, parse_lengths, render_markdown, run_bench
 from .bench.serve_load import LEVELS, load_test, offline_outputs, render_load_markdown
 from .bench.stream import render_stream_markdown, stream_bench
-from .config import WorkflowConfig, parse_set_option
+from .config import STFTConfig, WorkflowConfig, parse_set_option
 from .errors import ConfigError, NotebookRunError, WaveGlowError
 from .evaluate import collect_metrics
 from .io import atomic_write_json, atomic_write_text
-from .layout import CONVERT_TARGETS
+from .layout import CONVERT_TARGETS, SERVE_LOAD, RunLayout, measurement_files
 from .notebook.runner import NOTEBOOKS, run_notebooks
 from .stages.train import load_train_config, run_train
 from .train import TrainConfig
@@ -111,7 +111,7 @@ def _vocode_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_vocode(cfg: WorkflowConfig, args: argparse.Namespace) -> Any:
-    return engines.vocode(cfg, args.mels, out_dir=args.out_dir, force=args.force)
+    return stages.vocode(cfg, args.mels, out_dir=args.out_dir, force=args.force)
 
 
 def _run_options(parser: argparse.ArgumentParser) -> None:
@@ -150,11 +150,11 @@ def _run_stage(stage: str) -> Callable[[WorkflowConfig, argparse.Namespace], Any
         if stage == "convert":
             return stages.convert(cfg, targets=args.targets, force=force, run_atc=False if args.script_only else None)
         if stage == "infer":
-            return engines.infer(cfg, out_dir=args.out_dir, force=force)
+            return stages.infer(cfg, out_dir=args.out_dir, force=force)
         if stage == "postprocess":
             return stages.postprocess(cfg, out_dir=args.out_dir, wav_dir=args.wav_dir, force=force)
         targets = None if args.targets is None else tuple(args.targets)
-        return engines.run_all(cfg, force=force, convert_targets=targets)
+        return stages.run_all(cfg, force=force, convert_targets=targets)
     return run
 
 
@@ -162,7 +162,7 @@ def _run_notebooks(cfg: WorkflowConfig, args: argparse.Namespace) -> Any:
     try:
         result = run_notebooks(cfg, notebooks=args.notebooks, report=not args.no_report, timeout=args.timeout)
     except NotebookRunError as exc:
-        report = exc.output.parent.parent / "report.html"
+        report = RunLayout(exc.output.parent.parent).report  # exc.output: <run>/notebooks/<name>
         if report.exists():
             print(f"report of what ran: {report}", file=sys.stderr)
         raise
@@ -264,10 +264,11 @@ def _run_serve(cfg: WorkflowConfig, args: argparse.Namespace) -> Any:
         return {"stopped": "SIGTERM", "ended_after_ray_shutdown": ended}
     result.update({"replicas": args.replicas, "max_batch": args.max_batch, "backend": cfg.backend,
                    "precision": cfg.precision, "checkpoint": cfg.checkpoint})
-    atomic_write_json(cfg.run_dir / "serve_load.json", result)
-    atomic_write_text(cfg.run_dir / "serve_load.md", render_load_markdown(result) + "\n")
+    record, table = measurement_files(cfg.run_dir, SERVE_LOAD)
+    atomic_write_json(record, result)
+    atomic_write_text(table, render_load_markdown(result) + "\n")
     print(render_load_markdown(result))
-    return {"files": [str(cfg.run_dir / "serve_load.json"), str(cfg.run_dir / "serve_load.md")]}
+    return {"files": [str(record), str(table)]}
 
 
 HELP = {
@@ -275,7 +276,7 @@ HELP = {
     "export": "model → runs/<name>/onnx/waveglow.onnx (inputs mel, z; output audio), verified with ONNX Runtime",
     "convert": "ONNX → atc command/.om (Ascend), OpenVINO IR, ONNX Runtime optimised graph",
     "infer": "mel .bin → out/<id>_out.bin float32 audio with the chosen backend, in padded batches",
-    "postprocess": "out/<id>_out.bin → wav/<id>_syn.wav (22050 Hz int16), optional denoiser",
+    "postprocess": f"out/<id>_out.bin → wav/<id>_syn.wav ({STFTConfig().sampling_rate} Hz int16), optional denoiser",
     "run-all": "all five stages in order",
     "vocode": "mels from a TTS model (.npy/.pt/.bin, format-checked) → vocode/<id>_syn.wav, any length, exact chunks",
 }

@@ -245,7 +245,8 @@ class WorkflowConfig:
     ray_address: str | None = None
     #: engine ray: CPUs each actor reserves, and the threads its backend runs with
     ray_cpus_per_actor: int = 1
-    #: engine ray: actors in the pool; 0 = as many as the cluster's CPUs allow (NPUs for om)
+    #: engine ray: actors in the pool; 0 = as many as the cluster's CPUs allow (NPUs for om). Not training's
+    #: `ray_workers` (TrainConfig): a Ray Data actor pool and Ray Train's workers, each named as in its Ray API
     ray_actors: int = 0
     #: utterances longer than chunk_frames + the model's context are vocoded in chunks of this many mel
     #: frames (plus context each side), exactly equal to one-shot synthesis, in memory bounded by the

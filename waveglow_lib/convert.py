@@ -17,17 +17,14 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .config import GUIDE_MEL_LENGTHS, ModelConfig
+from .config import ModelConfig
 from .errors import ConvertError, import_optional
 from .io import read_json
+from .layout import record_path
 from .export import ONNX_INPUTS
 
 #: ATC's limit on the number of `--dynamic_dims` gears
 MAX_GEARS = 100
-#: the guide's command line, verbatim (with its soc_version filled in)
-GUIDE_ATC_COMMAND = ('atc --model=WaveGlow_onnx.onnx --output=WaveGlow_om --input_shape="mel:1,80,-1" '
-                     '--framework=5 --input_format=ND --soc_version=Ascend310P3 --log=debug '
-                     '--dynamic_dims="154;164;443;490;651;699;723;760;832;833"')
 
 ORT_INSTALL = "pip install onnxruntime (or onnxruntime-gpu for CUDA, onnxruntime-cann for Ascend)"
 OV_INSTALL = "pip install openvino"
@@ -108,7 +105,8 @@ def padding_overhead(lengths: Sequence[int], gears: Sequence[int]) -> float:
 
 # --- the atc command -----------------------------------------------------------------------------
 def atc_command(onnx_path: str | Path, output: str | Path, gears: Sequence[int], *, batch: int = 1,
-                n_mel: int = 80, n_group: int = 8, hop_length: int = 256, soc_version: str = "Ascend310P3",
+                n_mel: int = ModelConfig().n_mel_channels, n_group: int = ModelConfig().n_group,
+                hop_length: int = ModelConfig().hop_length, soc_version: str = "Ascend310P3",
                 inputs: Sequence[str] = ONNX_INPUTS, log: str = "debug") -> list[str]:
     """argv of `atc` for the graph `onnx_path` → `<output>.om`, one gear per mel length in `gears`.
 
@@ -135,12 +133,6 @@ def atc_command(onnx_path: str | Path, output: str | Path, gears: Sequence[int],
 def format_command(argv: Sequence[str]) -> str:
     """One shell line, quoted the way the guide writes it (`--key="value"` only where needed)."""
     return " ".join(_quote_arg(arg) for arg in argv)
-
-
-def guide_atc_command(soc_version: str = "Ascend310P3") -> list[str]:
-    """The guide's own command (mel-only graph, batch 1, its 10 gears)."""
-    return atc_command("WaveGlow_onnx.onnx", "WaveGlow_om", GUIDE_MEL_LENGTHS, soc_version=soc_version,
-                       inputs=("mel",))
 
 
 _SAFE = re.compile(r"^[A-Za-z0-9_./+@%-]*$")
@@ -171,8 +163,8 @@ def with_window_gear(gears: Sequence[int], model_config: ModelConfig) -> list[in
 
 # --- graph files ---------------------------------------------------------------------------------
 def load_export_info(onnx_path: Path) -> dict:
-    """The sizes the export stage recorded beside the graph (`<name>.json`)."""
-    info_path = Path(onnx_path).with_suffix(".json")
+    """The sizes the export stage recorded beside the graph (`layout.record_path`)."""
+    info_path = record_path(onnx_path)
     if info_path.is_file():
         return read_json(info_path, "the export record written beside the ONNX graph")
     return {}

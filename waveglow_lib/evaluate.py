@@ -17,10 +17,10 @@ from .batching import utterance_noise, vocode
 from .config import STFTConfig, WorkflowConfig
 from .errors import AudioError, InputNotFound
 from .io import atomic_write_json, read_bin, read_json
+from .jobs import open_backend, resolve_model_config
 from .layout import corpus_wav, load_manifest, mel_bin, syn_wav
 from .metrics import _as_1d, log_mel_distance, quality_metrics, snr_db
 from .runlock import locked
-from .stages.infer import open_backend, resolve_model_config
 from .provenance import run_provenance
 
 

@@ -21,6 +21,7 @@ from .checkpoint import model_fingerprint
 from .config import ONNX_OPSETS
 from .errors import ExportError, ResourceError, import_optional
 from .io import atomic_write_json, storage_problem
+from .layout import record_path
 from .metrics import snr_db
 
 #: names used in the exported ONNX graph (noise as an input)
@@ -152,7 +153,7 @@ def export_onnx(model, path: str | Path, opset: int = 17, *, variant: str = "noi
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    atomic_write_json(path.with_suffix(".json"), result)
+    atomic_write_json(record_path(path), result)
     return result
 
 

@@ -146,6 +146,18 @@ def read_json(path: str | Path, what: str, kind: type = dict) -> Any:
     return value
 
 
+def read_hint(path: str | Path, what: str) -> dict:
+    """A JSON object that only says what work may be skipped or reused (a stage's record, a cache): `read_json`'s,
+    or {} when the file is missing or damaged, so that the work is done again rather than refused."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        return read_json(path, what)
+    except (DataError, InputNotFound):  # InputNotFound: removed since the look
+        return {}
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 

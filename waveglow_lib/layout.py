@@ -1,14 +1,18 @@
 """The run folder: every file one run makes has its name here and nowhere else.
 
     runs/<name>/params.yaml            the parameters the run was made with
-               mel/<id>.bin, <id>.txt, manifest.json          preprocess
+               .model_stamps.json                             the checkpoint fingerprints (`stamps`)
+               mel/<id>.bin, <id>.txt, manifest.json          preprocess (+ .preprocess.jsonl while running)
                onnx/waveglow.onnx (+ .json), waveglow_openvino.xml/.bin, waveglow_optimized.onnx
                om/waveglow.om, waveglow.gears.json, convert_atc.sh, atc.log
                out/<id>_out.bin, timings.json                  infer
                wav/<id>_syn.wav, postprocess.json              postprocess
                vocode/<id>_syn.wav (+ <id>_out.bin), vocode.json   vocode (mels from elsewhere)
                notebooks/*.ipynb, report.html                  the notebook runner
-               metrics.json, throughput.json, bench.json, bench.md
+               metrics.json, throughput.json                   evaluate, the notebooks' throughput rows
+               bench.json/.md, bench_stream.json/.md, serve_load.json/.md, bench_models/, bench_cache/
+
+    <train out_dir>/params.yaml, train_state.safetensors, model.safetensors, history.json, .waveglow-train
 """
 from __future__ import annotations
 
@@ -34,10 +38,51 @@ TIMINGS_FILE = "timings.json"
 VOCODE_RECORD_FILE = "vocode.json"
 #: the notebooks' quick throughput rows, collected into metrics.json
 THROUGHPUT_FILE = "throughput.json"
+PARAMS_FILE = "params.yaml"
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.html"
+#: the postprocess stage's record (settings per finished wav: what may be skipped) in the wav folder
+POSTPROCESS_RECORD_FILE = "postprocess.json"
+#: measurements written as a record and its table side by side (`measurement_files`), in the run folder or
+#: the --out-dir named: the benchmark harness, the streaming bench, the service's load test
+BENCH, BENCH_STREAM, SERVE_LOAD = "bench", "bench_stream", "serve_load"
+#: the benchmark's exported graphs, and the streaming bench's engine cache, in the same folder
+BENCH_MODELS_DIR = "bench_models"
+BENCH_CACHE_DIR = "bench_cache"
+#: an LJSpeech-layout corpus: wavs/ (or the wavs at its top) and metadata.csv
+CORPUS_WAVS_DIR = "wavs"
+CORPUS_METADATA_FILE = "metadata.csv"
+#: the preprocess stage's journal in the mel folder: one JSON line per finished item, until the manifest holds them
+PREPROCESS_JOURNAL_FILE = ".preprocess.jsonl"
+#: atc's output when convert runs it, in the om folder
+ATC_LOG_FILE = "atc.log"
+#: the run's checkpoint fingerprints and STFT settings, kept by `stamps` in the run folder
+MODEL_STAMPS_FILE = ".model_stamps.json"
+#: a training folder (the train stage's out_dir, beside its PARAMS_FILE): the resume state, the folded model
+#: (what `load_waveglow` reads), the loss history, and the marker that makes the folder one training may overwrite
+TRAIN_STATE_FILE = "train_state.safetensors"
+TRAIN_MODEL_FILE = "model.safetensors"
+TRAIN_HISTORY_FILE = "history.json"
+TRAIN_MARKER_FILE = ".waveglow-train"
 #: what `convert` may build
 CONVERT_TARGETS = ("atc", "openvino", "onnxruntime")
 #: an utterance id is a file stem: no folders, no leading dot
 _PLAIN_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.#@+-]{0,199}$")
+
+
+def record_path(artefact: str | Path) -> Path:
+    """The record written beside a model file (`waveglow.onnx` → `waveglow.json`): what made it, its sizes."""
+    return Path(artefact).with_suffix(".json")
+
+
+def measurement_files(folder: str | Path, stem: str) -> tuple[Path, Path]:
+    """(`<stem>.json`, `<stem>.md`) in `folder`: a measurement's record and its table (BENCH, ...)."""
+    return Path(folder) / f"{stem}.json", Path(folder) / f"{stem}.md"
+
+
+def sample_count_file(mel_path: str | Path) -> Path:
+    """The guide's `<id>.txt` beside a mel `<id>.bin`: the source wav's sample count."""
+    return Path(mel_path).with_suffix(".txt")
 
 
 def gears_file(om_path: str | Path) -> Path:
@@ -62,7 +107,7 @@ class RunLayout:
 
     @property
     def params(self) -> Path:
-        return self.root / "params.yaml"
+        return self.root / PARAMS_FILE
 
     @property
     def mel_dir(self) -> Path:
@@ -105,6 +150,10 @@ class RunLayout:
         return self.om_dir / "convert_atc.sh"
 
     @property
+    def atc_log(self) -> Path:
+        return self.om_dir / ATC_LOG_FILE
+
+    @property
     def out_dir(self) -> Path:
         return self.root / "out"
 
@@ -115,6 +164,10 @@ class RunLayout:
     @property
     def wav_dir(self) -> Path:
         return self.root / "wav"
+
+    @property
+    def postprocess_record(self) -> Path:
+        return self.wav_dir / POSTPROCESS_RECORD_FILE
 
     @property
     def vocode_dir(self) -> Path:
@@ -131,11 +184,11 @@ class RunLayout:
 
     @property
     def report(self) -> Path:
-        return self.root / "report.html"
+        return self.root / REPORT_FILE
 
     @property
     def metrics(self) -> Path:
-        return self.root / "metrics.json"
+        return self.root / METRICS_FILE
 
     @property
     def throughput(self) -> Path:
@@ -143,7 +196,7 @@ class RunLayout:
 
     @property
     def bench_json(self) -> Path:
-        return self.root / "bench.json"
+        return measurement_files(self.root, BENCH)[0]
 
     def check(self, path: str | Path, what: str = "path") -> Path:
         """`path` must resolve inside the run folder (no link or `..` out of it)."""
@@ -178,7 +231,7 @@ def corpus_wav(corpus_dir: str | Path, wav: str | Path) -> Path:
     the file itself may be a link the user put there, but its folder must be the corpus's."""
     corpus_dir, wav = Path(corpus_dir).resolve(), Path(wav)
     folder = wav.parent.resolve()
-    if wav.name in ("", ".", "..") or folder not in (corpus_dir, corpus_dir / "wavs"):
+    if wav.name in ("", ".", "..") or folder not in (corpus_dir, corpus_dir / CORPUS_WAVS_DIR):
         raise RunFolderError(f"{wav}: manifest names a wav outside the corpus folder {corpus_dir}", path=wav)
     return wav
 
@@ -191,10 +244,15 @@ def syn_wav(wav_dir: Path, utt_id: str) -> Path:
     return Path(wav_dir) / f"{utt_id}_syn.wav"
 
 
+def mel_file(mel_dir: Path, utt_id: str) -> Path:
+    """`<id>.bin`, the preprocess stage's raw float32 mel of an utterance (its `sample_count_file` beside it)."""
+    return Path(mel_dir) / f"{utt_id}.bin"
+
+
 def mel_bin(mel_dir: Path, item: dict) -> Path:
     """The `.bin` of a manifest item; it must lie in `mel_dir` (a manifest cannot point elsewhere)."""
     mel_dir = Path(mel_dir)
-    name = item.get("bin", f"{item['id']}.bin")
+    name = item.get("bin", mel_file(mel_dir, item["id"]).name)
     path = mel_dir / str(name)
     if Path(str(name)).name != str(name) or path.resolve().parent != mel_dir.resolve():
         raise ManifestError(f"{mel_dir / MANIFEST_NAME}: item {item['id']!r} names the mel file {name!r} "

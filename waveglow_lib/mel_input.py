@@ -3,7 +3,7 @@
 WaveGlow turns any `[n_mel, T]` array into audio, and a mel in the wrong format silently becomes noise.
 So every mel read here goes through a format check before it may be vocoded:
 
-* `read_mel(path)` reads `.npy` (no pickles), `.pt` (tensors only, through the checkpoint module's
+* `read_mel(path)` reads `.npy` (no pickles), `.pt` (tensors only, through `safe_reader`'s
   allow-listed unpickler) and the guide's raw float32 `.bin` (+ its `.txt` sample count, as the
   preprocess stage writes them); it accepts `[n_mel, T]`, `[T, n_mel]` and a leading batch axis of 1.
 * `check_mel_format(mel, source)` says whether the values are what the model was trained on — natural-log
@@ -35,10 +35,11 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from .checkpoint import load_tensor_file
 from .config import STFTConfig
 from .errors import MelError
 from .io import atomic_write_bytes, open_bounded, read_bounded, write_bin
+from .layout import sample_count_file
+from .safe_reader import load_tensor_file
 
 #: file suffixes `list_mels` picks up, in the order a duplicate id is reported
 MEL_SUFFIXES = (".npy", ".pt", ".bin")
@@ -179,7 +180,7 @@ def _check_conversion_fits(mel: np.ndarray, convert: str, path: Path, stft: STFT
 
 def mel_sample_count(path: str | Path) -> int | None:
     """The audio sample count in the `.txt` beside a guide-style `.bin`, or None when there is none."""
-    txt = Path(path).with_suffix(".txt")
+    txt = sample_count_file(path)
     if not os.path.lexists(txt):
         return None
     what = "the audio's sample count (one integer)"
@@ -248,7 +249,7 @@ def _read_npy(path: Path, handle: BinaryIO) -> np.ndarray:
 
 
 def _read_pt(path: Path) -> np.ndarray:
-    obj = load_tensor_file(path, error=MelError)  # the checkpoint allow-list: tensors only, nothing runs
+    obj = load_tensor_file(path, error=MelError)  # safe_reader's allow-list: tensors only, nothing runs
     if isinstance(obj, dict):
         tensors = [v for v in obj.values() if isinstance(v, torch.Tensor)]
         if len(tensors) == 1 and len(obj) == 1:

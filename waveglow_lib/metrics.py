@@ -162,7 +162,7 @@ def quality_ok(quality: Mapping[str, Any]) -> bool:
         and (quality.get("snr_db") is None or quality["snr_db"] >= MIN_SNR_DB)
 
 
-def quality_metrics(reference: Any, estimate: Any, sample_rate: int = 22050,
+def quality_metrics(reference: Any, estimate: Any, sample_rate: int = STFTConfig().sampling_rate,
                     stft: STFTConfig = STFTConfig(), perceptual: bool = True) -> dict[str, Any]:
     """All per-utterance metrics of `estimate` against `reference` (both mono float audio).
 

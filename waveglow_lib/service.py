@@ -40,21 +40,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .audio import wav_bytes
 from .batching import utterance_noise, vocode
 from .config import STFTConfig, WorkflowConfig
 from .engines.ray import INSTALL, actor_resources, connect
 from .errors import ConfigError, MelError, WaveGlowError, import_optional
+from .jobs import backend_name, open_backend, resolve_model_config
 from .layout import check_utterance_id
 from .mel_input import check_mel_format
-from .stages.infer import backend_name, open_backend, resolve_model_config
 
 APP_NAME = "waveglow"
 
 
 @dataclass(frozen=True)
 class ServeLimits:
-    """What one request may hold: body bytes (npy / JSON), mel frames (256 samples each at 22.05 kHz), the
-    time its body may take to arrive; and how many bodies one replica reads at once."""
+    """What one request may hold: body bytes (npy / JSON), mel frames (a hop of audio each), the time its
+    body may take to arrive; and how many bodies one replica reads at once."""
 
     max_body_bytes: int = 8 * 1024 * 1024
     max_json_bytes: int = 512 * 1024
@@ -203,15 +204,6 @@ def request_id(query_id: str | None, mel: np.ndarray) -> str:
     return hashlib.sha256(mel.tobytes()).hexdigest()[:16]
 
 
-def wav_bytes(audio: np.ndarray, rate: int) -> bytes:
-    """32-bit float WAV (the exact float32 samples the backend made)."""
-    import soundfile
-
-    buffer = io.BytesIO()
-    soundfile.write(buffer, np.asarray(audio, dtype=np.float32), rate, subtype="FLOAT", format="WAV")
-    return buffer.getvalue()
-
-
 def build_app(cfg: WorkflowConfig, *, replicas: int = 1, max_batch: int = 8, batch_wait_s: float = 0.01,
               limits: ServeLimits = ServeLimits()):
     """The Ray Serve application: one deployment, `replicas` replicas, each one warm backend."""
@@ -262,7 +254,7 @@ def build_app(cfg: WorkflowConfig, *, replicas: int = 1, max_batch: int = 8, bat
                 return responses.PlainTextResponse(f"{exc}\n", status_code=exc.status, headers=headers)
             except (WaveGlowError, MelError) as exc:  # a mel the backend refused: the request's fault
                 return responses.PlainTextResponse(f"{exc}\n", status_code=422)
-            return responses.Response(wav_bytes(audio, self.rate), media_type="audio/wav",
+            return responses.Response(wav_bytes(audio, self.rate, "float32"), media_type="audio/wav",
                                       headers={"X-Utterance-Id": utt_id, "X-Batch-Requests": str(shared)})
 
     return Vocoder.bind()

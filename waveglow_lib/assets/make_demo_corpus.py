@@ -16,7 +16,6 @@ trained vocoder's quality (use the real recordings for that).
 from __future__ import annotations
 
 import argparse
-import io
 import shutil
 import subprocess
 import sys
@@ -26,11 +25,13 @@ from pathlib import Path
 import numpy as np
 from scipy.io import wavfile
 
-from ..audio import resample
-from ..config import DEMO_CORPUS_DIR
+from ..audio import resample, wav_bytes
+from ..config import DEMO_CORPUS_DIR, STFTConfig
 from ..io import atomic_write_bytes, atomic_write_text
+from ..layout import CORPUS_METADATA_FILE, CORPUS_WAVS_DIR
 
-SAMPLE_RATE = 22050
+#: the model's rate: the corpus is preprocessed without resampling
+SAMPLE_RATE = STFTConfig().sampling_rate
 VOICE = "en-us+f3"
 SPEED_WPM = 230
 PITCH = 50
@@ -118,12 +119,6 @@ def trim_silence(data: np.ndarray) -> np.ndarray:
     return data[max(0, loud[0] - MARGIN): loud[-1] + 1 + MARGIN]
 
 
-def wav_bytes(data: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    wavfile.write(buffer, SAMPLE_RATE, data)
-    return buffer.getvalue()
-
-
 def make_corpus(out_dir: Path = DEMO_CORPUS_DIR, speed: int = SPEED_WPM) -> dict[str, float]:
     """Write the corpus under `out_dir`; returns {utterance id: seconds}."""
     binary = espeak_binary()
@@ -132,12 +127,12 @@ def make_corpus(out_dir: Path = DEMO_CORPUS_DIR, speed: int = SPEED_WPM) -> dict
     for utt_id, _text, normalized in TRANSCRIPTS:
         # the normalized column spells numbers out ("fourteen fifty-five"), as a reader would say them
         samples = speak(normalized, speed, binary)
-        payload = wav_bytes(samples)
-        atomic_write_bytes(out_dir / "wavs" / f"{utt_id}.wav", payload)
+        payload = wav_bytes(samples, SAMPLE_RATE)  # int16 samples, written as they are
+        atomic_write_bytes(out_dir / CORPUS_WAVS_DIR / f"{utt_id}.wav", payload)
         durations[utt_id] = len(samples) / SAMPLE_RATE
         total += len(payload)
     lines = "".join(f"{utt_id}|{text}|{normalized}\n" for utt_id, text, normalized in TRANSCRIPTS)
-    atomic_write_text(out_dir / "metadata.csv", lines)
+    atomic_write_text(out_dir / CORPUS_METADATA_FILE, lines)
     total += len(lines.encode("utf-8"))
     if total > MAX_TOTAL_BYTES:
         raise SystemExit(f"corpus is {total} bytes, over the {MAX_TOTAL_BYTES} byte budget: raise --speed")

@@ -30,6 +30,7 @@ from ..config import DEMO_CORPUS_DIR, DEMO_MODEL_PATH
 from ..errors import TrainingError
 from ..metrics import pesq_score, stoi_score
 from ..io import atomic_write_bytes, atomic_write_json
+from ..layout import CORPUS_WAVS_DIR
 from ..train import HISTORY_NAME, TrainConfig, folded_copy, init_from_scratch, lr_at, train
 
 DEMO_TRAIN_CONFIG = TrainConfig(
@@ -118,7 +119,7 @@ def run_training(out_dir: Path, deadline: dt.datetime, probe_steps: int = 20, si
 def vocode_corpus(model, sigma: float = EVAL_SIGMA, seed: int = EVAL_SEED) -> dict[str, dict]:
     """STOI and PESQ of each demo utterance vocoded from its own mel, against the original."""
     scores = {}
-    for path in sorted((DEMO_CORPUS_DIR / "wavs").glob("*.wav")):
+    for path in sorted((DEMO_CORPUS_DIR / CORPUS_WAVS_DIR).glob("*.wav")):
         audio, rate = load_wav(path)
         mel = torch.from_numpy(mel_spectrogram(audio))[None]
         generator = torch.Generator().manual_seed(seed)
@@ -192,7 +193,7 @@ def install_candidate(out_dir: Path) -> Path:
     return DEMO_MODEL_PATH
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=Path("demo_train"),
                         help="checkpoints, snapshots, history, curve.json and the candidate model")
@@ -204,6 +205,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--evaluate-only", action="store_true", help="score the snapshots, no training")
     parser.add_argument("--install", action="store_true",
                         help=f"then copy the candidate over the bundled demo model ({DEMO_MODEL_PATH.name})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not args.evaluate_only:

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import BackendError, BackendUnavailable, MissingDependency
 from ..hardware import native_bf16, native_int8
-from .base import Backend, ModelSpec
+from .base import Backend, ModelSpec, runs_utterances
 from .om_backend import om_available
 
 
@@ -54,7 +54,7 @@ BACKEND_NAMES = tuple(BACKENDS)
 AUTO_CPU_ORDER = ("fast", "onnxruntime", "openvino", "torch")
 
 __all__ = ["Backend", "BackendError", "BackendUnavailable", "MissingDependency", "ModelSpec", "BACKENDS",
-           "BACKEND_NAMES", "BackendInfo", "get_backend", "available_backends", "resolve_backend"]
+           "BACKEND_NAMES", "BackendInfo", "get_backend", "available_backends", "resolve_backend", "runs_utterances"]
 
 
 def _info(name: str) -> BackendInfo:

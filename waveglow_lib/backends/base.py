@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..config import ModelConfig
 from ..errors import BackendError, BackendUnavailable
 from ..export import GUIDE_INPUTS, GUIDE_OUTPUT, ONNX_INPUTS, ONNX_OUTPUT
 
@@ -19,9 +20,9 @@ from ..export import GUIDE_INPUTS, GUIDE_OUTPUT, ONNX_INPUTS, ONNX_OUTPUT
 class ModelSpec:
     """What a backend needs to know about the model to check its inputs."""
 
-    n_mel_channels: int = 80
-    n_group: int = 8
-    hop_length: int = 256
+    n_mel_channels: int = ModelConfig().n_mel_channels
+    n_group: int = ModelConfig().n_group
+    hop_length: int = ModelConfig().hop_length
 
     @classmethod
     def from_model_config(cls, config) -> "ModelSpec":
@@ -29,6 +30,11 @@ class ModelSpec:
 
     def noise_shape(self, batch: int, frames: int) -> tuple[int, int, int]:
         return (batch, self.n_group, frames * self.hop_length // self.n_group)
+
+
+def runs_utterances(backend) -> bool:
+    """Whether `backend` takes a batch unpadded, each utterance at its own length (`run_utterances`)."""
+    return getattr(backend, "run_utterances", None) is not None
 
 
 class Backend:
@@ -39,6 +45,8 @@ class Backend:
       or None when any batch works; smaller batches are padded up to it.
     - `gear_lengths`: the mel lengths the compiled model accepts (the `.om`'s `--dynamic_dims` gears),
       or None when any length works; each batch is padded up to the smallest gear that fits.
+    - `run_utterances(mels, zs) -> audios`, where defined (fast): a list of utterances, each at its own
+      length, run as one batch without padding (`runs_utterances`).
     """
 
     name = "base"

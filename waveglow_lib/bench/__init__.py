@@ -1,6 +1,8 @@
 """Performance measurement, apart from inference (NVIDIA DeepLearningExamples' `inference_perf.py` split):
-the workload (`workload.py`), the harness that times every path in one run (`harness.py`), the report
-(`report.py`) and the profiler view (`profile.py`). Nothing else in the package times inference.
+the workload (`workload.py`), the harness that times every path in one run (`harness.py`), its report
+(`report.py`), the profiler view (`profile.py`), streaming latency and memory by length (`stream.py`), the
+service's load test (`serve_load.py`) and a competitor keeping cores busy (`load.py`). The stages record
+their own per-utterance timings (`out/timings.json`); comparisons of paths are measured here.
 """
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The harness: the guide's table (utterances/s at batch 1/4/8/16), reproduced on this machine — the one
-place that times inference.
+"""The harness: the guide's table (utterances/s at batch 1/4/8/16), reproduced on this machine.
 
 `python -m waveglow_lib bench` or `run_bench(...) -> dict`, `report.render_markdown(result) -> str`.
 
@@ -18,7 +17,7 @@ the corpus wavs (each cut or repeated to its length), else synthetic. Noise per 
 `batching.utterance_noise` (identical for every row), sigma 0.6; batches as the infer stage forms them
 (`plan_batches`, `vocode(..., exact=False)`: padded with log(1e-5), trimmed back — like the guide's
 batches; the infer stage's default `exact=True` also recomputes padded tails, extra work not timed here).
-The fast rows take a batch without padding (`run_ragged`: each utterance at its own length, exact), so
+The fast rows take a batch without padding (`run_utterances`: each utterance at its own length, exact), so
 they compute no padded frames; the graph runtimes compute the padded batch.
 
 Per row and batch size: utterances/s (the guide's unit), audio-seconds/s (× real time), median and p10/p90
@@ -28,7 +27,7 @@ GFLOP/s (the *reference* model's FLOPs, counted analytically, divided by the tim
 show), the measured matmul peak for the row's precision and the % of it, speed-up over the reference row,
 and quality against what the row is meant to equal, with the same noise: SNR and log-mel distance
 (metrics.log_mel_distance: mean |Δ ln mel|). A row that pads a batch is compared with the reference row's
-padded batch at the same batch size; a row that pads nothing (fast, `run_ragged`) with the reference on each
+padded batch at the same batch size; a row that pads nothing (fast, `run_utterances`) with the reference on each
 utterance alone (`quality_reference` says which).
 
 Quality gate (`metrics.quality_ok`, the same one `precision: auto` applies): a row passes when its output
@@ -58,16 +57,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..backends import ModelSpec, get_backend
+from ..backends import ModelSpec, get_backend, runs_utterances
 from ..batching import Utterance, plan_batches, utterance_noise, vocode
 from ..config import GUIDE_THROUGHPUT, ModelConfig, STFTConfig, WorkflowConfig
 from ..errors import ConfigError
 from ..backends.fast.auto import precision_order
 from ..hardware import cpu_flags, machine_busy, machine_info
 from ..io import atomic_write_json, atomic_write_text, read_bin
-from ..layout import load_manifest, mel_bin
+from ..jobs import backend_name, open_backend, resolve_model_config
+from ..layout import BENCH, BENCH_MODELS_DIR, load_manifest, measurement_files, mel_bin
 from ..metrics import MAX_LOG_MEL_DISTANCE, MIN_SNR_DB, quality_check, quality_ok
-from ..stages.infer import backend_name, open_backend, resolve_model_config
 from .load import CpuLoad
 from .profile import profile_paths
 from .report import render_markdown
@@ -130,7 +129,7 @@ def folded_macs_per_step(c: ModelConfig) -> int:
     return macs
 
 
-def reference_flops_per_audio_second(c: ModelConfig, sample_rate: int = 22050) -> float:
+def reference_flops_per_audio_second(c: ModelConfig, sample_rate: int = STFTConfig().sampling_rate) -> float:
     return 2.0 * reference_macs_per_step(c) * sample_rate / c.n_group
 
 
@@ -262,10 +261,10 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
             cached = row.backend == "fast" and row.factory is None
             if cached:  # first load: build and store the engine, then the timed row reads it back
                 t0 = time.perf_counter()
-                open_row(row, net, threads, out_dir / "bench_models", engine_cache).close()
+                open_row(row, net, threads, out_dir / BENCH_MODELS_DIR, engine_cache).close()
                 first = time.perf_counter() - t0
             before, t0 = rss_bytes(), time.perf_counter()
-            backends[row.id] = open_row(row, net, threads, out_dir / "bench_models", engine_cache if cached else None)
+            backends[row.id] = open_row(row, net, threads, out_dir / BENCH_MODELS_DIR, engine_cache if cached else None)
             load_info[row.id] = {"load_seconds": round(time.perf_counter() - t0, 4),
                                  "load_mib": round((rss_bytes() - before) / 2 ** 20, 1),
                                  "description": getattr(backends[row.id], "description", row.id)}
@@ -283,7 +282,7 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
         return outputs
 
     # A row is judged against what it is meant to equal: a row that pads a batch (the graph runtimes) against
-    # the reference's padded batch; a row that pads nothing (`run_ragged`: fast) against the reference on each
+    # the reference's padded batch; a row that pads nothing (`run_utterances`: fast) against the reference on each
     # utterance alone, same noise. The padded reference's tails differ from that: on the quick bench's short
     # utterances enough to fail the gate (SNR ~14 dB on the demo model at batch 2).
     alone: dict[str, list] = {}
@@ -320,10 +319,10 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
             if bs == 1 and all(backends[REFERENCE].pad_length(n) == n for n in lengths):
                 alone.setdefault("audio", outputs[REFERENCE])  # batch 1 pads nothing: already each alone
             for row in row_list:
-                ragged = _runs_ragged(backends[row.id])
-                reference = reference_alone() if ragged else outputs[REFERENCE]
+                unpadded = runs_utterances(backends[row.id])
+                reference = reference_alone() if unpadded else outputs[REFERENCE]
                 results.append(_row_result(row, bs, times[row.id], peak_mib[row.id], outputs[row.id], reference,
-                                           "each utterance alone" if ragged else "padded batch", len(utts),
+                                           "each utterance alone" if unpadded else "padded batch", len(utts),
                                            audio_seconds, useful_flops, peaks, load_info[row.id]))
     finally:
         competitor.__exit__(None, None, None)
@@ -348,11 +347,12 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
         "guide_mean_audio_seconds": round(GUIDE_MEAN_SECONDS, 3),
     }
     if profile:
-        result["profile"] = profile_paths(net, frames=min(max(lengths), 172), threads=threads, cache_dir=out_dir / "bench_models")
+        result["profile"] = profile_paths(net, frames=min(max(lengths), 172), threads=threads, cache_dir=out_dir / BENCH_MODELS_DIR)
     if write:
-        atomic_write_json(out_dir / "bench.json", result)
-        atomic_write_text(out_dir / "bench.md", render_markdown(result))
-        result["files"] = {"json": str(out_dir / "bench.json"), "markdown": str(out_dir / "bench.md")}
+        record, table = measurement_files(out_dir, BENCH)
+        atomic_write_json(record, result)
+        atomic_write_text(table, render_markdown(result))
+        result["files"] = {"json": str(record), "markdown": str(table)}
     return result
 
 
@@ -384,11 +384,6 @@ def _select_rows(rows, native_bf16: bool) -> list[Row]:
     if len(set(ids)) != len(ids):
         raise ConfigError(f"bench: a row is listed twice: {ids}")
     return chosen
-
-
-def _runs_ragged(backend) -> bool:
-    """Whether `batching.vocode` runs this backend's batches unpadded (each utterance at its own length)."""
-    return getattr(backend, "run_ragged", None) is not None
 
 
 def _row_result(row: Row, bs: int, times: list[float], peak_mib: float, output: list, reference: list,

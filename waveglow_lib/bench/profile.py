@@ -10,12 +10,14 @@ from torch.profiler import ProfilerActivity, profile
 
 from ..backends.fast import FastEngine
 from ..errors import import_optional, MissingDependency
+from ..config import WorkflowConfig
 from ..hardware import native_bf16
+from ..layout import BENCH_MODELS_DIR
 from .workload import exported_graph
 
 
-def profile_paths(model, frames: int = 172, threads: int | None = None, cache_dir: str | Path = "runs/bench_models",
-                  top: int = 8) -> dict:
+def profile_paths(model, frames: int = 172, threads: int | None = None,
+                  cache_dir: str | Path = Path(WorkflowConfig.runs_dir) / BENCH_MODELS_DIR, top: int = 8) -> dict:
     """Where the time goes, batch 1, one `frames`-frame mel: torch.profiler on the reference and on the
     fast path (self CPU time per op), OpenVINO's per-node perf counters (bf16) grouped by node type."""
     rng = np.random.default_rng(0)

@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 from urllib.parse import quote, urlparse
 
 import numpy as np
+import soundfile
 
 from ..config import WorkflowConfig
 from ..errors import ConfigError
@@ -49,8 +50,6 @@ def post_mel(url: str, body: bytes, utt_id: str | None = None, content_type: str
 
 
 def wav_samples(data: bytes) -> tuple[np.ndarray, int]:
-    import soundfile
-
     audio, rate = soundfile.read(io.BytesIO(data), dtype="float32")
     return audio, rate
 

@@ -24,6 +24,7 @@ from ..config import GUIDE_MEL_LENGTHS, STFTConfig, WorkflowConfig
 from ..errors import ConfigError
 from ..hardware import machine_busy, machine_info
 from ..io import atomic_write_json, atomic_write_text
+from ..layout import BENCH_CACHE_DIR, BENCH_STREAM, measurement_files
 from .harness import RssSampler, _percentile
 from .workload import build_model, exported_graph
 
@@ -70,7 +71,7 @@ def stream_bench(cfg: WorkflowConfig | None = None, *, model: Any = "demo", back
     net, model_name = build_model(model)
     config = net.config
     out_dir = Path(out_dir) if out_dir else cfg.run_dir
-    cache = out_dir / "bench_cache"
+    cache = out_dir / BENCH_CACHE_DIR
     rate = STFTConfig().sampling_rate
     mels = [_mel(n, config.n_mel_channels, i) for i, n in enumerate(lengths)]
     rows = []
@@ -120,9 +121,10 @@ def stream_bench(cfg: WorkflowConfig | None = None, *, model: Any = "demo", back
               "computed_per_output_frame": sum(b - a for a, b, _, _ in plan) / plan[-1][3],
               "lengths": list(lengths), "rows": rows, "memory_backend": memory_backend, "memory": memory}
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "bench_stream.json", result)
-    atomic_write_text(out_dir / "bench_stream.md", render_stream_markdown(result))
-    result["files"] = [str(out_dir / "bench_stream.json"), str(out_dir / "bench_stream.md")]
+    record, table = measurement_files(out_dir, BENCH_STREAM)
+    atomic_write_json(record, result)
+    atomic_write_text(table, render_stream_markdown(result))
+    result["files"] = [str(record), str(table)]
     return result
 
 

@@ -14,11 +14,12 @@ from ..config import GUIDE_MEL_LENGTHS, ModelConfig, STFTConfig, WorkflowConfig
 from ..errors import AudioError, ConfigError, WaveGlowError
 from ..export import export_onnx
 from ..io import read_bin
-from ..layout import load_manifest, mel_bin
+from ..layout import CORPUS_WAVS_DIR, load_manifest, mel_bin
 from ..model import WaveGlow
 
 #: the guide's utterances, mean audio length in seconds (their utterances/s → audio-s/s)
-GUIDE_MEAN_SECONDS = sum(GUIDE_MEL_LENGTHS) * 256 / 22050 / len(GUIDE_MEL_LENGTHS)
+GUIDE_MEAN_SECONDS = (sum(GUIDE_MEL_LENGTHS) * STFTConfig().hop_length / STFTConfig().sampling_rate
+                      / len(GUIDE_MEL_LENGTHS))
 DEFAULT_LENGTHS = "guide/16"
 QUICK_LENGTHS = (12, 7, 9)
 
@@ -89,7 +90,7 @@ def _preprocessed_mels(cfg: WorkflowConfig, n_mel: int):
 
 
 def _corpus_mels(cfg: WorkflowConfig, count: int, n_mel: int):
-    wav_dir = cfg.corpus_dir / "wavs"
+    wav_dir = cfg.corpus_dir / CORPUS_WAVS_DIR
     if not wav_dir.is_dir() or n_mel != STFTConfig().n_mel_channels:
         return None
     items = []

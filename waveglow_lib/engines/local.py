@@ -1,11 +1,39 @@
-"""The local engine: the infer stage's own loop, every batch in this process (the default, `engine: local`).
+"""The local engine (`engine: local`, the default): every batch of a job in this process.
 
-It lives with the stage (`stages.infer.run_local`), because a stage may not import an engine and must run
-on its own; this module names it for the engine table. Both engines share the per-batch work
-(`stages.infer.vocode_batch`) and the writing (`InferJob.write`).
+It opens the job's backend once (or runs on one it is given, which it does not close), plans the batches
+(`InferJob.batches`: length-grouped, longest first), and for each runs `jobs.vocode_batch` and writes the
+result at once (`InferJob.write`), so a crash loses only the batch in flight.
 """
 from __future__ import annotations
 
-from ..stages.infer import run_local as run
+from tqdm.auto import tqdm
 
-__all__ = ["run"]
+from ..config import WorkflowConfig
+from ..jobs import InferJob, backend_info, open_backend, vocode_batch
+
+__all__ = ["run", "run_batches"]
+
+
+def run_batches(job: InferJob, backend) -> None:
+    """Every batch of the plan through `backend` in this process, each written as soon as it finishes."""
+    # nothing to do: no empty "0/0" bar (the notebook says the stage was skipped)
+    with tqdm(total=len(job.todo), desc=f"infer ({getattr(backend, 'name', '-')})", unit="utt",
+              disable=not job.todo) as bar:
+        for index, batch in enumerate(job.batches()):
+            job.write(index, vocode_batch(backend, job.settings, batch))
+            bar.update(len(batch))
+
+
+def run(cfg: WorkflowConfig, job: InferJob, *, model=None, backend=None) -> dict:
+    """Open the backend (unless given; a given one is not closed), run `job`, return its summary."""
+    job.engine = "local"
+    own_backend = backend is None
+    if own_backend and job.todo:
+        backend = open_backend(cfg, model=model, model_config=job.settings.model_config, name=job.backend)
+    try:
+        job.start(backend_info(backend) if backend is not None else None)
+        run_batches(job, backend)
+    finally:
+        if own_backend and backend is not None:
+            backend.close()
+    return job.summary()

@@ -1,10 +1,10 @@
-"""The Ray engine (`engine: ray`): the infer stage's batches on a Ray Data actor pool, locally or on a cluster.
+"""The Ray engine (`engine: ray`): a job's batches (infer, vocode) on a Ray Data actor pool, locally or on a cluster.
 
 The driver (this process) owns the run folder: it plans the batches exactly as the local engine does
 (`InferJob.batches`: length-grouped, longest first), hands them to Ray Data as rows, and writes each
 result atomically into `out/` and `timings.json` as it streams back (`InferJob.write`), so a rerun skips
 finished items exactly like the local engine. Each actor builds one warm backend once
-(`stages.infer.open_backend`, threads = the CPUs it reserved) and runs `stages.infer.vocode_batch` per
+(`jobs.open_backend`, threads = the CPUs it reserved) and runs `jobs.vocode_batch` per
 row: the same per-batch work, the same noise per utterance (seed + id), hence the same bytes (for the
 torch backend at the same thread count: its CPU convolutions split their sums by thread).
 
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..batching import Utterance
 from ..config import WorkflowConfig
 from ..errors import ConfigError, SynthesisError, WaveGlowError, import_optional
-from ..stages.infer import BatchResult, InferJob, VocodeSettings, open_backend, vocode_batch, worker_name
+from ..jobs import BatchResult, InferJob, VocodeSettings, open_backend, vocode_batch, worker_name
 
 INSTALL = "pip install 'waveglow-workflow[ray]'  (ray[data,serve])"
 #: Ray's own settings for a Ray this module starts: on a small, busy machine the raylet's default 15 s wait

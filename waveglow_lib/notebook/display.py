@@ -15,6 +15,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..config import STFTConfig
+
+#: NVIDIA's STFT settings: the time axis of the plots and players below unless told otherwise
+_NVIDIA = STFTConfig()
 
 # --- tables ---------------------------------------------------------------------------------------
 def format_value(value: Any, digits: int = 4) -> str:
@@ -165,8 +169,8 @@ def _draw_mel(ax, mel: np.ndarray, title: str, hop_seconds: float, vmin: float |
     return image
 
 
-def waveform_and_mel(audio: np.ndarray, mel: np.ndarray, sample_rate: int = 22050, hop_length: int = 256,
-                     title: str = ""):
+def waveform_and_mel(audio: np.ndarray, mel: np.ndarray, sample_rate: int = _NVIDIA.sampling_rate,
+                     hop_length: int = _NVIDIA.hop_length, title: str = ""):
     """Waveform above its log mel, on one time axis."""
     fig, _, _ = _figure(2, 1)
     ax_wave, ax_mel = fig.subplots(2, 1, sharex=True)
@@ -178,7 +182,8 @@ def waveform_and_mel(audio: np.ndarray, mel: np.ndarray, sample_rate: int = 2205
     return fig
 
 
-def mels_side_by_side(mels: Mapping[str, np.ndarray], sample_rate: int = 22050, hop_length: int = 256):
+def mels_side_by_side(mels: Mapping[str, np.ndarray], sample_rate: int = _NVIDIA.sampling_rate,
+                      hop_length: int = _NVIDIA.hop_length):
     """Several log mels on a shared colour scale (e.g. original vs synthesised)."""
     fig, _, _ = _figure(1, len(mels), height=3.0)
     axes = np.atleast_1d(fig.subplots(1, len(mels), sharey=True))
@@ -190,8 +195,8 @@ def mels_side_by_side(mels: Mapping[str, np.ndarray], sample_rate: int = 22050, 
     return fig
 
 
-def overlay(signals: Mapping[str, np.ndarray], sample_rate: int = 22050, seconds: float | None = 0.05,
-            title: str = ""):
+def overlay(signals: Mapping[str, np.ndarray], sample_rate: int = _NVIDIA.sampling_rate,
+            seconds: float | None = 0.05, title: str = ""):
     """Signals on top of each other plus each one's difference to the first (parity at a glance)."""
     fig, _, _ = _figure(2, 1)
     ax_sig, ax_diff = fig.subplots(2, 1, sharex=True)
@@ -235,7 +240,7 @@ def bar_chart(rows: Sequence[Mapping[str, Any]], x: str, y: str, group: str | No
 
 
 # --- audio and widgets ----------------------------------------------------------------------------
-def audio_player(audio: np.ndarray, sample_rate: int = 22050):
+def audio_player(audio: np.ndarray, sample_rate: int = _NVIDIA.sampling_rate):
     """An inline player at the audio's true level (normalised only if it would clip)."""
     from IPython.display import Audio
 
@@ -243,7 +248,7 @@ def audio_player(audio: np.ndarray, sample_rate: int = 22050):
     return Audio(audio, rate=sample_rate, normalize=bool(np.max(np.abs(audio), initial=0.0) > 1.0))
 
 
-def players(audios: Mapping[str, np.ndarray], sample_rate: int = 22050):
+def players(audios: Mapping[str, np.ndarray], sample_rate: int = _NVIDIA.sampling_rate):
     """Labelled players side by side, as one HTML block (works in JupyterLab and in the HTML report)."""
     from IPython.display import HTML
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..checkpoint import load_waveglow
-from ..config import MAX_PARAMS_BYTES, WorkflowConfig
+from ..config import MAX_PARAMS_BYTES, STFTConfig, WorkflowConfig
 from .display import METRIC_NAMES, REFERENCE, REFERENCE_NOTE
 from ..errors import WaveGlowError
 from ..io import MAX_RECORD_BYTES, read_bounded
@@ -214,7 +214,7 @@ def _listen_section(run_dir: Path, manifest: Mapping[str, Any] | None, metrics: 
     if not manifest:
         return "<h2>Listen</h2><p class='wg-note'>No mel/manifest.json: preprocess did not run.</p>"
     per_utt = {u.get("id"): u for u in metrics.get("utterances", [])}
-    rate = manifest.get("sampling_rate", 22050)
+    rate = manifest.get("sampling_rate", STFTConfig().sampling_rate)
     rows = []
     for item in manifest.get("items", []):
         original = _data_uri(Path(item["wav"]))

@@ -15,10 +15,10 @@ from ..config import ModelConfig, WorkflowConfig
 from ..convert import (atc_command, convert_openvino, format_command, load_export_info, mel_gears,
                        optimize_onnxruntime, padding_overhead, with_window_gear)
 from ..errors import ConvertError, DataError, InputNotFound, RunFolderError
-from ..io import atomic_write_json, atomic_write_text, read_json
-from ..layout import CONVERT_TARGETS, gears_file, load_manifest
+from ..io import atomic_write_json, atomic_write_text, read_hint, read_json
+from ..layout import CONVERT_TARGETS, gears_file, load_manifest, record_path
 from ..runlock import locked
-from .stamps import describe, differences, model_stamp
+from ..stamps import describe, differences, is_current, model_stamp, stage_stamp
 
 __all__ = ["convert", "convert_atc", "manifest_lengths", "mel_gears", "padding_overhead"]
 
@@ -29,7 +29,8 @@ def manifest_lengths(cfg: WorkflowConfig) -> list[int]:
 
 def source_stamp(info: dict) -> dict:
     """What a converted file inherits from the ONNX it was made from (model fingerprint, opset, variant)."""
-    return {"model": info.get("model_fingerprint"), "opset": info.get("opset"), "variant": info.get("variant")}
+    return stage_stamp(None, {"opset": info.get("opset"), "variant": info.get("variant")},
+                       fingerprint=info.get("model_fingerprint"))
 
 
 def check_onnx_model(cfg: WorkflowConfig, onnx_path: Path, info: dict, model=None) -> None:
@@ -44,25 +45,25 @@ def check_onnx_model(cfg: WorkflowConfig, onnx_path: Path, info: dict, model=Non
                              "changed)", path=onnx_path)
 
 
-def _stamped(record_path: Path, stamp: dict) -> tuple[bool, str]:
+def _stamped(record: Path, stamp: dict) -> tuple[bool, str]:
     """(up to date?, why not) for a converted file whose record should hold `stamp`."""
-    if not record_path.is_file():
+    if not record.is_file():
         return False, "no record of what it was made from"
     try:
-        recorded = read_json(record_path, "the record of what a converted model was made from")
+        recorded = read_json(record, "the record of what a converted model was made from")
     except DataError as exc:
         return False, str(exc)
     changed = differences(recorded.get("source") or {}, stamp)
     return not changed, describe(changed)
 
 
-def _convert_stamped(build, record_path: Path, stamp: dict, force: bool) -> dict:
-    up_to_date, why = _stamped(record_path, stamp)
+def _convert_stamped(build, record: Path, stamp: dict, force: bool) -> dict:
+    up_to_date, why = _stamped(record, stamp)
     if not up_to_date or force:
-        record_path.unlink(missing_ok=True)  # no moment where a new file sits beside an old record
+        record.unlink(missing_ok=True)  # no moment where a new file sits beside an old record
     result = build(force=force or not up_to_date)
     if result.get("status") == "converted":
-        atomic_write_json(record_path, {"source": stamp})
+        atomic_write_json(record, {"source": stamp})
         if not up_to_date and why:
             result["reason"] = why
     return result
@@ -71,7 +72,7 @@ def _convert_stamped(build, record_path: Path, stamp: dict, force: bool) -> dict
 @locked("convert")
 def convert(cfg: WorkflowConfig, *, targets: Sequence[str] = CONVERT_TARGETS,
             onnx_path: str | Path | None = None, lengths: Sequence[int] | None = None,
-            run_atc: bool | None = None, force: bool = False) -> dict:
+            run_atc: bool | None = None, force: bool = False, model=None) -> dict:
     """Compile `runs/<name>/onnx/waveglow.onnx` for each target; returns what was done per target.
 
     - `atc`: gears from the manifest's mel lengths (`cfg.gear_policy`, `cfg.n_buckets`), batch
@@ -81,7 +82,7 @@ def convert(cfg: WorkflowConfig, *, targets: Sequence[str] = CONVERT_TARGETS,
     - `onnxruntime`: `onnx/waveglow_optimized.onnx` (extended graph optimisations, CPU EP).
     Each output records what it was made from (the ONNX's model fingerprint, opset, variant; for atc
     also the command); finished outputs made from the same are skipped unless `force`, others redone.
-    The run's ONNX must hold the run's model (RunFolderError otherwise: export again).
+    The run's ONNX must hold the run's model, or `model` when given (RunFolderError otherwise: export again).
     """
     layout = cfg.layout
     onnx_path = Path(onnx_path) if onnx_path else layout.onnx
@@ -95,7 +96,7 @@ def convert(cfg: WorkflowConfig, *, targets: Sequence[str] = CONVERT_TARGETS,
     info = load_export_info(onnx_path)
     if onnx_path == layout.onnx:
         layout.check(onnx_path, "the exported graph")
-        check_onnx_model(cfg, onnx_path, info)
+        check_onnx_model(cfg, onnx_path, info, model)
     stamp = source_stamp(info)
     result: dict = {"onnx": str(onnx_path)}
     if "atc" in targets:
@@ -103,18 +104,13 @@ def convert(cfg: WorkflowConfig, *, targets: Sequence[str] = CONVERT_TARGETS,
     if "openvino" in targets:
         xml = layout.check(layout.openvino_ir, "the OpenVINO IR")
         result["openvino"] = _convert_stamped(lambda force: convert_openvino(onnx_path, xml, force=force),
-                                              artefact_record(xml), stamp, force)
+                                              record_path(xml), stamp, force)
     if "onnxruntime" in targets:
         optimized = layout.check(layout.onnx_optimized, "the optimised ONNX graph")
         result["onnxruntime"] = _convert_stamped(
             lambda force: optimize_onnxruntime(onnx_path, optimized, force=force),
-            artefact_record(optimized), stamp, force)
+            record_path(optimized), stamp, force)
     return result
-
-
-def artefact_record(path: Path) -> Path:
-    """`<name>.json` beside a converted model: the source stamp it was made from."""
-    return Path(path).with_suffix(".json")
 
 
 def convert_atc(cfg: WorkflowConfig, onnx_path: Path, *, lengths: Sequence[int] | None = None,
@@ -131,15 +127,17 @@ def convert_atc(cfg: WorkflowConfig, onnx_path: Path, *, lengths: Sequence[int] 
     gears = mel_gears(lengths, cfg.gear_policy, cfg.n_buckets, chunk_window=window)
     if (cfg.exact_batching and (cfg.batch_size > 1 or cfg.gear_policy in ("buckets", "chunks"))
             and model_config is not None):
-        gears = with_window_gear(gears, ModelConfig.from_dict(info["model_config"]))
+        gears = with_window_gear(gears, model_config)
     layout = cfg.layout
     om_dir = layout.om_dir
     om_dir.mkdir(parents=True, exist_ok=True)
     layout.check(om_dir, "the om folder")
     output = layout.om.with_suffix("")
+    shape = model_config or ModelConfig()  # the graph's sizes when its record does not name them
     argv = atc_command(onnx_path.resolve(), output.resolve(), gears, batch=cfg.batch_size,
-                       n_mel=int(info.get("n_mel_channels", 80)), n_group=int(info.get("n_group", 8)),
-                       hop_length=int(info.get("hop_length", 256)), soc_version=cfg.soc_version)
+                       n_mel=int(info.get("n_mel_channels", shape.n_mel_channels)),
+                       n_group=int(info.get("n_group", shape.n_group)),
+                       hop_length=int(info.get("hop_length", shape.hop_length)), soc_version=cfg.soc_version)
     command = format_command(argv)
     om_file = output.with_suffix(".om")
     meta = {"batch": cfg.batch_size, "mel_lengths": gears, "gear_policy": cfg.gear_policy,
@@ -150,14 +148,9 @@ def convert_atc(cfg: WorkflowConfig, onnx_path: Path, *, lengths: Sequence[int] 
               "padding_overhead": meta["padding_overhead"]}
     layout.check(gears_path, "the gears record")
     meta["source"] = source_stamp(info)
-    previous = {}
-    if gears_path.is_file():
-        try:
-            previous = read_json(gears_path, "the gears the .om was built for (batch, mel_lengths)")
-        except DataError:
-            previous = {}  # rebuilt below
-    if (om_file.is_file() and previous.get("command") == command and previous.get("source") == meta["source"]
-            and not force):
+    previous = read_hint(gears_path, "the gears the .om was built for (batch, mel_lengths)")  # damaged: rebuilt
+    if (om_file.is_file() and previous.get("command") == command
+            and is_current(previous.get("source"), meta["source"]) and not force):
         result["status"] = "skipped (up to date)"
         return result
     atc = shutil.which("atc")
@@ -166,7 +159,7 @@ def convert_atc(cfg: WorkflowConfig, onnx_path: Path, *, lengths: Sequence[int] 
     if run_atc:
         if atc is None:
             raise ConvertError("atc is not on PATH (source /usr/local/Ascend/ascend-toolkit/set_env.sh)")
-        log_path = layout.check(om_dir / "atc.log", "the atc log")
+        log_path = layout.check(layout.atc_log, "the atc log")
         log_path.unlink(missing_ok=True)  # never write through a link left there
         started = time.perf_counter()
         with open(log_path, "w") as log:

@@ -6,8 +6,9 @@ from ..config import WorkflowConfig
 from ..errors import DataError
 from ..export import export_onnx
 from ..io import atomic_write_json, read_json
+from ..layout import record_path
 from ..runlock import locked
-from .stamps import describe, differences, model_stamp
+from ..stamps import describe, differences, stage_stamp
 
 __all__ = ["export", "export_onnx", "export_stamp"]
 
@@ -15,8 +16,8 @@ __all__ = ["export", "export_onnx", "export_stamp"]
 def export_stamp(cfg: WorkflowConfig, variant: str, model=None) -> dict:
     """What shapes an exported graph: the model (its fingerprint), the opset, the variant, and the sigma
     baked into the guide's graph."""
-    return {"model": model_stamp(cfg, model), "opset": cfg.opset, "variant": variant,
-            "sigma": cfg.sigma if variant == "guide" else None}
+    return stage_stamp(cfg, {"opset": cfg.opset, "variant": variant,
+                             "sigma": cfg.sigma if variant == "guide" else None}, model=model)
 
 
 @locked("export")
@@ -31,7 +32,7 @@ def export(cfg: WorkflowConfig, *, model=None, guide_variant: bool = False, forc
     results = {}
     for variant, path in targets:
         layout.check(path, "the exported graph")
-        info_path = layout.check(path.with_suffix(".json"), "the export record")
+        info_path = layout.check(record_path(path), "the export record")
         stamp = export_stamp(cfg, variant, model)
         reason = "no earlier export"
         if not force and path.is_file() and info_path.is_file():

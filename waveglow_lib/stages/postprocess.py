@@ -1,40 +1,25 @@
-"""Stage 5, postprocess: `out/<id>_out.bin` (float32 audio) → `wav/<id>_syn.wav` (22050 Hz int16).
+"""Stage 5, postprocess: `out/<id>_out.bin` (float32 audio) → `wav/<id>_syn.wav` (int16 at the model's rate:
+the manifest's `sampling_rate`, `STFTConfig.sampling_rate` by default).
 
 The guide multiplies by 32768 and casts: a full-scale +1.0 then wraps to −32768 (a click at full
 amplitude). Here the audio is clipped to [-1, 1] and scaled by 32767, rounded to nearest.
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
-from scipy.io import wavfile
 from tqdm.auto import tqdm
 
+from ..audio import wav_bytes
 from ..checkpoint import load_waveglow
 from ..config import STFTConfig, WorkflowConfig
 from ..denoiser import Denoiser
 from ..errors import DataError, InputNotFound
-from ..io import atomic_write_bytes, atomic_write_json, read_bin, read_json, sha256_bytes
-from ..layout import load_manifest, out_bin, syn_wav
+from ..io import atomic_write_bytes, atomic_write_json, read_bin, read_hint, sha256_bytes
+from ..layout import POSTPROCESS_RECORD_FILE, load_manifest, out_bin, syn_wav
 from ..runlock import locked
-from .stamps import model_stamp
-
-INT16_SCALE = 32767
-
-
-def to_int16(audio: np.ndarray) -> np.ndarray:
-    """float audio → int16 PCM: clip to [-1, 1], ×32767, round (no wrap-around at +1.0)."""
-    audio = np.asarray(audio, dtype=np.float32)
-    return np.rint(np.clip(audio, -1.0, 1.0) * INT16_SCALE).astype(np.int16)
-
-
-def wav_bytes(audio: np.ndarray, sample_rate: int = 22050) -> bytes:
-    """A complete int16 mono .wav file in memory (written atomically by the caller)."""
-    buffer = io.BytesIO()
-    wavfile.write(buffer, sample_rate, to_int16(audio))
-    return buffer.getvalue()
+from ..stamps import is_current, model_stamp, stage_stamp
 
 
 @locked("postprocess")
@@ -44,9 +29,11 @@ def postprocess(cfg: WorkflowConfig, *, out_dir: str | Path | None = None, wav_d
 
     - `cfg.denoiser_strength > 0` applies NVIDIA's denoiser (bias spectrum of the same model); pass
       `denoiser=` to reuse one, or `model=` to build it without reloading the checkpoint.
-    - `trim`: cut the vocoder's `frames × 256` samples back to the source wav's sample count (the `.txt`
-      preprocess wrote), so synthesised and reference audio align sample for sample.
-    - Finished wavs made from the same `.bin` with the same settings are skipped (`wav/postprocess.json`).
+    - `trim`: cut the vocoder's `frames × hop` samples (the manifest's `hop_length`) back to the source
+      wav's sample count (the `.txt` preprocess wrote), so synthesised and reference audio align sample
+      for sample.
+    - Finished wavs whose resume stamp is this run's (the `.bin`'s sha256, the settings, and with the
+      denoiser the model's fingerprint) are skipped (`wav/postprocess.json`); others are redone.
     """
     layout = cfg.layout
     # folders the user names may lie anywhere; the default ones must stay in the run folder
@@ -56,16 +43,13 @@ def postprocess(cfg: WorkflowConfig, *, out_dir: str | Path | None = None, wav_d
     manifest = load_manifest(layout.mel_dir)
     hop = int(manifest.get("hop_length", STFTConfig().hop_length))
     rate = int(manifest.get("sampling_rate", STFTConfig().sampling_rate))
-    record_path = wav_dir / "postprocess.json"
-    record = {}
-    if record_path.is_file() and not force:
-        try:
-            record = read_json(record_path, "the postprocess record (settings per finished wav)")
-        except DataError:
-            record = {}  # only says what may be skipped: without it every wav is redone
+    record_path = wav_dir / POSTPROCESS_RECORD_FILE
+    # only says what may be skipped: without it every wav is redone
+    record = {} if force else read_hint(record_path, "the postprocess record (settings per finished wav)")
     items_record = record.get("items") if isinstance(record.get("items"), dict) else {}
     strength = float(cfg.denoiser_strength)
-    # the denoiser subtracts the model's own bias spectrum: its wavs depend on the model too
+    # the denoiser subtracts the model's own bias spectrum: its wavs depend on the model too (a denoiser
+    # given ready-made cannot be fingerprinted); without it, only on the raw audio
     denoiser_model = (model_stamp(cfg, model) if denoiser is None else "given") if strength > 0 else None
     if strength > 0 and denoiser is None:
         if model is None:
@@ -83,10 +67,10 @@ def postprocess(cfg: WorkflowConfig, *, out_dir: str | Path | None = None, wav_d
             missing.append(utt_id)
             continue
         raw = read_bin(src, (int(item["mel_frames"]) * hop,))
-        source_sha = sha256_bytes(raw.tobytes())
-        settings = {"source_sha256": source_sha, "denoiser_strength": strength, "trim": trim,
-                    **({"denoiser_model": denoiser_model} if denoiser_model else {})}
-        if dst.is_file() and items_record.get(utt_id, {}).get("settings") == settings:
+        settings = stage_stamp(cfg, {"denoiser_strength": strength, "trim": trim}, fingerprint=denoiser_model,
+                               source_sha256=sha256_bytes(raw.tobytes()))
+        entry = items_record.get(utt_id)
+        if dst.is_file() and is_current(entry.get("settings") if isinstance(entry, dict) else None, settings):
             skipped.append(utt_id)
             continue
         if not np.isfinite(raw).all():

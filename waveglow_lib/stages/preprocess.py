@@ -18,16 +18,17 @@ from tqdm.auto import tqdm
 from ..audio import load_wav, mel_spectrogram
 from ..config import STFTConfig, WorkflowConfig
 from ..errors import AudioError, DataError, InputNotFound, ManifestError, ResourceError
-from ..io import atomic_write_json, atomic_write_text, read_json, storage_problem, write_bin
-from ..layout import MANIFEST_FORMAT, MANIFEST_NAME, check_utterance_id, load_manifest
+from ..io import (MAX_RECORD_BYTES, atomic_write_json, atomic_write_text, read_bounded, read_hint, storage_problem,
+                  write_bin)
+from ..layout import (CORPUS_WAVS_DIR, MANIFEST_FORMAT, MANIFEST_NAME, check_utterance_id, load_manifest, mel_file,
+                      sample_count_file)
+from ..layout import PREPROCESS_JOURNAL_FILE as JOURNAL_NAME
 from ..runlock import locked
-from .stamps import checkpoint_stft
+from ..stamps import checkpoint_stft
 
 __all__ = ["preprocess", "list_wavs", "load_manifest", "ManifestError"]
 #: a wav whose peak stays below this (≈3 LSB of int16) is treated as silent and skipped
 SILENCE_PEAK = 1e-4
-#: per-item results as they finish (one JSON line each), until the manifest holds them
-JOURNAL_NAME = ".preprocess.jsonl"
 
 
 def list_wavs(corpus_dir: str | Path, limit: int = 0) -> list[Path]:
@@ -36,7 +37,7 @@ def list_wavs(corpus_dir: str | Path, limit: int = 0) -> list[Path]:
     if not corpus_dir.is_dir():
         raise InputNotFound(f"{corpus_dir}: corpus folder not found (expected LJSpeech layout: wavs/*.wav)",
                             path=corpus_dir)
-    wav_dir = corpus_dir / "wavs" if (corpus_dir / "wavs").is_dir() else corpus_dir
+    wav_dir = corpus_dir / CORPUS_WAVS_DIR if (corpus_dir / CORPUS_WAVS_DIR).is_dir() else corpus_dir
     wavs = sorted(wav_dir.glob("*.wav"))
     if not wavs:
         raise InputNotFound(f"{wav_dir}: no .wav files", path=wav_dir)
@@ -64,13 +65,9 @@ def preprocess(cfg: WorkflowConfig, *, force: bool = False, stft: STFTConfig | N
     current: dict | None = None
     previous: dict = {}
     if not force:
-        if manifest_path.is_file():
-            try:
-                current = read_json(manifest_path, "the mel manifest")
-            except DataError:
-                current = None  # an unreadable manifest is rebuilt from the wavs
-            if current is not None and current.get("settings") == settings:
-                previous = {item.get("id"): item for item in current.get("items", []) if isinstance(item, dict)}
+        current = read_hint(manifest_path, "the mel manifest")  # an unreadable manifest is rebuilt from the wavs
+        if current.get("settings") == settings:
+            previous = {item.get("id"): item for item in current.get("items", []) if isinstance(item, dict)}
         previous.update(_read_journal(journal_path, settings))
 
     items: list[dict] = []
@@ -118,11 +115,13 @@ def preprocess(cfg: WorkflowConfig, *, force: bool = False, stft: STFTConfig | N
                 continue
             except MemoryError:
                 raise ResourceError(f"{wav}: out of memory computing its mel", path=wav) from None
-            sha = write_bin(mel_dir / f"{utt_id}.bin", mel)
-            atomic_write_text(mel_dir / f"{utt_id}.txt", f"{audio.size}\n")
+            bin_path = mel_file(mel_dir, utt_id)
+            txt_path = sample_count_file(bin_path)
+            sha = write_bin(bin_path, mel)
+            atomic_write_text(txt_path, f"{audio.size}\n")
             item = {"id": utt_id, "wav": str(wav), "samples": int(audio.size), "mel_frames": int(mel.shape[1]),
-                    "shape": list(mel.shape), "dtype": "float32", "sha256": sha, "bin": f"{utt_id}.bin",
-                    "txt": f"{utt_id}.txt", "wav_size": stat.st_size, "wav_mtime_ns": stat.st_mtime_ns}
+                    "shape": list(mel.shape), "dtype": "float32", "sha256": sha, "bin": bin_path.name,
+                    "txt": txt_path.name, "wav_size": stat.st_size, "wav_mtime_ns": stat.st_mtime_ns}
             items.append(item)
             if journal is None:  # O_NOFOLLOW: never append through a link left in the run folder
                 journal = os.fdopen(os.open(journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
@@ -165,23 +164,28 @@ def _read_journal(path: Path, settings: dict) -> dict:
     found: dict = {}
     if not path.is_file():
         return found
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(entry, dict) and entry.get("settings") == settings and isinstance(entry.get("item"), dict):
-                found[entry["item"].get("id")] = entry["item"]
+    try:
+        data = read_bounded(path, "the preprocess journal (one JSON line per finished item)", MAX_RECORD_BYTES,
+                            follow_links=False)
+    except (DataError, InputNotFound):
+        return found  # it only says what may be reused: without it every wav is computed again
+    for line in data.split(b"\n"):
+        try:
+            entry = json.loads(line.decode("utf-8", errors="replace"))
+        except (ValueError, RecursionError):  # a torn last line (or one no run writes)
+            continue
+        if isinstance(entry, dict) and entry.get("settings") == settings and isinstance(entry.get("item"), dict):
+            found[entry["item"].get("id")] = entry["item"]
     return found
 
 
 def _unchanged(item: dict, wav: Path, stat, mel_dir: Path) -> bool:
     """The record still describes this wav, names its own `<id>.bin`/`.txt`, and those are complete."""
     utt_id = wav.stem
-    if item.get("bin") != f"{utt_id}.bin" or item.get("txt") != f"{utt_id}.txt" or item.get("id") != utt_id:
+    bin_path = mel_file(mel_dir, utt_id)
+    txt_path = sample_count_file(bin_path)
+    if item.get("bin") != bin_path.name or item.get("txt") != txt_path.name or item.get("id") != utt_id:
         return False  # a record naming other files is not trusted: recomputed
-    bin_path = mel_dir / item["bin"]
     try:
         frames = int(np.prod(item["shape"]))
     except (KeyError, TypeError, ValueError):
@@ -189,4 +193,4 @@ def _unchanged(item: dict, wav: Path, stat, mel_dir: Path) -> bool:
     return (item.get("wav") == str(wav) and item.get("wav_size") == stat.st_size
             and item.get("wav_mtime_ns") == stat.st_mtime_ns and bin_path.is_file() and not bin_path.is_symlink()
             and bin_path.stat().st_size == frames * 4
-            and (mel_dir / item["txt"]).is_file())
+            and txt_path.is_file())

@@ -19,13 +19,13 @@ from ..audio import load_wav, mel_spectrogram
 from ..config import STFTConfig
 from ..errors import RunFolderError
 from ..io import atomic_write_text
+from ..layout import CORPUS_WAVS_DIR, PARAMS_FILE, TRAIN_HISTORY_FILE, TRAIN_STATE_FILE
+from ..layout import TRAIN_MARKER_FILE as TRAIN_MARKER
 from ..model import WaveGlow
-from ..train import HISTORY_NAME, STATE_NAME, TrainConfig, train, train_with_ray
+from ..train import TrainConfig, train, train_with_ray
 
 #: TrainConfig fields that are paths ("" and "demo" mean no path)
 PATH_FIELDS = ("corpus", "out_dir", "warm_start")
-#: written into every folder `run_train` trains in: what makes it ours to overwrite
-TRAIN_MARKER = ".waveglow-train"
 
 
 def load_train_config(params: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
@@ -62,7 +62,7 @@ class TrainingSamples:
     def for_corpus(cls, config: TrainConfig, utterance: int = 0, seconds: float = 2.0,
                    **kwargs: Any) -> "TrainingSamples":
         """The first `seconds` of the corpus's `utterance`-th wav (sorted), as the reference."""
-        wav = sorted((config.corpus_dir / "wavs").glob("*.wav"))[utterance]
+        wav = sorted((config.corpus_dir / CORPUS_WAVS_DIR).glob("*.wav"))[utterance]
         audio, rate = load_wav(wav)
         audio = audio[: int(seconds * rate)]
         return cls(audio, mel_spectrogram(audio, STFTConfig()), **kwargs)
@@ -87,7 +87,7 @@ def check_train_folder(out_dir: str | Path, force: bool = False) -> Path:
         raise RunFolderError(f"{folder}: out_dir is not a folder; choose another out_dir", path=folder)
     if force or not folder.exists() or (folder / TRAIN_MARKER).is_file() or not any(folder.iterdir()):
         return folder
-    if (folder / STATE_NAME).is_file() and (folder / HISTORY_NAME).is_file():
+    if (folder / TRAIN_STATE_FILE).is_file() and (folder / TRAIN_HISTORY_FILE).is_file():
         return folder  # written before the marker existed
     raise RunFolderError(f"{folder}: out_dir is not a training folder (it holds other files, and training "
                          "writes params.yaml, history.json, model.safetensors there); choose a new or empty "
@@ -105,7 +105,7 @@ def run_train(config: TrainConfig, on_log: Callable[[dict], None] | None = None,
         out_dir = check_train_folder(config.out_dir, force)
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / TRAIN_MARKER, "a waveglow-workflow training folder (waveglow_lib train)\n")
-        atomic_write_text(out_dir / "params.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        atomic_write_text(out_dir / PARAMS_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
     if config.engine == "ray":
         return train_with_ray(config, num_workers=config.ray_workers, use_gpu=config.device.startswith("cuda"))
     return train(config, on_log=on_log, on_sample=on_sample, sample_every=sample_every)

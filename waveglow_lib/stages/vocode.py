@@ -3,18 +3,18 @@
 
 Every mel goes through `mel_input.read_mel` (reader and format check) before anything is vocoded, so a
 mel in the wrong format is refused with its file's name instead of becoming noise. The mels are then a
-job like the infer stage's (`prepare_vocode`: an `InferJob` of the files and their reader): the same batch plan, per-batch
-work (`infer.vocode_batch`: long utterances alone in exact chunks, memory bounded by a chunk) and noise
-of (seed, file stem), so a mel saved from our own preprocess gives the wav route's samples — and the same
-engines (`waveglow_lib.engines.vocode` runs it on `engine: ray`). Only the writing differs
-(`VocodeJob.write_item`: denoiser, the `.txt` length, a wav). Resumable: a wav made from the same file
-with the same settings is skipped (`vocode/vocode.json`, which also holds the per-worker timings).
+job like the infer stage's (`prepare_vocode`: a `jobs.InferJob` of the files and their reader): the same
+batch plan, per-batch work (`jobs.vocode_batch`: long utterances alone in exact chunks, memory bounded by
+a chunk) and noise of (seed, file stem), so a mel saved from our own preprocess gives the wav route's
+samples — and the same engines (`cfg.engine`: this process, or a Ray actor pool). Only the writing
+differs (`VocodeJob.write_item`: denoiser, the `.txt` length, a wav). Resumable: a wav whose resume
+stamp (the model's fingerprint, the settings that shape it, the source file's sha256) is this run's is
+skipped (`vocode/vocode.json`, which also holds the per-worker timings).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -22,15 +22,17 @@ from ..batching import NOISE_SCHEME, Utterance, utterance_noise, vocode_stream
 from ..checkpoint import load_waveglow
 from ..config import STFTConfig, WorkflowConfig
 from ..denoiser import Denoiser
+from ..engines import run_job
 from ..errors import MelError
 from ..io import atomic_write_bytes, read_bounded, read_json, sha256_bytes, write_bin
+from ..audio import wav_bytes
+from ..jobs import (InferJob, MelFileReader, VocodeSettings, backend_name, mel_folder_items, open_backend,
+                    resolve_model_config)
 from ..layout import VOCODE_RECORD_FILE, out_bin, syn_wav
 from ..mel_input import MAX_MEL_BYTES, list_mels, mel_sample_count
 from ..metrics import snr_db
 from ..runlock import locked
-from .infer import (InferJob, MelFileReader, VocodeSettings, backend_name, mel_folder_items, open_backend,
-                    resolve_model_config, run_local)
-from .postprocess import wav_bytes
+from ..stamps import SOURCE_KEY, is_current, stage_stamp
 
 __all__ = ["vocode", "prepare_vocode", "VocodeJob", "read_mels", "stream_matches_offline"]
 
@@ -63,8 +65,7 @@ class VocodeJob(InferJob):
     denoiser: Denoiser | None = None
     denoiser_strength: float = 0.0
     write_bin: bool = False
-    #: id → {"source", "source_sha256", "samples" (the .txt count or None)}
-    sources: dict = field(default_factory=dict)
+    # `sources`: id → {"source", "source_sha256", "samples" (the .txt count or None)}
 
     @property
     def timings_path(self) -> Path:
@@ -98,9 +99,12 @@ def prepare_vocode(cfg: WorkflowConfig, mels: str | Path, *, model=None, name: s
     if not items:
         raise MelError(f"{mels}: no mels to vocode", path=Path(mels))
     name = name or backend_name(cfg)
-    settings = {"checkpoint": cfg.checkpoint, "backend": name, "precision": cfg.precision, "sigma": cfg.sigma,
-                "seed": cfg.seed, "noise": NOISE_SCHEME, "denoiser_strength": float(cfg.denoiser_strength),
-                "mel_layout": cfg.mel_layout, "mel_convert": cfg.mel_convert, "out_bin": cfg.vocode_out_bin}
+    # the model by its fingerprint, never by the checkpoint's path (recorded beside it, for the reader)
+    stamp = stage_stamp(cfg, {"backend": name, "precision": cfg.precision, "sigma": cfg.sigma, "seed": cfg.seed,
+                              "noise": NOISE_SCHEME, "denoiser_strength": float(cfg.denoiser_strength),
+                              "mel_layout": cfg.mel_layout, "mel_convert": cfg.mel_convert,
+                              "out_bin": cfg.vocode_out_bin}, model=model)
+    settings = {"checkpoint": cfg.checkpoint, **stamp}
     record_path = out_dir / VOCODE_RECORD_FILE
     record = read_json(record_path, "the vocode stage's record") if record_path.is_file() and not force else {}
     done: dict = record.get("items", {})
@@ -109,9 +113,13 @@ def prepare_vocode(cfg: WorkflowConfig, mels: str | Path, *, model=None, name: s
                       "samples": _source_samples(u.bin_path)} for u in items}
 
     def finished(u: Utterance) -> bool:
-        entry = done.get(u.id, {})
-        return (syn_wav(out_dir, u.id).is_file() and entry.get("settings") == settings
-                and entry.get("source_sha256") == sources[u.id]["source_sha256"])
+        # an entry records the folder's stamp under "settings" and its own source beside it
+        entry = done.get(u.id) if isinstance(done, dict) else None
+        if not isinstance(entry, dict) or not isinstance(entry.get("settings"), dict):
+            return False
+        recorded = {**entry["settings"], SOURCE_KEY: entry.get(SOURCE_KEY)}
+        return (syn_wav(out_dir, u.id).is_file()
+                and is_current(recorded, {**stamp, SOURCE_KEY: sources[u.id][SOURCE_KEY]}))
 
     todo = [u for u in items if not finished(u)]
     denoiser = None
@@ -127,22 +135,19 @@ def prepare_vocode(cfg: WorkflowConfig, mels: str | Path, *, model=None, name: s
 
 @locked("vocode")
 def vocode(cfg: WorkflowConfig, mels: str | Path, *, model=None, backend=None, out_dir: str | Path | None = None,
-           force: bool = False, run_with: Callable[..., dict] | None = None) -> dict:
+           force: bool = False) -> dict:
     """Vocode every mel of `mels` (a folder of `<id>.npy|.pt|.bin`, or one file) into `<out_dir>/<id>_syn.wav`.
 
-    `out_dir` defaults to `runs/<name>/vocode/`. Settings that shape the audio: `checkpoint`, `backend`,
-    `precision`, `sigma`, `seed` (noise per file stem), `denoiser_strength`, `mel_layout`, `mel_convert`;
-    `batch_size` and `chunk_frames` change memory and time, not the audio (exact batching). `backend=` takes
-    an opened Backend (not closed here). `run_with(cfg, job, model=...)` runs the job elsewhere
-    (`waveglow_lib.engines.vocode` passes the engine `cfg.engine` names); default: this process.
+    `out_dir` defaults to `runs/<name>/vocode/`. What shapes the audio: the model (its fingerprint: a
+    checkpoint replaced at the same path is another model), `backend`, `precision`, `sigma`, `seed` (noise
+    per file stem), `denoiser_strength`, `mel_layout`, `mel_convert`; `batch_size` and `chunk_frames`
+    change memory and time, not the audio (exact batching). Runs on the engine `cfg.engine` names;
+    `backend=` takes an opened Backend (not closed here) and runs in this process.
     Returns a summary with the written / skipped ids and the real-time factor.
     """
-    engine = "local" if run_with is None or backend is not None else cfg.engine
     job = prepare_vocode(cfg, mels, model=model, name=backend.name if backend is not None else None,
-                         out_dir=out_dir, force=force, engine=engine)
-    if engine == "local":
-        return run_local(cfg, job, model=model, backend=backend)
-    return run_with(cfg, job, model=model)
+                         out_dir=out_dir, force=force, engine="local" if backend is not None else cfg.engine)
+    return run_job(cfg, job, model=model, backend=backend)
 
 
 def stream_matches_offline(cfg: WorkflowConfig, mel, utt_id: str, *, model=None, chunk_frames: int | None = None,

@@ -63,7 +63,7 @@ class FastBackend(Backend):
     def _run(self, mel: np.ndarray, z: np.ndarray) -> np.ndarray:
         return self.engine.run(mel, z)
 
-    def run_ragged(self, mels: list[np.ndarray], zs: list[np.ndarray]) -> list[np.ndarray]:
+    def run_utterances(self, mels: list[np.ndarray], zs: list[np.ndarray]) -> list[np.ndarray]:
         """A batch without padding: mels [n_mel, T_i], zs [n_group, T_i·hop/n_group] (complete, sigma-scaled)
         → audio [T_i·hop] each, equal to running each utterance alone within `engine.PACKED_MIN_SNR_DB`
         (`batching.vocode` uses it: no padded frames are computed and no tails need recomputing)."""

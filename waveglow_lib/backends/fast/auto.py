@@ -14,6 +14,7 @@ import torch
 from ...audio import load_wav, mel_spectrogram
 from ...config import DEMO_CORPUS_DIR, STFTConfig
 from ...hardware import cpu_flags, native_bf16, native_int8
+from ...layout import CORPUS_WAVS_DIR
 from ...metrics import MAX_LOG_MEL_DISTANCE, MIN_SNR_DB, quality_check, quality_ok
 from .cache import EngineCache
 from .engine import FastEngine
@@ -28,7 +29,7 @@ INT8_MIN_CHANNELS = 128
 
 def probe_mel(n_mel: int, frames: int = PROBE_FRAMES) -> torch.Tensor:
     """[1, n_mel, frames]: the log-mel of the bundled demo corpus's first utterance (speech, not noise)."""
-    audio, _ = load_wav(sorted((DEMO_CORPUS_DIR / "wavs").glob("*.wav"))[0])
+    audio, _ = load_wav(sorted((DEMO_CORPUS_DIR / CORPUS_WAVS_DIR).glob("*.wav"))[0])
     mel = mel_spectrogram(audio, STFTConfig(n_mel_channels=n_mel))[:, :frames]
     return torch.from_numpy(np.ascontiguousarray(mel))[None]
 

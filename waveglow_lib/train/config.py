@@ -1,0 +1,130 @@
+"""The parameters of one training run (`TrainConfig`, one params/train_*.yaml file) and its learning-rate schedule."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from ..config import DEMO_CORPUS_DIR, ModelConfig, check_choices, from_mapping, read_params_file
+from ..errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """Parameters of one training run (one params/train_*.yaml file)."""
+
+    #: LJSpeech-layout folder (wavs/*.wav); "demo" = the bundled demo corpus
+    corpus: str = "demo"
+    #: where checkpoints, the trained model and the history go
+    out_dir: str = "runs/train"
+    #: "" = from scratch with `model`; a path = warm start from any checkpoint `load_waveglow` reads
+    warm_start: str = ""
+    #: continue from `<out_dir>/train_state.safetensors` when it exists
+    resume: bool = True
+    #: architecture for a run from scratch (ModelConfig keys; missing keys take ModelConfig's defaults)
+    model: dict = field(default_factory=dict)
+    #: keep the upsampler as initialised (a per-band interpolation kernel from scratch): fewer weights to learn
+    freeze_upsample: bool = False
+    #: from scratch: initialise the upsampler as a per-band Hann interpolation (else torch's default init)
+    hann_upsample: bool = False
+    segment_length: int = 16000
+    batch_size: int = 12
+    sigma: float = 1.0
+    learning_rate: float = 1e-4
+    warmup_steps: int = 0
+    #: cosine decay from learning_rate to final_learning_rate over max_steps; 0 = constant
+    final_learning_rate: float = 0.0
+    cosine_decay: bool = False
+    grad_clip: float = 0.0
+    max_steps: int = 1000
+    #: stop (and checkpoint) after this many seconds of this sitting; 0 = no limit
+    max_seconds: float = 0.0
+    checkpoint_every: int = 100
+    #: also keep the folded model of every checkpoint as model_step<N>.safetensors(.gz)
+    keep_snapshots: bool = False
+    log_every: int = 10
+    #: validation loss on fixed segments every N steps; 0 = never
+    validate_every: int = 100
+    #: hold out the last N utterances for validation; 0 = validate on fixed segments of the training set
+    n_validation: int = 0
+    validation_segments: int = 4
+    #: generation-direction losses (audio = model(mel, gen_sigma * z) against the recording), added to the
+    #: flow loss from step `gen_start_step` on: multi-resolution STFT (spectral convergence + log magnitude)
+    #: and log-mel L1, each with its weight; 0 = off (NVIDIA's objective alone)
+    stft_loss_weight: float = 0.0
+    mel_loss_weight: float = 0.0
+    gen_sigma: float = 0.6
+    gen_start_step: int = 0
+    #: fp32 | bf16 (bf16 = autocast of the forward pass; the loss terms are summed in fp32)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: str = "cpu"
+    seed: int = 1234
+    #: torch threads per process; 0 = torch's default
+    num_threads: int = 0
+    #: dtype of the model snapshots (keep_snapshots): float32 | float16 (gzipped)
+    save_dtype: Literal["float32", "float16"] = "float32"
+    #: local (this process, or each torchrun process) | ray (Ray Train TorchTrainer, ray_workers workers)
+    engine: Literal["local", "ray"] = "local"
+    ray_workers: int = 2
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        positive = ("segment_length", "batch_size", "max_steps", "checkpoint_every", "log_every",
+                    "validation_segments", "ray_workers")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"parameter {key!r} must be >= 1, got {getattr(self, key)}")
+        for key in ("sigma", "learning_rate"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"parameter {key!r} must be > 0, got {getattr(self, key)}")
+        for key in ("warmup_steps", "final_learning_rate", "grad_clip", "max_seconds", "validate_every",
+                    "n_validation", "num_threads", "stft_loss_weight", "mel_loss_weight", "gen_sigma",
+                    "gen_start_step"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"parameter {key!r} must be >= 0, got {getattr(self, key)}")
+        try:
+            self.model_config()
+        except ValueError as error:
+            raise ConfigError(f"parameter 'model': {error}") from None
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.model)
+
+    @property
+    def uses_generation_loss(self) -> bool:
+        return self.stft_loss_weight > 0 or self.mel_loss_weight > 0
+
+    @property
+    def corpus_dir(self) -> Path:
+        return DEMO_CORPUS_DIR if self.corpus == "demo" else Path(self.corpus).expanduser()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "parameters") -> "TrainConfig":
+        if "model" in data and not isinstance(data["model"], dict):
+            raise ConfigError(f"{source}: parameter 'model' expects a mapping of ModelConfig keys, "
+                              f"got {data['model']!r}")
+        return from_mapping(cls, data, source)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> "TrainConfig":
+        return cls.from_dict({**read_params_file(path), **(overrides or {})}, source=str(path))
+
+    def with_overrides(self, **changes: Any) -> "TrainConfig":
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+
+def lr_at(config: TrainConfig, step: int) -> float:
+    """Learning rate of optimiser step `step` (0-based): linear warm-up, then constant or cosine decay."""
+    lr = config.learning_rate
+    if config.warmup_steps and step < config.warmup_steps:
+        return lr * (step + 1) / config.warmup_steps
+    if config.cosine_decay:
+        span = max(1, config.max_steps - config.warmup_steps)
+        progress = min(1.0, (step - config.warmup_steps) / span)
+        return config.final_learning_rate + 0.5 * (lr - config.final_learning_rate) * (1 + math.cos(math.pi * progress))
+    return lr
