@@ -82,7 +82,7 @@ def test_an_oversized_params_file_is_refused_with_its_size(tmp_path, capsys):
 # --- the fast engine cache --------------------------------------------------------------------------------
 def test_cache_files_linked_to_a_device_are_not_read(tmp_path):
     """A flow file and the auto verdict replaced by links to /dev/zero: each is refused without reading (the
-    child's peak memory stays that of torch and the model), the entry is rebuilt and the probe rerun."""
+    child's peak memory grows by no more than a rebuild's), the entry is rebuilt and the probe rerun."""
     done = run_limited(f"""
         import json, resource, warnings
         from pathlib import Path
@@ -92,6 +92,7 @@ def test_cache_files_linked_to_a_device_are_not_read(tmp_path):
         root = Path({str(tmp_path)!r})
         model = tiny_waveglow(TINY, seed=7)
         engine, _ = auto_engine(model, EngineCache(root), threads=1)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
         cache = EngineCache(root)
         flow = cache.engine_dir(model, engine.precision) / "flow01.safetensors"
         verdict = next((root / "fast").glob("probe-*.json"))
@@ -103,11 +104,14 @@ def test_cache_files_linked_to_a_device_are_not_read(tmp_path):
             _, record = auto_engine(model, cache, threads=1)
         print(json.dumps({{"events": cache.events, "cached": record["cached"],
                           "warnings": [str(w.message) for w in caught],
-                          "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}}))
+                          "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+                          "peak_before_mib": before}}))
     """)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["peak_mib"] < 1024, result  # nothing was read from /dev/zero
+    # nothing was read from /dev/zero: the rebuild costs what the first build did, not gigabytes (measured
+    # against the same process's own peak, which depends on the machine's libraries)
+    assert result["peak_mib"] - result["peak_before_mib"] < 512, result
     assert result["cached"] is False  # the linked verdict is a miss: probed again
     assert any(e.startswith("rebuilt:") and "flow01.safetensors" in e and "not a regular file" in e
                for e in result["events"]), result
