@@ -14,7 +14,7 @@ import nbformat
 import pytest
 
 from waveglow_lib.notebook import report
-from waveglow_lib.config import DEMO_CORPUS_DIR, DEMO_MODEL_PATH, WorkflowConfig
+from waveglow_lib.config import DEMO_CORPUS_DIR, DEMO_MODEL_CARD, DEMO_MODEL_PATH, WorkflowConfig
 from waveglow_lib import provenance
 from waveglow_lib.provenance import checkpoint_info, git_commit, run_provenance
 
@@ -116,6 +116,8 @@ def test_summary_names_the_run_checkpoint_backend_and_embeds_the_players(tmp_pat
     page = report.summary_html(run, ["00_setup.ipynb", "05_listen_evaluate.ipynb"])
     assert "WaveGlow run “t”" in page
     assert report.DEMO_BANNER.split(":")[0] in page and "far from converged" in page
+    card = json.loads(DEMO_MODEL_CARD.read_text())   # how the bundled model was made, and its scores
+    assert "How it was made: " + card["recipe"][:40] in page and f"STOI {card['scores']['stoi']:.3f}" in page
     assert "demo_waveglow.safetensors.gz" in page and " M</td>" in page          # file and parameter count
     assert "fast (bf16)" in page and "quality gate passed" in page and "46.6" in page   # auto's verdict
     assert page.count('data-kind="original"') == 2 and page.count('data-kind="synthesised"') == 1

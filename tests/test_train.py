@@ -323,3 +323,18 @@ def test_training_with_generation_losses_lowers_them_and_logs_each_term(tmp_path
         assert entry["loss"] == pytest.approx(entry["flow_loss"] + entry["stft_loss"] + entry["mel_loss"], rel=1e-4)
     with pytest.raises(ConfigError, match="stft_loss_weight"):
         tiny_run(tmp_path, stft_loss_weight=-1.0)
+
+
+def test_the_demo_model_card_says_how_it_was_made_and_what_it_scores():
+    from waveglow_lib.assets import train_demo_model as script
+    from waveglow_lib.config import DEMO_MODEL_CARD
+
+    curve = {"candidate": {"step": 1200, "stoi": 0.7, "pesq": 1.2, "bytes": 10}, "eval": {"sigma": 0.6, "seed": 1},
+             "untrained": {"stoi": 0.3, "pesq": 1.0}}
+    fresh = script.model_card(curve, warm_started=False)
+    assert fresh["recipe"].startswith("8 flows, WN 6 x 48, from scratch: 1,200 steps")
+    assert f"from step {script.DEMO_TRAIN_CONFIG.gen_start_step:,}" in fresh["recipe"]
+    assert fresh["scores"] == {"stoi": 0.7, "pesq": 1.2}
+    continued = script.model_card(curve, warm_started=True)   # after the bundled model's own recipe
+    assert continued["recipe"].startswith(json.loads(DEMO_MODEL_CARD.read_text())["recipe"][:30])
+    assert "; then 1,200 steps of the flow loss with the generation losses" in continued["recipe"]

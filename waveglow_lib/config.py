@@ -24,6 +24,8 @@ from .safe_yaml import load_yaml
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
 DEMO_MODEL_PATH = ASSETS_DIR / "demo_waveglow.safetensors.gz"
+#: how the bundled demo model was made and what it scores (written by `assets.train_demo_model --install`)
+DEMO_MODEL_CARD = ASSETS_DIR / "demo_waveglow.card.json"
 DEMO_CORPUS_DIR = ASSETS_DIR / "demo_corpus"
 
 #: mel frame counts of LJ001-0001 ... LJ001-0010 (the guide's test set and ATC gears)

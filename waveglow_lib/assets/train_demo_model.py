@@ -26,7 +26,7 @@ import torch
 
 from ..audio import load_wav, mel_spectrogram
 from ..checkpoint import load_waveglow
-from ..config import DEMO_CORPUS_DIR, DEMO_MODEL_PATH
+from ..config import DEMO_CORPUS_DIR, DEMO_MODEL_CARD, DEMO_MODEL_PATH
 from ..errors import TrainingError
 from ..metrics import pesq_score, stoi_score
 from ..io import atomic_write_bytes, atomic_write_json
@@ -185,11 +185,32 @@ def evaluate_run(out_dir: Path, every: int = 1) -> dict:
     return curve
 
 
-def install_candidate(out_dir: Path) -> Path:
-    """Make the run's candidate the bundled demo model (checked loadable first; written atomically)."""
+def model_card(curve: dict, warm_started: bool) -> dict:
+    """What the report says of the bundled model: how it was made (after the model it was warm-started
+    from, whose card is the bundled one's until it is replaced) and what it scores."""
+    config, candidate = DEMO_TRAIN_CONFIG, curve["candidate"]
+    model = config.model
+    losses = (f"the generation losses (multi-resolution STFT x {config.stft_loss_weight:g}, log-mel "
+              f"x {config.mel_loss_weight:g}, gen_sigma {config.gen_sigma:g})")
+    if warm_started:
+        previous = json.loads(DEMO_MODEL_CARD.read_text())["recipe"] if DEMO_MODEL_CARD.is_file() else "a demo model"
+        recipe = f"{previous}; then {candidate['step']:,} steps of the flow loss with {losses}"
+    else:
+        recipe = (f"{model['n_flows']} flows, WN {model['n_layers']} x {model['n_channels']}, from scratch: "
+                  f"{candidate['step']:,} steps of the flow loss, with {losses} from step {config.gen_start_step:,}")
+    return {"recipe": recipe + " (python -m waveglow_lib.assets.train_demo_model, 2 CPU cores)",
+            "scores": {"stoi": candidate["stoi"], "pesq": candidate["pesq"]}, "eval": curve["eval"],
+            "untrained": curve["untrained"], "bytes": candidate["bytes"]}
+
+
+def install_candidate(out_dir: Path, warm_started: bool = False) -> Path:
+    """Make the run's candidate the bundled demo model (checked loadable first; written atomically), and
+    write its card."""
     candidate = out_dir / CANDIDATE_NAME
     load_waveglow(candidate)
+    card = model_card(json.loads((out_dir / "curve.json").read_text()), warm_started)
     atomic_write_bytes(DEMO_MODEL_PATH, candidate.read_bytes())
+    atomic_write_json(DEMO_MODEL_CARD, card)
     return DEMO_MODEL_PATH
 
 
@@ -219,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     curve = evaluate_run(args.out_dir, args.evaluate_every)
     print(json.dumps({k: v for k, v in curve.items() if k in ("untrained", "bundled", "candidate")}, indent=2))
     if args.install and curve["snapshots"]:
-        print("installed:", install_candidate(args.out_dir))
+        print("installed:", install_candidate(args.out_dir, warm_started=args.warm_start is not None))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..checkpoint import load_waveglow
-from ..config import MAX_PARAMS_BYTES, STFTConfig, WorkflowConfig
+from ..config import DEMO_MODEL_CARD, MAX_PARAMS_BYTES, STFTConfig, WorkflowConfig
 from .display import METRIC_NAMES, REFERENCE, REFERENCE_NOTE
 from ..errors import WaveGlowError
 from ..io import MAX_RECORD_BYTES, read_bounded
@@ -29,9 +29,9 @@ from ..provenance import checkpoint_info, git_commit, machine as this_machine
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
-DEMO_BANNER = ("Demo model: a small WaveGlow trained briefly on ten utterances, far from converged — its audio "
-               "is noisy, not yet clear speech (the metrics say how far); the round trip shows the pipeline is "
-               "exact. Point <code>checkpoint:</code> at NVIDIA's <code>waveglow_256channels_universal_v5.pt</code> "
+DEMO_BANNER = ("Demo model: a small WaveGlow trained briefly on ten utterances on a CPU, far from converged — its "
+               "audio is noisy, not yet clear speech (the metrics say how far); the round trip shows the pipeline "
+               "is exact. Point <code>checkpoint:</code> at NVIDIA's <code>waveglow_256channels_universal_v5.pt</code> "
                "for speech.")
 
 _CSS = """
@@ -185,8 +185,20 @@ def _checkpoint_section(params: Mapping[str, Any], metrics: Mapping[str, Any]) -
             ("parameters", f"{n_params / 1e6:.2f} M" if n_params else "—"),
             ("sha256", f"<code>{_e((info.get('sha256') or '—')[:16])}</code>"),
             ("bundled demo model", "yes" if info.get("is_demo_model") else "no")]
-    banner = f'<div class="wg-banner wg-demo">{DEMO_BANNER}</div>' if info.get("is_demo_model") else ""
+    banner = (f'<div class="wg-banner wg-demo">{DEMO_BANNER}{_e(demo_model_card_line())}</div>'
+              if info.get("is_demo_model") else "")
     return "<h2>Checkpoint</h2>" + banner + _table(rows)
+
+
+def demo_model_card_line() -> str:
+    """How the bundled demo model was trained and what it scores, from its card (empty without one)."""
+    try:
+        card = json.loads(read_bounded(DEMO_MODEL_CARD, "the demo model's card", 64 * 1024))
+        scores = card["scores"]
+        return (f" How it was made: {card['recipe']}. On the demo utterances (sigma {card['eval']['sigma']}): "
+                f"STOI {scores['stoi']:.3f}, PESQ {scores['pesq']:.2f}.")
+    except (WaveGlowError, KeyError, TypeError, ValueError):
+        return ""
 
 
 def _backend_section(params: Mapping[str, Any], timings: Mapping[str, Any] | None) -> str:
