@@ -28,15 +28,15 @@ class FlowLoss(nn.Module):
 
     def forward(self, mel: torch.Tensor, audio: torch.Tensor,
                 autocast_dtype: torch.dtype | None = None, with_generation: bool = False) -> torch.Tensor:
-        z, log_s_total, log_det_w_total = self.flow(mel, audio, autocast_dtype)
+        columns = audio.shape[1] // self.glow.n_group
+        with _autocast(audio.device, autocast_dtype):
+            spect = condition(self.glow, mel, columns)  # one conditioning for both directions
+        z, log_s_total, log_det_w_total = self.flow(mel, audio, autocast_dtype, spect)
         sum_sq = torch.sum(z.float() * z.float())
         loss = (sum_sq / (2 * self.sigma ** 2) - log_s_total - log_det_w_total) / z.numel()
         self.terms = {"flow": float(loss.detach())}
         if with_generation and self.generation is not None:
-            columns = audio.shape[1] // self.glow.n_group
-            with torch.autocast(audio.device.type, dtype=autocast_dtype or torch.bfloat16,
-                                enabled=autocast_dtype is not None):
-                spect = condition(self.glow, mel, columns)
+            with _autocast(audio.device, autocast_dtype):
                 noise = torch.randn(audio.shape[0], self.glow.n_group, columns, device=audio.device)
                 generated = self.glow.flows_reverse(noise * self.generation.sigma, spect)
             extra, parts = self.generation(generated.float(), audio[:, : generated.shape[1]])
@@ -44,18 +44,25 @@ class FlowLoss(nn.Module):
             self.terms.update(parts)
         return loss
 
-
-    def flow(self, mel: torch.Tensor, audio: torch.Tensor, autocast_dtype: torch.dtype | None = None):
-        """(z, sum of log s, sum of log|det W|) for audio [B, N] (N a multiple of n_group, ≤ frames*hop)."""
+    def flow(self, mel: torch.Tensor, audio: torch.Tensor, autocast_dtype: torch.dtype | None = None,
+             spect: torch.Tensor | None = None):
+        """(z, sum of log s, sum of log|det W|) for audio [B, N] (N a multiple of n_group, ≤ frames*hop);
+        `spect`: the conditioning `condition(glow, mel, N // n_group)` when already computed."""
         glow = self.glow
         batch, n_samples = audio.shape
         columns = n_samples // glow.n_group
-        with torch.autocast(audio.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            spect = condition(glow, mel, columns)
+        with _autocast(audio.device, autocast_dtype):
+            if spect is None:
+                spect = condition(glow, mel, columns)
             x = audio.reshape(batch, columns, glow.n_group).transpose(1, 2)
             z, log_s_total, log_det_w = glow.flows_forward(x, spect)
         # NVIDIA's batch * n_of_groups * logdet(W)
         return z, log_s_total, batch * columns * log_det_w
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to `dtype` on `device`'s type; a no-op context for None (fp32)."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 class GenerationLoss(nn.Module):
@@ -81,23 +88,31 @@ class GenerationLoss(nn.Module):
         return torch.sqrt(spec.real ** 2 + spec.imag ** 2 + 1e-9)
 
     def forward(self, generated: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        total, parts = generated.new_zeros(()), {}
+        total, parts, known = generated.new_zeros(()), {}, {}
+
+        def magnitudes(n_fft: int, hop: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+            # the mel loss's STFT is also one of the resolutions: each is computed once per call
+            key = (n_fft, hop, window)
+            if key not in known:
+                known[key] = (self.magnitude(generated, *key), self.magnitude(target, *key))
+            return known[key]
+
         if self.stft_weight:
             stft_loss = generated.new_zeros(())
             for n_fft, hop, window in self.RESOLUTIONS:
-                mag_g, mag_t = self.magnitude(generated, n_fft, hop, window), self.magnitude(target, n_fft, hop, window)
+                mag_g, mag_t = magnitudes(n_fft, hop, window)
                 convergence = torch.linalg.norm(mag_t - mag_g) / torch.linalg.norm(mag_t).clamp(min=1e-7)
                 stft_loss = stft_loss + convergence + F.l1_loss(torch.log(mag_g), torch.log(mag_t))
             stft_loss = stft_loss / len(self.RESOLUTIONS)
             total, parts["stft"] = total + self.stft_weight * stft_loss, float(stft_loss.detach())
         if self.mel_weight:
             c = self.stft
-            mels = [torch.log(torch.clamp(self.mel_basis @ self.magnitude(x, c.filter_length, c.hop_length,
-                                                                          c.win_length), min=c.clip_val))
-                    for x in (generated, target)]
+            mels = [torch.log(torch.clamp(self.mel_basis @ magnitude, min=c.clip_val))
+                    for magnitude in magnitudes(c.filter_length, c.hop_length, c.win_length)]
             mel_loss = F.l1_loss(*mels)
             total, parts["mel"] = total + self.mel_weight * mel_loss, float(mel_loss.detach())
         return total, parts
+
 
 def upsample(layer: nn.ConvTranspose1d, mel: torch.Tensor) -> torch.Tensor:
     """`layer(mel)` as one matmul and an overlap-add: the same numbers, and on the CPU many times faster
