@@ -169,6 +169,19 @@ def test_demo_model_loads():
     assert torch.isfinite(audio).all() and 0.001 < audio.std() < 0.9
 
 
+def test_the_demo_models_card_is_the_bundled_models_and_the_default_runs():
+    """The report shows the card next to the default run's scores: both must be of this file and these settings."""
+    import json
+    from pathlib import Path
+
+    from waveglow_lib.config import DEMO_MODEL_CARD, DEMO_MODEL_PATH, WorkflowConfig
+
+    card = json.loads(DEMO_MODEL_CARD.read_text())
+    demo = WorkflowConfig.from_yaml(Path(__file__).parents[1] / "params" / "demo.yaml")
+    assert card["bytes"] == DEMO_MODEL_PATH.stat().st_size
+    assert (card["eval"]["sigma"], card["eval"]["seed"]) == (demo.sigma, demo.seed)
+
+
 @pytest.mark.e2e
 def test_demo_model_is_trained():
     from waveglow_lib.assets.train_demo_model import vocode_corpus

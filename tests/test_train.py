@@ -338,3 +338,18 @@ def test_the_demo_model_card_says_how_it_was_made_and_what_it_scores():
     continued = script.model_card(curve, warm_started=True)   # after the bundled model's own recipe
     assert continued["recipe"].startswith(json.loads(DEMO_MODEL_CARD.read_text())["recipe"][:30])
     assert "; then 1,200 steps of the flow loss with the generation losses" in continued["recipe"]
+    assert continued["recipe"].count(script.RECIPE_TOOL) == 1  # each stage adds its steps, not the tool again
+    assert f"Adam {script.WARM_START_OVERRIDES['learning_rate']:g}" in continued["recipe"]
+
+
+def test_the_envelope_ceilings_show_what_voicing_adds():
+    """`train_demo_model --ceilings`: a demo utterance made from its own mel without a model; Griffin-Lim's
+    consistent phase must beat random phase (a whisper) by far on both scores, or the docs' bounds are wrong."""
+    pytest.importorskip("pystoi")
+    pytest.importorskip("pesq")
+    from waveglow_lib.assets.train_demo_model import envelope_ceilings
+
+    ceilings = envelope_ceilings(iterations=4, limit=1)
+    whisper, voiced = ceilings["random_phase"], ceilings["griffin_lim"]
+    assert 0 < whisper["stoi"] < voiced["stoi"] <= 1
+    assert voiced["pesq"] > whisper["pesq"] + 0.5
