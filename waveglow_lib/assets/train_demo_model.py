@@ -143,8 +143,9 @@ def envelope_ceilings(iterations: int = 32, seed: int = 0, limit: int = 0,
         mel_filterbank(stft.sampling_rate, stft.filter_length, stft.n_mel_channels, stft.mel_fmin, stft.mel_fmax)))
     window = torch.hann_window(stft.win_length, dtype=torch.float64)
 
-    def analyse(x: torch.Tensor) -> torch.Tensor:
-        return torch.stft(x, stft.filter_length, stft.hop_length, stft.win_length, window, return_complex=True)
+    def synthesise(magnitude: torch.Tensor, phase: torch.Tensor, length: int) -> torch.Tensor:
+        return torch.istft(torch.polar(magnitude, phase), stft.filter_length, stft.hop_length, stft.win_length,
+                           window, length=length)
 
     generator = torch.Generator().manual_seed(seed)
     scores: dict[str, list] = {"random_phase": [], "griffin_lim": []}
@@ -154,11 +155,10 @@ def envelope_ceilings(iterations: int = 32, seed: int = 0, limit: int = 0,
         envelope = (basis_inverse @ torch.from_numpy(np.exp(mel_spectrogram(audio))).double()).clamp(min=0)
         phase = torch.rand(envelope.shape, generator=generator, dtype=torch.float64) * 2 * np.pi
         for name, rounds in (("random_phase", 0), ("griffin_lim", iterations)):
-            for _ in range(rounds):
-                phase = analyse(torch.istft(torch.polar(envelope, phase), stft.filter_length, stft.hop_length,
-                                            stft.win_length, window, length=len(audio))).angle()
-            out = torch.istft(torch.polar(envelope, phase), stft.filter_length, stft.hop_length, stft.win_length,
-                              window, length=len(audio)).float().numpy()
+            for _ in range(rounds):  # Griffin-Lim: keep the phase of the signal the magnitudes and phase make
+                phase = torch.stft(synthesise(envelope, phase, len(audio)), stft.filter_length, stft.hop_length,
+                                   stft.win_length, window, return_complex=True).angle()
+            out = synthesise(envelope, phase, len(audio)).float().numpy()
             scores[name].append({"stoi": stoi_score(audio, out, rate), "pesq": pesq_score(audio, out, rate)})
     return {name: {key: float(np.mean([s[key] for s in rows])) for key in ("stoi", "pesq")}
             for name, rows in scores.items()}
