@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,8 @@ from waveglow_lib.bench.serve_load import (load_level, load_test, npy_bytes, pos
                                            wav_samples)
 from waveglow_lib.errors import ConfigError
 from waveglow_lib.io import read_bin
-from waveglow_lib.service import (BadRequest, BodySlots, ServeLimits, application, decode_mel, read_body,
-                                  receive_body, request_id)
+from waveglow_lib.service import (BadRequest, BodySlots, ServeLimits, application, check_encoding, decode_mel,
+                                  read_body, receive_body, request_id)
 
 ray, needs_ray = optional_ray("ray.serve")
 
@@ -65,6 +66,144 @@ def test_bad_requests_get_a_4xx_with_a_reason(speech_mel):
     nan = speech_mel.copy()
     nan[3, 7] = np.nan
     assert refused(npy_bytes(nan), "application/octet-stream").status == 422
+
+
+def npy_header(descr, shape, data: bytes = b"", fortran_order: bool = False) -> bytes:
+    """A hand-made .npy: version 1.0, this header, then `data` (what a hostile client can send)."""
+    header = f"{{'descr': {descr!r}, 'fortran_order': {fortran_order}, 'shape': {shape}, }}".ljust(118) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode("latin1") + data
+
+
+def test_npy_header_is_checked_before_anything_is_allocated(speech_mel):
+    good = npy_bytes(speech_mel)
+    zipped = io.BytesIO()
+    np.savez(zipped, mel=speech_mel)
+    for body, words in (
+            (zipped.getvalue(), ".npz"),  # a zip of arrays, not one
+            (npy_header("<f4", (10**12, 80)), "320000000000000 bytes"),  # MemoryError (a 500) before
+            (npy_header("<f4", (80, 10**9), b"\0" * 400), "holds 400 bytes"),
+            (npy_header("<f4", (80, -5)), "negative"),
+            (good + b"more", "holds 31684 bytes"),  # trailing bytes
+            (good[:-10], "holds 31670 bytes"),  # truncated
+            (b"\x93NUMPY\x03\x00" + b"\x10\x00\x00\x00" + b"{}".ljust(16), "version 3.0"),
+            (b"", "no data"),
+            (npy_header("zz", (80, 5)), "header is unreadable"),
+            # a header without its closing brace: numpy re-tokenises it, which raised tokenize.TokenError (500)
+            (good.replace(b"}", b" ", 1), "header is unreadable")):
+        error = refused(body, "application/octet-stream")
+        assert error.status == 400 and words in str(error), (words, str(error))
+    many = refused(npy_header("<f4", (0,) * 100), "application/octet-stream")  # 100 dimensions (numpy's max: 64)
+    assert many.status == 422 and "not a mel" in str(many)
+
+
+def test_npy_of_anything_but_numbers_is_refused(speech_mel):
+    for values in (speech_mel.astype(np.complex64), speech_mel > -5, speech_mel.astype(str),
+                   np.zeros((80, 5), dtype=[("a", "<f4")]), np.zeros((80, 5), dtype="M8[s]")):
+        error = refused(npy_bytes_as_is(values), "application/octet-stream")
+        assert error.status == 422 and "not numbers" in str(error), str(error)
+    sub_array = refused(npy_header(("<f4", (2,)), (80, 5), b"\0" * 3200), "application/octet-stream")
+    assert sub_array.status == 422
+    beyond = speech_mel.astype(np.float64)
+    beyond[0, 0] = 1e300  # a float64 that is inf as float32: the format check's percentiles would not see it
+    error = refused(npy_bytes_as_is(beyond), "application/octet-stream")
+    assert error.status == 422 and "beyond float32" in str(error)
+    # what np.save writes for any float or integer array, in either byte or element order, is read as it is
+    for values in (speech_mel.astype(np.float16), speech_mel.astype(">f8"), np.asfortranarray(speech_mel),
+                   np.asfortranarray(speech_mel[None]), np.round(speech_mel).astype(np.int16)):
+        decoded = decode_mel(npy_bytes_as_is(values), "application/x-npy")
+        assert decoded.dtype == np.float32 and decoded.flags.c_contiguous
+        assert decoded.tobytes() == np.asarray(values, dtype=np.float32).reshape(80, -1).tobytes()
+
+
+def npy_bytes_as_is(values: np.ndarray) -> bytes:
+    """np.save's bytes of `values` in their own dtype and order (npy_bytes casts to float32)."""
+    buffer = io.BytesIO()
+    np.save(buffer, values, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def test_json_mel_is_lists_of_numbers(speech_mel):
+    rows = speech_mel[:, :20].tolist()
+
+    def with_value(text: str) -> bytes:  # one value of a good JSON mel replaced by `text`, as sent
+        return json.dumps({"mel": rows}).replace(repr(rows[3][7]), text, 1).encode()
+
+    for text, status, words in (("1e400", 422, "outside float32"),  # inf after json.loads
+                                ("1" + "0" * 400, 422, "outside float32"),  # OverflowError (a 500) before
+                                ("1" + "0" * 39, 422, "outside float32"),  # a RuntimeWarning and inf before
+                                ('"-5.0"', 400, "not a number"),  # was read as -5.0
+                                ("true", 400, "not a number"),  # was read as 1.0
+                                ("null", 400, "not a number"),
+                                ("NaN", 400, "not a JSON number"),
+                                ("-Infinity", 400, "not a JSON number"),
+                                ("[1, 2]", 400, "not a number"),
+                                ('{"a": 1}', 400, "not a number")):
+        error = refused(with_value(text), "application/json")
+        assert error.status == status and words in str(error), (text, str(error))
+        assert "mel[3][7]" in str(error) or "JSON number" in str(error)
+    for body, words in ((json.dumps({"mel": rows[:79] + [rows[79][:5]]}), "ragged: mel[79] has 5 items"),
+                        (json.dumps([rows, rows[:40] + [5] * 40]), "mel[1][40] is int, not a list"),
+                        (json.dumps([[rows]]), "4 level"), (json.dumps(rows[0]), "1 level"), ("5", "0 level"),
+                        ('"mel"', "0 level"), ("[]", "1 level"),
+                        (json.dumps({"mel": rows, "sigma": 1}), "expected only"),
+                        ('{"mel": [[1]], "mel": %s}' % json.dumps(rows), "keys given twice"),
+                        (b"\xff\xfe[[1]]", "not a mel")):
+        error = refused(body.encode() if isinstance(body, str) else body, "application/json")
+        assert error.status == 400 and words in str(error), (body[:40], str(error))
+    empty = refused(json.dumps([[]] * 80).encode(), "application/json")
+    assert empty.status == 422 and "no frames" in str(empty)
+
+
+def mutations(good: bytes, n: int, seed: int, alphabet: bytes | None = None):
+    """`n` copies of `good` with 1..4 bytes replaced, inserted or deleted (reproducible)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        body = bytearray(good)
+        for _ in range(int(rng.integers(1, 5))):
+            pos = int(rng.integers(0, len(body)))
+            byte = int(alphabet[rng.integers(0, len(alphabet))]) if alphabet else int(rng.integers(0, 256))
+            operation = rng.integers(0, 3)
+            if operation == 0:
+                body[pos] = byte
+            elif operation == 1:
+                body.insert(pos, byte)
+            else:
+                del body[pos]
+        yield bytes(body)
+
+
+def test_mutated_bodies_get_a_4xx_never_an_exception(speech_mel):
+    """Thousands of near-miss bodies, header bytes and JSON syntax alike: each is a mel or a BadRequest 4xx
+    (warnings count as failures here: a cast that warns is a value not checked)."""
+    npy_good, json_good = npy_bytes(speech_mel[:, :30]), json.dumps({"mel": speech_mel[:, :30].tolist()}).encode()
+    header = len(npy_good) - 80 * 30 * 4
+    cases = [(b, "application/octet-stream") for b in mutations(npy_good[:header + 64], 1500, 0)]
+    cases += [(b, "application/json") for b in mutations(json_good, 1500, 1, b'[]{},:"0123456789.eE-+nultrfaNIy \\')]
+    statuses = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for body, content_type in cases:
+            if content_type != "application/json":
+                body += npy_good[header + 64:]
+            try:
+                decode_mel(body, content_type)
+            except BadRequest as exc:
+                statuses.add(exc.status)
+    assert statuses and statuses <= {400, 413, 422}
+
+
+def test_compressed_bodies_are_a_415():
+    for encoding in ("gzip", "deflate", "br", "GZIP", "gzip, identity"):
+        with pytest.raises(BadRequest) as info:
+            check_encoding(encoding)
+        assert info.value.status == 415 and "uncompressed" in str(info.value)
+    for encoding in (None, "", "identity", " Identity "):
+        check_encoding(encoding)
+    slots = BodySlots(1)
+    gzipped = FakeRequest(Chunks(n=1, size=10), length=10, encoding="gzip")
+    with pytest.raises(BadRequest) as info:  # refused before a slot is taken or a byte read
+        asyncio.run(receive_body(gzipped, ServeLimits(), slots))
+    assert info.value.status == 415 and gzipped.chunks.given == 0 and slots.in_use == 0
 
 
 def test_size_limits(speech_mel):
@@ -154,10 +293,12 @@ def test_body_trickling_in_is_a_408_too():
 
 
 class FakeRequest:
-    def __init__(self, chunks, content_type="application/octet-stream", length=None):
+    def __init__(self, chunks, content_type="application/octet-stream", length=None, encoding=None):
         self.headers = {"content-type": content_type}
         if length is not None:
             self.headers["content-length"] = str(length)
+        if encoding is not None:
+            self.headers["content-encoding"] = encoding
         self.chunks = chunks
 
     def stream(self):

@@ -10,9 +10,13 @@ WAV at the model's rate: the infer stage's `out/<id>_out.bin` for the same mel, 
 comes from (seed, id) and the `fast` backend's output depends on what else shares its batch only by
 rounding (`backends.fast.engine.PACKED_MIN_SNR_DB`).
 
-Bad requests get a 4xx with a one-line message (400 unreadable body or JSON nested too deep, 404/405
-wrong route or method, 408 body too slow, 413 too large, 415 wrong content type, 422 not a vocodable mel);
-nothing a client sends crashes the replica. What a client can hold (`ServeLimits`): the body is read as it
+Bad requests get a 4xx with a one-line message, never a 500 (400 not a readable .npy or JSON mel: an .npz,
+a header whose shape does not match the bytes after it, Python objects, ragged lists, strings, NaN/Infinity
+constants, JSON nested too deep; 404/405 wrong route or method, 408 body too slow, 413 too large, 415 wrong
+content type or any Content-Encoding (compressed bodies are not read), 422 numbers that are not a vocodable
+mel: complex, bool or text dtypes, beyond float32's range, NaN/Inf, wrong shape, the format check); nothing a
+client sends crashes the replica. A .npy header is checked before anything is allocated: its shape must
+account for exactly the bytes that follow it, so a header declaring (10**12, 80) costs nothing. What a client can hold (`ServeLimits`): the body is read as it
 arrives and refused with 413 as soon as its Content-Length, or the bytes so far (chunked bodies too), pass
 8 MiB (512 KiB for JSON), so the handler never keeps more than that of one request (Ray's HTTP proxy and
 the replica's receive queue read ahead of it, Ray's doing: tens of MB of a fast oversized upload can be in
@@ -33,6 +37,7 @@ import asyncio
 import hashlib
 import io
 import json
+import math
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,7 +48,7 @@ import torch
 from .audio import wav_bytes
 from .batching import utterance_noise, vocode
 from .config import STFTConfig, WorkflowConfig
-from .engines.ray import INSTALL, actor_resources, connect
+from .engines.ray import INSTALL, actor_resources, connect, replica_grpc_on_loopback
 from .errors import ConfigError, MelError, WaveGlowError, import_optional
 from .jobs import backend_name, open_backend, resolve_model_config
 from .layout import check_utterance_id
@@ -90,6 +95,15 @@ def body_kind(content_type: str) -> str:
         raise BadRequest(415, f"content type {content_type!r}: send application/octet-stream (.npy bytes) "
                               "or application/json")
     return kind
+
+
+def check_encoding(content_encoding: str | None) -> None:
+    """415 for a compressed body (`Content-Encoding: gzip`, `deflate`, `br` ...): the service reads bodies as
+    sent, so the byte limits bound what a request holds, with no inflating to bound (a zip bomb)."""
+    encoding = (content_encoding or "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise BadRequest(415, f"Content-Encoding {content_encoding!r} is not supported: send the body "
+                              "uncompressed (.npy bytes or JSON, no Content-Encoding)")
 
 
 @dataclass
@@ -140,8 +154,10 @@ async def read_body(chunks, declared: str | None, limit: int, timeout_s: float) 
 
 
 async def receive_body(request, limits: ServeLimits, slots: BodySlots) -> bytes:
-    """A starlette request's body, within `limits` (JSON's own byte limit for JSON), holding one of `slots`."""
+    """A starlette request's body, within `limits` (JSON's own byte limit for JSON), holding one of `slots`;
+    its type and encoding are checked first (415), before a slot is taken."""
     kind = body_kind(request.headers.get("content-type", ""))
+    check_encoding(request.headers.get("content-encoding"))
     limit = limits.max_json_bytes if kind == "application/json" else limits.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.strip().isdigit() and int(declared) > limit:
@@ -154,9 +170,114 @@ async def receive_body(request, limits: ServeLimits, slots: BodySlots) -> bytes:
             raise BadRequest(400, "the client disconnected before the end of its body") from None
 
 
+#: what a .npy body opens with (np.save); a zip (.npz, np.savez) opens with ZIP_MAGIC
+NPY_MAGIC = b"\x93NUMPY"
+ZIP_MAGIC = b"PK\x03\x04"
+#: element kinds a mel may come in, cast to float32: floats, signed and unsigned integers; anything else
+#: (object = pickles, complex, bool, text, dates, records, sub-arrays) is refused
+NUMBER_KINDS = "fiu"
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+MEL_JSON = '{"mel": [[...80 rows of numbers...]]} or the bare [[...], ...]'
+
+
+def npy_array(body: bytes) -> np.ndarray:
+    """.npy bytes → the array they hold, its header checked before anything is allocated: version 1 or 2,
+    numbers (no pickles), a shape whose bytes are exactly what the body holds after the header (so a header
+    declaring (10**12, 80) costs nothing), C or Fortran order. The array is a view of `body` (no copy)."""
+    if not body.startswith(NPY_MAGIC):
+        found = ("a zip archive (.npz?): send one array, np.save's bytes" if body.startswith(ZIP_MAGIC)
+                 else "no data" if not body else f"it starts {body[:8]!r}")
+        raise BadRequest(400, f"body is not .npy bytes (np.save of a float array; no pickles): {found}")
+    stream = io.BytesIO(body)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:  # 3.0 only differs by a UTF-8 header, which only record field names need
+            raise BadRequest(400, f".npy format version {version[0]}.{version[1]}: send version 1.0 or 2.0 "
+                                  "(what np.save writes for a float array)")
+    except BadRequest:
+        raise
+    except Exception as exc:  # numpy parses the header with ast and, for old headers, tokenize: anything goes
+        raise BadRequest(400, f"body is not .npy bytes, its header is unreadable: {exc}") from None
+    if dtype.hasobject:
+        raise BadRequest(400, f"the .npy holds Python objects (dtype {dtype}, a pickle): send numbers; "
+                              "pickles are never read")
+    if dtype.kind not in NUMBER_KINDS or dtype.shape:
+        raise BadRequest(422, f"the .npy holds dtype {dtype}, not numbers (float or integer)")
+    if any(n < 0 for n in shape):
+        raise BadRequest(400, f"the .npy header declares shape {shape}, with a negative dimension")
+    if len(shape) not in (2, 3):
+        raise BadRequest(422, f"the .npy holds shape {shape}, not a mel ([80, T] or [1, 80, T])")
+    data = len(body) - stream.tell()
+    needed = dtype.itemsize * math.prod(shape)
+    if needed != data:
+        raise BadRequest(400, f"the .npy header declares shape {shape} of {dtype} ({needed} bytes), the body "
+                              f"holds {data} bytes after it")
+    flat = np.frombuffer(body, dtype=dtype, count=math.prod(shape), offset=stream.tell())
+    return flat.reshape(shape, order="F" if fortran_order else "C")
+
+
+def json_array(body: bytes) -> np.ndarray:
+    """JSON bytes → a float64 array: a `{"mel": rows}` object or the bare rows, where rows are lists of lists
+    (2 or 3 levels) of JSON numbers, all of one length per level; no NaN/Infinity constants, no strings,
+    booleans or nulls, no keys given twice, no other keys."""
+    def no_constant(name):
+        raise ValueError(f"{name} is not a JSON number")
+
+    def unique_keys(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"keys given twice: {sorted(k for k in set(keys) if keys.count(k) > 1)}")
+        return dict(pairs)
+
+    try:
+        data = json.loads(body, parse_constant=no_constant, object_pairs_hook=unique_keys)
+    except RecursionError:  # "[" * 100000: the parser gives up at Python's recursion limit
+        raise BadRequest(400, f"JSON body is nested too deep to be a mel ({MEL_JSON}, 2 or 3 levels)") from None
+    except ValueError as exc:  # also: not UTF-8, an integer of more than 4300 digits
+        raise BadRequest(400, f"JSON body is not a mel ({MEL_JSON}): {exc}") from None
+    if isinstance(data, dict):
+        if set(data) != {"mel"}:
+            raise BadRequest(400, f"JSON object with keys {sorted(data)}: expected only \"mel\" ({MEL_JSON})")
+        data = data["mel"]
+    shape: list[int] = []
+    probe = data
+    while isinstance(probe, list) and len(shape) < 4:
+        shape.append(len(probe))
+        probe = probe[0] if probe else None
+    if len(shape) not in (2, 3):
+        raise BadRequest(400, f"JSON mel is {len(shape)} level(s) of lists, not 2 or 3 ({MEL_JSON})")
+    numbers: list = []
+
+    def collect(node, depth: int, where: str):
+        if not isinstance(node, list):
+            raise BadRequest(400, f"JSON mel{where} is {type(node).__name__}, not a list ({MEL_JSON})")
+        if len(node) != shape[depth]:
+            raise BadRequest(400, f"JSON mel is ragged: mel{where} has {len(node)} items, the first list at its "
+                                  f"level has {shape[depth]}")
+        if depth + 1 < len(shape):
+            for i, child in enumerate(node):
+                collect(child, depth + 1, f"{where}[{i}]")
+            return
+        for i, value in enumerate(node):
+            if type(value) not in (int, float):  # bool is an int subclass: refused too
+                raise BadRequest(400, f"JSON mel{where}[{i}] is {json.dumps(value)[:40]}, not a number")
+            if not -FLOAT32_MAX <= value <= FLOAT32_MAX:  # exact for huge ints; false for inf (1e400)
+                raise BadRequest(422, f"JSON mel{where}[{i}] = {str(value)[:40]} is outside float32's range")
+        numbers.extend(node)
+
+    collect(data, 0, "")
+    return np.array(numbers, dtype=np.float64).reshape(shape)
+
+
 def decode_mel(body: bytes, content_type: str, limits: ServeLimits = ServeLimits(),
                stft: STFTConfig = STFTConfig()) -> np.ndarray:
-    """A request body → float32 `[n_mel, T]`, or BadRequest naming what is wrong with it."""
+    """A request body → float32 `[n_mel, T]`, or BadRequest naming what is wrong with it: 400 not a
+    readable .npy / JSON mel, 413 too large, 415 another content type, 422 numbers that are not a vocodable mel
+    (shape, range, NaN/Inf, the mel format check)."""
     kind = (content_type or "").split(";")[0].strip().lower()
     if len(body) > limits.max_body_bytes:
         raise BadRequest(413, f"request body of {len(body)} bytes is over the limit of {limits.max_body_bytes}")
@@ -164,23 +285,9 @@ def decode_mel(body: bytes, content_type: str, limits: ServeLimits = ServeLimits
         if len(body) > limits.max_json_bytes:
             raise BadRequest(413, f"JSON body of {len(body)} bytes is over the JSON limit of "
                                   f"{limits.max_json_bytes}; send larger mels as .npy bytes")
-        try:
-            data = json.loads(body)
-            array = np.asarray(data["mel"] if isinstance(data, dict) else data, dtype=np.float32)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise BadRequest(400, f"JSON body is not a mel ({{\"mel\": [[...80 rows...]]}}): {exc}") from None
-        except RecursionError:  # "[" * 100000: the parser gives up at Python's recursion limit
-            raise BadRequest(400, "JSON body is nested too deep to be a mel ({\"mel\": [[...80 rows...]]}, "
-                                  "3 levels)") from None
+        array = json_array(body)
     elif kind in ("application/octet-stream", "application/x-npy", ""):
-        try:
-            array = np.load(io.BytesIO(body), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise BadRequest(400, f"body is not .npy bytes (np.save of a float array; no pickles): {exc}") \
-                from None
-        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-            raise BadRequest(422, f"the .npy holds dtype {array.dtype}, not numbers")
-        array = array.astype(np.float32)
+        array = npy_array(body)
     else:
         raise BadRequest(415, f"content type {content_type!r}: send application/octet-stream (.npy bytes) "
                               "or application/json")
@@ -188,10 +295,16 @@ def decode_mel(body: bytes, content_type: str, limits: ServeLimits = ServeLimits
         array = array[0]
     if array.ndim == 2 and array.shape[0] == stft.n_mel_channels and array.shape[1] > limits.max_frames:
         raise BadRequest(413, f"mel of {array.shape[1]} frames is over the limit of {limits.max_frames}")
-    verdict = check_mel_format(array, "request mel", stft)
+    # a signalling NaN's cast warns "invalid value": noise, the check below names NaN/Inf itself
+    with np.errstate(all="ignore"):
+        if array.dtype.kind == "f" and array.dtype.itemsize > 4:  # float64 beyond float32's range: inf once cast
+            beyond = int((np.isfinite(array) & (np.abs(array) > FLOAT32_MAX)).sum())
+            if beyond:
+                raise BadRequest(422, f"{beyond} of the mel's values are beyond float32's range")
+        verdict = check_mel_format(array, "request mel", stft)
     if not verdict.ok:
         raise BadRequest(422, verdict.message())
-    return np.ascontiguousarray(array)
+    return np.ascontiguousarray(array, dtype=np.float32)
 
 
 def request_id(query_id: str | None, mel: np.ndarray) -> str:
@@ -217,6 +330,7 @@ def build_app(cfg: WorkflowConfig, *, replicas: int = 1, max_batch: int = 8, bat
                       max_ongoing_requests=max(2 * max_batch, 16) + limits.max_concurrent_bodies)
     class Vocoder:
         def __init__(self):
+            replica_grpc_on_loopback()  # before the replica starts that server, right after this constructor
             self.slots = BodySlots(limits.max_concurrent_bodies)
             torch.set_num_threads(cfg.ray_cpus_per_actor)
             self.model_config = resolve_model_config(cfg)

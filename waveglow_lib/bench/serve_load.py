@@ -38,10 +38,12 @@ def npy_bytes(mel: np.ndarray) -> bytes:
 
 
 def post_mel(url: str, body: bytes, utt_id: str | None = None, content_type: str = "application/octet-stream",
-             timeout: float = 120.0) -> tuple[int, bytes, dict]:
-    """POST one body; returns (status, response body, headers). HTTP errors come back as their status."""
+             timeout: float = 120.0, headers: Mapping[str, str] | None = None) -> tuple[int, bytes, dict]:
+    """POST one body (with more `headers` if given); returns (status, response body, headers). HTTP errors come
+    back as their status."""
     target = f"{url}?id={quote(utt_id)}" if utt_id else url
-    request = urllib.request.Request(target, data=body, method="POST", headers={"Content-Type": content_type})
+    request = urllib.request.Request(target, data=body, method="POST",
+                                     headers={"Content-Type": content_type, **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read(), dict(response.headers)

@@ -16,6 +16,7 @@ once. The `om` backend's actors each request one `NPU` (Ray's resource name for 
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from contextlib import contextmanager
@@ -85,6 +86,41 @@ def loopback_node():
         os.environ.pop(LOOPBACK_SWITCH, None)
         if saved is not None:
             ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+#: the address Ray Serve binds each replica's inter-deployment gRPC server to, hard-coded (serve/_private/replica.py,
+#: `add_port_to_grpc_server(self._server, "[::]:0")`; no setting: ray-project/ray#64544)
+SERVE_REPLICA_GRPC_ANY = "[::]:"
+
+
+def replica_grpc_on_loopback() -> bool:
+    """In a Ray Serve replica on a loopback node (the Ray `connect` starts): make the replica's inter-deployment
+    gRPC server listen on 127.0.0.1 rather than on every interface. Ray Serve binds it to `[::]:0` with no
+    setting, so this wraps the helper its replica module binds with (private, looked up when the replica
+    starts that server, which is after the deployment's constructor, where this is called). Its clients
+    dial the node's address and port, 127.0.0.1 here, so nothing else changes. On a node with a routable
+    address (a cluster) it does nothing. Returns whether the bind is now on loopback."""
+    ray = import_ray("serve")
+    if not ipaddress.ip_address(ray.util.get_node_ip_address()).is_loopback:
+        return False
+    try:
+        from ray.serve._private import replica
+    except ImportError:
+        return False
+    bind = getattr(replica, "add_port_to_grpc_server", None)
+    if bind is None:  # a Ray Serve that binds otherwise: the serve test's listening check says so
+        return False
+    if getattr(bind, "on_loopback", False):
+        return True
+
+    def bind_on_loopback(server, address: str):
+        if address.startswith(SERVE_REPLICA_GRPC_ANY):
+            address = "127.0.0.1:" + address[len(SERVE_REPLICA_GRPC_ANY):]
+        return bind(server, address)
+
+    bind_on_loopback.on_loopback = True
+    replica.add_port_to_grpc_server = bind_on_loopback
+    return True
 
 
 def connect(address: str | None, *, dashboard: bool = False):
