@@ -10,7 +10,7 @@ import pytest
 from waveglow_lib.cli import main as cli_main
 from waveglow_lib.notebook import runner as nr
 from waveglow_lib.config import GUIDE_MEL_LENGTHS, WorkflowConfig, parse_set_option
-from waveglow_lib.errors import ConfigError
+from waveglow_lib.errors import ConfigError, ConfigTypeError
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params"
@@ -220,3 +220,76 @@ def test_set_option_yaml_errors_name_the_option():
         parse_set_option(["limit=!!python/object/apply:os.system ['true']"])
     with pytest.raises(ConfigError, match=r"--set bench_batch_sizes:1:\d+:"):
         parse_set_option(["bench_batch_sizes=[1, 2"])
+
+
+# --- numbers that mean something else, and the bounds of a document ----------------------------------
+@pytest.mark.parametrize("text, key, read_as", [
+    ("limit: 010\n", "limit", "8"),             # YAML 1.1 octal
+    ("limit: 0x10\n", "limit", "16"),
+    ("seed: 0b11\n", "seed", "3"),
+    ("seed: 0o17\n", "seed", "'0o17'"),         # YAML 1.2's octal: a string to YAML 1.1
+    ("limit: 1_000\n", "limit", "1000"),
+    ("limit: 1:20\n", "limit", "80"),           # sexagesimal
+    ("sigma: 0_.6\n", "sigma", "0.6"),
+    ("%YAML 1.2\n---\nseed: 0b11\n", "seed", "3"),
+    ("bench_batch_sizes: [1, 010]\n", "bench_batch_sizes", "8"),
+])
+def test_numbers_yaml_1_1_and_1_2_read_differently_are_refused_by_name(tmp_path, text, key, read_as):
+    with pytest.raises(ConfigError, match=f"p.yaml:\\d+:\\d+: parameter '{key}': .* means different things in "
+                                          f"YAML 1.1 and 1.2 \\(PyYAML reads {read_as}\\)") as caught:
+        WorkflowConfig.from_yaml(write(tmp_path, text))
+    assert "\n" not in str(caught.value)
+    value = text.rpartition(f"{key}: ")[2].strip()
+    with pytest.raises(ConfigError, match=f"^--set {key}:1:\\d+: .* means different things"):
+        parse_set_option([f"{key}={value}"])
+    # plain decimal numbers, and the same text quoted (a string), read as they always did
+    assert parse_set_option(["limit=10", "seed=0", "sigma=0.60", "opset=+17", f"soc_version='{value}'"]) == {
+        "limit": 10, "seed": 0, "sigma": 0.6, "opset": 17, "soc_version": value}
+
+
+def test_a_long_plain_list_is_refused_by_its_bytes_and_a_plain_one_that_fits_reads(tmp_path):
+    """Bounds count bytes, depth and aliases, not values: a plain list is no alias bomb."""
+    long_list = f"[{', '.join(['1'] * 300_000)}]"
+    with pytest.raises(ConfigError, match=r"p.yaml: refused: \d+ bytes, more than a params file \(YAML\) may have "
+                                          r"\(65536\)") as caught:
+        WorkflowConfig.from_yaml(write(tmp_path, f"bench_batch_sizes: {long_list}\n"))
+    assert "alias" not in str(caught.value)
+    with pytest.raises(ConfigError, match=r"^--set bench_batch_sizes: \d+ bytes, more than the 65536 .*few KiB"):
+        parse_set_option([f"bench_batch_sizes={long_list}"])
+    cfg = WorkflowConfig.from_yaml(write(tmp_path, f"bench_batch_sizes: [{','.join(['1'] * 20_000)}]\n"))
+    assert len(cfg.bench_batch_sizes) == 20_000
+    for depth in (60, 20_000):  # deeper than the bound, and deeper than Python's recursion
+        with pytest.raises(ConfigError, match=r"p.yaml:1:\d+: nested deeper than 50 levels"):
+            WorkflowConfig.from_yaml(write(tmp_path, f"bench_batch_sizes: {'[' * depth}1{']' * depth}\n"))
+
+
+def test_aliases_are_counted(tmp_path):
+    text = "bench_batch_sizes: &b [1]\nx: [" + ", ".join(["*b"] * 101) + "]\n"
+    with pytest.raises(ConfigError, match=r"p.yaml:2:\d+: more than 100 aliases"):
+        WorkflowConfig.from_yaml(write(tmp_path, text))
+
+
+# --- types the config's check must see through, and values the OS refuses ------------------------------
+@pytest.mark.parametrize("value", ["[1, 2]", "{a: 1}", "1", "true"])
+def test_a_union_field_refuses_what_none_of_its_types_takes(tmp_path, value):
+    with pytest.raises(ConfigTypeError, match=r"parameter 'ray_address' expects str or None \(null\), got"):
+        WorkflowConfig.from_yaml(write(tmp_path, f"ray_address: {value}\n"))
+    for ok in ("null", "auto", "ray://head:10001"):
+        assert WorkflowConfig.from_dict(parse_set_option([f"ray_address={ok}"])).ray_address == \
+            (None if ok == "null" else ok)
+
+
+@pytest.mark.parametrize("key", ["corpus", "checkpoint", "runs_dir", "cache_dir", "device"])
+def test_a_nul_byte_in_a_parameter_is_refused_by_name(tmp_path, key):
+    with pytest.raises(ConfigError, match=f"parameter '{key}' holds a NUL byte"):
+        WorkflowConfig.from_yaml(write(tmp_path, f'{key}: "a\\0b"\n'))
+
+
+def test_names_and_paths_longer_than_the_os_allows_are_refused_by_name(tmp_path):
+    with pytest.raises(ConfigError, match=r"parameter 'corpus': the name 'a+'\.\.\. is 300 bytes, longer than the \d+"):
+        WorkflowConfig(corpus=str(tmp_path / ("a" * 300)))
+    deep = "/".join(["b" * 200] * 21)  # every name fits, the path does not
+    with pytest.raises(ConfigError, match=r"parameter 'checkpoint': .* bytes long, longer than the \d+"):
+        WorkflowConfig(checkpoint=str(tmp_path / deep))
+    with pytest.raises(ConfigError, match=r"the run folder <runs_dir>/<name>: .* \(plus 256 for the files in it\)"):
+        WorkflowConfig(runs_dir=str(tmp_path / "/".join(["b" * 200] * 19)))

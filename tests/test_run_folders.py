@@ -3,15 +3,16 @@ and `train` does not write into a folder that is not a training folder unless fo
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from support import TINY
+from support import SHORT_IDS, TINY
 from waveglow_lib.cli import main as cli_main
 from waveglow_lib.config import WorkflowConfig
 from waveglow_lib.errors import ConfigError, RunFolderError
-from waveglow_lib.stages import preprocess
+from waveglow_lib.stages import convert, export, infer, postprocess, preprocess, vocode
 from waveglow_lib.stages import train as train_stage
 from waveglow_lib.stages.train import run_train
 from waveglow_lib.train import HISTORY_NAME, MODEL_NAME, STATE_NAME, TrainConfig, train
@@ -74,6 +75,44 @@ def test_a_run_folder_linked_within_runs_dir_is_accepted(make_cfg, tmp_path):
     (runs / "t").symlink_to(runs / "real", target_is_directory=True)
     preprocess(make_cfg(runs, limit=1))
     assert (runs / "real" / "mel" / "manifest.json").is_file()
+
+
+#: what each stage writes into its folder: the user's file of that name, in the folder the link points to
+LINKED_OUTPUTS = {"vocode": f"{SHORT_IDS[0]}_syn.wav", "out": f"{SHORT_IDS[0]}_out.bin",
+                  "wav": f"{SHORT_IDS[0]}_syn.wav", "onnx": "waveglow.onnx", "om": "waveglow.gears.json"}
+
+
+@pytest.mark.parametrize("folder", sorted(LINKED_OUTPUTS))
+def test_an_output_folder_linked_out_of_the_run_is_refused_and_the_users_file_kept(preprocessed_run, tmp_path,
+                                                                                    folder):
+    """runs/<name>/<folder> a link to a folder of the user's: the stage writing there is refused (layout's one
+    check of the run's folders), naming the link and where it points; the user's file is untouched."""
+    cfg = preprocessed_run(tmp_path / "runs", with_onnx=folder == "om")
+    if folder == "wav":  # postprocess needs infer's outputs
+        infer(cfg)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / LINKED_OUTPUTS[folder]).write_bytes(b"the user's own file")
+    (cfg.run_dir / folder).symlink_to(mine, target_is_directory=True)
+    run = {"vocode": lambda: vocode(cfg, cfg.run_dir / "mel"), "out": lambda: infer(cfg),
+           "wav": lambda: postprocess(cfg), "onnx": lambda: export(cfg),
+           "om": lambda: convert(cfg, targets=["atc"], run_atc=False)}[folder]
+    link = re.escape(str(cfg.run_dir / folder))
+    with pytest.raises(RunFolderError, match=f"^{link}: the .* resolves to {re.escape(str(mine))}, outside"):
+        run()
+    assert listing(mine) == {LINKED_OUTPUTS[folder]: b"the user's own file"}
+
+
+def test_the_cli_refuses_a_linked_vocode_folder_in_one_line(preprocessed_run, tmp_path, capsys):
+    cfg = preprocessed_run(tmp_path / "runs")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (cfg.run_dir / "vocode").symlink_to(mine, target_is_directory=True)
+    code = cli_main(["vocode", "--runs-dir", cfg.runs_dir, "--name", cfg.name, "--checkpoint", cfg.checkpoint,
+                     "--backend", "torch", "--mels", str(cfg.run_dir / "mel")])
+    err = capsys.readouterr().err
+    assert code == 2 and "the vocode folder resolves to" in err and "Traceback" not in err
+    assert list(mine.iterdir()) == []
 
 
 # --- train's out_dir ---------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from . import engines, stages
 from .bench import ROWS, DEFAULT_ROWS, DEFAULT_LENGTHS, parse_lengths, render_markdown, run_bench
 from .bench.serve_load import LEVELS, load_test, offline_outputs, render_load_markdown
 from .bench.stream import render_stream_markdown, stream_bench
-from .config import STFTConfig, WorkflowConfig, parse_set_option
+from .config import STFTConfig, WorkflowConfig, check_os_path, parse_set_option
 from .errors import ConfigError, NotebookRunError, WaveGlowError
 from .evaluate import collect_metrics
 from .io import atomic_write_json, atomic_write_text
@@ -359,6 +359,14 @@ def config_from_args(args: argparse.Namespace) -> WorkflowConfig:
     return WorkflowConfig.from_dict(overrides, source="command line")
 
 
+def check_path_options(args: argparse.Namespace) -> None:
+    """The paths given as flags (--params, --mels, --out-dir, ...), before anything opens them: a name too long
+    for the OS is a one-line error (config.check_os_path), not an ENAMETOOLONG traceback."""
+    for name, value in vars(args).items():
+        if isinstance(value, Path) or (name == "params" and isinstance(value, str)):
+            check_os_path(value, f"--{name.replace('_', '-')}")
+
+
 def _brief(result: Any) -> Any:
     """Drop bulky entries (model configs, per-item lists longer than 20) from the printed summary."""
     if isinstance(result, dict):
@@ -386,6 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command: Command = args.command_spec
     try:
+        check_path_options(args)
         result = command.run((command.configure or config_from_args)(args), args)
     except KeyboardInterrupt:
         print("interrupted; finished outputs are kept, re-run to continue", file=sys.stderr)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -19,7 +20,7 @@ from .errors import ConfigError, ConfigTypeError, InputNotFound
 from .io import atomic_write_text, read_bounded
 from .layout import RunLayout, run_folder
 
-from .safe_yaml import load_yaml
+from .safe_yaml import MAX_YAML_BYTES, load_yaml
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
@@ -267,6 +268,12 @@ class WorkflowConfig:
     def __post_init__(self) -> None:
         check_choices(self)
         check_run_name(self.name)
+        for key in PATH_PARAMETERS:
+            if isinstance(getattr(self, key), str):  # other types: from_mapping's type check names them
+                check_os_path(getattr(self, key), f"parameter {key!r}")
+        if isinstance(self.runs_dir, str):
+            check_os_path(Path(self.runs_dir).expanduser() / self.name, "the run folder <runs_dir>/<name>",
+                          room=RUN_PATH_ROOM)
         for key in ("batch_size", "bench_repeats", "n_buckets", "ray_cpus_per_actor"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"parameter {key!r} must be >= 1, got {getattr(self, key)}")
@@ -345,6 +352,40 @@ def check_run_name(name: object) -> None:
                           "To put runs elsewhere, set runs_dir")
 
 
+def check_os_path(path: str | os.PathLike, what: str, room: int = 0) -> Path:
+    """`path` as a Path, once the OS can take it: ConfigError naming `what` for a NUL byte, a name longer than
+    the file system's NAME_MAX, or a path (made absolute, plus `room` bytes for what goes inside) longer than
+    PATH_MAX. Without this, the first open is an `embedded null byte` or ENAMETOOLONG traceback."""
+    text = os.fspath(path)
+    if "\0" in text:
+        raise ConfigError(f"{what}: {text!r} holds a NUL byte, which no file name may hold")
+    full = os.fsencode(os.path.abspath(os.path.expanduser(text)))
+    name_max, path_max = _os_limits(full)
+    longest = max(full.split(b"/"), key=len)
+    if len(longest) > name_max:
+        raise ConfigError(f"{what}: the name {os.fsdecode(longest[:40])!r}... is {len(longest)} bytes, longer "
+                          f"than the {name_max} the file system allows")
+    if len(full) + room >= path_max:
+        needs = f" (plus {room} for the files in it)" if room else ""
+        raise ConfigError(f"{what}: {os.fsdecode(full[:40])!r}... is {len(full)} bytes long{needs}, longer than "
+                          f"the {path_max} the OS allows in a path")
+    return Path(text)
+
+
+def _os_limits(path: bytes) -> tuple[int, int]:
+    """(NAME_MAX, PATH_MAX) of the file system holding `path`'s nearest existing folder (255, 4096 if unknown)."""
+    folder = os.path.dirname(path)
+    while folder and not os.path.isdir(folder) and folder != os.path.dirname(folder):
+        folder = os.path.dirname(folder)
+    limits = []
+    for name, default in (("PC_NAME_MAX", 255), ("PC_PATH_MAX", 4096)):
+        try:
+            limits.append(os.pathconf(folder or b"/", name) or default)
+        except (OSError, ValueError):
+            limits.append(default)
+    return limits[0], limits[1]
+
+
 # --- shared by every parameter dataclass (WorkflowConfig here, train.TrainConfig) ------------------------
 def literal_choices(cls: type) -> dict[str, tuple[str, ...]]:
     """The fields of dataclass `cls` typed `Literal[...]` and their allowed values."""
@@ -370,8 +411,12 @@ def from_mapping(cls: type, data: Mapping[str, Any], source: str = "parameters")
     return cls(**{k: _coerce(k, v, _field_type(cls, k), source) for k, v in data.items()})
 
 
-#: a params file holds ~30 settings (a few KiB); read whole, so bounded
-MAX_PARAMS_BYTES = 2**20
+#: a params file holds ~30 settings (a few KiB); read whole, so bounded (safe_yaml's bound for any document)
+MAX_PARAMS_BYTES = MAX_YAML_BYTES
+#: the parameters that name a file or folder (the OS refuses a NUL byte in them, and names too long)
+PATH_PARAMETERS = ("corpus", "checkpoint", "runs_dir", "cache_dir")
+#: bytes kept free below the run folder for the paths inside it (`vocode/.<200-character id>_syn.wav.<tmp>`)
+RUN_PATH_ROOM = 256
 
 
 def read_params_file(path: str | Path) -> dict[str, Any]:
@@ -405,26 +450,57 @@ def _field_type(cls: type, name: str) -> Any:
 
 
 def _coerce(key: str, value: Any, expected: Any, source: str = "config") -> Any:
-    """Type check with the few conversions YAML users expect (int → float, str → Path-like str)."""
+    """Type check with the few conversions YAML users expect (int → float, a tuple → list); a union
+    (`str | None`) takes what one of its members takes. A NUL byte is refused in any string."""
+    if isinstance(value, str) and "\0" in value:
+        raise ConfigError(f"{source}: parameter {key!r} holds a NUL byte: {value!r}")
+    converted = _converted(value, expected)
+    if converted is _REFUSED:
+        raise ConfigTypeError(f"{source}: parameter {key!r} expects {_type_name(expected)}, "
+                              f"got {type(value).__name__} {value!r}")
+    return converted
+
+
+#: what `_converted` answers for a value its type does not take (None is a value some types take)
+_REFUSED = object()
+
+
+def _converted(value: Any, expected: Any) -> Any:
+    """`value` as type `expected` holds it, or _REFUSED."""
     origin = typing.get_origin(expected)
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+    if origin in (typing.Union, types.UnionType):
+        for member in typing.get_args(expected):
+            converted = _converted(value, member)
+            if converted is not _REFUSED:
+                return converted
+        return _REFUSED
+    if expected is type(None):
+        ok = value is None
+    elif expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if expected is bool:
-        ok = isinstance(value, bool)
+    elif expected in (bool, float, str):
+        ok = isinstance(value, expected)
     elif expected is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
-    elif expected is float or expected is str:
-        ok = isinstance(value, expected)
     elif expected is list or origin is list:
         ok = isinstance(value, (list, tuple))
         value = list(value) if ok else value
+    elif expected is dict or origin is dict:
+        ok = isinstance(value, dict)
     elif origin is Literal:
-        ok = isinstance(value, str)
-    elif origin in (typing.Union, types.UnionType):
-        ok = True
+        ok = isinstance(value, str)  # which strings: check_choices, with the choices in its message
     else:
-        ok = True
-    if not ok:
-        raise ConfigTypeError(f"{source}: parameter {key!r} expects {getattr(expected, '__name__', expected)}, "
-                        f"got {type(value).__name__} {value!r}")
-    return value
+        ok = not isinstance(expected, type) or isinstance(value, expected)
+    return value if ok else _REFUSED
+
+
+def _type_name(expected: Any) -> str:
+    """`str or None`, `one of 'a', 'b'`, `int`: a type as an error message says it."""
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(member) for member in typing.get_args(expected))
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(expected)))
+    if expected is type(None):
+        return "None (null)"
+    return getattr(origin or expected, "__name__", str(expected))

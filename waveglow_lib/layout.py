@@ -111,7 +111,7 @@ class RunLayout:
 
     @property
     def mel_dir(self) -> Path:
-        return self.root / "mel"
+        return self.folder("mel", "the mel folder")
 
     @property
     def manifest(self) -> Path:
@@ -119,7 +119,7 @@ class RunLayout:
 
     @property
     def onnx_dir(self) -> Path:
-        return self.root / "onnx"
+        return self.folder("onnx", "the onnx folder")
 
     @property
     def onnx(self) -> Path:
@@ -139,7 +139,7 @@ class RunLayout:
 
     @property
     def om_dir(self) -> Path:
-        return self.root / "om"
+        return self.folder("om", "the om folder")
 
     @property
     def om(self) -> Path:
@@ -155,7 +155,7 @@ class RunLayout:
 
     @property
     def out_dir(self) -> Path:
-        return self.root / "out"
+        return self.folder("out", "the output folder")
 
     @property
     def timings(self) -> Path:
@@ -163,7 +163,7 @@ class RunLayout:
 
     @property
     def wav_dir(self) -> Path:
-        return self.root / "wav"
+        return self.folder("wav", "the wav folder")
 
     @property
     def postprocess_record(self) -> Path:
@@ -172,7 +172,7 @@ class RunLayout:
     @property
     def vocode_dir(self) -> Path:
         """The vocode stage's wavs (and `<id>_out.bin` when asked) for mels from elsewhere."""
-        return self.root / "vocode"
+        return self.folder("vocode", "the vocode folder")
 
     @property
     def vocode_record(self) -> Path:
@@ -180,7 +180,7 @@ class RunLayout:
 
     @property
     def notebooks_dir(self) -> Path:
-        return self.root / "notebooks"
+        return self.folder("notebooks", "the notebooks folder")
 
     @property
     def report(self) -> Path:
@@ -201,6 +201,12 @@ class RunLayout:
     def check(self, path: str | Path, what: str = "path") -> Path:
         """`path` must resolve inside the run folder (no link or `..` out of it)."""
         return inside(self.root, path, what)
+
+    def folder(self, name: str, what: str) -> Path:
+        """A folder of the run (`mel/`, `out/`, `vocode/` ...), checked each time a stage, the report or a
+        notebook asks for it, so nothing reads or writes through a link leading out of the run folder: the one
+        place that holds every folder, and the files in them, to the rule (a link within the run is fine)."""
+        return self.check(self.root / name, what)
 
     def model_files(self) -> dict[str, Path]:
         """The exported / compiled model files a backend may read."""
