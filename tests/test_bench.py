@@ -132,6 +132,17 @@ def test_files_written_with_guide_rows_labelled_theirs(result):
     assert "Rejected by the gate: broken, nan, ragged-broken" in md
 
 
+def test_quick_bench_times_second_long_slices_of_the_runs_utterances(result):
+    """--quick must represent the run: a few frames per utterance timed per-call overhead, and the graph
+    runtimes beat the engine `auto` picks there (issue 30, item 4)."""
+    res, out = result
+    s = res["settings"]
+    assert len(s["lengths"]) == 3 and all(n * 256 / 22050 >= 1.0 for n in s["lengths"])
+    assert s["mel_source"].startswith("corpus wavs")  # the run's own utterances, not synthetic mels
+    md = (out / "bench.md").read_text()
+    assert f"3 slices of {s['lengths']} mel frames" in md and "per-call overhead" in md
+
+
 def test_flop_counts_match_the_official_architecture():
     official = ModelConfig()
     # per flow: dilated in_layers 8·512·256·3, res_skip 7·512·256 + 256·256, cond_layer 640·4096; start/end

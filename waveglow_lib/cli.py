@@ -303,7 +303,7 @@ COMMANDS: list[Command] = [
             ("name", "runs_dir", "seed", "sigma", "chunk_frames"), aliases=(
                 Alias("--batch-sizes", "bench_batch_sizes", "e.g. 1,4,8,16", _int_list),
                 Alias("--repeats", "bench_repeats", "timed passes per row", int),
-                Alias("--quick", "bench_quick", "smoke run: demo model, 3 short lengths, batch 1 and 2, 1 repeat")),
+                Alias("--quick", "bench_quick", "smoke run: demo model, 3 one-second slices, batch 1 and 2, 1 repeat")),
             options=_bench_options, run=_run_bench),
     Command("serve", "HTTP POST /vocode (a mel as .npy or JSON → audio/wav) on Ray Serve, batched, N replicas; "
             "--load-test measures it", COMMON_FIELDS + ("backend", "precision", "seed", "sigma", "ray_cpus_per_actor"),

@@ -1,6 +1,7 @@
 """The benchmark's workload: which utterance lengths, which mels, which model."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,7 +22,11 @@ from ..model import WaveGlow
 GUIDE_MEAN_SECONDS = (sum(GUIDE_MEL_LENGTHS) * STFTConfig().hop_length / STFTConfig().sampling_rate
                       / len(GUIDE_MEL_LENGTHS))
 DEFAULT_LENGTHS = "guide/16"
-QUICK_LENGTHS = (12, 7, 9)
+#: --quick times three one-second slices of the run's own utterances: long enough that the engines' own
+#: speed, not their per-call overhead, decides the table (a few frames each favoured the graph runtimes
+#: over the engine `auto` picks)
+QUICK_SECONDS = 1.0
+QUICK_LENGTHS = (math.ceil(QUICK_SECONDS * STFTConfig().sampling_rate / STFTConfig().hop_length),) * 3
 
 
 def parse_lengths(text: str | Sequence[int]) -> list[int]:
