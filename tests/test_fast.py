@@ -1,7 +1,11 @@
 """backends/fast/: the folded WaveGlow equals the original, and FastEngine / the `fast` backend reproduce it."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -12,6 +16,7 @@ from waveglow_lib.backends.fast import FastEngine, FastWaveGlow, auto_engine, fo
 from waveglow_lib.backends.fast import auto as fast_auto
 from waveglow_lib.backends.fast import cache as fast_cache
 from waveglow_lib.backends.fast import engine as fast_engine
+from waveglow_lib.errors import BackendError
 from waveglow_lib.hardware import CpuMeter, cpu_jiffies, native_bf16, native_int8, usable_cpus
 from waveglow_lib.metrics import MAX_LOG_MEL_DISTANCE, MIN_SNR_DB
 from waveglow_lib.model import WaveGlow
@@ -262,6 +267,113 @@ def test_cache_stale_or_corrupt_entries_are_rebuilt(tmp_path):
     reload("rebuilt: incomplete")
     reload("hit")
     assert not list((tmp_path / "fast").glob(".engine-*"))  # no temporary folders left behind
+
+
+def rehash(entry, name: str, data: bytes) -> None:
+    """Put `data` into the entry's file `name` and rewrite meta.json's sha256 to match: what anyone who can
+    write to the cache can do (the MAC is what they cannot redo)."""
+    (entry / name).write_bytes(data)
+    meta = json.loads((entry / "meta.json").read_text())
+    meta["files"][name] = hashlib.sha256(data).hexdigest()
+    (entry / "meta.json").write_text(json.dumps(meta))
+
+
+def test_cache_entry_rehashed_to_foreign_or_corrupt_files_is_rebuilt_not_used(tmp_path):
+    model, other = tiny_model(seed=7), tiny_model(seed=8)
+    mel, z = inputs(model, batch=1, frames=14)
+    reference = cached_backend(model, tmp_path).run(mel, z)
+    cached_backend(other, tmp_path)
+    cache = fast_cache.EngineCache(tmp_path)
+    entry, foreign = cache.engine_dir(model, "fp32"), cache.engine_dir(other, "fp32")
+
+    def reload(expected: str):
+        backend = cached_backend(model, tmp_path)
+        assert backend.cache_events[0].startswith(expected), backend.cache_events
+        assert np.array_equal(backend.run(mel, z), reference)  # this model's audio, never the planted one
+
+    rehash(entry, "flow01.safetensors", (foreign / "flow01.safetensors").read_bytes())  # another model's flow
+    with pytest.warns(RuntimeWarning, match="not proven"):
+        reload("rebuilt: not proven")
+    reload("hit")  # the rebuilt entry replaced it, and proves itself
+    data = bytearray((entry / "flow03.safetensors").read_bytes())
+    data[-7] ^= 0x40  # a corrupt weight, rehashed
+    rehash(entry, "flow03.safetensors", bytes(data))
+    with pytest.warns(RuntimeWarning, match="not proven"):
+        reload("rebuilt: not proven")
+    for name in ("flow00.safetensors", "flow01.safetensors"):  # every file of the other entry, rehashed
+        rehash(entry, name, (foreign / name).read_bytes())
+    meta = json.loads((entry / "meta.json").read_text())
+    del meta["mac"]  # an entry without its proof
+    (entry / "meta.json").write_text(json.dumps(meta))
+    with pytest.warns(RuntimeWarning, match="not proven"):
+        reload("rebuilt: not proven")
+
+
+def test_cache_entry_or_verdict_written_with_another_secret_is_a_miss(tmp_path):
+    model = tiny_model(seed=7)
+    mel, z = inputs(model, batch=1, frames=14)
+    first, second = tmp_path / "mine", tmp_path / "theirs"
+    reference = cached_backend(model, first).run(mel, z)
+    cached_backend(model, second)  # another cache: its own secret
+    shutil.rmtree(second / "fast")
+    shutil.copytree(first / "fast", second / "fast")  # the entry, as another cache (or user) wrote it
+    with pytest.warns(RuntimeWarning, match="not proven"):
+        backend = cached_backend(model, second)
+    assert backend.cache_events[0].startswith("rebuilt: not proven") and np.array_equal(backend.run(mel, z), reference)
+    assert cached_backend(model, second).cache_events == ["hit"]
+    assert (first / "secret.key").read_bytes() != (second / "secret.key").read_bytes()
+    (first / "secret.key").unlink()  # a new secret is made: every entry written with the old one is a miss
+    with pytest.warns(RuntimeWarning, match="not proven"):
+        assert cached_backend(model, first).cache_events[0].startswith("rebuilt: not proven")
+    # auto's verdict too: one written with another secret chooses nothing
+    get_backend("fast", model=model, precision="auto", threads=1, cache_dir=first)
+    verdict = next((first / "fast").glob("probe-*.json"))
+    shutil.copy(verdict, second / "fast" / verdict.name)
+    with pytest.warns(RuntimeWarning, match="not proven"):
+        again = get_backend("fast", model=model, precision="auto", threads=1, cache_dir=second)
+    assert again.probe["cached"] is False
+
+
+def test_cache_secret_is_made_private_and_refused_when_it_is_not(tmp_path, monkeypatch):
+    model = tiny_model(seed=7)
+    previous = os.umask(0)  # the secret is 0600 whatever the umask
+    try:
+        cached_backend(model, tmp_path)
+    finally:
+        os.umask(previous)
+    secret = tmp_path / "secret.key"
+    info = secret.lstat()
+    assert stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600 and info.st_size == 32
+
+    def refused(match: str):
+        with pytest.raises(BackendError, match=match) as caught:
+            cached_backend(model, tmp_path)
+        assert "\n" not in str(caught.value) and str(secret) in str(caught.value)
+
+    secret.chmod(0o640)
+    refused("others may read or write it .mode 0640")
+    secret.chmod(0o600)
+    assert cached_backend(model, tmp_path).cache_events == ["hit"]
+    # another owner: simulated (chown needs root), the check compares the file's uid with ours
+    monkeypatch.setattr(os, "geteuid", lambda: info.st_uid + 1)
+    refused("belongs to uid")
+    monkeypatch.undo()
+    known = tmp_path / "known"
+    known.write_bytes(b"k" * 32)
+    known.chmod(0o600)
+    secret.rename(tmp_path / "kept")
+    secret.symlink_to(known)  # a key whose bytes someone else knows, through a link
+    refused("symbolic link")
+    secret.unlink()
+    os.link(known, secret)  # or through a hard link
+    refused("hard links")
+    secret.unlink()
+    secret.mkdir()
+    refused("not a regular file")
+    secret.rmdir()
+    secret.write_bytes(b"short")
+    secret.chmod(0o600)
+    refused("5 bytes, not 32")
 
 
 def test_cache_off_and_unwritable_cache_still_build(tmp_path):

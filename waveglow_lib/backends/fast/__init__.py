@@ -28,7 +28,8 @@ class FastBackend(Backend):
     `precision="auto"`: the fastest native precision (int8, bf16) that passes the quality gate on a probe of
     speech (`fast.auto_engine`), else fp32; `self.probe` holds the verdict.
     `cache_dir`: the engine cache (`fast.cache`): None or "" = the default folder ($WAVEGLOW_CACHE_DIR or
-    ~/.cache/waveglow-workflow), "off" = build every time; `self.cache_events` says whether it hit."""
+    ~/.cache/waveglow-workflow), "off" = build every time; `self.cache_events` says whether it hit, and
+    `self.load_times` where the load's seconds went (fold, arrays, pack, store, probe; read, verify, parse)."""
 
     name = "fast"
 
@@ -55,6 +56,7 @@ class FastBackend(Backend):
                            else FastEngine(model, precision=precision, **options))
             note = "" if self.engine.precision == precision else f" (asked {precision}: not native on this CPU)"
         self.cache_events = cache.events if cache is not None else []
+        self.load_times = self.engine.load_times.rounded()  # seconds per phase (`engine.LoadTimes`)
         self.precision = self.engine.precision
         cached = " (engine from cache)" if self.cache_events[-1:] == ["hit"] else ""
         self.description = (f"fast: folded WaveGlow, blocked GEMMs, {self.engine.precision}{note}{cached}, "

@@ -17,7 +17,7 @@ from ...hardware import cpu_flags, native_bf16, native_int8
 from ...layout import CORPUS_WAVS_DIR
 from ...metrics import MAX_LOG_MEL_DISTANCE, MIN_SNR_DB, quality_check, quality_ok
 from .cache import EngineCache
-from .engine import FastEngine
+from .engine import FastEngine, LoadTimes
 
 #: frames of real speech a reduced-precision engine is checked on before `precision: auto` trusts it
 PROBE_FRAMES = 48
@@ -70,9 +70,15 @@ def auto_engine(model, cache: EngineCache | None = None, **options) -> tuple["Fa
     record): the precision chosen, why, and the probe numbers of every precision tried (`tried`).
     `cache`: an `EngineCache`: a verdict stored for this model on this machine is reused (no probe;
     `record["cached"]` is True) and engines come from / go to it. `options`: FastEngine's block_frames /
-    threads."""
+    threads. `engine.load_times`: the seconds of every engine built or read here, and of the probe."""
+    times = LoadTimes()
+
     def build(precision: str) -> FastEngine:
-        return cache.engine(model, precision, **options) if cache is not None else FastEngine(model, precision, **options)
+        engine = cache.engine(model, precision, **options) if cache is not None else FastEngine(model, precision, **options)
+        for phase, seconds in engine.load_times.items():
+            times[phase] = times.get(phase, 0.0) + seconds
+        engine.load_times = times
+        return engine
 
     if cache is not None:
         record = cache.verdict(model, probe_settings())
@@ -94,8 +100,11 @@ def auto_engine(model, cache: EngineCache | None = None, **options) -> tuple["Fa
             skipped.append(f"int8 not faster for {model.config.n_channels} WN channels (< {INT8_MIN_CHANNELS})")
             continue
         engine = build(precision)
-        probe = probe or probe_reference(model)
-        tried[precision] = quality = probe_quality(engine, probe)
+        if probe is None:
+            with times.phase("probe_reference"):
+                probe = probe_reference(model)
+        with times.phase("probe_run"):
+            tried[precision] = quality = probe_quality(engine, probe)
         if quality_ok(quality):
             record = {"precision": precision, "reason": "; ".join(
                 skipped + [f"{p} failed the quality gate" for p in tried if p != precision]

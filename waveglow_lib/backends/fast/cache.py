@@ -4,19 +4,31 @@ loaded before on this machine is ready in seconds.
 Layout (`cache_dir`, default `$WAVEGLOW_CACHE_DIR`, else `$XDG_CACHE_HOME/waveglow-workflow`, else
 `~/.cache/waveglow-workflow`):
 
-    fast/engine-<key>/meta.json          what the entry is (its key's fields) and each file's sha256
+    secret.key                           this user's key for the entries' MACs (32 random bytes, 0600)
+    fast/engine-<key>/meta.json          what the entry is (its key's fields), each file's sha256, and the MAC
     fast/engine-<key>/flow<k>.safetensors the engine's tensors of flow k (`engine.flow_arrays`)
-    fast/probe-<key>.json                precision: auto's verdict for a model on this machine, with the
-                                         sha256 of its key and record
+    fast/probe-<key>.json                precision: auto's verdict for a model on this machine, with its MAC
 
 The key is a hash of the model's fingerprint (`checkpoint.model_fingerprint`: its config and every
 weight), the precision, the CPU (`hardware.cpu_signature`), the library versions and the entry format: any
-change makes another key, and an old entry is never read again. An entry is used only when its meta.json
-names the same key fields and every file's sha256 matches; anything else (missing, truncated, corrupt,
-another format) is rebuilt and replaced, with a warning; a verdict is used only when its sha256 matches
-(an edited verdict must not choose the precision in silence), else the probe runs again. Every file is
-read only when it is a regular file (not a link) of a bounded size: a link to a device would be read
-until memory runs out. Tensors are stored with safetensors (no pickles). oneDNN's packed
+change makes another key, and an old entry is never read again.
+
+An entry proves it is this model's before it is used: its meta.json carries an HMAC-SHA256, made with the
+cache's secret, over the key fields (this model's fingerprint, computed here, not read from the entry) and
+every file's sha256, and each file's bytes are checked against that sha256 before they are parsed. Whoever
+can write to the cache but cannot read the secret cannot make an entry pass: flow files swapped for
+corrupt or foreign ones with meta.json's hashes rewritten to match, an entry copied from another cache,
+or one written with another secret are misses, rebuilt and replaced with a warning (`events`: "rebuilt:
+not proven ..."), never used. Anything else (missing, truncated, corrupt, another format) is rebuilt the
+same way; a verdict is used only when its MAC matches, else the probe runs again.
+
+The secret is `<cache_dir>/secret.key`, made once by the first process that needs it (O_CREAT|O_EXCL,
+rights 0600: two processes never both make one); it is refused with a one-line BackendError when it is
+not a regular file (a link, a folder), belongs to another user, is readable or writable by others, has
+other hard links or is not 32 bytes: delete it and a new one is made (every entry is then rebuilt once).
+A cache folder where no secret can be made (read-only) is not used: the engine is built and not stored.
+Every file is read only when it is a regular file (not a link) of a bounded size: a link to a device
+would be read until memory runs out. Tensors are stored with safetensors (no pickles). oneDNN's packed
 int8 weights cannot be serialised: the entry holds the int8 weights and their scales, and they are packed
 again at load (`engine._pack_int8`, bit-identical to a fresh build).
 
@@ -26,11 +38,14 @@ leaves a half-written entry under a key.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import platform
 import shutil
+import stat
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -42,16 +57,20 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ...checkpoint import model_fingerprint
+from ...errors import BackendError
 from ...hardware import cpu_signature
-from ...io import atomic_write_json, read_bounded
-from .engine import FastEngine, flow_arrays, native_precision
+from ...io import atomic_write_json, file_kind, read_bounded
+from .engine import FastEngine, LoadTimes, flow_arrays, native_precision
 
-#: bump when what an entry holds changes (tensor names, layout, quantisation)
-CACHE_FORMAT = 6
+#: bump when what an entry holds changes (tensor names, layout, quantisation, its proof)
+CACHE_FORMAT = 7
 CACHE_ENV = "WAVEGLOW_CACHE_DIR"
-#: meta.json and a verdict are a few KiB; one flow's tensors of the official model about 30 MB
+#: meta.json and a verdict are a few KiB; one flow's tensors of the official model about 90 MB (bf16)
 MAX_META_BYTES = 2**20
 MAX_FLOW_BYTES = 2**30
+#: the secret every entry's MAC is made with, in the cache folder
+SECRET_NAME = "secret.key"
+SECRET_BYTES = 32
 
 
 def default_cache_dir() -> Path:
@@ -82,18 +101,96 @@ def _digest(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def cache_secret(root: Path) -> bytes:
+    """The cache's secret (`<root>/secret.key`): made here when there is none (32 random bytes, rights 0600,
+    O_EXCL so that a concurrent process reads the one made first), else read and checked (`_read_secret`).
+    OSError when the folder cannot hold one (read-only, not a folder)."""
+    path = root / SECRET_NAME
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return _read_secret(path)
+    secret = os.urandom(SECRET_BYTES)
+    try:
+        if os.write(fd, secret) != SECRET_BYTES:
+            raise OSError(f"{path}: short write")
+        os.fsync(fd)
+    except OSError:
+        os.close(fd)
+        path.unlink(missing_ok=True)  # a half-made secret would be refused by every later process
+        raise
+    os.close(fd)
+    return secret
+
+
+def _read_secret(path: Path, wait_s: float = 2.0) -> bytes:
+    """The secret at `path`, once it is a regular file of this user with rights no wider than 0600, one
+    link and 32 bytes; else BackendError naming the file and what is wrong (one line). A file still being
+    made by another process (empty for a moment) is waited for up to `wait_s`."""
+    def refuse(problem: str) -> BackendError:
+        return BackendError(f"engine cache: {path}: refused as the cache's secret: {problem}; delete it (a new "
+                            f"one is made, and every cached engine is rebuilt once) or set another cache_dir",
+                            path=path)
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if path.is_symlink():
+                raise refuse("a symbolic link") from None
+            raise refuse(f"unreadable ({exc.strerror or exc})") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise refuse(f"not a regular file ({file_kind(info)})")
+            if info.st_uid != os.geteuid():
+                raise refuse(f"it belongs to uid {info.st_uid}, not to you (uid {os.geteuid()})")
+            if info.st_mode & 0o077:
+                raise refuse(f"others may read or write it (mode {stat.S_IMODE(info.st_mode):04o}, not 0600)")
+            if info.st_nlink != 1:
+                raise refuse(f"it has {info.st_nlink} hard links")
+            data = os.read(fd, SECRET_BYTES + 1)
+        finally:
+            os.close(fd)
+        if len(data) == SECRET_BYTES:
+            return data
+        if data or time.monotonic() > deadline:  # empty: another process is writing it (O_EXCL, then write)
+            raise refuse(f"{len(data)} bytes, not {SECRET_BYTES}")
+        time.sleep(0.05)
+
+
+def _mac(secret: bytes, record: dict) -> str:
+    """HMAC-SHA256 of `record` (as canonical JSON) with the cache's secret."""
+    return hmac.new(secret, json.dumps(record, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+
+
 class EngineCache:
     """Built engines and auto verdicts of models on this machine, under `root` (see the module doc).
 
     `engine(model, precision)` returns the cached engine or builds it (and stores it); `verdict` /
     `store_verdict` hold `auto_engine`'s record. `self.events` lists what happened ("hit", "built",
-    "rebuilt: <why>") for the caller's description and the tests."""
+    "rebuilt: <why>") for the caller's description and the tests. The secret is read (or made) on first
+    use: BackendError when the file there is not one this user made (see `_read_secret`)."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.events: list[str] = []
         self._environment = environment_key()
         self._fingerprints: dict[int, str] = {}
+        self._secret: bytes | None = None
+        self._no_secret: str | None = None  # why this cache folder cannot hold a secret (then nothing is used)
+
+    def secret(self) -> bytes | None:
+        """The cache's secret, or None when the folder cannot hold one (then entries are neither used nor
+        stored)."""
+        if self._secret is None and self._no_secret is None:
+            try:
+                self._secret = cache_secret(self.root)
+            except OSError as exc:
+                self._no_secret = f"no secret can be kept in {self.root} ({exc.strerror or exc})"
+        return self._secret
 
     def fingerprint(self, model) -> str:
         """The model's fingerprint, computed once per model object."""
@@ -117,14 +214,20 @@ class EngineCache:
     # --- engines --------------------------------------------------------------------------------------------
     def engine(self, model, precision: str, **options) -> FastEngine:
         """The engine for `model` at `precision` (resolved to what this CPU runs natively), from the cache
-        when a valid entry exists, else built and stored. `options`: FastEngine's block_frames / threads."""
+        when an entry exists and proves itself, else built and stored. `options`: FastEngine's block_frames /
+        threads. `engine.load_times`: seconds per phase (fingerprint, fold, arrays, pack, store; read,
+        verify, parse)."""
         precision = native_precision(precision)
-        folder = self.engine_dir(model, precision)
-        fields = self.engine_fields(model, precision)
-        problem = self._check_entry(folder, fields, model.config.n_flows)
-        if problem is None:
+        times = LoadTimes()
+        with times.phase("fingerprint"):
+            folder = self.engine_dir(model, precision)
+            fields = self.engine_fields(model, precision)
+        secret = self.secret()
+        files, problem = self._proven_files(folder, fields, model.config.n_flows, secret)
+        if files is not None:
             try:
-                engine = FastEngine(model, precision, flows=self._read_flows(folder, model.config.n_flows), **options)
+                engine = FastEngine(model, precision, flows=self._read_flows(folder, files, times),
+                                    load_times=times, **options)
                 self.events.append("hit")
                 return engine
             except Exception as exc:  # noqa: BLE001  any failure to read an entry: never trusted, rebuilt
@@ -132,70 +235,84 @@ class EngineCache:
         if problem != "missing":
             _warn(folder, f"{problem}; rebuilt")
         self.events.append("built" if problem == "missing" else f"rebuilt: {problem}")
-        return self._build(model, precision, folder, fields, **options)
+        return self._build(model, precision, folder, fields, secret, times, **options)
 
-    def _check_entry(self, folder: Path, fields: dict, n_flows: int) -> str | None:
-        """None when the entry at `folder` is complete and matches `fields`; else why not."""
+    def _proven_files(self, folder: Path, fields: dict, n_flows: int,
+                      secret: bytes | None) -> tuple[dict | None, str | None]:
+        """(each flow file's sha256, None) when the entry at `folder` is complete, matches `fields` and its
+        MAC proves it was written with this cache's secret for them; else (None, why not)."""
         meta_path = folder / "meta.json"
         if folder.is_symlink():
-            return "not an entry this cache wrote (a symbolic link)"
+            return None, "not an entry this cache wrote (a symbolic link)"
         if not (meta_path.exists() or meta_path.is_symlink()):
-            return "missing"
+            return None, "missing"
         try:
             meta = json.loads(read_bounded(meta_path, "an engine's meta.json", MAX_META_BYTES, follow_links=False))
         except (OSError, ValueError, RecursionError) as exc:
-            return f"meta.json unreadable ({exc})"
+            return None, f"meta.json unreadable ({exc})"
         if not isinstance(meta, dict) or meta.get("key") != fields:
-            return "stale (its key fields differ)"
+            return None, "stale (its key fields differ)"
         files = meta.get("files")
-        if not isinstance(files, dict) or sorted(files) != [f"flow{k:02d}.safetensors" for k in range(n_flows)]:
-            return "incomplete (file list)"
-        return None
+        names = [f"flow{k:02d}.safetensors" for k in range(n_flows)]
+        if not isinstance(files, dict) or sorted(files) != names or not all(isinstance(files[n], str) for n in names):
+            return None, "incomplete (file list)"
+        if secret is None:
+            return None, f"not proven: {self._no_secret}"
+        if not hmac.compare_digest(str(meta.get("mac", "")), _mac(secret, {"key": fields, "files": files})):
+            return None, ("not proven (its MAC does not match this cache's secret and this model: "
+                          "altered, or written with another secret)")
+        return files, None
 
-    def _read_flows(self, folder: Path, n_flows: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Each flow's tensors, its bytes checked against meta.json's sha256 before they are parsed."""
-        files = json.loads(read_bounded(folder / "meta.json", "an engine's meta.json", MAX_META_BYTES,
-                                        follow_links=False))["files"]
-        for k in range(n_flows):
-            name = f"flow{k:02d}.safetensors"
-            data = read_bounded(folder / name, "a flow's tensors", MAX_FLOW_BYTES, follow_links=False)
-            if hashlib.sha256(data).hexdigest() != files[name]:
-                raise ValueError(f"{name}: sha256 differs from meta.json (corrupt)")
-            yield load_safetensors(data)
+    def _read_flows(self, folder: Path, files: dict, times: LoadTimes) -> Iterator[dict[str, torch.Tensor]]:
+        """Each flow's tensors, its bytes checked against the proven sha256 (`files`) before they are parsed."""
+        for name in sorted(files):
+            with times.phase("read"):
+                data = read_bounded(folder / name, "a flow's tensors", MAX_FLOW_BYTES, follow_links=False)
+            with times.phase("verify"):
+                if not hmac.compare_digest(hashlib.sha256(data).hexdigest(), files[name]):
+                    raise ValueError(f"{name}: sha256 differs from meta.json (corrupt)")
+            with times.phase("parse"):
+                tensors = load_safetensors(data)
+            yield tensors
 
-    def _build(self, model, precision: str, folder: Path, fields: dict, **options) -> FastEngine:
+    def _build(self, model, precision: str, folder: Path, fields: dict, secret: bytes | None, times: LoadTimes,
+               **options) -> FastEngine:
         """Build the engine flow by flow, writing each flow's tensors into a temporary folder as it goes;
-        the folder becomes the entry (rename) once complete. A cache that cannot be written is skipped."""
+        the folder becomes the entry (rename) once complete. A cache that cannot be written (or holds no
+        secret) is skipped."""
         files: dict[str, str] = {}
         tmp: Path | None = None
-        try:
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        except OSError:
-            tmp = None
+        if secret is not None:
+            try:
+                folder.parent.mkdir(parents=True, exist_ok=True)
+                tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+            except OSError:
+                tmp = None
 
         def flows() -> Iterator[dict[str, torch.Tensor]]:
             nonlocal tmp
             for k in range(model.config.n_flows):
-                arrays = flow_arrays(model, k, precision)
+                arrays = flow_arrays(model, k, precision, times)
                 if tmp is not None:
                     name = f"flow{k:02d}.safetensors"
                     try:
-                        data = save_safetensors({key: t.contiguous() for key, t in arrays.items()})
-                        (tmp / name).write_bytes(data)
-                        files[name] = hashlib.sha256(data).hexdigest()
+                        with times.phase("store"):
+                            data = save_safetensors({key: t.contiguous() for key, t in arrays.items()})
+                            (tmp / name).write_bytes(data)
+                            files[name] = hashlib.sha256(data).hexdigest()
                     except OSError:
                         shutil.rmtree(tmp, ignore_errors=True)
                         tmp = None
                 yield arrays
 
-        engine = FastEngine(model, precision, flows=flows(), **options)
+        engine = FastEngine(model, precision, flows=flows(), load_times=times, **options)
         if tmp is not None:
             try:
-                atomic_write_json(tmp / "meta.json", {"key": fields, "files": files})
+                atomic_write_json(tmp / "meta.json", {"key": fields, "files": files,
+                                                      "mac": _mac(secret, {"key": fields, "files": files})})
                 if folder.is_symlink():  # planted: the link goes, not what it points to
                     folder.unlink()
-                elif folder.exists():  # a stale or corrupt entry under this key: replaced
+                elif folder.exists():  # a stale, corrupt or unproven entry under this key: replaced
                     shutil.rmtree(folder, ignore_errors=True)
                 os.rename(tmp, folder)
             except OSError:  # another process committed the same key first, or the disk is read-only
@@ -204,8 +321,8 @@ class EngineCache:
 
     # --- auto's verdict -----------------------------------------------------------------------------------
     def verdict(self, model, probe_settings: dict) -> dict | None:
-        """The stored `auto_engine` record for this model on this machine, or None (missing, stale, corrupt or
-        edited: each but missing with a warning, and the probe runs again)."""
+        """The stored `auto_engine` record for this model on this machine, or None (missing, stale, corrupt,
+        edited or written with another secret: each but missing with a warning, and the probe runs again)."""
         path = self.probe_path(model, probe_settings)
         if not (path.exists() or path.is_symlink()):
             return None
@@ -218,22 +335,24 @@ class EngineCache:
         if not isinstance(record, dict) or stored.get("key") != fields \
                 or record.get("precision") not in ("int8", "bf16", "fp32"):
             return _warn(path, "not a verdict for this model and machine; probing again")
-        if stored.get("sha256") != _verdict_sha256(fields, record):
-            return _warn(path, "its sha256 does not match its key and record (edited?); probing again")
+        secret = self.secret()
+        if secret is None:
+            return _warn(path, f"not proven: {self._no_secret}; probing again")
+        if not hmac.compare_digest(str(stored.get("mac", "")), _mac(secret, {"key": fields, "record": record})):
+            return _warn(path, "not proven (its MAC does not match this cache's secret: edited, or written with "
+                               "another secret); probing again")
         return record
 
     def store_verdict(self, model, probe_settings: dict, record: dict) -> None:
+        secret = self.secret()
+        if secret is None:
+            return  # no secret, no proof: the probe runs again next time
         path = self.probe_path(model, probe_settings)
         fields = self.probe_fields(model, probe_settings)
         try:
-            atomic_write_json(path, {"key": fields, "record": record, "sha256": _verdict_sha256(fields, record)})
+            atomic_write_json(path, {"key": fields, "record": record, "mac": _mac(secret, {"key": fields, "record": record})})
         except OSError:
             pass  # a read-only cache: the probe runs again next time
-
-
-def _verdict_sha256(fields: dict, record: dict) -> str:
-    """The content hash a verdict is stored with: bound to its key, so a record cannot be moved either."""
-    return hashlib.sha256(json.dumps({"key": fields, "record": record}, sort_keys=True).encode()).hexdigest()
 
 
 def _warn(path: Path, problem: str) -> None:

@@ -21,10 +21,12 @@ utterances that traffic, not arithmetic, bounds the conditioning GEMM.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 import warnings
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -38,6 +40,24 @@ from .fold import FastWaveGlow, FastWN, fold_wn
 PRECISIONS = ("int8", "bf16", "fp32")
 #: the GEMM operands and the WN state per precision; int8 GEMMs take fp32 in and give fp32 out
 DTYPES = {"int8": torch.float32, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+class LoadTimes(dict):
+    """Seconds per phase of making an engine, summed over its flows: fingerprint, fold, arrays (GEMM form,
+    int8 quantisation), pack (the engine's GEMMs; int8: oneDNN's packing), store (serialise, hash, write);
+    on a cache hit read, verify (sha256), parse; `precision: auto` adds probe_reference and probe_run.
+    The bench reports them (where a first load's time goes)."""
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.perf_counter() - start
+
+    def rounded(self) -> dict[str, float]:
+        return {name: round(seconds, 3) for name, seconds in self.items()}
+
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`weight` [in, out] (x @ weight) → (int8 [out, in], float64 scale per output channel): what the
@@ -190,13 +210,17 @@ class _Layer:
             setattr(self, f"{name}_gemm", gemm)
 
 
-def flow_arrays(model, k: int, precision: str) -> dict[str, torch.Tensor]:
+def flow_arrays(model, k: int, precision: str, times: LoadTimes | None = None) -> dict[str, torch.Tensor]:
     """Flow k of `model` (a WaveGlow, folded here, or a FastWaveGlow) as the engine's tensors:
     `layer<i>.<gemm>.<part>` per WN layer, `start.weight`/`start.bias` (the start 1x1 conv) and `inverse`
-    (the inverse of the flow's 1x1 mixing), all channels-last."""
-    fwn = model.WN[k] if isinstance(model, FastWaveGlow) else fold_wn(model, k)
-    arrays = {f"layer{i}.{name}": t for i in range(model.config.n_layers)
-              for name, t in layer_arrays(fwn, i, precision).items()}
+    (the inverse of the flow's 1x1 mixing), all channels-last. `times`: where the fold and the arrays'
+    seconds are added."""
+    times = LoadTimes() if times is None else times
+    with times.phase("fold"):
+        fwn = model.WN[k] if isinstance(model, FastWaveGlow) else fold_wn(model, k)
+    with times.phase("arrays"):
+        arrays = {f"layer{i}.{name}": t for i in range(model.config.n_layers)
+                  for name, t in layer_arrays(fwn, i, precision).items()}
     arrays["start.weight"] = fwn.start.weight.detach()[..., 0].t().float().contiguous()
     arrays["start.bias"] = fwn.start.bias.detach().float().clone()
     arrays["inverse"] = model.convinv[k].W_inverse.detach()[..., 0].t().float().contiguous()
@@ -249,10 +273,13 @@ class FastEngine:
       free at that moment (`choose_threads`; `adaptive=False`: always `threads`).
     - `flows`: the engine's tensors per flow (`flow_arrays`; the cache's way in): then `model` is only
       asked for its `config` and `n_remaining_channels`.
+    - `load_times`: a `LoadTimes` the seconds of making it are added to (default: a new one);
+      `self.load_times` holds them.
     """
 
     def __init__(self, model, precision: str = "bf16", block_frames: int | None = None, threads: int | None = None,
-                 adaptive: bool = True, flows: Iterable[dict[str, torch.Tensor]] | None = None):
+                 adaptive: bool = True, flows: Iterable[dict[str, torch.Tensor]] | None = None,
+                 load_times: LoadTimes | None = None):
         if block_frames is not None and block_frames < 1:
             raise ConfigError(f"FastEngine: block_frames must be >= 1, got {block_frames}")
         self.precision = precision = native_precision(precision)
@@ -269,16 +296,18 @@ class FastEngine:
         self.gap_frames = -(-self.pad // self.steps)  # zero frames between packed utterances: ≥ pad rows
         self.pack_frames = PACK_FRAMES
         self.n_remaining_channels = model.n_remaining_channels
+        self.load_times = times = LoadTimes() if load_times is None else load_times
         if flows is None:  # one flow folded at a time: the fp32 folded weights never all exist
-            flows = (flow_arrays(model, k, precision) for k in range(c.n_flows))
+            flows = (flow_arrays(model, k, precision, times) for k in range(c.n_flows))
         self.flows = []
         for arrays in flows:
-            layers = [_Layer({key.split(".", 1)[1]: t for key, t in arrays.items() if key.startswith(f"layer{i}.")},
-                             2 ** i, c.kernel_size, precision, has_residual=i < c.n_layers - 1)
-                      for i in range(c.n_layers)]
-            # the start 1x1 conv writes the WN state directly, so in its dtype
-            self.flows.append(_Flow(layers, arrays["start.weight"].to(self.dtype), arrays["start.bias"].to(self.dtype),
-                                    arrays["inverse"]))
+            with times.phase("pack"):
+                layers = [_Layer({key.split(".", 1)[1]: t for key, t in arrays.items() if key.startswith(f"layer{i}.")},
+                                 2 ** i, c.kernel_size, precision, has_residual=i < c.n_layers - 1)
+                          for i in range(c.n_layers)]
+                # the start 1x1 conv writes the WN state directly, so in its dtype
+                self.flows.append(_Flow(layers, arrays["start.weight"].to(self.dtype),
+                                        arrays["start.bias"].to(self.dtype), arrays["inverse"]))
         if len(self.flows) != c.n_flows:
             raise ConfigError(f"FastEngine: {len(self.flows)} flows given for a model of {c.n_flows}")
 
