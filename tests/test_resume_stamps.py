@@ -20,7 +20,7 @@ from waveglow_lib.checkpoint import model_fingerprint, save_waveglow
 from waveglow_lib.cli import main
 from waveglow_lib.errors import ConfigError
 from waveglow_lib.io import write_bin
-from waveglow_lib.stages import infer, postprocess, preprocess, vocode
+from waveglow_lib.stages import convert, export, infer, postprocess, preprocess, vocode
 from waveglow_lib.stamps import CACHE_NAME, is_current, model_stamp, stage_stamp
 
 FRAMES = {"LJ001-0002": 125, "LJ001-0006": 281, "LJ001-0008": 99}
@@ -173,3 +173,171 @@ def test_run_all_names_a_replaced_checkpoint_and_force_recovers(short_corpus, ch
     assert run_all(tmp_path / "fresh") == 0  # a run that only ever saw the new model
     capsys.readouterr()
     assert wavs(tmp_path / "runs" / "r" / "wav") == wavs(tmp_path / "fresh" / "r" / "wav") != old
+
+
+# --- every file by its content: inputs refused or redone, outputs checked before they are skipped ----------
+def put_back_mtime(path, before) -> None:
+    """The old modification time back on `path` (os.utime moves the ctime, which a user cannot set)."""
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_mtime_ns == before.st_mtime_ns
+
+
+def test_preprocess_redoes_the_mel_of_a_wav_replaced_with_its_old_size_and_mtime(make_cfg, short_corpus, tmp_path):
+    corpus = shutil.copytree(short_corpus, tmp_path / "corpus")
+    cfg = make_cfg(tmp_path / "runs", corpus=str(corpus), limit=0)
+    preprocess(cfg)
+    mel = cfg.layout.mel_dir / "LJ001-0008.bin"
+    old_mel = mel.read_bytes()
+    wav = corpus / "wavs" / "LJ001-0008.wav"
+    before = wav.stat()
+    rate, samples = wavfile.read(wav)
+    wavfile.write(wav, rate, (-samples).astype(samples.dtype)[::-1].copy())  # other audio, same size
+    put_back_mtime(wav, before)
+    assert wav.stat().st_size == before.st_size
+    again = preprocess(cfg)
+    assert again["computed"] == 1 and again["reused"] == 2
+    assert list(again["redone"]) == ["LJ001-0008"] and str(wav) in again["redone"]["LJ001-0008"]
+    assert mel.read_bytes() != old_mel
+    assert preprocess(cfg)["computed"] == 0  # and then reused: the new content is the recorded one
+
+
+def test_preprocess_redoes_a_mel_file_changed_in_place(preprocessed_run, tmp_path, capsys):
+    cfg = preprocessed_run(tmp_path / "runs")
+    mel = cfg.layout.mel_dir / "LJ001-0006.bin"
+    good = mel.read_bytes()
+    before = mel.stat()
+    mel.write_bytes(good[::-1])  # same size, other numbers
+    put_back_mtime(mel, before)
+    result = preprocess(cfg)
+    assert result["computed"] == 1 and list(result["redone"]) == ["LJ001-0006"]
+    assert f"{mel}: its content differs from its record" in capsys.readouterr().err
+    assert mel.read_bytes() == good
+
+
+def swap_onnx_weights(path) -> None:
+    """Rewrite the graph at `path` as a valid graph of the same shape with other weights (record untouched)."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    for tensor in proto.graph.initializer:
+        values = numpy_helper.to_array(tensor)
+        if values.dtype == np.float32 and values.size > 16:
+            tensor.CopyFrom(numpy_helper.from_array((values * 1.5).astype(np.float32), tensor.name))
+            break
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+def test_infer_refuses_an_onnx_replaced_beside_its_untouched_record(preprocessed_run, tmp_path, capsys):
+    cfg = preprocessed_run(tmp_path / "runs", backend="onnxruntime")
+    assert export(cfg)["noise_input"]["status"] == "exported"
+    graph = cfg.layout.onnx
+    record = graph.with_suffix(".json")
+    record_before = record.read_bytes()
+    swap_onnx_weights(graph)
+    argv = ["infer", "--runs-dir", str(cfg.runs_dir), "--name", cfg.name, "--checkpoint", cfg.checkpoint,
+            "--backend", "onnxruntime"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{graph}: its content differs from its record" in err and "export stage" in err, err
+    assert not list(cfg.layout.out_dir.glob("*_out.bin"))  # nothing vocoded with the foreign graph
+    assert record.read_bytes() == record_before
+    export_result = export(cfg)["noise_input"]  # export sees it too, and makes the graph again
+    assert export_result["status"] == "exported" and str(graph) in export_result["reason"]
+    assert main(argv) == 0
+
+
+def test_infer_refuses_an_openvino_ir_whose_weights_changed(preprocessed_run, tmp_path, capsys):
+    cfg = preprocessed_run(tmp_path / "runs", with_onnx=True, backend="openvino")
+    assert convert(cfg, targets=("openvino",))["openvino"]["status"] == "converted"
+    weights = cfg.layout.openvino_ir.with_suffix(".bin")
+    before = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-64:] = bytes(64)  # other weights, the same size, the IR still valid
+    weights.write_bytes(bytes(data))
+    put_back_mtime(weights, before)
+    argv = ["infer", "--runs-dir", str(cfg.runs_dir), "--name", cfg.name, "--checkpoint", cfg.checkpoint,
+            "--backend", "openvino"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{weights}: its content differs from its record" in err and "convert stage" in err, err
+    again = convert(cfg, targets=("openvino",))["openvino"]  # convert makes the IR again, naming the file
+    assert again["status"] == "converted" and str(weights) in again["reason"]
+    assert main(argv) == 0
+
+
+def test_vocode_redoes_wavs_cut_short_replaced_or_linked(preprocessed_run, tmp_path, capsys):
+    cfg = preprocessed_run(tmp_path / "runs")
+    mels = cfg.layout.mel_dir
+    vocode(cfg, mels)
+    folder = cfg.layout.vocode_dir
+    good = wavs(folder)
+    cut, swapped, linked = (folder / f"{utt_id}_syn.wav" for utt_id in SHORT_IDS)
+    cut.write_bytes(good[cut.name][: len(good[cut.name]) // 2])
+    swapped.write_bytes(good[linked.name])  # another utterance's wav
+    elsewhere = tmp_path / "elsewhere.wav"
+    elsewhere.write_bytes(good[linked.name])
+    linked.unlink()
+    linked.symlink_to(elsewhere)  # the same bytes, but not the file that was written
+    capsys.readouterr()
+    again = vocode(cfg, mels)
+    assert sorted(again["written"]) == sorted(SHORT_IDS) and again["skipped"] == []
+    assert sorted(again["redone"]) == sorted(SHORT_IDS)
+    err = capsys.readouterr().err
+    for path, why in ((cut, "bytes, its record"), (swapped, "bytes, its record"), (linked, "symbolic link")):
+        assert f"{path}: it" in err and why in again["redone"][path.name.removesuffix("_syn.wav")], err
+    assert not linked.is_symlink() and wavs(folder) == good
+    assert vocode(cfg, mels)["written"] == []
+
+
+def test_vocode_redoes_a_wav_changed_in_place_with_its_old_mtime(preprocessed_run, tmp_path):
+    cfg = preprocessed_run(tmp_path / "runs")
+    vocode(cfg, cfg.layout.mel_dir)
+    wav = cfg.layout.vocode_dir / "LJ001-0002_syn.wav"
+    good = wav.read_bytes()
+    before = wav.stat()
+    wav.write_bytes(good[:44] + bytes(len(good) - 44))  # silence, the same size
+    put_back_mtime(wav, before)
+    again = vocode(cfg, cfg.layout.mel_dir)
+    assert again["written"] == ["LJ001-0002"] and "content differs" in again["redone"]["LJ001-0002"]
+    assert wav.read_bytes() == good
+
+
+def test_infer_and_postprocess_redo_outputs_that_no_longer_match(preprocessed_run, tmp_path):
+    cfg = preprocessed_run(tmp_path / "runs")
+    infer(cfg)
+    postprocess(cfg)
+    raw = cfg.layout.out_dir / "LJ001-0006_out.bin"
+    good_raw = raw.read_bytes()
+    before = raw.stat()
+    raw.write_bytes(bytes(len(good_raw)))  # the right size for its frames: only the content tells
+    put_back_mtime(raw, before)
+    wav = cfg.layout.wav_dir / "LJ001-0002_syn.wav"
+    good_wav = wav.read_bytes()
+    wav.write_bytes(good_wav[: len(good_wav) // 2])
+    again = infer(cfg)
+    assert again["written"] == ["LJ001-0006"] and list(again["redone"]) == ["LJ001-0006"]
+    assert raw.read_bytes() == good_raw
+    after = postprocess(cfg)
+    assert after["written"] == ["LJ001-0002"] and list(after["redone"]) == ["LJ001-0002"]
+    assert wav.read_bytes() == good_wav
+
+
+def test_a_rerun_reads_no_file_again_once_its_hash_is_kept(preprocessed_run, tmp_path, monkeypatch):
+    """The cost: a file whose device, inode, size, mtime and ctime are as cached is not read to be hashed."""
+    import waveglow_lib.stamps as stamps_module
+
+    cfg = preprocessed_run(tmp_path / "runs")
+    vocode(cfg, cfg.layout.mel_dir)
+    monkeypatch.setattr(stamps_module, "RACY_NS", 0)  # no file here changes within the clock's tick any more
+    vocode(cfg, cfg.layout.mel_dir)  # hashes read once more, now trusted
+    stamps_module._open.clear()  # a new process: what it knows comes from the cache file
+    reads = []
+    real = stamps_module.sha256_file
+    monkeypatch.setattr(stamps_module, "sha256_file", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    assert vocode(cfg, cfg.layout.mel_dir)["written"] == []
+    assert reads == []
+    wav = cfg.layout.vocode_dir / "LJ001-0008_syn.wav"
+    os.utime(wav, ns=(wav.stat().st_atime_ns, wav.stat().st_mtime_ns))  # a touch: the ctime moves, read again
+    assert vocode(cfg, cfg.layout.mel_dir)["written"] == [] and [str(p) for p in reads] == [str(wav)]

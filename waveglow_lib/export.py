@@ -20,7 +20,7 @@ from torch.export import Dim
 from .checkpoint import model_fingerprint
 from .config import ONNX_OPSETS
 from .errors import ExportError, ResourceError, import_optional
-from .io import atomic_write_json, storage_problem
+from .io import atomic_write_json, file_entry, storage_problem
 from .layout import record_path
 from .metrics import snr_db
 
@@ -148,11 +148,15 @@ def export_onnx(model, path: str | Path, opset: int = 17, *, variant: str = "noi
                   "hop_length": model.hop_length, "sigma_in_graph": sigma if variant == "guide" else None,
                   # what model the graph holds: infer and convert compare it with the run's model
                   "model_fingerprint": model_fingerprint(model)}
+        # the files the graph is, with any external data it names: what the backends check before use
+        external = sorted({entry.value for tensor in graph.initializer for entry in tensor.external_data
+                           if tensor.data_location == onnx.TensorProto.EXTERNAL and entry.key == "location"})
         if verify:
             result.update(_verify(model, tmp, variant, seed))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    result["files"] = {name: file_entry(path.parent / name) for name in [path.name, *external]}
     atomic_write_json(record_path(path), result)
     return result
 

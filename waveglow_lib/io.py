@@ -180,6 +180,22 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sha256_file(path: str | Path, what: str = "a file", error: type[WaveGlowError] = DataError) -> str:
+    """The sha256 of a regular file's content, read in blocks (`open_bounded`: a FIFO or a folder is `error`).
+    `stamps.FileStamps` caches it for the run's files; this is the uncached read."""
+    digest = hashlib.sha256()
+    with open_bounded(path, what, 2**62, error) as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entry(path: str | Path) -> dict:
+    """What a record says of a file it describes: its size and content hash (`stamps.FileStamps.changed`
+    compares them with the file as it is)."""
+    return {"size": Path(path).stat().st_size, "sha256": sha256_file(path)}
+
+
 def write_bin(path: str | Path, array: np.ndarray) -> str:
     """Raw little-endian float32, no header (what atc/ais_bench read and write); returns sha256."""
     data = np.ascontiguousarray(array, dtype="<f4").tobytes()

@@ -33,7 +33,8 @@ from .errors import ConfigError, DataError, ResourceError, RunFolderError, Synth
 from .io import atomic_write_json, read_bin, read_json, write_bin
 from .layout import TIMINGS_FILE, gears_file, out_bin, record_path
 from .mel_input import list_mels, read_mel
-from .stamps import SOURCE_KEY, differences, model_changed, model_stamp
+from .stamps import (OUTPUT_KEY, SOURCE_KEY, FileStamps, announce_redo, differences, file_stamps, model_changed,
+                     model_stamp)
 
 
 # --- backends ---------------------------------------------------------------------------------------------
@@ -74,7 +75,10 @@ def open_backend(cfg: WorkflowConfig, model=None, model_config: ModelConfig | No
 
 def check_model_file(cfg: WorkflowConfig, path: Path, model=None) -> None:
     """An exported or converted model file must have been made from the run's model (or `model`): its record
-    (`<name>.json`, for the `.om` the gears file and the ONNX's record) names the model's fingerprint.
+    (`<name>.json`, for the `.om` the gears file and the ONNX's record) names the model's fingerprint, and
+    lists the files it is (the graph and any external data, the IR's .xml and .bin) by size and sha256, which
+    they must still have (`stamps.FileStamps.files_changed`). The `.om`'s content is checked when the convert
+    stage ran atc here (else it was built elsewhere, from the script, and has no record of its bytes).
     RunFolderError saying what to redo otherwise: vocoding with another model's graph is never silent."""
     layout = cfg.layout
     if not path.is_file():
@@ -82,21 +86,28 @@ def check_model_file(cfg: WorkflowConfig, path: Path, model=None) -> None:
     layout.check(path, "the model file")
     expected = model_stamp(cfg, model)
     onnx_info = load_export_info(layout.onnx)
+    record_file = record_path(path)
     if path == layout.om:
-        gears = gears_file(path)
-        record = read_json(gears, "the gears the .om was built for") if gears.is_file() else {}
+        record_file = gears_file(path)
+        record = read_json(record_file, "the gears the .om was built for") if record_file.is_file() else {}
         recorded = (record.get("source") or {}).get("model") or onnx_info.get("model_fingerprint")
         redo = "the export and convert stages (then atc)"
     elif path == layout.onnx:
+        record = onnx_info
         recorded = onnx_info.get("model_fingerprint")
         redo = "the export stage"
     else:
-        converted_record = record_path(path)
-        record = read_json(converted_record, "the record of what a converted model was made from") \
-            if converted_record.is_file() else {}
+        record = read_json(record_file, "the record of what a converted model was made from") \
+            if record_file.is_file() else {}
         recorded = (record.get("source") or {}).get("model")
         redo = "the convert stage"
     if recorded == expected:
+        # an .om built by atc elsewhere (from the script) has no record of its bytes
+        why = None if path == layout.om and "files" not in record else \
+            file_stamps(cfg).files_changed(path.parent, record.get("files"), including=path.name)
+        if why:
+            raise RunFolderError(f"{why}: not the model file {record_file} describes; run {redo} again "
+                                 "(or pass --force to those stages)", path=path)
         return
     if not recorded:
         raise RunFolderError(f"{path}: no record of the model it was made from; run {redo} again "
@@ -243,6 +254,10 @@ class InferJob:
     engine: str = "local"
     #: id → {"source_sha256": ..., ...}: what each item is made from (recorded with its output)
     sources: dict = field(default_factory=dict)
+    #: id → "<file>: why" for each finished output made again because it no longer matched its record
+    redone: dict = field(default_factory=dict)
+    #: the run's file stamps (`stamps.file_stamps`): each output's size and sha256 go into the record
+    stamps: FileStamps | None = None
     written: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
@@ -294,19 +309,24 @@ class InferJob:
         return [u.id for u in result.items]
 
     def write_item(self, utterance: Utterance, audio: np.ndarray) -> dict:
-        """Write one utterance's output atomically; returns what its record entry says of the output."""
-        write_bin(out_bin(self.out_dir, utterance.id), audio)
+        """Write one utterance's output atomically; returns what its record entry says of the output (with
+        its size and sha256 under OUTPUT_KEY, checked before it is skipped again)."""
+        target = out_bin(self.out_dir, utterance.id)
+        write_bin(target, audio)
         source = self.sources.get(utterance.id) or {}
-        return {"frames": utterance.frames, "samples": int(audio.size),
+        return {"frames": utterance.frames, "samples": int(audio.size), OUTPUT_KEY: self.stamps.entry(target),
                 **({SOURCE_KEY: source[SOURCE_KEY]} if source.get(SOURCE_KEY) else {})}
 
     def summary(self) -> dict:
         total = time.perf_counter() - self.started
         items = self.record.get("items", {})
+        if self.stamps is not None:
+            self.stamps.save()  # what this run hashed: the next one only stats the files
         audio_seconds = sum(items[i]["audio_seconds"] for i in self.written)
         return {"out_dir": str(self.out_dir), "engine": self.engine,
                 "backend": self.record.get("settings", {}).get("backend_used"), "written": list(self.written),
-                "skipped": self.skipped, "seconds": round(total, 3), "audio_seconds": round(audio_seconds, 3),
+                "skipped": self.skipped, "redone": self.redone, "seconds": round(total, 3),
+                "audio_seconds": round(audio_seconds, 3),
                 "real_time_factor": round(total / audio_seconds, 4) if audio_seconds else None,
                 "workers": self.record.get("workers", {}), "timings": str(self.timings_path)}
 
@@ -319,8 +339,10 @@ def prepare_job(cfg: WorkflowConfig, *, items: list[Utterance], read_mel: Callab
     `stamp` (`stamps.stage_stamp`: model fingerprint and the settings that shape the audio) is the folder's:
     outputs made under another stamp are refused (ConfigError saying what changed, naming the checkpoint
     when the model did) unless `force`, which redoes everything; they are never mixed with new ones.
-    An item is finished when its output is complete and, when `sources` gives its source's sha256, its
-    record entry names the same source (a mel made again from a changed wav is vocoded again).
+    An item is finished when its output still has the size and sha256 its record entry lists and, when
+    `sources` gives its source's sha256, the entry names the same source (a mel made again from a changed
+    wav is vocoded again). An output that no longer matches its entry (cut short, replaced, a link) is made
+    again and named (on stderr, and in the summary's `redone`).
     """
     sources = sources or {}
     timings_path = out_dir / TIMINGS_FILE
@@ -344,15 +366,21 @@ def prepare_job(cfg: WorkflowConfig, *, items: list[Utterance], read_mel: Callab
         record = {}
     done = record.get("items") if isinstance(record.get("items"), dict) else {}
     hop = model_config.hop_length
+    stamps = file_stamps(cfg)
+    redone: dict = {}
 
     def finished(u: Utterance) -> bool:
-        target = out_bin(out_dir, u.id)
         source = (sources.get(u.id) or {}).get(SOURCE_KEY)
         entry = done.get(u.id)
-        # a link is never a finished output: it is replaced by the file (writes never follow links)
-        return (not force and target.is_file() and not target.is_symlink()
-                and target.stat().st_size == u.frames * hop * 4
-                and (source is None or (isinstance(entry, dict) and entry.get(SOURCE_KEY) == source)))
+        if force or not isinstance(entry, dict) or (source is not None and entry.get(SOURCE_KEY) != source):
+            return False
+        target = out_bin(out_dir, u.id)
+        why = stamps.changed(target, entry.get(OUTPUT_KEY))
+        if why is None and target.stat().st_size != u.frames * hop * 4:
+            why = f"it has {target.stat().st_size} bytes, {u.frames} frames of audio need {u.frames * hop * 4}"
+        if why:
+            redone[u.id] = announce_redo(f"{target}: {why}")
+        return why is None
 
     todo = [u for u in items if not finished(u)]
     return InferJob(out_dir=out_dir, todo=todo, skipped=[u.id for u in items if u not in todo], backend=name,
@@ -360,4 +388,4 @@ def prepare_job(cfg: WorkflowConfig, *, items: list[Utterance], read_mel: Callab
                                             read_mel, cfg.checkpoint, cfg.chunk_frames),
                     batch_size=cfg.batch_size, rate=rate, record=record,
                     output_settings={"checkpoint": cfg.checkpoint, **stamp}, device=cfg.device, engine=engine,
-                    sources=sources)
+                    sources=sources, redone=redone, stamps=stamps)

@@ -1,7 +1,7 @@
 """The run folder: every file one run makes has its name here and nowhere else.
 
     runs/<name>/params.yaml            the parameters the run was made with
-               .model_stamps.json                             the checkpoint fingerprints (`stamps`)
+               .file_stamps.json                              content hashes of the run's files (`stamps`)
                mel/<id>.bin, <id>.txt, manifest.json          preprocess (+ .preprocess.jsonl while running)
                onnx/waveglow.onnx (+ .json), waveglow_openvino.xml/.bin, waveglow_optimized.onnx
                om/waveglow.om, waveglow.gears.json, convert_atc.sh, atc.log
@@ -56,8 +56,8 @@ CORPUS_METADATA_FILE = "metadata.csv"
 PREPROCESS_JOURNAL_FILE = ".preprocess.jsonl"
 #: atc's output when convert runs it, in the om folder
 ATC_LOG_FILE = "atc.log"
-#: the run's checkpoint fingerprints and STFT settings, kept by `stamps` in the run folder
-MODEL_STAMPS_FILE = ".model_stamps.json"
+#: what the run's files hash to (content sha256; the checkpoint's fingerprint and STFT settings), kept by `stamps`
+FILE_STAMPS_FILE = ".file_stamps.json"
 #: a training folder (the train stage's out_dir, beside its PARAMS_FILE): the resume state, the folded model
 #: (what `load_waveglow` reads), the loss history, and the marker that makes the folder one training may overwrite
 TRAIN_STATE_FILE = "train_state.safetensors"

@@ -1,4 +1,5 @@
-"""What made an output: resume stamps, and fingerprints of the run's checkpoint cached in the run folder.
+"""What made an output, and whether a file is still what its record says: resume stamps, and the content
+hashes of the run's files, cached in the run folder.
 
 Every stage that skips finished work compares one thing, a resume stamp (`stage_stamp`): the fingerprint
 of the model that shaped the output (`checkpoint.model_fingerprint`, a hash of its config and weights),
@@ -7,65 +8,193 @@ run's stamp is reused (`is_current`); any other is redone (export, convert, post
 with the reason (infer, which does not mix outputs of other settings). The checkpoint's path is never part
 of a stamp: the same model at another path is the same model, another model at the same path is not.
 
-Fingerprinting the official model costs about a second and loading it several, so a checkpoint's
-fingerprint and STFT settings are kept in `runs/<name>/.model_stamps.json`, keyed by the file's resolved
-path, inode, size, mtime and ctime: a file replaced at the same path, even with its old size and mtime put
-back (os.utime), has another inode or ctime, and is fingerprinted anew.
+Files are known by their content, never by their names or times. A record holds each output's size and
+sha256 (`FileStamps.entry`), and a file is reused only while it still has them (`FileStamps.changed`): an
+output cut short, replaced by another or turned into a link is made again, naming it; an input that is not
+what its record says (the ONNX graph, the OpenVINO IR) is refused, naming it. What a file's content hashes
+to (its sha256; for the checkpoint, its model fingerprint and STFT settings) is kept in
+`runs/<name>/.file_stamps.json`, keyed by the file's resolved path, device, inode, size, mtime and ctime: a
+file replaced, even with its old size and mtime put back (os.utime), has another inode or ctime and is
+read anew, so re-runs stay cheap (one stat per file) without trusting times a user can set. A value read
+while the file may still have been changing (its ctime within RACY_NS of the read: file system clocks are
+coarse) is not trusted until read again later, as git treats "racily clean" entries.
 """
 from __future__ import annotations
 
+import os
+import stat
+import sys
+import time
 import weakref
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from .checkpoint import load_waveglow, model_fingerprint, read_stft_config
 from .config import DEMO_MODEL_PATH, STFTConfig, WorkflowConfig
-from .errors import ResourceError
-from .io import atomic_write_json, read_hint
-from .layout import MODEL_STAMPS_FILE as CACHE_NAME
+from .errors import DataError, InputNotFound, ResourceError, WaveGlowError
+from .io import atomic_write_json, read_hint, sha256_file
+from .layout import FILE_STAMPS_FILE as CACHE_NAME
 
-_MAX_ENTRIES = 16
+#: a run's cache holds at most this many files (the oldest are dropped: read again when next asked)
+_MAX_ENTRIES = 200_000
+#: a value read less than this after the file's last change is read again next time (coarse fs clocks)
+RACY_NS = 2_000_000_000
+#: unsaved values are written to the cache at most this often (and when a stage ends, `FileStamps.save`)
+_SAVE_EVERY_S = 10.0
 #: model object → (tensor versions, fingerprint): a model passed along a run is hashed once
 _by_model: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 #: the stamp's key for the model's fingerprint, and for the source's sha256
 MODEL_KEY = "model"
 SOURCE_KEY = "source_sha256"
+#: a record entry's key for the output it describes (`FileStamps.entry`: size and sha256)
+OUTPUT_KEY = "output"
 #: `stage_stamp`'s default: the fingerprint of the model given, else of the run's checkpoint
 RUN_MODEL = "<the run's model>"
 
 
-def _checkpoint_key(path: Path) -> str:
+def _stat_key(info: os.stat_result) -> str:
     # ctime cannot be set back by a user (os.utime itself moves it): a replaced file never keeps its key
-    stat = path.stat()
-    return f"{path.resolve()}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
+    return f"{info.st_dev}|{info.st_ino}|{info.st_size}|{info.st_mtime_ns}|{info.st_ctime_ns}"
+
+
+class FileStamps:
+    """What the files a run reads and writes hash to, cached by path and stat (see the module's docstring).
+
+    One per run folder and process (`file_stamps`); values are written to the cache now and then and by
+    `save`, which a stage calls when it ends (an unsaved value is only read again, never wrong)."""
+
+    def __init__(self, cache_path: Path) -> None:
+        self.cache_path = cache_path
+        self._entries: dict | None = None
+        self._unsaved: dict = {}
+        self._last_save = time.monotonic()
+
+    @property
+    def entries(self) -> dict:
+        if self._entries is None:  # a damaged cache is rebuilt
+            self._entries = read_hint(self.cache_path, "the run's file stamps (content hashes by path and stat)")
+        return self._entries
+
+    def value(self, path: str | Path, field: str, compute, *, save_now: bool = False):
+        """`compute()` (a value of the file's content), or what it gave for this very file before."""
+        name = str(Path(path).resolve())
+        try:
+            before = os.stat(path)
+        except FileNotFoundError:
+            raise InputNotFound(f"{path}: not found", path=Path(path)) from None
+        key = _stat_key(before)
+        entry = self.entries.get(name)
+        trusted = (isinstance(entry, dict) and entry.get("stat") == key
+                   and isinstance(entry.get("checked_ns"), int)
+                   and before.st_ctime_ns < entry["checked_ns"] - RACY_NS)
+        if trusted and field in entry:
+            return entry[field]
+        checked_ns = time.time_ns()
+        value = compute()
+        if _stat_key(os.stat(path)) != key:
+            return value  # changed while it was read: the value may be of either content, so not kept
+        entry = dict(entry) if trusted else {"stat": key, "checked_ns": checked_ns}
+        entry[field] = value
+        self.entries.pop(name, None)
+        self.entries[name] = self._unsaved[name] = entry
+        if save_now or time.monotonic() - self._last_save > _SAVE_EVERY_S:
+            self.save()
+        return value
+
+    def sha256(self, path: str | Path, what: str = "a file", error: type[WaveGlowError] = DataError) -> str:
+        """The sha256 of the file's content (`io.sha256_file`, whose `error` names a FIFO or a folder)."""
+        return self.value(path, "sha256", lambda: sha256_file(path, what, error))
+
+    def entry(self, path: str | Path) -> dict:
+        """What a record holds of a file it describes (an output just written, a model file): size and sha256."""
+        return {"size": os.stat(path).st_size, "sha256": self.sha256(path)}
+
+    def changed(self, path: str | Path, recorded) -> str | None:
+        """Why the file at `path` is not the one `recorded` (an `entry`) describes, or None when it is.
+        A link is never the recorded file: what was written was a file, and writes replace links."""
+        path = Path(path)
+        if not (isinstance(recorded, dict) and isinstance(recorded.get("size"), int)
+                and isinstance(recorded.get("sha256"), str)):
+            return "no size and content hash of it is recorded"
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            return "it is missing"
+        if stat.S_ISLNK(info.st_mode):
+            return "it is a symbolic link, not the file that was written"
+        if not stat.S_ISREG(info.st_mode):
+            return "it is not a regular file"
+        if info.st_size != recorded["size"]:
+            return f"it has {info.st_size} bytes, its record {recorded['size']}"
+        try:
+            if self.sha256(path) != recorded["sha256"]:
+                return "its content differs from its record (same size, another sha256)"
+        except (DataError, InputNotFound, OSError) as exc:
+            return f"it cannot be read ({exc})"
+        return None
+
+    def files_changed(self, folder: str | Path, files, *, including: str) -> str | None:
+        """"<file>: why" for the first file of a record's `files` ({name: entry}, names in `folder`) that is not
+        as recorded, or None when all are; a record that does not list `including` is not a record of it."""
+        folder = Path(folder)
+        if not isinstance(files, dict) or including not in files:
+            return f"{folder / including}: no size and content hash of it is recorded"
+        for name, recorded in files.items():
+            if not isinstance(name, str) or name != Path(name).name or name in ("", ".", ".."):
+                return f"{folder}: its record names {name!r}, not a file in that folder"
+            why = self.changed(folder / name, recorded)
+            if why:
+                return f"{folder / name}: {why}"
+        return None
+
+    def save(self) -> None:
+        """Add the values computed since the last save to the cache file (merged with what is there)."""
+        if not self._unsaved:
+            return
+        cache = read_hint(self.cache_path, "the run's file stamps (content hashes by path and stat)")
+        for name, entry in self._unsaved.items():
+            cache.pop(name, None)
+            cache[name] = entry
+        while len(cache) > _MAX_ENTRIES:
+            cache.pop(next(iter(cache)))
+        self._unsaved, self._entries, self._last_save = {}, cache, time.monotonic()
+        try:
+            atomic_write_json(self.cache_path, cache)
+        except ResourceError:
+            pass  # read-only run folder or full disk: the values are still right, only not kept
+
+
+#: cache file → its FileStamps in this process
+_open: dict[Path, FileStamps] = {}
+
+
+def file_stamps(cfg: WorkflowConfig) -> FileStamps:
+    """The run's FileStamps (one per run folder in this process)."""
+    cache_path = cfg.run_dir / CACHE_NAME
+    if cache_path not in _open:
+        _open[cache_path] = FileStamps(cache_path)
+    return _open[cache_path]
+
+
+def announce_redo(what: str) -> str:
+    """Say (on stderr, past any progress bar) that a finished output is made again: `what` is "<file>: why";
+    returned for the stage's summary ("redone": {id: what})."""
+    tqdm.write(f"{what}; made again", file=sys.stderr)
+    return what
 
 
 def _cached(cfg: WorkflowConfig, field: str, compute) -> object:
     path = cfg.checkpoint_path or DEMO_MODEL_PATH
     if not path.is_file():
         return compute()  # the loader's own error names the missing file
-    cache_path = cfg.run_dir / CACHE_NAME
-    key = _checkpoint_key(path)
-    cache = read_hint(cache_path, "the run's checkpoint fingerprints")  # a damaged cache is rebuilt
-    entry = cache.get(key) if isinstance(cache.get(key), dict) else {}
-    if field not in entry:
-        value = compute()
-        if _checkpoint_key(path) != key:
-            return value  # replaced while it was read: the value may be of either file, so not kept
-        entry[field] = value
-        cache.pop(key, None)
-        cache[key] = entry
-        while len(cache) > _MAX_ENTRIES:
-            cache.pop(next(iter(cache)))
-        try:
-            atomic_write_json(cache_path, cache)
-        except ResourceError:
-            pass  # read-only run folder or full disk: the value is still right, only not kept
-    return entry[field]
+    return file_stamps(cfg).value(path, field, compute, save_now=True)
 
 
 def forget_checkpoints(cfg: WorkflowConfig) -> None:
-    """Drop the run's fingerprint cache (`--force`: nothing earlier runs computed is trusted)."""
+    """Drop the run's file stamps (`--force`: nothing earlier runs computed is trusted)."""
     cache_path = cfg.run_dir / CACHE_NAME
+    _open.pop(cache_path, None)
     if cache_path.is_file() and not cache_path.is_symlink():
         try:
             cache_path.unlink()

@@ -18,7 +18,7 @@ from ..errors import ConvertError, DataError, InputNotFound, RunFolderError
 from ..io import atomic_write_json, atomic_write_text, read_hint, read_json
 from ..layout import CONVERT_TARGETS, gears_file, load_manifest, record_path
 from ..runlock import locked
-from ..stamps import describe, differences, is_current, model_stamp, stage_stamp
+from ..stamps import announce_redo, describe, differences, file_stamps, is_current, model_stamp, stage_stamp
 
 __all__ = ["convert", "convert_atc", "manifest_lengths", "mel_gears", "padding_overhead"]
 
@@ -34,7 +34,8 @@ def source_stamp(info: dict) -> dict:
 
 
 def check_onnx_model(cfg: WorkflowConfig, onnx_path: Path, info: dict, model=None) -> None:
-    """The run's ONNX must hold the run's model: RunFolderError saying to export again otherwise."""
+    """The run's ONNX must hold the run's model, and be the graph its record lists (size and sha256 of the
+    graph and any external data): RunFolderError saying to export again otherwise."""
     recorded = info.get("model_fingerprint")
     expected = model_stamp(cfg, model)
     if recorded != expected:
@@ -43,10 +44,15 @@ def check_onnx_model(cfg: WorkflowConfig, onnx_path: Path, info: dict, model=Non
                f"was exported from another model (fingerprint {recorded}; {cfg.checkpoint} is {expected})")
         raise RunFolderError(f"{onnx_path}: {why}; run the export stage again (it re-exports when the model "
                              "changed)", path=onnx_path)
+    altered = file_stamps(cfg).files_changed(onnx_path.parent, info.get("files"), including=onnx_path.name)
+    if altered:
+        raise RunFolderError(f"{altered}: not the graph {record_path(onnx_path)} describes; run the export stage "
+                             "again (it re-exports a graph that no longer matches its record)", path=onnx_path)
 
 
-def _stamped(record: Path, stamp: dict) -> tuple[bool, str]:
-    """(up to date?, why not) for a converted file whose record should hold `stamp`."""
+def _stamped(cfg: WorkflowConfig, artefact: Path, stamp: dict) -> tuple[bool, str]:
+    """(up to date?, why not) for a converted file whose record should hold `stamp` and its files' entries."""
+    record = record_path(artefact)
     if not record.is_file():
         return False, "no record of what it was made from"
     try:
@@ -54,16 +60,24 @@ def _stamped(record: Path, stamp: dict) -> tuple[bool, str]:
     except DataError as exc:
         return False, str(exc)
     changed = differences(recorded.get("source") or {}, stamp)
-    return not changed, describe(changed)
+    if changed:
+        return False, describe(changed)
+    altered = file_stamps(cfg).files_changed(artefact.parent, recorded.get("files"), including=artefact.name)
+    return (False, announce_redo(altered)) if altered else (True, "")
 
 
-def _convert_stamped(build, record: Path, stamp: dict, force: bool) -> dict:
-    up_to_date, why = _stamped(record, stamp)
+def _convert_stamped(cfg: WorkflowConfig, build, artefact: Path, files: Sequence[Path], stamp: dict,
+                     force: bool) -> dict:
+    """Build `artefact` (made of `files`) unless its record holds `stamp` and the files it lists are intact."""
+    record = record_path(artefact)
+    up_to_date, why = _stamped(cfg, artefact, stamp)
     if not up_to_date or force:
         record.unlink(missing_ok=True)  # no moment where a new file sits beside an old record
     result = build(force=force or not up_to_date)
     if result.get("status") == "converted":
-        atomic_write_json(record, {"source": stamp})
+        stamps = file_stamps(cfg)
+        atomic_write_json(record, {"source": stamp, "files": {f.name: stamps.entry(f) for f in files}})
+        stamps.save()
         if not up_to_date and why:
             result["reason"] = why
     return result
@@ -103,13 +117,13 @@ def convert(cfg: WorkflowConfig, *, targets: Sequence[str] = CONVERT_TARGETS,
         result["atc"] = convert_atc(cfg, onnx_path, lengths=lengths, run_atc=run_atc, force=force)
     if "openvino" in targets:
         xml = layout.check(layout.openvino_ir, "the OpenVINO IR")
-        result["openvino"] = _convert_stamped(lambda force: convert_openvino(onnx_path, xml, force=force),
-                                              record_path(xml), stamp, force)
+        result["openvino"] = _convert_stamped(cfg, lambda force: convert_openvino(onnx_path, xml, force=force),
+                                              xml, (xml, xml.with_suffix(".bin")), stamp, force)
     if "onnxruntime" in targets:
         optimized = layout.check(layout.onnx_optimized, "the optimised ONNX graph")
         result["onnxruntime"] = _convert_stamped(
-            lambda force: optimize_onnxruntime(onnx_path, optimized, force=force),
-            record_path(optimized), stamp, force)
+            cfg, lambda force: optimize_onnxruntime(onnx_path, optimized, force=force),
+            optimized, (optimized,), stamp, force)
     return result
 
 
@@ -149,10 +163,15 @@ def convert_atc(cfg: WorkflowConfig, onnx_path: Path, *, lengths: Sequence[int] 
     layout.check(gears_path, "the gears record")
     meta["source"] = source_stamp(info)
     previous = read_hint(gears_path, "the gears the .om was built for (batch, mel_lengths)")  # damaged: rebuilt
+    # an .om atc built here is listed by size and sha256 (one built elsewhere, from the script, is not)
+    altered = file_stamps(cfg).files_changed(om_dir, previous["files"], including=om_file.name) \
+        if om_file.is_file() and "files" in previous else None
     if (om_file.is_file() and previous.get("command") == command
-            and is_current(previous.get("source"), meta["source"]) and not force):
+            and is_current(previous.get("source"), meta["source"]) and not force and not altered):
         result["status"] = "skipped (up to date)"
         return result
+    if altered and not force:
+        result["reason"] = announce_redo(altered)
     atc = shutil.which("atc")
     if run_atc is None:
         run_atc = atc is not None
@@ -166,6 +185,7 @@ def convert_atc(cfg: WorkflowConfig, onnx_path: Path, *, lengths: Sequence[int] 
             proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, cwd=om_dir)
         if proc.returncode != 0 or not om_file.is_file():
             raise ConvertError(f"atc failed (exit {proc.returncode}) converting {onnx_path}; see {log_path}")
+        meta["files"] = {om_file.name: file_stamps(cfg).entry(om_file)}
         atomic_write_json(gears_path, meta)
         result.update(status="converted", seconds=round(time.perf_counter() - started, 1), log=str(log_path))
         return result

@@ -8,7 +8,7 @@ from ..export import export_onnx
 from ..io import atomic_write_json, read_json
 from ..layout import record_path
 from ..runlock import locked
-from ..stamps import describe, differences, stage_stamp
+from ..stamps import announce_redo, describe, differences, file_stamps, stage_stamp
 
 __all__ = ["export", "export_onnx", "export_stamp"]
 
@@ -24,7 +24,8 @@ def export_stamp(cfg: WorkflowConfig, variant: str, model=None) -> dict:
 def export(cfg: WorkflowConfig, *, model=None, guide_variant: bool = False, force: bool = False) -> dict:
     """Export the run's model to `runs/<name>/onnx/waveglow.onnx` (and, with `guide_variant`, the
     guide's `WaveGlow_onnx.onnx`). Skipped when an export of the same model (fingerprint), opset, variant
-    (and sigma, for the guide's graph) exists; redone, saying why, when any of them changed."""
+    (and sigma, for the guide's graph) exists, and its files (graph, any external data) still have the size
+    and sha256 its record lists; redone, saying why, when any of them changed."""
     layout = cfg.layout
     targets = [("noise_input", layout.onnx)]
     if guide_variant:
@@ -41,10 +42,14 @@ def export(cfg: WorkflowConfig, *, model=None, guide_variant: bool = False, forc
             except DataError as exc:
                 info, reason = {}, str(exc)
             changed = differences(info.get("stamp") or {}, stamp)
-            if info and not changed:
+            altered = file_stamps(cfg).files_changed(path.parent, info.get("files"), including=path.name) \
+                if info and not changed else None
+            if info and not changed and not altered:
                 results[variant] = {**info, "status": "skipped (up to date)"}
                 continue
-            if info:
+            if altered:
+                reason = f"re-exported: {announce_redo(altered)}"
+            elif info:
                 reason = f"re-exported: {describe(changed)}"
         if model is None:
             model = load_waveglow(cfg.checkpoint_path)

@@ -16,10 +16,10 @@ from ..checkpoint import load_waveglow
 from ..config import STFTConfig, WorkflowConfig
 from ..denoiser import Denoiser
 from ..errors import DataError, InputNotFound
-from ..io import atomic_write_bytes, atomic_write_json, read_bin, read_hint, sha256_bytes
+from ..io import atomic_write_bytes, atomic_write_json, read_bin, read_hint
 from ..layout import POSTPROCESS_RECORD_FILE, load_manifest, out_bin, syn_wav
 from ..runlock import locked
-from ..stamps import is_current, model_stamp, stage_stamp
+from ..stamps import OUTPUT_KEY, announce_redo, file_stamps, is_current, model_stamp, stage_stamp
 
 
 @locked("postprocess")
@@ -33,7 +33,8 @@ def postprocess(cfg: WorkflowConfig, *, out_dir: str | Path | None = None, wav_d
       wav's sample count (the `.txt` preprocess wrote), so synthesised and reference audio align sample
       for sample.
     - Finished wavs whose resume stamp is this run's (the `.bin`'s sha256, the settings, and with the
-      denoiser the model's fingerprint) are skipped (`wav/postprocess.json`); others are redone.
+      denoiser the model's fingerprint) and which still have the size and sha256 the record lists are
+      skipped (`wav/postprocess.json`); others are redone, a changed wav named (summary's `redone`).
     """
     layout = cfg.layout
     # folders the user names may lie anywhere; the default ones must stay in the run folder
@@ -56,6 +57,8 @@ def postprocess(cfg: WorkflowConfig, *, out_dir: str | Path | None = None, wav_d
             model = load_waveglow(cfg.checkpoint_path)
         denoiser = Denoiser.from_model(model)
     written, skipped, missing = [], [], []
+    stamps = file_stamps(cfg)
+    redone: dict = {}
     wav_dir.mkdir(parents=True, exist_ok=True)
     for item in tqdm(manifest["items"], desc="postprocess", unit="utt"):
         utt_id = item["id"]
@@ -66,13 +69,17 @@ def postprocess(cfg: WorkflowConfig, *, out_dir: str | Path | None = None, wav_d
         if not src.is_file():
             missing.append(utt_id)
             continue
-        raw = read_bin(src, (int(item["mel_frames"]) * hop,))
+        # the .bin's sha256 from the file stamps: an unchanged output of infer is not read again
         settings = stage_stamp(cfg, {"denoiser_strength": strength, "trim": trim}, fingerprint=denoiser_model,
-                               source_sha256=sha256_bytes(raw.tobytes()))
+                               source_sha256=stamps.sha256(src, "an infer output"))
         entry = items_record.get(utt_id)
-        if dst.is_file() and is_current(entry.get("settings") if isinstance(entry, dict) else None, settings):
-            skipped.append(utt_id)
-            continue
+        if isinstance(entry, dict) and is_current(entry.get("settings"), settings):
+            why = stamps.changed(dst, entry.get(OUTPUT_KEY))
+            if why is None:
+                skipped.append(utt_id)
+                continue
+            redone[utt_id] = announce_redo(f"{dst}: {why}")
+        raw = read_bin(src, (int(item["mel_frames"]) * hop,))
         if not np.isfinite(raw).all():
             raise DataError(f"{src}: audio contains NaN/Inf values (a failed inference?); not converted",
                             path=src)
@@ -85,12 +92,13 @@ def postprocess(cfg: WorkflowConfig, *, out_dir: str | Path | None = None, wav_d
         atomic_write_bytes(dst, wav_bytes(audio, rate))
         items_record[utt_id] = {"wav": dst.name, "samples": int(audio.size), "peak": round(peak, 6),
                                 "clipped_samples": int(np.count_nonzero(np.abs(audio) > 1.0)),
-                                "settings": settings}
+                                "settings": settings, OUTPUT_KEY: stamps.entry(dst)}
         # the record is rewritten after each file: an interrupted run keeps what it finished
         atomic_write_json(record_path, {"items": items_record})
         written.append(utt_id)
+    stamps.save()
     if not written and not skipped:
         raise InputNotFound(f"{out_dir}: no <id>_out.bin files for the manifest's utterances; "
                             "run the infer stage first", path=out_dir)
-    return {"wav_dir": str(wav_dir), "written": written, "skipped": skipped, "missing": missing,
+    return {"wav_dir": str(wav_dir), "written": written, "skipped": skipped, "redone": redone, "missing": missing,
             "denoiser_strength": strength, "sample_rate": rate}

@@ -18,13 +18,13 @@ from tqdm.auto import tqdm
 from ..audio import load_wav, mel_spectrogram
 from ..config import STFTConfig, WorkflowConfig
 from ..errors import AudioError, DataError, InputNotFound, ManifestError, ResourceError
-from ..io import (MAX_RECORD_BYTES, atomic_write_json, atomic_write_text, read_bounded, read_hint, storage_problem,
-                  write_bin)
+from ..io import (MAX_RECORD_BYTES, atomic_write_json, atomic_write_text, read_bounded, read_hint, sha256_bytes,
+                  storage_problem, write_bin)
 from ..layout import (CORPUS_WAVS_DIR, MANIFEST_FORMAT, MANIFEST_NAME, check_utterance_id, load_manifest, mel_file,
                       sample_count_file)
 from ..layout import PREPROCESS_JOURNAL_FILE as JOURNAL_NAME
 from ..runlock import locked
-from ..stamps import checkpoint_stft
+from ..stamps import announce_redo, checkpoint_stft, file_stamps
 
 __all__ = ["preprocess", "list_wavs", "load_manifest", "ManifestError"]
 #: a wav whose peak stays below this (≈3 LSB of int16) is treated as silent and skipped
@@ -73,6 +73,9 @@ def preprocess(cfg: WorkflowConfig, *, force: bool = False, stft: STFTConfig | N
     items: list[dict] = []
     skipped: list[dict] = []
     reused = 0
+    stamps = file_stamps(cfg)
+    #: id → "<file>: why" for each finished mel made again (its wav or its files no longer as recorded)
+    redone: dict = {}
 
     def manifest() -> dict:
         return {"format": MANIFEST_FORMAT, "corpus": str(cfg.corpus_dir), "limit": cfg.limit,
@@ -94,11 +97,19 @@ def preprocess(cfg: WorkflowConfig, *, force: bool = False, stft: STFTConfig | N
                 skip(wav, f"{wav}: the name {utt_id!r} cannot be an utterance id (letters, digits, _ . - + # @)")
                 continue
             stat = wav.stat()
-            old = previous.get(utt_id)
-            if old and _unchanged(old, wav, stat, mel_dir):
-                items.append(old)
-                reused += 1
+            try:  # the wav by its content: one replaced with its old size and mtime put back is read anew
+                wav_sha = stamps.sha256(wav, "a WAV file", AudioError)
+            except AudioError as exc:
+                skip(wav, str(exc))
                 continue
+            old = previous.get(utt_id)
+            if old:
+                why = _changed(old, wav, wav_sha, mel_dir, stamps)
+                if why is None:
+                    items.append(old)
+                    reused += 1
+                    continue
+                redone[utt_id] = announce_redo(why)
             try:
                 audio, _ = load_wav(wav, expected_rate=stft.sampling_rate, resample=cfg.resample,
                                     downmix=cfg.downmix)
@@ -121,7 +132,7 @@ def preprocess(cfg: WorkflowConfig, *, force: bool = False, stft: STFTConfig | N
             atomic_write_text(txt_path, f"{audio.size}\n")
             item = {"id": utt_id, "wav": str(wav), "samples": int(audio.size), "mel_frames": int(mel.shape[1]),
                     "shape": list(mel.shape), "dtype": "float32", "sha256": sha, "bin": bin_path.name,
-                    "txt": txt_path.name, "wav_size": stat.st_size, "wav_mtime_ns": stat.st_mtime_ns}
+                    "txt": txt_path.name, "wav_size": stat.st_size, "wav_sha256": wav_sha}
             items.append(item)
             if journal is None:  # O_NOFOLLOW: never append through a link left in the run folder
                 journal = os.fdopen(os.open(journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
@@ -138,11 +149,12 @@ def preprocess(cfg: WorkflowConfig, *, force: bool = False, stft: STFTConfig | N
         atomic_write_json(manifest_path, final)
     if journal_path.is_file():
         journal_path.unlink()  # the manifest now holds every finished item
+    stamps.save()
     if not items:
         raise AudioError(f"{cfg.corpus_dir}: none of {len(wavs)} wav(s) could be used: "
                          + "; ".join(s["reason"] for s in skipped[:3]))
     return {"mel_dir": str(mel_dir), "manifest": str(manifest_path), "items": len(items),
-            "computed": len(items) - reused, "reused": reused, "skipped": skipped,
+            "computed": len(items) - reused, "reused": reused, "redone": redone, "skipped": skipped,
             "mel_frames": [item["mel_frames"] for item in items]}
 
 
@@ -179,18 +191,23 @@ def _read_journal(path: Path, settings: dict) -> dict:
     return found
 
 
-def _unchanged(item: dict, wav: Path, stat, mel_dir: Path) -> bool:
-    """The record still describes this wav, names its own `<id>.bin`/`.txt`, and those are complete."""
+def _changed(item: dict, wav: Path, wav_sha: str, mel_dir: Path, stamps) -> str | None:
+    """Why a finished item's record no longer describes this wav (by content) and its own `<id>.bin`/`.txt`
+    (by size and sha256, `stamps.FileStamps.changed`), or None when it does."""
     utt_id = wav.stem
     bin_path = mel_file(mel_dir, utt_id)
     txt_path = sample_count_file(bin_path)
     if item.get("bin") != bin_path.name or item.get("txt") != txt_path.name or item.get("id") != utt_id:
-        return False  # a record naming other files is not trusted: recomputed
+        return f"{wav}: its record names other files"  # not trusted: recomputed
+    if item.get("wav") != str(wav) or item.get("wav_sha256") != wav_sha:
+        return f"{wav}: not the audio its mel was made from (another content)"
     try:
-        frames = int(np.prod(item["shape"]))
+        mel = {"size": int(np.prod(item["shape"])) * 4, "sha256": item["sha256"]}
+        text = f"{int(item['samples'])}\n".encode()
     except (KeyError, TypeError, ValueError):
-        return False
-    return (item.get("wav") == str(wav) and item.get("wav_size") == stat.st_size
-            and item.get("wav_mtime_ns") == stat.st_mtime_ns and bin_path.is_file() and not bin_path.is_symlink()
-            and bin_path.stat().st_size == frames * 4
-            and txt_path.is_file())
+        return f"{bin_path}: its record has no shape, hash or sample count"
+    for path, recorded in ((bin_path, mel), (txt_path, {"size": len(text), "sha256": sha256_bytes(text)})):
+        why = stamps.changed(path, recorded)
+        if why:
+            return f"{path}: {why}"
+    return None

@@ -24,15 +24,15 @@ from ..config import STFTConfig, WorkflowConfig
 from ..denoiser import Denoiser
 from ..engines import run_job
 from ..errors import MelError
-from ..io import atomic_write_bytes, read_bounded, read_json, sha256_bytes, write_bin
+from ..io import atomic_write_bytes, read_json, write_bin
 from ..audio import wav_bytes
 from ..jobs import (InferJob, MelFileReader, VocodeSettings, backend_name, mel_folder_items, open_backend,
                     resolve_model_config)
 from ..layout import VOCODE_RECORD_FILE, out_bin, syn_wav
-from ..mel_input import MAX_MEL_BYTES, list_mels, mel_sample_count
+from ..mel_input import list_mels, mel_sample_count
 from ..metrics import snr_db
 from ..runlock import locked
-from ..stamps import SOURCE_KEY, is_current, stage_stamp
+from ..stamps import OUTPUT_KEY, SOURCE_KEY, announce_redo, file_stamps, is_current, stage_stamp
 
 __all__ = ["vocode", "prepare_vocode", "VocodeJob", "read_mels", "stream_matches_offline"]
 
@@ -55,6 +55,11 @@ def mel_file_reader(cfg: WorkflowConfig, n_mel: int) -> MelFileReader:
 
 def _source_samples(path: Path) -> int | None:
     return mel_sample_count(path) if path.suffix.lower() == ".bin" else None
+
+
+def item_outputs(out_dir: Path, utt_id: str, with_bin: bool) -> list[Path]:
+    """The files one item makes: its wav, and with `vocode_out_bin` the raw `<id>_out.bin`."""
+    return [syn_wav(out_dir, utt_id), *([out_bin(out_dir, utt_id)] if with_bin else [])]
 
 
 @dataclass
@@ -83,7 +88,10 @@ class VocodeJob(InferJob):
             write_bin(out_bin(self.out_dir, utterance.id), raw)
         atomic_write_bytes(syn_wav(self.out_dir, utterance.id), wav_bytes(audio, self.rate))
         return {"source": source["source"], "source_sha256": source["source_sha256"], "frames": utterance.frames,
-                "samples": int(audio.size), "settings": self.output_settings}
+                "samples": int(audio.size), "settings": self.output_settings,
+                # each file written, by size and sha256: checked before the item is skipped again
+                OUTPUT_KEY: {path.name: self.stamps.entry(path)
+                             for path in item_outputs(self.out_dir, utterance.id, self.write_bin)}}
 
     def summary(self) -> dict:
         return {**super().summary(), "backend": self.backend, "record": str(self.timings_path)}
@@ -108,9 +116,11 @@ def prepare_vocode(cfg: WorkflowConfig, mels: str | Path, *, model=None, name: s
     record_path = out_dir / VOCODE_RECORD_FILE
     record = read_json(record_path, "the vocode stage's record") if record_path.is_file() and not force else {}
     done: dict = record.get("items", {})
-    sources = {u.id: {"source": str(u.bin_path),
-                      "source_sha256": sha256_bytes(read_bounded(u.bin_path, "a mel file", MAX_MEL_BYTES, MelError)),
+    stamps = file_stamps(cfg)
+    # each mel by its content (cached by file stamps: a re-run does not read the mels again to hash them)
+    sources = {u.id: {"source": str(u.bin_path), "source_sha256": stamps.sha256(u.bin_path, "a mel file", MelError),
                       "samples": _source_samples(u.bin_path)} for u in items}
+    redone: dict = {}
 
     def finished(u: Utterance) -> bool:
         # an entry records the folder's stamp under "settings" and its own source beside it
@@ -118,8 +128,15 @@ def prepare_vocode(cfg: WorkflowConfig, mels: str | Path, *, model=None, name: s
         if not isinstance(entry, dict) or not isinstance(entry.get("settings"), dict):
             return False
         recorded = {**entry["settings"], SOURCE_KEY: entry.get(SOURCE_KEY)}
-        return (syn_wav(out_dir, u.id).is_file()
-                and is_current(recorded, {**stamp, SOURCE_KEY: sources[u.id][SOURCE_KEY]}))
+        if not is_current(recorded, {**stamp, SOURCE_KEY: sources[u.id][SOURCE_KEY]}):
+            return False
+        files = entry.get(OUTPUT_KEY) if isinstance(entry.get(OUTPUT_KEY), dict) else {}
+        for path in item_outputs(out_dir, u.id, cfg.vocode_out_bin):
+            why = stamps.changed(path, files.get(path.name))
+            if why:
+                redone[u.id] = announce_redo(f"{path}: {why}")
+                return False
+        return True
 
     todo = [u for u in items if not finished(u)]
     denoiser = None
@@ -130,7 +147,8 @@ def prepare_vocode(cfg: WorkflowConfig, mels: str | Path, *, model=None, name: s
                                              reader, cfg.checkpoint, cfg.chunk_frames),
                      batch_size=cfg.batch_size, rate=stft.sampling_rate, record=record, output_settings=settings,
                      device=cfg.device, engine=engine, denoiser=denoiser,
-                     denoiser_strength=float(cfg.denoiser_strength), write_bin=cfg.vocode_out_bin, sources=sources)
+                     denoiser_strength=float(cfg.denoiser_strength), write_bin=cfg.vocode_out_bin, sources=sources,
+                     redone=redone, stamps=stamps)
 
 
 @locked("vocode")
