@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -305,4 +306,47 @@ def test_notebooks_01_and_05_in_jupyterlab_and_the_report_offline(lab, browser):
     assert "Out[" not in page.locator("main").inner_text()
     page.wait_for_timeout(500)
     assert not blocked and not problems, blocked + problems
+    context.close()
+
+
+def test_a_report_with_markup_in_every_field_runs_nothing(browser, tmp_path):
+    """Markup in runs_dir, name, the corpus path, every string field of the run's records, a notebook's file
+    name and what the notebooks display (04_infer's bench Markdown): opened in Chromium the report shows it as
+    text, fires no dialog and runs none of it. Markup that got past escaping (an output's own raw HTML, added
+    here on purpose) is stopped by the report's Content-Security-Policy; the same page without the policy
+    does fire its dialog, so the watch below can see one."""
+    from test_report import _hostile_notebook, _hostile_run
+    from waveglow_lib.notebook.runner import render_report
+
+    run, cfg = _hostile_run(tmp_path)
+    notebook = _hostile_notebook(tmp_path)
+    nb = nbformat.read(notebook, as_version=4)
+    slipped = "<img src=x onerror=\"alert('slipped img')\"><script>alert('slipped script'); window.ran = 1</script>"
+    nb.cells.append(nbformat.v4.new_code_cell("raw", execution_count=9, outputs=[
+        nbformat.v4.new_output("display_data", {"text/html": slipped, "text/plain": "raw"})]))
+    nbformat.write(nb, notebook)
+    report = render_report([notebook], run / "report.html", cfg=cfg)
+
+    context = browser.new_context()
+    context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(("file:", "data:"))
+                  else route.abort())
+    page = context.new_page()
+    dialogs = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    page.goto(report.as_uri())
+    page.wait_for_load_state("load")
+    page.wait_for_timeout(500)
+    assert dialogs == []
+    assert page.evaluate("() => window.ran === undefined && document.getElementById('pwned') === null")
+    assert page.locator("#summary svg, #summary script, #summary img").count() == 0
+    summary = page.locator("#summary").inner_text()
+    assert "<img src=x onerror=alert(1)>" in summary and "<script>alert(2)</script>" in summary   # as text
+
+    # the control: the same page without its policy runs the slipped markup (and only that)
+    without = tmp_path / "without_policy.html"
+    without.write_text(re.sub(r"<meta[^>]*Content-Security-Policy[^>]*>", "", report.read_text()))
+    page.goto(without.as_uri())
+    page.wait_for_load_state("load")
+    page.wait_for_timeout(500)
+    assert dialogs and all("slipped" in message for message in dialogs), dialogs
     context.close()

@@ -87,3 +87,18 @@ def test_metrics_with_reference_labels_the_reference_as_approximate():
                                      demo_model=True)
     html = table._repr_html_()
     assert "0.37" in html and "≈ 0.9 or more" in html and "approximate" in html and "briefly trained" in html
+
+
+def test_html_text_is_the_one_escape_and_html_built_here_passes():
+    """Every string from a parameter, a path, a file name or a record reaches HTML through `html_text`:
+    quotes too (it may sit in an attribute); `Html` (markup built from escaped parts) is left as it is, and
+    plain text added to it is escaped."""
+    payload = "\"'><img src=x onerror=alert(1)>&"
+    assert d.html_text(payload) == "&quot;&#x27;&gt;&lt;img src=x onerror=alert(1)&gt;&amp;"
+    built = d.Html("<b>") + payload + d.Html("</b>")
+    assert isinstance(built, d.Html) and built == f"<b>{d.html_text(payload)}</b>"
+    assert d.html_text(built) is built and payload + d.Html("<i>") == str(d.html_text(payload)) + "<i>"
+    assert "&lt;i&gt;" in d.Table([{"a": d.Html("<i>")}])._repr_html_()   # a table cell is always text
+    label = d.players({payload: np.zeros(100, np.float32)}).data
+    assert "<img" not in label and d.html_text(payload) in label
+    assert "<img" not in d.StageNote(payload, 1, 0)._repr_html_()

@@ -14,14 +14,14 @@ from tqdm.auto import tqdm
 from .audio import load_wav, mel_spectrogram
 from .backends import available_backends
 from .batching import utterance_noise, vocode
-from .config import STFTConfig, WorkflowConfig
-from .errors import AudioError, InputNotFound
-from .io import atomic_write_json, read_bin, read_json
+from .config import STFTConfig, WorkflowConfig, from_mapping
+from .errors import AudioError, InputNotFound, ManifestError
+from .io import NUMBER, atomic_write_json, read_bin, read_json
 from .jobs import open_backend, resolve_model_config
 from .layout import corpus_wav, load_manifest, mel_bin, syn_wav
 from .metrics import _as_1d, log_mel_distance, quality_metrics, snr_db
 from .runlock import locked
-from .provenance import run_provenance
+from .provenance import TIMINGS_FIELDS, run_provenance
 
 
 # --- the round trip ---------------------------------------------------------------------------------
@@ -60,10 +60,18 @@ def _run_items(cfg: WorkflowConfig) -> tuple[dict, list[dict]]:
     return manifest, manifest["items"]
 
 
-def _run_stft(manifest: Mapping[str, Any]) -> STFTConfig:
-    """The STFT settings the run's mels were made with (recorded by preprocess)."""
-    stft = manifest.get("settings", {}).get("stft")
-    return STFTConfig(**stft) if stft else STFTConfig()
+def _run_stft(manifest: Mapping[str, Any], path: str | Path) -> STFTConfig:
+    """The STFT settings the run's mels were made with (recorded by preprocess); an error naming the
+    manifest and the field when they are not STFT settings."""
+    settings = manifest.get("settings") or {}
+    if not isinstance(settings, dict):
+        raise ManifestError(f"{path}: field settings holds {type(settings).__name__}, expected an object", path=path)
+    stft = settings.get("stft")
+    if stft is None:
+        return STFTConfig()
+    if not isinstance(stft, dict):
+        raise ManifestError(f"{path}: field settings.stft holds {type(stft).__name__}, expected an object", path=path)
+    return from_mapping(STFTConfig, stft, f"{path}: settings.stft")
 
 
 def evaluate_run(cfg: WorkflowConfig, perceptual: bool | None = None) -> list[dict[str, Any]]:
@@ -72,7 +80,7 @@ def evaluate_run(cfg: WorkflowConfig, perceptual: bool | None = None) -> list[di
     `perceptual` (STOI, PESQ) defaults to `cfg.metrics`.
     """
     manifest, items = _run_items(cfg)
-    stft = _run_stft(manifest)
+    stft = _run_stft(manifest, cfg.layout.manifest)
     rate = stft.sampling_rate
     wav_dir = cfg.layout.wav_dir
     rows = []
@@ -115,7 +123,7 @@ def backend_outputs(cfg: WorkflowConfig, names: Sequence[str] | None = None, *, 
     mel_dir = cfg.layout.mel_dir
     mels = [read_bin(mel_bin(mel_dir, item), tuple(item["shape"])) for item in items]
     noises = [utterance_noise(config, int(item["mel_frames"]), cfg.seed, item["id"]) for item in items]
-    pad = _run_stft(manifest).pad_value
+    pad = _run_stft(manifest, cfg.layout.manifest).pad_value
     outputs: dict[str, list[np.ndarray]] = {}
     for name in names:
         device = "cpu" if cfg.device.startswith("npu") and name != "om" else cfg.device
@@ -130,8 +138,30 @@ def backend_outputs(cfg: WorkflowConfig, names: Sequence[str] | None = None, *, 
 
 
 # --- metrics.json ---------------------------------------------------------------------------------
-def summarise(utterances: Sequence[Mapping[str, Any]],
-              keys: Sequence[str] = ("log_mel_distance", "mcd_db", "stoi", "pesq")) -> dict[str, Any]:
+#: metrics.json's fields that are read back (the report), and their JSON types (`io.check_fields`)
+METRIC_KEYS = ("log_mel_distance", "mcd_db", "stoi", "pesq")
+METRICS_FIELDS: dict[str, Any] = {
+    "name": str, "backend": str, "precision": str, "sigma": NUMBER, "seed": int,
+    "summary": {"utterances": int, **{k: NUMBER for k in METRIC_KEYS}},
+    "utterances": [{"id": str, "seconds": NUMBER, **{k: NUMBER for k in METRIC_KEYS}, "notes": [str]}],
+    "parity": [{"backend": str, "reference": str, "utterances": int, "snr_db_min": NUMBER, "snr_db_mean": NUMBER,
+                "max_abs_diff": NUMBER}],
+    "round_trip": {"seconds": NUMBER, "snr_db": NUMBER, "log_mel_distance": NUMBER},
+    "throughput": [{"batch_size": int, "backend": str, "precision": str}],
+    "checkpoint": {"path": str, "file": str, "size_bytes": int, "parameters": int, "sha256": str,
+                   "is_demo_model": bool, "note": str},
+    "machine": {"cpu": str, "hostname": str, "usable_cpus": int, "logical_cpus": int},
+    "commit": str, "written_at": str, **TIMINGS_FIELDS["settings"],
+}
+
+
+def read_metrics(path: str | Path) -> dict[str, Any]:
+    """A run's metrics.json read back, its shape checked (`METRICS_FIELDS`): DataError naming the file and
+    the field otherwise."""
+    return read_json(path, "a run's metrics (written by evaluate)", fields=METRICS_FIELDS)
+
+
+def summarise(utterances: Sequence[Mapping[str, Any]], keys: Sequence[str] = METRIC_KEYS) -> dict[str, Any]:
     """Mean of each metric over the utterances that have a finite value of it (None where none has)."""
     summary: dict[str, Any] = {"utterances": len(utterances)}
     for key in keys:

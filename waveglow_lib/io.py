@@ -9,7 +9,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator, Mapping
 
 import numpy as np
 
@@ -124,9 +124,49 @@ def read_bounded(path: str | Path, what: str, max_bytes: int, error: type[WaveGl
     return data
 
 
-def read_json(path: str | Path, what: str, kind: type = dict) -> Any:
+#: JSON's names for Python's types, for errors that say what a record holds
+_JSON_NAMES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+#: a JSON number in a record's `fields` (a bool is not one)
+NUMBER = (int, float)
+
+
+def _json_name(value: Any) -> str:
+    return _JSON_NAMES.get(type(value), "null")
+
+
+def check_fields(value: Mapping[str, Any], fields: Mapping[str, Any], path: str | Path, what: str,
+                 at: str = "") -> None:
+    """A record's shape, before anything reads it: each key of `fields` that `value` holds (not null) must be
+    of the type named there: a type or tuple of types, a nested `fields` mapping (an object), or a one-item
+    list of either (an array of them). DataError naming the file and the field otherwise."""
+    def refuse(where: str, got: Any, expected: str) -> None:
+        raise DataError(f"{path}: field {where} holds a JSON {_json_name(got)}, expected {expected} "
+                        f"({what})", path=path)
+
+    def check(item: Any, spec: Any, where: str) -> None:
+        if isinstance(spec, Mapping):
+            if not isinstance(item, dict):
+                refuse(where, item, "an object")
+            check_fields(item, spec, path, what, f"{where}.")
+        elif isinstance(spec, list):
+            if not isinstance(item, list):
+                refuse(where, item, "an array")
+            for index, element in enumerate(item):
+                check(element, spec[0], f"{where}[{index}]")
+        else:
+            types = spec if isinstance(spec, tuple) else (spec,)
+            if not isinstance(item, types) or (isinstance(item, bool) and bool not in types):
+                refuse(where, item, "a " + " or ".join(sorted({_JSON_NAMES[t] for t in types})))
+
+    for key, spec in fields.items():
+        if value.get(key) is not None:
+            check(value[key], spec, f"{at}{key}")
+
+
+def read_json(path: str | Path, what: str, kind: type = dict, fields: Mapping[str, Any] | None = None) -> Any:
     """Parse a JSON file the workflow wrote: DataError naming the file and what it should hold when it is
-    missing, not JSON, or not a `kind` (dict by default)."""
+    missing, not JSON, or not a `kind` (dict by default), or, with `fields`, when a field the reader will
+    use has another type (`check_fields`)."""
     path = Path(path)
     try:
         text = read_bounded(path, what, MAX_RECORD_BYTES).decode("utf-8")
@@ -140,9 +180,10 @@ def read_json(path: str | Path, what: str, kind: type = dict) -> Any:
     except RecursionError:
         raise DataError(f"{path}: JSON nested too deeply; expected {what}", path=path) from None
     if not isinstance(value, kind):
-        names = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
-        raise DataError(f"{path}: holds a JSON {names.get(type(value), 'null')}, expected {what} "
-                        f"(a JSON {names.get(kind, kind.__name__)})", path=path)
+        raise DataError(f"{path}: holds a JSON {_json_name(value)}, expected {what} "
+                        f"(a JSON {_JSON_NAMES.get(kind, kind.__name__)})", path=path)
+    if fields is not None:
+        check_fields(value, fields, path, what)
     return value
 
 

@@ -232,13 +232,16 @@ def run_folder(runs_dir: str | Path, name: str) -> Path:
                   fix="remove the link, and set runs_dir to where the runs should go")
 
 
-def corpus_wav(corpus_dir: str | Path, wav: str | Path) -> Path:
-    """A wav path read from a file (the manifest): it must name a file of the corpus folder (or its `wavs/`);
-    the file itself may be a link the user put there, but its folder must be the corpus's."""
+def corpus_wav(corpus_dir: str | Path, wav: str | Path, record: str | Path = "the mel manifest",
+               field: str = "wav") -> Path:
+    """A wav path read from a record (the manifest): a record only points inside the folders the parameters
+    name, so it must name a file of the corpus folder (or its `wavs/`); the file itself may be a link the
+    user put there, but its folder must be the corpus's. RunFolderError naming the record and the field."""
     corpus_dir, wav = Path(corpus_dir).resolve(), Path(wav)
     folder = wav.parent.resolve()
     if wav.name in ("", ".", "..") or folder not in (corpus_dir, corpus_dir / CORPUS_WAVS_DIR):
-        raise RunFolderError(f"{wav}: manifest names a wav outside the corpus folder {corpus_dir}", path=wav)
+        raise RunFolderError(f"{record}: field {field} names {wav}, a wav outside the corpus folder {corpus_dir} "
+                             "(a record may only point inside the folders the parameters name)", path=wav)
     return wav
 
 
@@ -277,6 +280,10 @@ def load_manifest(mel_dir: str | Path) -> dict:
         raise ManifestError(f"{path}: not valid JSON ({exc})", path=path) from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("items"), list):
         raise ManifestError(f"{path}: not a mel manifest (no 'items' list)", path=path)
+    for key in ("sampling_rate", "hop_length"):
+        value = manifest.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ManifestError(f"{path}: field {key} must be a positive integer, got {value!r}", path=path)
     for item in manifest["items"]:
         if not isinstance(item, dict):
             raise ManifestError(f"{path}: an item is {type(item).__name__}, expected an object", path=path)
@@ -284,6 +291,14 @@ def load_manifest(mel_dir: str | Path) -> dict:
         if missing:
             raise ManifestError(f"{path}: item {item.get('id', '?')} lacks {sorted(missing)}", path=path)
         check_utterance_id(item["id"], path)
+        shape = item["shape"]
+        if not (isinstance(shape, list) and len(shape) == 2
+                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape)):
+            raise ManifestError(f"{path}: item {item['id']!r}: field shape must be [mel channels, frames] "
+                                f"(positive integers), got {shape!r}", path=path)
+        if not isinstance(item.get("wav", ""), str):
+            raise ManifestError(f"{path}: item {item['id']!r}: field wav must be a path (a string), "
+                                f"got {item['wav']!r}", path=path)
         for key in ("mel_frames", "samples"):
             if not isinstance(item[key], int) or isinstance(item[key], bool) or item[key] < 1:
                 raise ManifestError(f"{path}: item {item['id']!r}: {key} must be a positive integer, "

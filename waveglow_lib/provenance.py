@@ -17,7 +17,7 @@ from typing import Any
 
 from .config import DEMO_MODEL_PATH, PACKAGE_DIR, WorkflowConfig
 from .hardware import cpu_model, usable_cpus
-from .io import read_json
+from .io import NUMBER, read_json
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -94,12 +94,22 @@ def git_commit(where: str | Path | None = None) -> str:
     return head.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
 
 
+#: what is read back of out/timings.json (here and by the report), and its JSON types (`io.check_fields`)
+TIMINGS_FIELDS = {"settings": {"backend_used": str, "precision_used": str,
+                               "precision_probe": {"reason": str, "snr_db": NUMBER, "log_mel_distance": NUMBER}}}
+
+
+def read_timings(path: str | Path) -> dict[str, Any]:
+    """The infer stage's out/timings.json, its shape checked (`TIMINGS_FIELDS`)."""
+    return read_json(path, "the infer stage's settings and timings", fields=TIMINGS_FIELDS)
+
+
 def backend_used(cfg: WorkflowConfig) -> dict[str, Any]:
     """What the infer stage ran (what `auto` became, and the precision probe's verdict), from out/timings.json."""
     path = cfg.layout.timings
     if not path.is_file():
         return {}
-    settings = read_json(path, "the infer stage's timings", kind=dict).get("settings", {})
+    settings = read_timings(path).get("settings") or {}
     keys = ("backend_used", "precision_used", "precision_probe")
     return {k: settings[k] for k in keys if settings.get(k) is not None}
 

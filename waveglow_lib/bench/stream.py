@@ -26,6 +26,7 @@ from ..hardware import machine_busy, machine_info
 from ..io import atomic_write_json, atomic_write_text
 from ..layout import BENCH_CACHE_DIR, BENCH_STREAM, measurement_files
 from .harness import RssSampler, _percentile
+from .report import markdown_text
 from .workload import build_model, exported_graph
 
 STREAM_BACKENDS = ("torch", "fast", "onnxruntime", "openvino")
@@ -129,20 +130,20 @@ def stream_bench(cfg: WorkflowConfig | None = None, *, model: Any = "demo", back
 
 
 def render_stream_markdown(result: dict) -> str:
-    lines = [f"# Streaming: {result['model']}, chunks of {result['chunk_frames']} frames "
+    lines = [f"# Streaming: {markdown_text(result['model'])}, chunks of {result['chunk_frames']} frames "
              f"(context {result['context_frames'][0]} + {result['context_frames'][1]} frames; "
              f"{result['computed_per_output_frame']:.3f} frames computed per output frame on the longest mel)", "",
              "| backend | chunks | first audio ms (median) | chunk ms p50 | chunk ms p95 | RTF | busy |",
              "|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         if "skipped" in row:
-            lines.append(f"| {row['backend']} | skipped: {row['skipped']} | | | | | |")
+            lines.append(f"| {markdown_text(row['backend'])} | skipped: {markdown_text(row['skipped'])} | | | | | |")
             continue
-        lines.append(f"| {row['backend']} | {row['chunks']} | {row['first_audio_ms_median']:.0f} | "
+        lines.append(f"| {markdown_text(row['backend'])} | {row['chunks']} | {row['first_audio_ms_median']:.0f} | "
                      f"{row['chunk_ms_p50']:.0f} | {row['chunk_ms_p95']:.0f} | {row['real_time_factor']:.3f} | "
                      f"{'yes' if row['busy'] else 'no'} |")
     if result["memory"]:
-        lines += ["", f"Peak memory by length ({result['memory_backend']}, streamed):", "",
+        lines += ["", f"Peak memory by length ({markdown_text(result['memory_backend'])}, streamed):", "",
                   "| audio s | frames | peak RSS growth MiB | peak RSS MiB | RTF |", "|---|---|---|---|---|"]
         lines += [f"| {m['audio_seconds']} | {m['frames']} | {m['peak_rss_growth_mib']:.1f} | {m['peak_rss_mib']:.0f} | "
                   f"{m['real_time_factor']:.3f} |" for m in result["memory"]]

@@ -20,6 +20,26 @@ from ..config import STFTConfig
 #: NVIDIA's STFT settings: the time axis of the plots and players below unless told otherwise
 _NVIDIA = STFTConfig()
 
+# --- text as HTML ---------------------------------------------------------------------------------
+class Html(str):
+    """Markup this module (or the report) built, every outside value in it passed through `html_text`:
+    `html_text` leaves it as it is; added to plain text, the text is escaped."""
+
+    def __add__(self, other: Any) -> "Html":
+        return Html(str.__add__(self, html_text(other)))
+
+    def __radd__(self, other: Any) -> "Html":
+        return Html(str.__add__(html_text(other), self))
+
+
+def html_text(value: Any) -> Html:
+    """`value` as text in HTML, in an element or a quoted attribute: whatever it holds (a parameter, a path, a
+    file name, a record's field) becomes characters, never an element or an attribute. `Html` passes."""
+    if isinstance(value, Html):
+        return value
+    return Html(html.escape(str(value), quote=True))
+
+
 # --- tables ---------------------------------------------------------------------------------------
 def format_value(value: Any, digits: int = 4) -> str:
     if value is None:
@@ -57,10 +77,10 @@ class Table:
 
     def _repr_html_(self) -> str:
         align = ['style="text-align:right"' if numeric else 'style="text-align:left"' for numeric in self.numeric]
-        head = "".join(f"<th {a}>{html.escape(h)}</th>" for h, a in zip(self.headers, align))
-        body = "".join("<tr>" + "".join(f"<td {a}>{html.escape(c)}</td>" for c, a in zip(row, align)) + "</tr>"
+        head = "".join(f"<th {a}>{html_text(h)}</th>" for h, a in zip(self.headers, align))
+        body = "".join("<tr>" + "".join(f"<td {a}>{html_text(c)}</td>" for c, a in zip(row, align)) + "</tr>"
                        for row in self.cells)
-        caption = f'<caption style="text-align:left">{html.escape(self.caption)}</caption>' if self.caption else ""
+        caption = f'<caption style="text-align:left">{html_text(self.caption)}</caption>' if self.caption else ""
         return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
     def __repr__(self) -> str:
@@ -106,7 +126,7 @@ class StageNote:
     def _repr_html_(self) -> str:
         colour = "#fff3cd" if self.skipped else "#eef5ff"
         return (f'<div class="wg-stage-note" style="background:{colour};padding:4px 8px;border-radius:4px;'
-                f'text-align:left">{html.escape(self.text)}</div>')
+                f'text-align:left">{html_text(self.text)}</div>')
 
     def __repr__(self) -> str:
         return self.text
@@ -252,7 +272,7 @@ def players(audios: Mapping[str, np.ndarray], sample_rate: int = _NVIDIA.samplin
     """Labelled players side by side, as one HTML block (works in JupyterLab and in the HTML report)."""
     from IPython.display import HTML
 
-    cells = "".join(f"<td><b>{html.escape(label)}</b><br>{audio_player(a, sample_rate)._repr_html_()}</td>"
+    cells = "".join(f"<td><b>{html_text(label)}</b><br>{audio_player(a, sample_rate)._repr_html_()}</td>"
                     for label, a in audios.items())
     return HTML(f"<table><tr>{cells}</tr></table>")
 

@@ -1,31 +1,37 @@
 """report.html: a summary of the run on top, then the executed notebooks, readable offline.
 
 `summary_html(run_dir)` reads only the run folder (params.yaml, metrics.json, out/timings.json,
-bench.json, mel/manifest.json, wav/) and says what was run, on which checkpoint, with which backend and
+bench.json, mel/manifest.json, wav/) and the corpus wavs the manifest names, and says what was run, on which checkpoint, with which backend and
 precision and why, what came out (players, metrics beside what a trained model scores, parity, round
 trip, throughput) and links to the notebooks below. `export_html(notebook, summary)` renders the merged
 notebooks with nbconvert's lab template minus everything it would fetch from the network (require.js,
 MathJax, mermaid, the widget renderer), with code cells folded and no `Out[n]:` prompts; widgets, which
 need that JavaScript, become their static content.
+
+The run's records are data, never markup or directions: every string from a parameter, a path, a file name
+or a record reaches the page through `display.html_text` (the summary's tables escape every cell that is not
+`Html` built here), each record's shape is checked before use (an error naming the file and the field), and
+a record may only point inside the folders the parameters name (a manifest's wav: the corpus; a synthesised
+wav: the run folder). The page's Content-Security-Policy (`CONTENT_SECURITY_POLICY`) is the second wall: no
+script runs, nothing loads, only what is embedded shows.
 """
 from __future__ import annotations
 
 import base64
 import copy
-import html
 import json
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..checkpoint import load_waveglow
-from ..config import DEMO_MODEL_CARD, MAX_PARAMS_BYTES, STFTConfig, WorkflowConfig
-from .display import METRIC_NAMES, REFERENCE, REFERENCE_NOTE
-from ..errors import WaveGlowError
-from ..io import MAX_RECORD_BYTES, read_bounded
-from ..layout import RunLayout, syn_wav
-from ..safe_yaml import load_yaml
-from ..provenance import checkpoint_info, git_commit, machine as this_machine
+from ..config import DEMO_MODEL_CARD, STFTConfig, WorkflowConfig
+from .display import METRIC_NAMES, REFERENCE, REFERENCE_NOTE, Html, html_text
+from ..errors import DataError, WaveGlowError
+from ..evaluate import read_metrics
+from ..io import read_bounded, read_json
+from ..layout import RunLayout, corpus_wav, load_manifest, syn_wav
+from ..provenance import checkpoint_info, git_commit, machine as this_machine, read_timings
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
@@ -33,6 +39,15 @@ DEMO_BANNER = ("Demo model: a small WaveGlow trained briefly on ten utterances o
                "audio is noisy, not yet clear speech (the metrics say how far); the round trip shows the pipeline "
                "is exact. Point <code>checkpoint:</code> at NVIDIA's <code>waveglow_256channels_universal_v5.pt</code> "
                "for speech.")
+#: the report runs no script (it has none of its own; nbconvert's are left out by `_TEMPLATE`), loads nothing,
+#: and shows only what it embeds (data: URIs) and its inline styles: markup that slipped past escaping stays inert
+CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'none'; object-src 'none'; base-uri 'none'; "
+                           "form-action 'none'; style-src 'unsafe-inline'; img-src data:; media-src data:; "
+                           "font-src data:")
+#: a corpus wav larger than this is not embedded in the report (LJSpeech's longest is about 450 KiB)
+MAX_EMBEDDED_WAV_BYTES = 64 * 2**20
+#: bench.json's fields the report reads (`io.check_fields`)
+BENCH_FIELDS = {"settings": {"model": str, "quick": bool, "utterances": int, "repeats": int}}
 
 _CSS = """
 .wg-summary { font-family: var(--jp-ui-font-family, sans-serif); max-width: 1100px; margin: 0 0 2em 0;
@@ -56,6 +71,10 @@ details.wg-code > summary { cursor: pointer; color: #666; font-size: 85%; margin
 
 #: nbconvert's lab template without what it loads from a network, code folded, no output prompts
 _TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{%- block html_head -%}
+<meta http-equiv="Content-Security-Policy" content="CSP">
+{{ super() }}
+{%- endblock html_head -%}
 {%- block html_head_js -%}{%- endblock html_head_js -%}
 {% block jupyter_widgets %}{% endblock jupyter_widgets %}
 {%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
@@ -74,26 +93,22 @@ _TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
 <div class="wg-widget-note jp-OutputArea-output">(interactive widget: open the notebook in JupyterLab)</div>
 {%- endblock data_widget_view -%}
 """
+_TEMPLATE = _TEMPLATE.replace('content="CSP"', f'content="{CONTENT_SECURITY_POLICY}"')
 
 
 # --- reading the run folder -------------------------------------------------------------------------
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(read_bounded(path, "a run record (JSON)", MAX_RECORD_BYTES))
-    except (OSError, ValueError, RecursionError):
-        return None
+def _record(path: Path, read: Any) -> dict[str, Any] | None:
+    """A record of the run folder read by `read` (its checked reader), None when the stage that writes it
+    did not run; a damaged record or one of the wrong shape is an error naming the file (and the field)."""
+    return read(path) if path.is_file() or path.is_symlink() else None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        # the bounded reader and loader of params files: the run folder's copy is read like any other
-        data = load_yaml(read_bounded(path, "a params file (YAML)", MAX_PARAMS_BYTES).decode("utf-8"), str(path)) \
-            if path.is_file() else None
-    except (OSError, ValueError):
-        data = None
-    return data if isinstance(data, dict) else {}
+def _params(run_dir: Path, cfg: WorkflowConfig | None) -> dict[str, Any]:
+    """The run's parameters: `cfg` when the caller has them (the runner), else the run folder's params.yaml
+    (validated as any params file), else none."""
+    if cfg is None and RunLayout(run_dir).params.is_file():
+        cfg = WorkflowConfig.from_yaml(RunLayout(run_dir).params)
+    return cfg.to_dict() if cfg is not None else {}
 
 
 def _modified(path: Path) -> str | None:
@@ -102,10 +117,13 @@ def _modified(path: Path) -> str | None:
     return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def _data_uri(path: Path, mime: str = "audio/wav") -> str | None:
-    if not path.is_file():
-        return None
-    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+def _wav_uri(path: Path) -> str:
+    """A wav as a data: URI: a regular file of at most MAX_EMBEDDED_WAV_BYTES that is a RIFF/WAVE file
+    (DataError otherwise, whatever its name says)."""
+    data = read_bounded(path, "a wav to embed in the report", MAX_EMBEDDED_WAV_BYTES)
+    if not (data[:4] in (b"RIFF", b"RF64") and data[8:12] == b"WAVE"):
+        raise DataError(f"{path}: not a WAV file (no RIFF/WAVE header); not embedded in the report", path=path)
+    return f"data:audio/wav;base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def _count_parameters(checkpoint: str | None) -> int | None:
@@ -118,11 +136,8 @@ def _count_parameters(checkpoint: str | None) -> int | None:
 
 
 # --- formatting -------------------------------------------------------------------------------------
-def _e(value: Any) -> str:
-    return html.escape(str(value))
-
-
 def _num(value: Any, digits: int = 3) -> str:
+    """A number formatted; anything else as escaped text (a record's field is never markup)."""
     if value is None:
         return "—"
     if isinstance(value, bool):
@@ -133,15 +148,20 @@ def _num(value: Any, digits: int = 3) -> str:
         if abs(value) >= 1000:
             return f"{value:.0f}"
         return f"{value:.{digits}g}" if abs(value) >= 10 ** -(digits - 1) or value == 0 else f"{value:.2e}"
-    return str(value)
+    return html_text(value)
 
 
-def _table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None, numeric: Sequence[int] = ()) -> str:
-    head = "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>" if header else ""
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None, numeric: Sequence[int] = ()) -> Html:
+    """An HTML table; a cell is escaped (`html_text`) unless it is `Html` built here."""
+    head = "<tr>" + "".join(f"<th>{html_text(h)}</th>" for h in header) + "</tr>" if header else ""
     body = "".join("<tr>" + "".join(
-        f'<td class="num">{cell}</td>' if i in numeric else f"<td>{cell}</td>" for i, cell in enumerate(row)) + "</tr>"
-        for row in rows)
-    return f"<table>{head}{body}</table>"
+        f'<td class="num">{html_text(cell)}</td>' if i in numeric else f"<td>{html_text(cell)}</td>"
+        for i, cell in enumerate(row)) + "</tr>" for row in rows)
+    return Html(f"<table>{head}{body}</table>")
+
+
+def _code(value: Any) -> Html:
+    return Html(f"<code>{html_text(value)}</code>")
 
 
 def _size(n: int | None) -> str:
@@ -151,7 +171,7 @@ def _size(n: int | None) -> str:
 
 
 # --- the sections -----------------------------------------------------------------------------------
-def _run_section(run_dir: Path, params: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
+def _run_section(run_dir: Path, params: Mapping[str, Any], metrics: Mapping[str, Any]) -> Html:
     machine = metrics.get("machine") or {}
     if not machine:
         machine = this_machine()
@@ -161,17 +181,16 @@ def _run_section(run_dir: Path, params: Mapping[str, Any], metrics: Mapping[str,
     layout = RunLayout(run_dir)
     date = _modified(layout.metrics) or _modified(layout.params) or "unknown"
     cores = machine.get("usable_cpus") or machine.get("logical_cpus")
-    rows = [("run", f"<b>{_e(params.get('name', run_dir.name))}</b> (<code>{_e(run_dir)}</code>)"),
-            ("date", _e(date)),
-            ("commit", f"<code>{_e(commit)}</code>"),
-            ("machine", _e(f"{machine.get('cpu', 'unknown CPU')}, {cores} core(s)"
-                           + (f", {machine['hostname']}" if machine.get("hostname") else ""))),
-            ("corpus", _e(f"{params.get('corpus', '?')}, {params.get('limit', '?')} utterance(s) "
-                          "(limit; 0 = all)"))]
-    return "<h2>The run</h2>" + _table(rows)
+    rows = [("run", Html(f"<b>{html_text(params.get('name', run_dir.name))}</b> ") + "(" + _code(run_dir) + ")"),
+            ("date", date),
+            ("commit", _code(commit)),
+            ("machine", f"{machine.get('cpu', 'unknown CPU')}, {cores} core(s)"
+                        + (f", {machine['hostname']}" if machine.get("hostname") else "")),
+            ("corpus", f"{params.get('corpus', '?')}, {params.get('limit', '?')} utterance(s) (limit; 0 = all)")]
+    return Html("<h2>The run</h2>") + _table(rows)
 
 
-def _checkpoint_section(params: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
+def _checkpoint_section(params: Mapping[str, Any], metrics: Mapping[str, Any]) -> Html:
     info = dict(metrics.get("checkpoint") or {})
     if not info:   # metrics.json missing (05 did not run): work it out from the parameters
         try:
@@ -179,15 +198,15 @@ def _checkpoint_section(params: Mapping[str, Any], metrics: Mapping[str, Any]) -
         except (ValueError, TypeError, OSError):
             info = {"path": params.get("checkpoint"), "is_demo_model": params.get("checkpoint") == "demo"}
     n_params = info.get("parameters") or _count_parameters(params.get("checkpoint"))
-    rows = [("file", f"<code>{_e(info.get('file') or info.get('path'))}</code>"),
-            ("path", f"<code>{_e(info.get('path'))}</code>"),
+    rows = [("file", _code(info.get("file") or info.get("path"))),
+            ("path", _code(info.get("path"))),
             ("size", _size(info.get("size_bytes"))),
             ("parameters", f"{n_params / 1e6:.2f} M" if n_params else "—"),
-            ("sha256", f"<code>{_e((info.get('sha256') or '—')[:16])}</code>"),
+            ("sha256", _code((info.get("sha256") or "—")[:16])),
             ("bundled demo model", "yes" if info.get("is_demo_model") else "no")]
-    banner = (f'<div class="wg-banner wg-demo">{DEMO_BANNER}{_e(demo_model_card_line())}</div>'
+    banner = (Html(f'<div class="wg-banner wg-demo">{DEMO_BANNER}{html_text(demo_model_card_line())}</div>')
               if info.get("is_demo_model") else "")
-    return "<h2>Checkpoint</h2>" + banner + _table(rows)
+    return Html("<h2>Checkpoint</h2>") + Html(banner) + _table(rows)
 
 
 def demo_model_card_line() -> str:
@@ -201,83 +220,90 @@ def demo_model_card_line() -> str:
         return ""
 
 
-def _backend_section(params: Mapping[str, Any], timings: Mapping[str, Any] | None) -> str:
-    settings = (timings or {}).get("settings", {})
+def _backend_section(params: Mapping[str, Any], timings: Mapping[str, Any] | None) -> Html:
+    settings = (timings or {}).get("settings") or {}
     used, precision = settings.get("backend_used"), settings.get("precision_used")
     probe = settings.get("precision_probe") or {}
-    rows = [("requested", _e(f"backend {params.get('backend', '?')}, precision {params.get('precision', '?')}, "
-                             f"device {params.get('device', '?')}, batch size {params.get('batch_size', '?')}")),
-            ("used", _e(f"{used or 'not recorded (infer did not run)'}"
-                        + (f", precision {precision}" if precision else "")))]
+    rows = [("requested", f"backend {params.get('backend', '?')}, precision {params.get('precision', '?')}, "
+                          f"device {params.get('device', '?')}, batch size {params.get('batch_size', '?')}"),
+            ("used", f"{used or 'not recorded (infer did not run)'}" + (f", precision {precision}" if precision else ""))]
     if probe:
-        why = probe.get("reason", "")
         numbers = [f"SNR {_num(probe['snr_db'])} dB" if probe.get("snr_db") is not None else "",
                    f"log-mel distance {_num(probe['log_mel_distance'])}" if probe.get("log_mel_distance") is not None else ""]
-        rows.append(("why (auto's verdict)", _e(why) + (f" — probe: {', '.join(n for n in numbers if n)}"
-                                                        if any(numbers) else "")))
+        rows.append(("why (auto's verdict)", probe.get("reason", "") + (f" — probe: {', '.join(n for n in numbers if n)}"
+                                                                         if any(numbers) else "")))
     elif used:
         reason = ("chosen explicitly in the parameters" if params.get("precision") != "auto"
                   else "no quality probe: this backend runs fp32")
-        rows.append(("why", _e(reason)))
-    return "<h2>Backend and precision</h2>" + _table(rows)
+        rows.append(("why", reason))
+    return Html("<h2>Backend and precision</h2>") + _table(rows)
 
 
-def _listen_section(run_dir: Path, manifest: Mapping[str, Any] | None, metrics: Mapping[str, Any]) -> str:
+def _player(layout: RunLayout, corpus: Path | None, item: Mapping[str, Any], kind: str) -> Html:
+    """An utterance's player: the corpus wav the manifest names (only inside the corpus the parameters
+    name), or the run's synthesised wav (only inside the run folder); a note saying why when there is none."""
+    if kind == "original":
+        if corpus is None or item.get("wav") is None:
+            why = "no parameters name the corpus" if corpus is None else "the manifest names no wav"
+            return Html(f'<span class="wg-note">not embedded: {why}</span>')
+        path = corpus_wav(corpus, item["wav"], layout.manifest, f"items[{item['id']!r}].wav")
+    else:
+        path = layout.check(syn_wav(layout.wav_dir, item["id"]), "a synthesised wav")
+    if not path.is_file():
+        return Html('<span class="wg-note">not written</span>')
+    return Html(f'<audio controls preload="metadata" data-kind="{html_text(kind)}" '
+                f'data-utterance="{html_text(item["id"])}"><source src="{_wav_uri(path)}" type="audio/wav"></audio>')
+
+
+def _listen_section(run_dir: Path, params: Mapping[str, Any], manifest: Mapping[str, Any] | None,
+                    metrics: Mapping[str, Any]) -> Html:
     if not manifest:
-        return "<h2>Listen</h2><p class='wg-note'>No mel/manifest.json: preprocess did not run.</p>"
-    per_utt = {u.get("id"): u for u in metrics.get("utterances", [])}
-    rate = manifest.get("sampling_rate", STFTConfig().sampling_rate)
+        return Html("<h2>Listen</h2><p class='wg-note'>No mel/manifest.json: preprocess did not run.</p>")
+    per_utt = {u.get("id"): u for u in metrics.get("utterances") or []}
+    rate = manifest.get("sampling_rate") or STFTConfig().sampling_rate
+    layout = RunLayout(run_dir)
+    corpus = WorkflowConfig.from_dict(params).corpus_dir if params.get("corpus") else None
     rows = []
-    for item in manifest.get("items", []):
-        original = _data_uri(Path(item["wav"]))
-        synthesised = _data_uri(syn_wav(RunLayout(run_dir).wav_dir, item["id"]))
-
-        def player(uri: str | None, kind: str) -> str:
-            if uri is None:
-                return '<span class="wg-note">not written</span>'
-            return (f'<audio controls preload="metadata" data-kind="{kind}" data-utterance="{_e(item["id"])}">'
-                    f'<source src="{uri}" type="audio/wav"></audio>')
-
+    for item in manifest["items"]:
         u = per_utt.get(item["id"], {})
-        rows.append((f"<code>{_e(item['id'])}</code>", _num(item["samples"] / rate),
-                     player(original, "original"), player(synthesised, "synthesised"),
+        rows.append((_code(item["id"]), _num(item["samples"] / rate),
+                     _player(layout, corpus, item, "original"), _player(layout, corpus, item, "synthesised"),
                      *(_num(u.get(k)) for k in METRIC_NAMES)))
     header = ["utterance", "seconds", "original", "synthesised", *METRIC_NAMES.values()]
-    return "<h2>Listen: original and synthesised</h2>" + _table(rows, header, numeric=(1, 4, 5, 6, 7))
+    return Html("<h2>Listen: original and synthesised</h2>") + _table(rows, header, numeric=(1, 4, 5, 6, 7))
 
 
-def _metrics_section(metrics: Mapping[str, Any]) -> str:
+def _metrics_section(metrics: Mapping[str, Any]) -> Html:
     if not metrics:
-        return "<h2>Metrics</h2><p class='wg-note'>No metrics.json: 05_listen_evaluate did not finish.</p>"
-    summary = metrics.get("summary", {})
-    rows = [(METRIC_NAMES[k], _num(summary.get(k)), _e(REFERENCE[k][1] or "—"), _e(REFERENCE[k][0]))
-            for k in METRIC_NAMES]
+        return Html("<h2>Metrics</h2><p class='wg-note'>No metrics.json: 05_listen_evaluate did not finish.</p>")
+    summary = metrics.get("summary") or {}
+    rows = [(METRIC_NAMES[k], _num(summary.get(k)), REFERENCE[k][1] or "—", REFERENCE[k][0]) for k in METRIC_NAMES]
     demo = (metrics.get("checkpoint") or {}).get("is_demo_model")
     note = REFERENCE_NOTE + (" The demo model is small and briefly trained, so its scores sit near the floor of each scale."
                              if demo else "")
-    text = "<h2>Metrics (mean over utterances)</h2>" + _table(
+    text = Html("<h2>Metrics (mean over utterances)</h2>") + _table(
         rows, ["metric", "this run", "a trained WaveGlow (approx.)", "how to read it"], numeric=(1,))
-    text += f'<p class="wg-note">{_e(note)}</p>'
-    snr_rows = [(f"{_e(r.get('backend'))} vs {_e(r.get('reference', 'torch'))}", _num(r.get("snr_db_min")),
-                 _e(r.get("utterances", "")))
-                for r in metrics.get("parity", []) if r.get("backend") != r.get("reference", "torch")]
+    text += Html(f'<p class="wg-note">{html_text(note)}</p>')
+    snr_rows = [(f"{r.get('backend')} vs {r.get('reference', 'torch')}", _num(r.get("snr_db_min")),
+                 _num(r.get("utterances", "")))
+                for r in metrics.get("parity") or [] if r.get("backend") != r.get("reference", "torch")]
     trip = metrics.get("round_trip") or {}
     if trip.get("snr_db") is not None:
         snr_rows.append(("round trip: audio → noise_from_audio → infer", _num(trip["snr_db"]), "1"))
     if snr_rows:
-        text += "<h3>Exactness (SNR, dB)</h3>" + _table(snr_rows, ["comparison", "min SNR (dB)", "utterances"],
-                                                        numeric=(1, 2))
-        text += ('<p class="wg-note">Backends fed the same mel and noise should agree to ≥ 50 dB (float '
-                 "rounding only); the round trip gives back the recording whatever the weights.</p>")
+        text += Html("<h3>Exactness (SNR, dB)</h3>") + _table(snr_rows, ["comparison", "min SNR (dB)", "utterances"],
+                                                              numeric=(1, 2))
+        text += Html('<p class="wg-note">Backends fed the same mel and noise should agree to ≥ 50 dB (float '
+                     "rounding only); the round trip gives back the recording whatever the weights.</p>")
     return text
 
 
 _SPREAD_KEYS = ("_p10", "_p90", "_min", "_max", "_spread", "_iqr", "_std")
 
 
-def _throughput_section(metrics: Mapping[str, Any], bench: Mapping[str, Any] | None) -> str:
+def _throughput_section(metrics: Mapping[str, Any], bench: Mapping[str, Any] | None) -> Html:
     rows = metrics.get("throughput") or []
-    text = "<h2>Throughput</h2>"
+    text = Html("<h2>Throughput</h2>")
     if rows:
         spread = sorted({k for r in rows for k in r if k.startswith("utterances_per_second")
                          and k.endswith(_SPREAD_KEYS)})
@@ -285,49 +311,50 @@ def _throughput_section(metrics: Mapping[str, Any], bench: Mapping[str, Any] | N
         columns = ["batch_size", "backend", "precision", "utterances_per_second", *spread, *extra,
                    "audio_seconds_per_second", "real_time_factor"]
         columns = [c for c in columns if any(c in r for r in rows)]
-        table = [[_e(r.get(c)) if c in ("backend", "precision") else _num(r.get(c)) for c in columns] for r in rows]
+        table = [[r.get(c) if c in ("backend", "precision") else _num(r.get(c)) for c in columns] for r in rows]
         text += _table(table, [c.replace("_", " ") for c in columns],
                        numeric=[i for i, c in enumerate(columns) if c not in ("backend", "precision")])
         if not spread:
-            text += ('<p class="wg-note">No spread was recorded for these figures (see 04_infer); treat a '
-                     "single timed pass as indicative only.</p>")
+            text += Html('<p class="wg-note">No spread was recorded for these figures (see 04_infer); treat a '
+                         "single timed pass as indicative only.</p>")
     else:
-        text += "<p class='wg-note'>No throughput recorded (04_infer did not reach it).</p>"
+        text += Html("<p class='wg-note'>No throughput recorded (04_infer did not reach it).</p>")
     if bench:
-        settings = bench.get("settings", {})
+        settings = bench.get("settings") or {}
         kind = ("a smoke run (quick): too small for verdicts" if settings.get("quick")
                 else f"{settings.get('utterances', '?')} utterance(s), {settings.get('repeats', '?')} repeat(s)")
-        text += (f'<p class="wg-note">bench.json: the benchmark harness, model {_e(settings.get("model", "?"))}, '
-                 f"{_e(kind)}; its table is in 04_infer and bench.md.</p>")
+        text += Html(f'<p class="wg-note">bench.json: the benchmark harness, model {html_text(settings.get("model", "?"))}, '
+                     f"{html_text(kind)}; its table is in 04_infer and bench.md.</p>")
     return text
 
 
-def _contents(notebooks: Sequence[str]) -> str:
+def _contents(notebooks: Sequence[str]) -> Html:
     if not notebooks:
-        return ""
-    links = "".join(f'<li><a href="#{_e(Path(n).stem)}">{_e(Path(n).stem)}</a></li>' for n in notebooks)
-    return f"<h2>The notebooks below</h2><ol start='0'>{links}</ol>"
+        return Html("")
+    links = "".join(f'<li><a href="#{html_text(Path(n).stem)}">{html_text(Path(n).stem)}</a></li>' for n in notebooks)
+    return Html(f"<h2>The notebooks below</h2><ol start='0'>{links}</ol>")
 
 
-def summary_html(run_dir: str | Path, notebooks: Sequence[str | Path] = ()) -> str:
-    """The summary block at the top of report.html, from the run folder's files only."""
+def summary_html(run_dir: str | Path, notebooks: Sequence[str | Path] = (), cfg: WorkflowConfig | None = None) -> Html:
+    """The summary block at the top of report.html, from the run's parameters (`cfg`, else the run folder's
+    params.yaml) and the run folder's records, each read by its checked reader."""
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
-    params = _read_yaml(layout.params)
-    metrics = _read_json(layout.metrics) or {}
-    timings = _read_json(layout.timings)
-    bench = _read_json(layout.bench_json)
-    manifest = _read_json(layout.manifest)
+    params = _params(run_dir, cfg)
+    metrics = _record(layout.metrics, read_metrics) or {}
+    timings = _record(layout.timings, read_timings)
+    bench = _record(layout.bench_json, lambda path: read_json(path, "the benchmark's record", fields=BENCH_FIELDS))
+    manifest = _record(layout.manifest, lambda path: load_manifest(path.parent))
     name = params.get("name", run_dir.name)
-    parts = [f"<h1>WaveGlow run “{_e(name)}”</h1>",
+    parts = [Html(f"<h1>WaveGlow run “{html_text(name)}”</h1>"),
              _run_section(run_dir, params, metrics),
              _checkpoint_section(params, metrics),
              _backend_section(params, timings),
-             _listen_section(run_dir, manifest, metrics),
+             _listen_section(run_dir, params, manifest, metrics),
              _metrics_section(metrics),
              _throughput_section(metrics, bench),
              _contents([str(n) for n in notebooks])]
-    return f'<section class="wg-summary" id="summary">{"".join(parts)}</section>'
+    return Html(f'<section class="wg-summary" id="summary">{"".join(parts)}</section>')
 
 
 # --- the page ---------------------------------------------------------------------------------------
@@ -355,8 +382,8 @@ def unfold_widgets(nb: Any) -> None:
             labels, index = dropdown.get("_options_labels", []), dropdown.get("index")
             picked = labels[index] if isinstance(index, int) and 0 <= index < len(labels) else None
             outputs.append(from_dict({"output_type": "display_data", "metadata": {}, "data": {
-                "text/html": f'<p class="wg-widget-note">{_e(dropdown.get("description", "pick"))}: '
-                             f"<b>{_e(picked)}</b> (the other {len(labels) - 1} can be picked in JupyterLab)</p>",
+                "text/html": f'<p class="wg-widget-note">{html_text(dropdown.get("description", "pick"))}: '
+                             f"<b>{html_text(picked)}</b> (the other {len(labels) - 1} can be picked in JupyterLab)</p>",
                 "text/plain": f"picked: {picked}"}}))
             outputs.extend(from_dict(o) for o in shown.get("outputs", []))
         cell["outputs"] = outputs if cell.get("cell_type") == "code" else cell.get("outputs", [])

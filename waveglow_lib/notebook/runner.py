@@ -27,6 +27,7 @@ from ..errors import InputNotFound, NotebookRunError
 from ..io import atomic_write_text
 from ..provenance import COMMIT_ENV, git_commit
 from ..runlock import run_folder_lock
+from .display import html_text
 from .report import export_html, summary_html
 
 
@@ -192,7 +193,7 @@ def run_notebooks(params: str | Path | WorkflowConfig, overrides: Mapping[str, A
             try:
                 if report and result.notebooks:
                     result.report = render_report(result.notebooks, layout.report,
-                                                  title=f"WaveGlow run {cfg.name!r}")
+                                                  title=f"WaveGlow run {cfg.name!r}", cfg=cfg)
             finally:
                 if old_commit is None:
                     os.environ.pop(COMMIT_ENV, None)
@@ -216,9 +217,11 @@ def merge_notebooks(paths: Sequence[str | Path]):
             cell.id = f"n{number}-{cell.get('id', '')}"[:64]
         if not merged.metadata:
             merged.metadata = {k: v for k, v in nb.metadata.items() if k in ("kernelspec", "language_info")}
-        anchor = path.stem
-        toc.append(f"- [{path.stem}](#{anchor})")
-        merged.cells.append(nbformat.v4.new_markdown_cell(f'<a id="{anchor}"></a>\n\n# Notebook `{path.name}`'))
+        # a notebook's file name is text: as HTML inside the Markdown, escaped (Markdown passes raw HTML through)
+        anchor = html_text(path.stem)
+        toc.append(f'- <a href="#{anchor}">{anchor}</a>')
+        merged.cells.append(nbformat.v4.new_markdown_cell(
+            f'<a id="{anchor}"></a>\n\n<h1>Notebook <code>{html_text(path.name)}</code></h1>'))
         merged.cells.extend(nb.cells)
         widgets = nb.metadata.get("widgets", {}).get(WIDGET_STATE, {})
         states.update(widgets.get("state", {}))
@@ -251,9 +254,11 @@ def _freeze_progress_bars(cells: Sequence[Any], state: Mapping[str, Any]) -> Non
             output["data"] = {"text/plain": text}
 
 
-def render_report(paths: Sequence[str | Path], output: str | Path, title: str = "WaveGlow run") -> Path:
-    """The run's summary (report.summary_html) over the executed notebooks, as one page that works offline."""
+def render_report(paths: Sequence[str | Path], output: str | Path, title: str = "WaveGlow run",
+                  cfg: WorkflowConfig | None = None) -> Path:
+    """The run's summary (report.summary_html: from `cfg`, else the run folder's params.yaml) over the executed
+    notebooks, as one page that works offline."""
     merged = merge_notebooks(paths)
     merged.metadata["title"] = title
-    summary = summary_html(Path(output).parent, [Path(p).name for p in paths])
+    summary = summary_html(Path(output).parent, [Path(p).name for p in paths], cfg)
     return atomic_write_text(output, export_html(merged, summary))
