@@ -29,7 +29,8 @@ stay under 64 × 8 MiB. A refusal before the body's end closes the connection.
 Concurrent requests are batched by Ray Serve (`@serve.batch`: up to `max_batch` requests, waiting at most
 `batch_wait_s` for more); each replica holds one backend (threads = its CPUs). HTTP is bound to 127.0.0.1
 unless `host` says otherwise; a Ray started here (no `ray_address`) listens on 127.0.0.1 only, without its
-dashboard unless asked (`engines.ray.connect`), and `shutdown(stop_ray=...)` ends every process it started.
+dashboard unless asked (`engines.ray.connect`), the replicas' inter-deployment gRPC servers included
+(`engines.ray.replica_grpc_on_loopback`), and `shutdown(stop_ray=...)` ends every process it started.
 """
 from __future__ import annotations
 
@@ -266,7 +267,8 @@ def json_array(body: bytes) -> np.ndarray:
             if type(value) not in (int, float):  # bool is an int subclass: refused too
                 raise BadRequest(400, f"JSON mel{where}[{i}] is {json.dumps(value)[:40]}, not a number")
             if not -FLOAT32_MAX <= value <= FLOAT32_MAX:  # exact for huge ints; false for inf (1e400)
-                raise BadRequest(422, f"JSON mel{where}[{i}] = {str(value)[:40]} is outside float32's range")
+                shown = f"an integer of {len(str(abs(value)))} digits" if type(value) is int else repr(value)
+                raise BadRequest(422, f"JSON mel{where}[{i}] is {shown}, outside float32's range")
         numbers.extend(node)
 
     collect(data, 0, "")
