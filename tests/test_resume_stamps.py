@@ -17,6 +17,7 @@ from scipy.io import wavfile
 
 from support import SHORT_IDS
 from waveglow_lib.checkpoint import model_fingerprint, save_waveglow
+from waveglow_lib.convert import convert_openvino
 from waveglow_lib.cli import main
 from waveglow_lib.errors import ConfigError
 from waveglow_lib.io import write_bin
@@ -252,11 +253,15 @@ def test_infer_refuses_an_openvino_ir_whose_weights_changed(preprocessed_run, tm
     cfg = preprocessed_run(tmp_path / "runs", with_onnx=True, backend="openvino")
     assert convert(cfg, targets=("openvino",))["openvino"]["status"] == "converted"
     weights = cfg.layout.openvino_ir.with_suffix(".bin")
+    other = tmp_path / "other" / "waveglow.onnx"  # the same graph with other weights, as an IR
+    other.parent.mkdir()
+    shutil.copy(cfg.layout.onnx, other)
+    swap_onnx_weights(other)
+    convert_openvino(other, other.with_suffix(".xml"))
     before = weights.stat()
-    data = bytearray(weights.read_bytes())
-    data[-64:] = bytes(64)  # other weights, the same size, the IR still valid
-    weights.write_bytes(bytes(data))
+    weights.write_bytes(other.with_suffix(".bin").read_bytes())  # beside the untouched .xml and record
     put_back_mtime(weights, before)
+    assert weights.stat().st_size == before.st_size
     argv = ["infer", "--runs-dir", str(cfg.runs_dir), "--name", cfg.name, "--checkpoint", cfg.checkpoint,
             "--backend", "openvino"]
     assert main(argv) == 2
