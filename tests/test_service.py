@@ -89,6 +89,7 @@ def test_npy_header_is_checked_before_anything_is_allocated(speech_mel):
             (good[:-10], "holds 31670 bytes"),  # truncated
             (b"\x93NUMPY\x03\x00" + b"\x10\x00\x00\x00" + b"{}".ljust(16), "version 3.0"),
             (b"", "no data"),
+            (b' {"mel": [[1]]}', "Content-Type: application/json"),
             (npy_header("zz", (80, 5)), "header is unreadable"),
             # a header without its closing brace: numpy re-tokenises it, which raised tokenize.TokenError (500)
             (good.replace(b"}", b" ", 1), "header is unreadable")):

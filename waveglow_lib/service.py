@@ -187,7 +187,9 @@ def npy_array(body: bytes) -> np.ndarray:
     declaring (10**12, 80) costs nothing), C or Fortran order. The array is a view of `body` (no copy)."""
     if not body.startswith(NPY_MAGIC):
         found = ("a zip archive (.npz?): send one array, np.save's bytes" if body.startswith(ZIP_MAGIC)
-                 else "no data" if not body else f"it starts {body[:8]!r}")
+                 else "no data" if not body
+                 else "JSON? send it with Content-Type: application/json" if body.lstrip()[:1] in (b"[", b"{")
+                 else f"it starts {body[:8]!r}")
         raise BadRequest(400, f"body is not .npy bytes (np.save of a float array; no pickles): {found}")
     stream = io.BytesIO(body)
     try:

@@ -101,7 +101,10 @@ def replica_grpc_on_loopback() -> bool:
     dial the node's address and port, 127.0.0.1 here, so nothing else changes. On a node with a routable
     address (a cluster) it does nothing. Returns whether the bind is now on loopback."""
     ray = import_ray("serve")
-    if not ipaddress.ip_address(ray.util.get_node_ip_address()).is_loopback:
+    try:
+        if not ipaddress.ip_address(ray.util.get_node_ip_address()).is_loopback:
+            return False
+    except ValueError:  # a host name, not an address: not the loopback node `connect` starts
         return False
     try:
         from ray.serve._private import replica
@@ -123,6 +126,22 @@ def replica_grpc_on_loopback() -> bool:
     return True
 
 
+#: Ray's node start-up gives up after a fixed 30 s; on a busy machine (load ~20 on 2 cores) that can run out
+STARTUP_TRIES = 3
+
+
+def with_startup_retries(start, tries: int = STARTUP_TRIES):
+    """`start()` (a `ray.init`, a test cluster's node), tried again while Ray says its node "timed out during
+    startup", at most `tries` times in all; any other error, and the last timeout, is raised as it is.
+    `connect` (infer, vocode, serve on engine ray) and the tests' own Ray start through it."""
+    for attempt in range(tries):
+        try:
+            return start()
+        except Exception as exc:  # ray raises a bare Exception("... timed out during startup ...")
+            if "timed out during startup" not in str(exc) or attempt == tries - 1:
+                raise
+
+
 def connect(address: str | None, *, dashboard: bool = False):
     """Ray, connected: to `address` ("auto", "ray://host:10001", a GCS host:port), or a local Ray started
     now when None: listening on 127.0.0.1 only, with Ray's dashboard (on 127.0.0.1) only if `dashboard`.
@@ -138,10 +157,10 @@ def connect(address: str | None, *, dashboard: bool = False):
             for key, value in LOCAL_RAY_ENV.items():
                 os.environ.setdefault(key, value)
             with loopback_node():
-                ray.init(runtime_env=env, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                         configure_logging=False)
+                with_startup_retries(lambda: ray.init(runtime_env=env, include_dashboard=dashboard,
+                                                      dashboard_host="127.0.0.1", configure_logging=False))
         else:
-            ray.init(address=address, runtime_env=env, configure_logging=False)
+            with_startup_retries(lambda: ray.init(address=address, runtime_env=env, configure_logging=False))
     return ray
 
 
