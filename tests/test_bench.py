@@ -253,7 +253,12 @@ def test_bench_load_and_engine_build_are_recorded(tmp_path, monkeypatch):
     build = res["engine_build"]["fast-fp32"]
     # measured, not asserted fast or slow: a cache hit of the tiny model can take well under a millisecond
     assert build["cache"] == ["hit"] and build["first_seconds"] >= 0 and build["cached_seconds"] >= 0
+    # where the time went: the first load folds, casts and stores; the cached one reads, verifies and parses
+    assert {"fingerprint", "fold", "arrays", "pack", "store"} <= set(build["first_phases"])
+    assert {"read", "verify", "parse", "pack"} <= set(build["cached_phases"]) and "fold" not in build["cached_phases"]
+    assert res["auto_first_load"]["seconds"] >= 0 and res["auto_first_load"]["cache"]
     assert not list(tmp_path.glob("engine_cache_*"))  # the bench's engine cache is temporary
     md = (tmp_path / "bench.md").read_text()
     assert "busy-loop competitor" in md and "**Engine build**" in md and "**AMX**" in md
+    assert "fp32: first load " in md and "precision auto (" in md  # the breakdown is printed
     assert ("this CPU has AMX" in md) == bool(res["machine"]["isa"]["AMX-INT8"] or res["machine"]["isa"]["AMX-BF16"])

@@ -227,7 +227,10 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
     `load`: cores kept busy by a competitor (`load.CpuLoad`) from the warm-ups to the last timed pass, so a
     shared machine is reproducible; the rows are loaded before it starts.
     fast rows are loaded twice through a fresh engine cache: the first load builds (and stores) the engine,
-    the second reads it back (`engine_build_seconds`: first and cached); the second is the one measured.
+    the second reads it back (`engine_build`: first and cached seconds, and each one's phases: fold,
+    arrays, pack, store; read, verify, parse); the second is the one measured. `auto_first_load`:
+    `precision: auto` on the engines stored, i.e. its quality probe (probe_reference, probe_run), which
+    a first load with `auto` adds to the build of the precision it picks.
     """
     cfg = cfg or WorkflowConfig()
     quick = cfg.bench_quick if quick is None else quick
@@ -268,16 +271,26 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
             cached = row.backend == "fast" and row.factory is None
             if cached:  # first load: build and store the engine, then the timed row reads it back
                 t0 = time.perf_counter()
-                open_row(row, net, threads, out_dir / BENCH_MODELS_DIR, engine_cache).close()
+                first_backend = open_row(row, net, threads, out_dir / BENCH_MODELS_DIR, engine_cache)
                 first = time.perf_counter() - t0
+                first_phases = first_backend.load_times
+                first_backend.close()
             before, t0 = rss_bytes(), time.perf_counter()
             backends[row.id] = open_row(row, net, threads, out_dir / BENCH_MODELS_DIR, engine_cache if cached else None)
             load_info[row.id] = {"load_seconds": round(time.perf_counter() - t0, 4),
                                  "load_mib": round((rss_bytes() - before) / 2 ** 20, 1),
                                  "description": getattr(backends[row.id], "description", row.id)}
-            if cached:
+            if cached:  # and where their seconds went (`fast.engine.LoadTimes`)
                 engine_build[row.id] = {"first_seconds": round(first, 4), "cached_seconds": load_info[row.id]["load_seconds"],
-                                        "cache": getattr(backends[row.id], "cache_events", [])}
+                                        "cache": getattr(backends[row.id], "cache_events", []),
+                                        "first_phases": first_phases, "cached_phases": backends[row.id].load_times}
+        auto_load = None
+        if engine_build:  # `precision: auto`'s first load adds its quality probe: timed with the engines just stored
+            t0 = time.perf_counter()
+            auto = get_backend("fast", model=net, precision="auto", threads=threads, cache_dir=engine_cache)
+            auto_load = {"seconds": round(time.perf_counter() - t0, 4), "precision": auto.precision,
+                         "cache": auto.cache_events, "phases": auto.load_times}
+            auto.close()
 
     def one_pass(backend, bs):
         outputs = [None] * len(utts)
@@ -347,7 +360,7 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
                      "folded_macs_per_step": folded_macs_per_step(c),
                      "quality_gate": {"max_log_mel_distance": MAX_LOG_MEL_DISTANCE, "min_snr_db": MIN_SNR_DB},
                      "load": competitor.summary()},
-        "rows": results, "skipped_rows": skipped, "engine_build": engine_build,
+        "rows": results, "skipped_rows": skipped, "engine_build": engine_build, "auto_first_load": auto_load,
         "auto": pick_auto(results), "default_path": default_path_summary(results, precision_order(cpu_flags())),
         "busy": machine_busy(),
         "guide": {name: {str(b): v for b, v in table.items()} for name, table in GUIDE_THROUGHPUT.items()},

@@ -26,6 +26,14 @@ def markdown_text(value: Any) -> str:
     return "".join(_MARKDOWN_ENTITIES.get(c) or ("\\" + c if c in _MARKDOWN_PUNCTUATION else c) for c in text)
 
 
+def _phases(phases: Mapping[str, Any] | None) -> str:
+    """Where an engine load's seconds went (`fast.engine.LoadTimes`), largest first."""
+    if not phases:
+        return "—"
+    ordered = sorted(phases.items(), key=lambda item: -float(item[1]))
+    return ", ".join(f"{markdown_text(name)} {_fmt(seconds, 2)} s" for name, seconds in ordered)
+
+
 def _fmt(value: Any, digits: int = 2) -> str:
     """A number formatted, anything else as literal Markdown text (`markdown_text`)."""
     if value is None:
@@ -104,6 +112,13 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         lines += ["**Engine build** (fast rows, through a fresh engine cache): " + "; ".join(
             f"{markdown_text(row)} first {markdown_text(e['first_seconds'])} s, cached {markdown_text(e['cached_seconds'])} s"
             for row, e in result["engine_build"].items()) + ".", ""]
+        lines += [f"- {markdown_text(row)}: first load {_phases(e.get('first_phases'))}; cached {_phases(e.get('cached_phases'))}"
+                  for row, e in result["engine_build"].items() if e.get("first_phases")]
+        auto = result.get("auto_first_load")
+        if auto:
+            lines += [f"- precision auto ({markdown_text(auto['precision'])}): its first load adds the quality probe to "
+                      f"that row's first load: {_phases(auto['phases'])} ({markdown_text(auto['seconds'])} s in all)"]
+        lines += [""] if lines[-1] else []
     header = ("| row | utt/s | × real time (p10–p90) | vs reference | vs OpenVINO bf16 | eff. GFLOP/s | % of peak "
               "| peak MiB (+load) | SNR dB | log-mel dist | quality |")
     for bs in s["batch_sizes"]:

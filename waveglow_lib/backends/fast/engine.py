@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -45,7 +46,10 @@ class LoadTimes(dict):
     """Seconds per phase of making an engine, summed over its flows: fingerprint, fold, arrays (GEMM form,
     int8 quantisation), pack (the engine's GEMMs; int8: oneDNN's packing), store (serialise, hash, write);
     on a cache hit read, verify (sha256), parse; `precision: auto` adds probe_reference and probe_run.
-    The bench reports them (where a first load's time goes)."""
+    Phases run on several threads (a hit's read, verify, parse) are summed over them. The bench reports
+    them (where a first load's time goes)."""
+
+    _lock = threading.Lock()
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -53,7 +57,8 @@ class LoadTimes(dict):
         try:
             yield
         finally:
-            self[name] = self.get(name, 0.0) + time.perf_counter() - start
+            with self._lock:
+                self[name] = self.get(name, 0.0) + time.perf_counter() - start
 
     def rounded(self) -> dict[str, float]:
         return {name: round(seconds, 3) for name, seconds in self.items()}
@@ -308,14 +313,22 @@ class FastEngine:
         if flows is None:  # one flow folded at a time: the fp32 folded weights never all exist
             flows = (flow_arrays(model, k, precision, times) for k in range(c.n_flows))
         self.flows = []
-        for arrays in flows:
-            with times.phase("pack"):
-                layers = [_Layer({key.split(".", 1)[1]: t for key, t in arrays.items() if key.startswith(f"layer{i}.")},
-                                 2 ** i, c.kernel_size, precision, has_residual=i < c.n_layers - 1)
-                          for i in range(c.n_layers)]
-                # the start 1x1 conv writes the WN state directly, so in its dtype
-                self.flows.append(_Flow(layers, arrays["start.weight"].to(self.dtype),
-                                        arrays["start.bias"].to(self.dtype), arrays["inverse"]))
+        previous = torch.get_num_threads()
+        try:  # each flow folded, read and packed on the cores free at that moment, as `run` does (a core
+            # shared with another process makes every OpenMP op wait for it: int8 packing ran 2.6× slower)
+            torch.set_num_threads(self.plan_threads())
+            for arrays in flows:
+                with times.phase("pack"):
+                    layers = [_Layer({key.split(".", 1)[1]: t for key, t in arrays.items()
+                                      if key.startswith(f"layer{i}.")},
+                                     2 ** i, c.kernel_size, precision, has_residual=i < c.n_layers - 1)
+                              for i in range(c.n_layers)]
+                    # the start 1x1 conv writes the WN state directly, so in its dtype
+                    self.flows.append(_Flow(layers, arrays["start.weight"].to(self.dtype),
+                                            arrays["start.bias"].to(self.dtype), arrays["inverse"]))
+                torch.set_num_threads(self.plan_threads())
+        finally:
+            torch.set_num_threads(previous)
         if len(self.flows) != c.n_flows:
             raise ConfigError(f"FastEngine: {len(self.flows)} flows given for a model of {c.n_flows}")
 
