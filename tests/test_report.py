@@ -441,3 +441,16 @@ def test_the_notebooks_open_a_manifest_wav_only_through_the_corpus_check():
         opened = re.findall(r"load_wav\(([^,]*\[\"wav\"\])", source)
         assert not opened, (name, opened)
         assert "corpus_wav(cfg.corpus_dir" in source, name
+
+
+def test_a_folder_or_fifo_in_place_of_a_record_is_named_not_taken_for_a_missing_one(tmp_path):
+    """A FIFO or a folder named metrics.json made the report say "05_listen_evaluate did not finish"."""
+    run, _, _ = _run_folder(tmp_path)
+    (run / "metrics.json").unlink()
+    os.mkfifo(run / "metrics.json")
+    with pytest.raises(DataError, match=r"metrics\.json: not a regular file \(a FIFO\)"):
+        report.summary_html(run)
+    (run / "metrics.json").unlink()
+    (run / "metrics.json").mkdir()
+    with pytest.raises(DataError, match=r"metrics\.json: not a regular file \(a folder\)"):
+        report.summary_html(run)

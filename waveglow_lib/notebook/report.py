@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -99,8 +100,9 @@ _TEMPLATE = _TEMPLATE.replace('content="CSP"', f'content="{CONTENT_SECURITY_POLI
 # --- reading the run folder -------------------------------------------------------------------------
 def _record(path: Path, read: Any) -> dict[str, Any] | None:
     """A record of the run folder read by `read` (its checked reader), None when the stage that writes it
-    did not run; a damaged record or one of the wrong shape is an error naming the file (and the field)."""
-    return read(path) if path.is_file() or path.is_symlink() else None
+    did not run; a damaged record, one of the wrong shape, or a folder or FIFO in its place is an error naming
+    the file (and the field)."""
+    return read(path) if os.path.lexists(path) else None
 
 
 def _params(run_dir: Path, cfg: WorkflowConfig | None) -> dict[str, Any]:
@@ -249,8 +251,9 @@ def _player(layout: RunLayout, corpus: Path | None, item: Mapping[str, Any], kin
         path = corpus_wav(corpus, item["wav"], layout.manifest, f"items[{item['id']!r}].wav")
     else:
         path = layout.check(syn_wav(layout.wav_dir, item["id"]), "a synthesised wav")
-    if not path.is_file():
-        return Html('<span class="wg-note">not written</span>')
+    if not os.path.lexists(path):   # anything there is embedded or refused (a FIFO, a folder: `_wav_uri` says)
+        return Html('<span class="wg-note">not written</span>' if kind == "synthesised"
+                    else '<span class="wg-note">not found in the corpus</span>')
     return Html(f'<audio controls preload="metadata" data-kind="{html_text(kind)}" '
                 f'data-utterance="{html_text(item["id"])}"><source src="{_wav_uri(path)}" type="audio/wav"></audio>')
 
