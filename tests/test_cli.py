@@ -64,3 +64,22 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     assert len(err.splitlines()) == 1
     assert main(["infer", "--set", "nonsense=1"]) == 2
     assert "unknown parameter(s) 'nonsense'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["preprocess", "--set", "ray_address=[1,2]"], "parameter 'ray_address' expects str or None"),
+    (["infer", "--set", "ray_address={a: 1}"], "parameter 'ray_address' expects str or None"),
+    (["preprocess", "--set", 'corpus="wavs\\0x"'], "parameter 'corpus' holds a NUL byte"),
+    (["preprocess", "--set", "limit=010"], "--set limit:1:1: '010' means different things in YAML 1.1 and 1.2"),
+    (["preprocess", "--corpus", "/tmp/" + "c" * 300], "parameter 'corpus': the name 'ccc"),
+    (["vocode", "--mels", "/tmp/" + "m" * 300], "--mels: the name 'mmm"),
+    (["postprocess", "--wav-dir", "/tmp/" + "/".join(["w" * 200] * 21)], "--wav-dir: '/"),
+    (["preprocess", "--params", "/tmp/" + "p" * 300 + ".yaml"], "--params: the name 'ppp"),
+])
+def test_what_the_os_and_the_types_refuse_is_one_line_with_exit_code_2(tmp_path, capsys, args, message):
+    """A NUL byte, a name or path too long for the OS, a value of the wrong type for a union field, a number
+    YAML versions read differently: named before anything runs, never a traceback (ENAMETOOLONG, TypeError)."""
+    assert main([*args, "--runs-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists()

@@ -29,6 +29,7 @@ from waveglow_lib.convert import _quote_arg
 from waveglow_lib.errors import ManifestError, MelError, TrainingError
 from waveglow_lib.layout import load_manifest
 from waveglow_lib.mel_input import list_mels, read_mel, save_mel
+from waveglow_lib.stages import preprocess
 from waveglow_lib.train import STATE_FORMAT, STATE_VERSION, read_train_state
 
 from support import TINY, tiny_waveglow
@@ -241,6 +242,27 @@ def test_vocode_prints_the_hostile_files_name(tmp_path, preprocessed_mels, tiny_
                      "--checkpoint", str(tiny_checkpoint), "--backend", "torch"])
     err = capsys.readouterr().err
     assert code == 2 and f"error: {bad}: " in err, err
+
+
+# --- corpus entries ---------------------------------------------------------------------------------------
+def test_corpus_entries_named_wav_that_are_not_files_are_skipped_saying_what_they_are(short_corpus, make_cfg,
+                                                                                       tmp_path):
+    """A folder, a FIFO (never opened: that would block), a device and a link to nothing, each named `*.wav`:
+    skipped, the reason saying what the entry is; the real wavs are processed."""
+    corpus = tmp_path / "corpus"
+    shutil.copytree(short_corpus, corpus)
+    wavs = corpus / "wavs"
+    (wavs / "a_folder.wav").mkdir()
+    os.mkfifo(wavs / "a_fifo.wav")
+    (wavs / "a_device.wav").symlink_to("/dev/zero")
+    (wavs / "a_dangling.wav").symlink_to(tmp_path / "gone.wav")
+    result = preprocess(make_cfg(tmp_path / "runs", corpus=str(corpus), limit=0))
+    reasons = {Path(entry["wav"]).name: entry["reason"] for entry in result["skipped"]}
+    assert reasons == {"a_folder.wav": f"{wavs / 'a_folder.wav'}: a folder, not a WAV file (left unread)",
+                       "a_fifo.wav": f"{wavs / 'a_fifo.wav'}: a FIFO, not a WAV file (left unread)",
+                       "a_device.wav": f"{wavs / 'a_device.wav'}: a character device, not a WAV file (left unread)",
+                       "a_dangling.wav": f"{wavs / 'a_dangling.wav'}: a symbolic link to a missing file"}
+    assert result["items"] == len(list(short_corpus.glob("wavs/*.wav")))
 
 
 # --- run folders ------------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import functools
 import io
+import os
+import stat
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +37,7 @@ from scipy.signal import get_window
 
 from .config import STFTConfig
 from .errors import AudioError
+from .io import file_kind
 
 #: NVIDIA's settings (STFTConfig is their home): the defaults below
 _NVIDIA = STFTConfig()
@@ -58,6 +61,21 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------
 # WAV files
 # --------------------------------------------------------------------------------------------------
+def wav_file_stat(path: str | Path) -> os.stat_result:
+    """The stat of a wav path that is a regular file (through links); AudioError saying what it is otherwise
+    (missing, a link to nothing, a folder, a FIFO, a device). Nothing is opened: opening a FIFO blocks."""
+    path = Path(path)
+    try:
+        info = path.stat()
+    except OSError as exc:
+        dangling = path.is_symlink()
+        raise AudioError(f"{path}: " + ("a symbolic link to a missing file" if dangling else "no such WAV file")
+                         + ("" if isinstance(exc, FileNotFoundError) else f" ({exc.strerror})"), path=path) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise AudioError(f"{path}: {file_kind(info)}, not a WAV file (left unread)", path=path)
+    return info
+
+
 def load_wav(path: str | Path, expected_rate: int | None = _NVIDIA.sampling_rate, resample: bool = False,
              downmix: bool = False) -> tuple[np.ndarray, int]:
     """Read a WAV or FLAC file (anything libsndfile reads) as float32 mono in [-1, 1] and its sample rate.
@@ -68,9 +86,7 @@ def load_wav(path: str | Path, expected_rate: int | None = _NVIDIA.sampling_rate
     error unless `downmix=True` (mean of the channels).
     """
     path = Path(path)
-    if not path.is_file():
-        raise AudioError(f"{path}: no such WAV file", path=path)
-    if path.stat().st_size == 0:
+    if wav_file_stat(path).st_size == 0:
         raise AudioError(f"{path}: the file is empty (0 bytes), not a WAV file", path=path)
     try:
         data, rate = soundfile.read(path, dtype="float64", always_2d=True)

@@ -72,6 +72,11 @@ _FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_IS
                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"))
 
 
+def file_kind(info: os.stat_result) -> str:
+    """What a path that is not a regular file is, in words: "a folder", "a FIFO", "a character device" ..."""
+    return next((name for test, name in _FILE_KINDS if test(info.st_mode)), "not a file")
+
+
 @contextlib.contextmanager
 def open_bounded(path: str | Path, what: str, max_bytes: int, error: type[WaveGlowError] = DataError, *,
                  follow_links: bool = True) -> Iterator[BinaryIO]:
@@ -86,7 +91,7 @@ def open_bounded(path: str | Path, what: str, max_bytes: int, error: type[WaveGl
 
     def check(info: os.stat_result) -> None:
         if not stat.S_ISREG(info.st_mode):
-            kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "not a file")
+            kind = file_kind(info)
             raise error(f"{path}: not a regular file ({kind}); expected {what}", path=path)
         if info.st_size > max_bytes:
             raise error(f"{path}: refused: {info.st_size} bytes, more than {what} may have ({max_bytes})",

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..audio import load_wav, mel_spectrogram
+from ..audio import load_wav, mel_spectrogram, wav_file_stat
 from ..config import STFTConfig, WorkflowConfig
 from ..errors import AudioError, DataError, InputNotFound, ManifestError, ResourceError
 from ..io import (MAX_RECORD_BYTES, atomic_write_json, atomic_write_text, read_bounded, read_hint, sha256_bytes,
@@ -96,7 +96,11 @@ def preprocess(cfg: WorkflowConfig, *, force: bool = False, stft: STFTConfig | N
             except ManifestError:
                 skip(wav, f"{wav}: the name {utt_id!r} cannot be an utterance id (letters, digits, _ . - + # @)")
                 continue
-            stat = wav.stat()
+            try:
+                stat = wav_file_stat(wav)  # a folder, FIFO or device named *.wav: said, never opened
+            except AudioError as exc:
+                skip(wav, str(exc))
+                continue
             try:  # the wav by its content: one replaced with its old size and mtime put back is read anew
                 wav_sha = stamps.sha256(wav, "a WAV file", AudioError)
             except AudioError as exc:
