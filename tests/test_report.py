@@ -454,3 +454,29 @@ def test_a_folder_or_fifo_in_place_of_a_record_is_named_not_taken_for_a_missing_
     (run / "metrics.json").mkdir()
     with pytest.raises(DataError, match=r"metrics\.json: not a regular file \(a folder\)"):
         report.summary_html(run)
+
+
+def test_a_damaged_record_does_not_hide_the_notebook_that_failed(tmp_path, monkeypatch, capsys):
+    """A contract test of the runner against papermill's API (`execute_notebook` mocked: it writes the executed
+    notebook, then raises PapermillExecutionError as papermill does): the run's error stays the notebook's,
+    and the report's own error (here a metrics.json of the wrong shape) is said on stderr beside it."""
+    import papermill
+    from waveglow_lib.errors import NotebookRunError
+    from waveglow_lib.notebook import runner
+
+    def fail(source, output, **_):
+        shutil.copy(source, output)
+        raise papermill.PapermillExecutionError(1, 1, "raise RuntimeError('no corpus')", "RuntimeError",
+                                                "no corpus", [])
+
+    monkeypatch.setattr(papermill, "execute_notebook", fail)
+    notebooks = tmp_path / "nbs"
+    notebooks.mkdir()
+    nbformat.write(_executed_notebook(), notebooks / "a.ipynb")
+    cfg = WorkflowConfig(name="t", runs_dir=str(tmp_path / "runs"))
+    (tmp_path / "runs" / "t").mkdir(parents=True)
+    (tmp_path / "runs" / "t" / "metrics.json").write_text("[1]")
+    with pytest.raises(NotebookRunError, match="a.ipynb failed at cell"):
+        runner.run_notebooks(cfg, notebooks=["a.ipynb"], notebooks_dir=notebooks, progress=False)
+    err = capsys.readouterr().err
+    assert "report.html not rendered: " in err and "metrics.json: holds a JSON array" in err

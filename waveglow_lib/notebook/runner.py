@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..config import PACKAGE_DIR, WorkflowConfig
-from ..errors import InputNotFound, NotebookRunError
+from ..errors import InputNotFound, NotebookRunError, WaveGlowError
 from ..io import atomic_write_text
 from ..provenance import COMMIT_ENV, git_commit
 from ..runlock import run_folder_lock
@@ -192,8 +192,15 @@ def run_notebooks(params: str | Path | WorkflowConfig, overrides: Mapping[str, A
         finally:
             try:
                 if report and result.notebooks:
-                    result.report = render_report(result.notebooks, layout.report,
-                                                  title=f"WaveGlow run {cfg.name!r}", cfg=cfg)
+                    failing = sys.exc_info()[1]   # a notebook's failure, on its way out
+                    try:
+                        result.report = render_report(result.notebooks, layout.report,
+                                                      title=f"WaveGlow run {cfg.name!r}", cfg=cfg)
+                    except WaveGlowError as exc:
+                        if failing is None:
+                            raise
+                        # the notebook's failure is the run's error; the report's (a damaged record) is said beside it
+                        print(f"report.html not rendered: {exc}", file=sys.stderr)
             finally:
                 if old_commit is None:
                     os.environ.pop(COMMIT_ENV, None)
