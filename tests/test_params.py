@@ -11,6 +11,7 @@ from waveglow_lib.cli import main as cli_main
 from waveglow_lib.notebook import runner as nr
 from waveglow_lib.config import GUIDE_MEL_LENGTHS, WorkflowConfig, parse_set_option
 from waveglow_lib.errors import ConfigError, ConfigTypeError
+from waveglow_lib.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params"
@@ -293,3 +294,5 @@ def test_names_and_paths_longer_than_the_os_allows_are_refused_by_name(tmp_path)
         WorkflowConfig(checkpoint=str(tmp_path / deep))
     with pytest.raises(ConfigError, match=r"the run folder <runs_dir>/<name>: .* \(plus 256 for the files in it\)"):
         WorkflowConfig(runs_dir=str(tmp_path / "/".join(["b" * 200] * 19)))
+    with pytest.raises(ConfigError, match=r"parameter 'out_dir': the name 'o+'\.\.\. is 300 bytes"):
+        TrainConfig(out_dir=str(tmp_path / ("o" * 300)))  # training's paths too

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from ..config import DEMO_CORPUS_DIR, ModelConfig, check_choices, from_mapping, read_params_file
+from ..config import DEMO_CORPUS_DIR, ModelConfig, check_choices, check_os_path, from_mapping, read_params_file
 from ..errors import ConfigError
 
 
@@ -71,6 +71,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
+        for key in ("corpus", "out_dir", "warm_start"):  # the OS's limits, named before anything opens them
+            if isinstance(getattr(self, key), str):
+                check_os_path(getattr(self, key), f"parameter {key!r}")
         positive = ("segment_length", "batch_size", "max_steps", "checkpoint_every", "log_every",
                     "validation_segments", "ray_workers")
         for key in positive:
