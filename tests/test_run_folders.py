@@ -180,3 +180,21 @@ def test_cli_train_refuses_without_force_and_trains_with_it(tmp_path, capsys):
     assert (folder / "params.yaml").read_text() == "the user's params.yaml"
     assert cli_main(["train", "--params", str(params), "--force"]) == 0
     assert json.loads(capsys.readouterr().out)["step"] == 1
+
+
+@pytest.mark.parametrize("folder", ["bench_models", "bench_cache"])
+def test_the_benchmarks_folders_linked_out_are_refused_before_any_work(tmp_path, folder):
+    """bench's exported graphs and the streaming bench's engine cache: not written through a link leading out
+    of the folder their record goes to (the run folder, or --out-dir)."""
+    from waveglow_lib.bench import run_bench
+    from waveglow_lib.bench.stream import stream_bench
+
+    out, mine = tmp_path / "out", tmp_path / "mine"
+    out.mkdir()
+    mine.mkdir()
+    (out / folder).symlink_to(mine, target_is_directory=True)
+    run = (lambda: run_bench(WorkflowConfig(), model="demo", quick=True, out_dir=out, progress=False)) \
+        if folder == "bench_models" else (lambda: stream_bench(WorkflowConfig(), out_dir=out))
+    with pytest.raises(RunFolderError, match=f"{out / folder}: the bench .* resolves to {mine}, outside {out}"):
+        run()
+    assert list(mine.iterdir()) == []

@@ -65,7 +65,7 @@ from ..backends.fast.auto import precision_order
 from ..hardware import cpu_flags, machine_busy, machine_info
 from ..io import atomic_write_json, atomic_write_text, read_bin
 from ..jobs import backend_name, open_backend, resolve_model_config
-from ..layout import BENCH, BENCH_MODELS_DIR, load_manifest, measurement_files, mel_bin
+from ..layout import BENCH, BENCH_MODELS_DIR, inside, load_manifest, measurement_files, mel_bin
 from ..metrics import MAX_LOG_MEL_DISTANCE, MIN_SNR_DB, quality_check, quality_ok
 from .load import CpuLoad
 from .profile import profile_paths
@@ -245,6 +245,8 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
         torch.set_num_threads(int(threads))
     threads = torch.get_num_threads()
     out_dir = Path(out_dir) if out_dir is not None else cfg.run_dir
+    # its exported graphs: never through a link leading out of the folder the record goes to
+    models_dir = inside(out_dir, out_dir / BENCH_MODELS_DIR, "the bench models folder")
     machine = machine_info()
     row_list = _select_rows(rows, machine["native_bf16"])
     not_native = {"bf16": ("native_bf16", "no native bf16 on this CPU (AVX512-BF16/AMX): it would only emulate it"),
@@ -271,12 +273,12 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
             cached = row.backend == "fast" and row.factory is None
             if cached:  # first load: build and store the engine, then the timed row reads it back
                 t0 = time.perf_counter()
-                first_backend = open_row(row, net, threads, out_dir / BENCH_MODELS_DIR, engine_cache)
+                first_backend = open_row(row, net, threads, models_dir, engine_cache)
                 first = time.perf_counter() - t0
                 first_phases = first_backend.load_times
                 first_backend.close()
             before, t0 = rss_bytes(), time.perf_counter()
-            backends[row.id] = open_row(row, net, threads, out_dir / BENCH_MODELS_DIR, engine_cache if cached else None)
+            backends[row.id] = open_row(row, net, threads, models_dir, engine_cache if cached else None)
             load_info[row.id] = {"load_seconds": round(time.perf_counter() - t0, 4),
                                  "load_mib": round((rss_bytes() - before) / 2 ** 20, 1),
                                  "description": getattr(backends[row.id], "description", row.id)}
@@ -367,7 +369,7 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
         "guide_mean_audio_seconds": round(GUIDE_MEAN_SECONDS, 3),
     }
     if profile:
-        result["profile"] = profile_paths(net, frames=min(max(lengths), 172), threads=threads, cache_dir=out_dir / BENCH_MODELS_DIR)
+        result["profile"] = profile_paths(net, frames=min(max(lengths), 172), threads=threads, cache_dir=models_dir)
     if write:
         record, table = measurement_files(out_dir, BENCH)
         atomic_write_json(record, result)

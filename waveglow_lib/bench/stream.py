@@ -24,7 +24,7 @@ from ..config import GUIDE_MEL_LENGTHS, STFTConfig, WorkflowConfig
 from ..errors import ConfigError
 from ..hardware import machine_busy, machine_info
 from ..io import atomic_write_json, atomic_write_text
-from ..layout import BENCH_CACHE_DIR, BENCH_STREAM, measurement_files
+from ..layout import BENCH_CACHE_DIR, BENCH_STREAM, inside, measurement_files
 from .harness import RssSampler, _percentile
 from .report import markdown_text
 from .workload import build_model, exported_graph
@@ -69,10 +69,10 @@ def stream_bench(cfg: WorkflowConfig | None = None, *, model: Any = "demo", back
     chunk_frames = cfg.chunk_frames if chunk_frames is None else chunk_frames
     if chunk_frames < 1:
         raise ConfigError("stream_bench needs chunk_frames >= 1")
+    out_dir = Path(out_dir) if out_dir else cfg.run_dir
+    cache = inside(out_dir, out_dir / BENCH_CACHE_DIR, "the bench engine cache")  # not through a link out
     net, model_name = build_model(model)
     config = net.config
-    out_dir = Path(out_dir) if out_dir else cfg.run_dir
-    cache = out_dir / BENCH_CACHE_DIR
     rate = STFTConfig().sampling_rate
     mels = [_mel(n, config.n_mel_channels, i) for i, n in enumerate(lengths)]
     rows = []
