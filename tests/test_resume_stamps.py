@@ -346,3 +346,17 @@ def test_a_rerun_reads_no_file_again_once_its_hash_is_kept(preprocessed_run, tmp
     wav = cfg.layout.vocode_dir / "LJ001-0008_syn.wav"
     os.utime(wav, ns=(wav.stat().st_atime_ns, wav.stat().st_mtime_ns))  # a touch: the ctime moves, read again
     assert vocode(cfg, cfg.layout.mel_dir)["written"] == [] and [str(p) for p in reads] == [str(wav)]
+
+
+def test_an_output_that_became_a_folder_is_named_not_a_traceback(preprocessed_run, tmp_path, capsys):
+    cfg = preprocessed_run(tmp_path / "runs")
+    infer(cfg)
+    raw = cfg.layout.out_dir / "LJ001-0006_out.bin"
+    raw.unlink()
+    raw.mkdir()
+    argv = ["infer", "--runs-dir", str(cfg.runs_dir), "--name", cfg.name, "--checkpoint", cfg.checkpoint,
+            "--backend", "torch"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{raw}: it is not a regular file; made again" in err and f"{raw}: could not write (a folder" in err, err
+    assert "Traceback" not in err

@@ -59,7 +59,8 @@ def storage_problem(exc: BaseException) -> str | None:
     if isinstance(exc, OSError):
         reasons = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
                    errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-                   errno.EPERM: "operation not permitted", errno.EFBIG: "file too large"}
+                   errno.EPERM: "operation not permitted", errno.EFBIG: "file too large",
+                   errno.EISDIR: "a folder is where the file goes; remove it"}
         if exc.errno in reasons:
             return reasons[exc.errno]
     return None
