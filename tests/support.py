@@ -4,6 +4,7 @@ Fixtures (built once per session) live in conftest.py."""
 from __future__ import annotations
 
 import importlib
+import json
 import secrets
 import socket
 import subprocess
@@ -226,3 +227,38 @@ def start_jupyterlab(root: Path, env: dict, log_path: Path, *, timeout: float = 
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"jupyter lab did not start:\n{Path(log_path).read_text()[-3000:]}") from None
             time.sleep(0.3)
+
+
+#: run in a fresh interpreter by `memory_by_size`: `measure(size)` runs `work(size)` and records the
+#: process's peak RSS (ru_maxrss) and the peak of what Python and numpy allocated (tracemalloc; torch's own
+#: buffers are not traced) while it ran
+_MEMORY_PROBE = """
+import json, resource, sys, tracemalloc
+def _rss():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+{setup}
+work({warm})  # imports, caches, first-call allocations: before the baseline
+base = _rss()
+found = []
+for size in {sizes!r}:
+    tracemalloc.start()
+    work(size)
+    found.append({{"size": size, "rss": _rss(), "rss_growth": _rss() - base,
+                  "traced_peak": tracemalloc.get_traced_memory()[1]}})
+    tracemalloc.stop()
+print("MEMORY " + json.dumps(found))
+"""
+
+
+def memory_by_size(setup: str, sizes: list[int], warm: int, *, cwd: Path | None = None,
+                   timeout: float = 600) -> list[dict]:
+    """Peak memory of `work(size)` for each size, in ONE fresh interpreter (`setup` defines `work`; sizes
+    in increasing order): [{"size", "rss" (the peak so far), "rss_growth" (peak RSS above the warmed-up
+    baseline: ru_maxrss only grows, so a later size shows only what it needed beyond the earlier ones),
+    "traced_peak"}]."""
+    script = _MEMORY_PROBE.format(setup=setup, sizes=list(sizes), warm=warm)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd or Path(__file__).parent)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("MEMORY ")), None)
+    assert done.returncode == 0 and line, done.stderr[-3000:]
+    return json.loads(line[len("MEMORY "):])

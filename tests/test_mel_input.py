@@ -324,3 +324,43 @@ def test_numpy_formulas_match_librosa(demo_mels):
                                atol=1e-9)
     np.testing.assert_allclose(amplitude_to_db(magnitude), librosa.amplitude_to_db(magnitude), atol=1e-9)
     np.testing.assert_allclose(power_to_db(power, top_db=None), librosa.power_to_db(power, top_db=None), atol=1e-9)
+
+
+# --- reading by blocks ------------------------------------------------------------------------------
+
+BLOCK_CASES = {  # file name → (how it is written from a [80, T] mel, read_mel's options)
+    "c.npy": (lambda p, m: np.save(p, m), {}),
+    "fortran.npy": (lambda p, m: np.save(p, np.asfortranarray(m)), {}),
+    "time_first.npy": (lambda p, m: np.save(p, m.T.copy()), {}),
+    "time_first_fortran.npy": (lambda p, m: np.save(p, m.T), {}),
+    "batch_float64.npy": (lambda p, m: np.save(p, m[None].astype(np.float64)), {}),
+    "guide.bin": (lambda p, m: save_mel(p, m), {}),
+    "time_first.bin": (lambda p, m: m.T.astype("<f4").tofile(p), {"layout": "time_first"}),
+    "tensor.pt": (lambda p, m: save_mel(p, m), {}),
+    "log10.npy": (lambda p, m: np.save(p, m / math.log(10)), {"convert": "log10"}),
+}
+
+
+@pytest.mark.parametrize("name", BLOCK_CASES)
+def test_open_mel_reads_read_mels_values_by_blocks(demo_mels, tmp_path, name):
+    mel = next(iter(demo_mels.values()))[0]
+    write, options = BLOCK_CASES[name]
+    write(tmp_path / name, mel)
+    whole = read_mel(tmp_path / name, **options)
+    blocks = mel_input.open_mel(tmp_path / name, **options)
+    assert blocks.shape == whole.shape
+    frames = whole.shape[1]
+    assert np.array_equal(np.concatenate([blocks[:, a:a + 37] for a in range(0, frames, 37)], axis=1), whole)
+    assert np.array_equal(np.asarray(blocks), whole)
+    assert np.array_equal(pickle.loads(pickle.dumps(blocks))[:, 5:9], whole[:, 5:9])
+
+
+def test_open_mel_refuses_what_read_mel_refuses(demo_mels, tmp_path):
+    mel = next(iter(demo_mels.values()))[0].copy()
+    mel[3, -1] = np.nan  # in the last block only
+    np.save(tmp_path / "nan.npy", mel)
+    with pytest.raises(MelError, match=r"nan\.npy: the mel contains 1 NaN/Inf"):
+        mel_input.open_mel(tmp_path / "nan.npy")
+    np.save(tmp_path / "db.npy", mel[:, :-1] * 20 / math.log(10))
+    with pytest.raises(MelError, match=r"db\.npy: this mel looks like dB"):
+        mel_input.open_mel(tmp_path / "db.npy")

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
+from support import memory_by_size
 from waveglow_lib.audio import load_wav, mel_spectrogram
 from waveglow_lib.config import DEMO_CORPUS_DIR
 from waveglow_lib.io import read_bin
@@ -66,3 +67,28 @@ def test_missing_corpus_and_manifest(make_cfg, tmp_path):
     (tmp_path / "manifest.json").write_text("{broken")
     with pytest.raises(ManifestError, match="manifest.json: not valid JSON"):
         load_manifest(tmp_path)
+
+
+def test_preprocess_memory_is_bounded_by_a_block_not_by_the_wav(tmp_path):
+    """A 4x longer wav costs no more memory: the wav is read, and its mel computed and written, block by
+    block (peak RSS and traced allocations of two lengths, in one fresh interpreter)."""
+    setup = f"""
+import shutil
+from pathlib import Path
+import numpy as np
+from scipy.io import wavfile
+from waveglow_lib.config import WorkflowConfig
+from waveglow_lib.stages.preprocess import preprocess
+root = Path({str(tmp_path)!r})
+for seconds in (2, 20, 80):  # the wavs first: making them is not what is measured
+    corpus = root / f"corpus{{seconds}}" / "wavs"
+    corpus.mkdir(parents=True)
+    noise = np.random.default_rng(seconds).standard_normal(seconds * 22050) * 3000
+    wavfile.write(corpus / "long.wav", 22050, noise.astype(np.int16))
+    del noise
+def work(seconds):
+    preprocess(WorkflowConfig(name=f"r{{seconds}}", runs_dir=str(root / "runs"), corpus=str(root / f"corpus{{seconds}}")))
+"""
+    short, long = memory_by_size(setup, [20, 80], warm=2)
+    # before: the whole wav in float64 and its STFT frames, about 80 bytes per sample (140 MiB more at 80 s)
+    assert long["rss_growth"] < 1.3 * short["rss_growth"] + 16 * 2**20, (short, long)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.io import wavfile
 
-from support import SHORT_IDS
+from support import SHORT_IDS, memory_by_size
 from waveglow_lib.cli import main
 from waveglow_lib.io import read_bin
 from waveglow_lib.layout import load_manifest, mel_bin, out_bin, syn_wav
@@ -140,3 +140,143 @@ def test_the_vocode_notebook_runs_by_name(tmp_path, tiny_checkpoint):
     assert "06_vocode_mels.ipynb" not in NOTEBOOKS
     assert len(list((runs / "nb06" / "vocode").glob("*_syn.wav"))) == 2
     assert (runs / "nb06" / "notebooks" / "06_vocode_mels.ipynb").is_file()
+
+
+# --- long mels: memory as a chunk, written as vocoded, progress inside the utterance ----------------------
+
+def _longest_as_npy(cfg, folder):
+    item = max(load_manifest(cfg.layout.mel_dir)["items"], key=lambda i: i["mel_frames"])
+    folder.mkdir(parents=True, exist_ok=True)
+    save_mel(folder / f"{item['id']}.npy", read_bin(mel_bin(cfg.layout.mel_dir, item), tuple(item["shape"])))
+    return item
+
+
+class _RecordingBar:
+    """Stands in for tqdm in the local engine: records each update."""
+    updates: list = []
+
+    def __init__(self, *args, total=None, **kwargs):
+        self.total = total
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n):
+        _RecordingBar.updates.append(n)
+
+
+def test_a_long_mel_is_written_as_it_is_vocoded_with_progress_inside_it(wav_route, tmp_path, monkeypatch):
+    """Chunks of 40 frames: the bar moves chunk by chunk in audio seconds, the wav is not at its name until
+    it is complete, and it equals the unchunked wav (same noise)."""
+    from waveglow_lib.audio import WavWriter
+    from waveglow_lib.engines import local
+
+    item = _longest_as_npy(wav_route, tmp_path / "mels")
+    cfg = wav_route.with_overrides(runs_dir=str(tmp_path / "runs"), chunk_frames=40)
+    target = syn_wav(cfg.layout.vocode_dir, item["id"])
+    seen, real_write = [], WavWriter.write
+    monkeypatch.setattr(WavWriter, "write", lambda self, audio: (seen.append(target.exists()), real_write(self, audio)))
+    monkeypatch.setattr(local, "tqdm", _RecordingBar)
+    _RecordingBar.updates = []
+    assert vocode(cfg, tmp_path / "mels")["written"] == [item["id"]]
+    assert len(seen) >= 5 and not any(seen) and target.is_file()
+    assert len(_RecordingBar.updates) >= 5  # one utterance, several updates
+    assert math.isclose(sum(_RecordingBar.updates), item["mel_frames"] * 256 / 22050)
+    whole = wav_route.with_overrides(runs_dir=str(tmp_path / "whole"), chunk_frames=0)
+    vocode(whole, tmp_path / "mels")
+    expected = _wav(syn_wav(whole.layout.vocode_dir, item["id"]))
+    assert np.abs(_wav(target).astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_a_stream_that_fails_halfway_leaves_nothing(wav_route, tmp_path, monkeypatch):
+    from waveglow_lib.audio import WavWriter
+
+    item = _longest_as_npy(wav_route, tmp_path / "mels")
+    cfg = wav_route.with_overrides(runs_dir=str(tmp_path / "runs"), chunk_frames=40, vocode_out_bin=True)
+    calls, real_write = [], WavWriter.write
+
+    def failing(self, audio):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real_write(self, audio)
+
+    monkeypatch.setattr(WavWriter, "write", failing)
+    with pytest.raises(KeyboardInterrupt):
+        vocode(cfg, tmp_path / "mels")
+    left = [p.name for p in cfg.layout.vocode_dir.iterdir()]
+    assert not [name for name in left if item["id"] in name], left  # no wav, no .bin, no temp file
+
+
+def test_the_block_denoiser_equals_the_denoiser_on_the_whole(tiny_model):
+    from waveglow_lib.denoiser import Denoiser
+    from waveglow_lib.stages.vocode import BlockDenoiser
+
+    denoiser = Denoiser.from_model(tiny_model())
+    audio = (np.random.default_rng(6).standard_normal(256 * 90) * 0.2).astype(np.float32)
+    blocks = BlockDenoiser(denoiser, 0.3)
+    pieces = [blocks.push(piece) for piece in np.split(audio, [256 * 7, 256 * 30, 256 * 31, 256 * 70])]
+    got = np.concatenate([*pieces, blocks.end()])
+    assert np.abs(got - denoiser(audio, strength=0.3)).max() < 1e-5
+
+
+def test_chunk_frames_is_bounded(make_cfg, wav_route, tmp_path, capsys):
+    _longest_as_npy(wav_route, tmp_path / "mels")
+    cfg = make_cfg(tmp_path / "runs")
+    argv = ["vocode", "--mels", str(tmp_path / "mels"), "--runs-dir", cfg.runs_dir, "--checkpoint", cfg.checkpoint,
+            "--chunk-frames", str(10**9)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "chunk_frames" in err and "16384" in err and len(err.splitlines()) == 1
+
+
+def test_a_failed_allocation_is_one_line_naming_its_size(make_cfg, wav_route, tmp_path, capsys, monkeypatch):
+    """Contract test: torch's DefaultCPUAllocator raises a RuntimeError with this message (mocked here)."""
+    import waveglow_lib.jobs
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
+                           "you tried to allocate 1610612736 bytes.")
+
+    monkeypatch.setattr(waveglow_lib.jobs, "vocode", refuse)
+    _longest_as_npy(wav_route, tmp_path / "mels")
+    cfg = make_cfg(tmp_path / "runs")
+    argv = ["vocode", "--mels", str(tmp_path / "mels"), "--runs-dir", cfg.runs_dir, "--checkpoint", cfg.checkpoint,
+            "--backend", "torch"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    # the last line (the progress bar's lines come before it), no traceback
+    assert "out of memory: 1.50 GiB were asked for" in err.splitlines()[-1] and "Traceback" not in err
+
+
+def test_vocode_memory_is_flat_in_the_mels_length(tmp_path):
+    """A 4x longer mel costs no more memory (one fresh interpreter, two lengths): read by blocks, noise drawn
+    per chunk, the wav written as chunks finish. Python/numpy allocations (tracemalloc) and peak RSS."""
+    setup = f"""
+from pathlib import Path
+import numpy as np
+from support import tiny_waveglow
+from waveglow_lib.config import ModelConfig, WorkflowConfig
+from waveglow_lib import mel_input
+from waveglow_lib.stages import vocode
+# the format check's sample and the NaN scan's block (bounded: 16384 and 2048 frames) are not measured here
+mel_input.CHECK_FRAMES = mel_input.SCAN_FRAMES = 256
+root = Path({str(tmp_path)!r})
+model = tiny_waveglow(ModelConfig(n_flows=2, n_group=8, n_early_every=4, n_early_size=2, n_layers=1,
+                                  n_channels=4, kernel_size=3))
+for frames in (100, 600, 2400):
+    np.save(root / f"m{{frames}}.npy", (np.random.default_rng(frames).standard_normal((80, frames)) * 2 - 5)
+            .astype(np.float32))
+def work(frames):
+    cfg = WorkflowConfig(name=f"r{{frames}}", runs_dir=str(root / "runs"), backend="torch", precision="fp32",
+                         chunk_frames=64)
+    vocode(cfg, root / f"m{{frames}}.npy", model=model)
+"""
+    short, long = memory_by_size(setup, [600, 2400], warm=100)
+    # before: the mel, its noise (1 KiB a frame) and its audio (1 KiB a frame, twice) held whole: 4x the peak
+    assert long["traced_peak"] < 1.3 * short["traced_peak"] + 2**20, (short, long)
+    # the process's peak RSS (torch's buffers included: a chunk's); a 4x longer mel asks for little more
+    assert long["rss"] < 1.3 * short["rss"], (short, long)

@@ -22,10 +22,11 @@ from __future__ import annotations
 import functools
 import io
 import os
+import struct
 import stat
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Iterable, Iterator, Literal
 
 import librosa
 import numpy as np
@@ -51,6 +52,9 @@ __all__ = [
     "frames_for_samples",
     "hz_to_mel",
     "load_wav",
+    "WavStream",
+    "WavWriter",
+    "mel_blocks",
     "mel_filterbank",
     "mel_spectrogram",
     "mel_to_hz",
@@ -83,47 +87,102 @@ def load_wav(path: str | Path, expected_rate: int | None = _NVIDIA.sampling_rate
     Integer PCM is scaled like NVIDIA's loader (int16 / 32768; 8-, 24- and 32-bit by their full scale),
     float files are taken as they are (clipped to [-1, 1], with a warning, if they exceed it). A rate other
     than `expected_rate` (None accepts any) is an error unless `resample=True`; more than one channel is an
-    error unless `downmix=True` (mean of the channels).
+    error unless `downmix=True` (mean of the channels). The whole file in memory: `WavStream` reads the
+    same samples block by block.
     """
-    path = Path(path)
-    if wav_file_stat(path).st_size == 0:
-        raise AudioError(f"{path}: the file is empty (0 bytes), not a WAV file", path=path)
-    try:
-        data, rate = soundfile.read(path, dtype="float64", always_2d=True)
-    except Exception as exc:  # libsndfile's errors (LibsndfileError, RuntimeError, TypeError) for broken files
-        raise AudioError(f"{path}: not a readable WAV file ({type(exc).__name__}: {exc})", path=path) from None
-    if data.shape[0] == 0:
-        raise AudioError(f"{path}: the WAV file holds zero samples", path=path)
-    audio = _full_scale(data, path)
-    if audio.shape[1] == 1:
-        audio = audio[:, 0]
-    elif not downmix:
-        raise AudioError(f"{path}: {audio.shape[1]} channels, expected mono; pass downmix=True "
-                         f"(--set downmix=true) to average the channels", path=path)
-    else:
-        audio = _downmix(audio)
+    stream = WavStream(path, expected_rate, resample=resample, downmix=downmix)
+    return np.concatenate(list(stream.pieces())), stream.rate
 
-    if expected_rate is not None and rate != expected_rate:
-        if not resample:
-            raise AudioError(f"{path}: sample rate {rate} Hz, expected {expected_rate} Hz; pass "
-                             f"resample=True (--set resample=true) to convert it", path=path)
-        audio = _resample(audio, rate, expected_rate)
-        rate = expected_rate
+
+#: samples (per channel) read from a wav at a time: what a `WavStream` holds, whatever the file's length
+WAV_BLOCK_SAMPLES = 2**16
+
+
+class WavStream:
+    """A WAV or FLAC file read block by block: `pieces()` yields float32 mono pieces in [-1, 1] at `rate`
+    whose concatenation is exactly `load_wav`'s samples (same scaling, clipping, down-mix; the resampler
+    runs as a stream, which gives libsoxr's one-shot samples). The file's header is checked here (empty,
+    unreadable, zero samples, channels, rate: AudioError naming the file); NaN/Inf samples when met.
+    After `pieces()`: `samples` (the count) and `peak` (max |sample|).
+    Memory: one block of the file (plus libsoxr's filter state when resampling), not the file.
+    """
+
+    def __init__(self, path: str | Path, expected_rate: int | None = _NVIDIA.sampling_rate, *,
+                 resample: bool = False, downmix: bool = False, block: int = WAV_BLOCK_SAMPLES) -> None:
+        self.path = path = Path(path)
+        self.block = int(block)
+        if wav_file_stat(path).st_size == 0:
+            raise AudioError(f"{path}: the file is empty (0 bytes), not a WAV file", path=path)
+        with self._open() as handle:
+            self.source_rate, channels, frames = int(handle.samplerate), int(handle.channels), int(handle.frames)
+        if frames == 0:
+            raise AudioError(f"{path}: the WAV file holds zero samples", path=path)
+        if channels > 1 and not downmix:
+            raise AudioError(f"{path}: {channels} channels, expected mono; pass downmix=True "
+                             f"(--set downmix=true) to average the channels", path=path)
+        self.rate = self.source_rate
+        if expected_rate is not None and self.source_rate != expected_rate:
+            if not resample:
+                raise AudioError(f"{path}: sample rate {self.source_rate} Hz, expected {expected_rate} Hz; pass "
+                                 f"resample=True (--set resample=true) to convert it", path=path)
+            self.rate = int(expected_rate)
+        self.samples = 0
+        self.peak = 0.0
+
+    def _open(self) -> soundfile.SoundFile:
+        try:
+            return soundfile.SoundFile(self.path)
+        except Exception as exc:  # libsndfile's errors (LibsndfileError, RuntimeError, TypeError) for broken files
+            raise AudioError(f"{self.path}: not a readable WAV file ({type(exc).__name__}: {exc})",
+                             path=self.path) from None
+
+    def _blocks(self) -> Iterator[np.ndarray]:
+        """The file's float64 frames `[k, channels]`, a block at a time (libsndfile scales integer PCM)."""
+        with self._open() as handle:
+            while True:
+                try:
+                    data = handle.read(self.block, dtype="float64", always_2d=True)
+                except Exception as exc:  # a file cut or damaged after its header
+                    raise AudioError(f"{self.path}: not a readable WAV file ({type(exc).__name__}: {exc})",
+                                     path=self.path) from None
+                if not data.shape[0]:
+                    return
+                yield data
+
+    def pieces(self) -> Iterator[np.ndarray]:
+        """float32 mono pieces in [-1, 1] at `self.rate` (see the class)."""
+        self.samples, self.peak, loudest = 0, 0.0, 0.0
+        resampler = (soxr.ResampleStream(self.source_rate, self.rate, 1, dtype="float64", quality="VHQ")
+                     if self.rate != self.source_rate else None)
+        for data in self._blocks():
+            if not np.all(np.isfinite(data)):
+                raise AudioError(f"{self.path}: the WAV file holds NaN or Inf samples", path=self.path)
+            block_peak = float(np.max(np.abs(data)))
+            if block_peak > 1.0:  # float samples beyond full scale: clipped (players do too), loudly below
+                loudest = max(loudest, block_peak)
+                data = np.clip(data, -1.0, 1.0)
+            audio = data.astype(np.float32)
+            audio = audio[:, 0] if audio.shape[1] == 1 else _downmix(audio)
+            if resampler is not None:
+                audio = self._resampled(resampler, audio, last=False)
+            yield from self._counted(audio)
+        if resampler is not None:
+            yield from self._counted(self._resampled(resampler, np.zeros(0, np.float32), last=True))
+        if loudest:
+            warnings.warn(f"{self.path}: float samples peak at {loudest:.3f}, beyond full scale; clipping to [-1, 1]",
+                          stacklevel=2)
+
+    @staticmethod
+    def _resampled(resampler, audio: np.ndarray, last: bool) -> np.ndarray:
+        out = resampler.resample_chunk(audio.astype(np.float64), last=last).astype(np.float32)
         # the resampler's filter can overshoot full scale by a hair; the mel front-end expects [-1, 1]
-        audio = np.clip(audio, -1.0, 1.0)
-    return np.ascontiguousarray(audio, dtype=np.float32), int(rate)
+        return np.clip(out, -1.0, 1.0)
 
-
-def _full_scale(data: np.ndarray, path: Path) -> np.ndarray:
-    """Reject NaN/Inf samples; clip float samples beyond full scale (players do too), loudly."""
-    if not np.all(np.isfinite(data)):
-        raise AudioError(f"{path}: the WAV file holds NaN or Inf samples", path=path)
-    peak = float(np.max(np.abs(data)))
-    if peak > 1.0:
-        warnings.warn(f"{path}: float samples peak at {peak:.3f}, beyond full scale; clipping to [-1, 1]",
-                      stacklevel=3)
-        data = np.clip(data, -1.0, 1.0)
-    return data.astype(np.float32)
+    def _counted(self, audio: np.ndarray) -> Iterator[np.ndarray]:
+        if audio.size:
+            self.samples += audio.size
+            self.peak = max(self.peak, float(np.max(np.abs(audio))))
+            yield np.ascontiguousarray(audio, dtype=np.float32)
 
 
 def _downmix(audio: np.ndarray) -> np.ndarray:
@@ -170,6 +229,31 @@ def wav_bytes(audio: np.ndarray, sample_rate: int = _NVIDIA.sampling_rate,
     else:
         raise AudioError(f"wav sample format must be 'int16' or 'float32', got {sample_format!r}")
     return buffer.getvalue()
+
+
+class WavWriter:
+    """`wav_bytes`' int16 mono file written piece by piece into an open binary file (`io.atomic_stream`):
+    the same bytes for the joined audio; the header's sizes are written by `close()`, when they are known."""
+
+    def __init__(self, handle: BinaryIO, sample_rate: int = _NVIDIA.sampling_rate) -> None:
+        self.handle, self.rate, self.data_bytes = handle, int(sample_rate), 0
+        handle.write(self._header())
+
+    def _header(self) -> bytes:
+        return struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + self.data_bytes, b"WAVE", b"fmt ", 16, 1, 1, self.rate,
+                           2 * self.rate, 2, 16, b"data", self.data_bytes)
+
+    def write(self, audio: np.ndarray) -> None:
+        data = to_int16(audio).astype("<i2").tobytes()
+        if 36 + self.data_bytes + len(data) > 0xFFFFFFFF:
+            raise AudioError(f"audio of more than {0xFFFFFFFF // 2} samples does not fit a .wav file (4 GiB)")
+        self.handle.write(data)
+        self.data_bytes += len(data)
+
+    def close(self) -> None:
+        self.handle.seek(0)
+        self.handle.write(self._header())
+        self.handle.seek(0, io.SEEK_END)
 
 
 def frames_for_samples(n_samples: int, hop: int = _NVIDIA.hop_length) -> int:
@@ -261,9 +345,14 @@ class STFT:
     def _spectrum(self, audio: torch.Tensor) -> torch.Tensor:
         """Complex spectrum [B, n_freqs, frames] of [B, N] audio."""
         self.check(audio)
-        dtype = _compute_dtype(audio.device)
-        x = audio.to(dtype)
+        x = audio.to(_compute_dtype(audio.device))
         x = torch.nn.functional.pad(x[:, None, :], (self.pad, self.pad), mode="reflect")[:, 0, :]
+        return self.padded_spectrum(x)
+
+    def padded_spectrum(self, x: torch.Tensor) -> torch.Tensor:
+        """Complex spectrum [B, n_freqs, frames] of [B, M] samples already padded (frame t starts at t * hop)."""
+        dtype = _compute_dtype(x.device)
+        x = x.to(dtype)
         frames = x.unfold(-1, self.filter_length, self.hop_length)          # [B, T, filter_length]
         frames = frames * self.window.to(device=x.device, dtype=dtype)
         return torch.fft.rfft(frames, dim=-1).transpose(1, 2)                # [B, F, T]
@@ -351,10 +440,67 @@ def mel_spectrogram(audio: Any, stft: STFTConfig = STFTConfig()) -> Any:
     numpy in gives numpy float32 out; torch in gives a float32 tensor on the input's device.
     """
     batch, info = as_batch(audio)
-    transform = STFT.from_config(stft)
-    magnitude = transform.magnitude(batch)
+    return restore(_log_mel(STFT.from_config(stft).magnitude(batch), stft), info, dtype=None)
+
+
+def _log_mel(magnitude: torch.Tensor, stft: STFTConfig) -> torch.Tensor:
+    """[B, n_freqs, T] STFT magnitude -> [B, n_mel, T] log(clamp(Slaney mel, clip_val))."""
     basis = torch.from_numpy(mel_filterbank(stft.sampling_rate, stft.filter_length, stft.n_mel_channels,
                                             stft.mel_fmin, stft.mel_fmax))
     mel = torch.matmul(basis.to(device=magnitude.device, dtype=magnitude.dtype), magnitude)
-    log_mel = torch.log(torch.clamp(mel, min=stft.clip_val))
-    return restore(log_mel, info, dtype=None)
+    return torch.log(torch.clamp(mel, min=stft.clip_val))
+
+
+#: mel frames computed at a time by `mel_blocks` (about 12 MB of float64 STFT frames at filter 1024)
+MEL_BLOCK_FRAMES = 512
+
+
+def mel_blocks(pieces: Iterable[np.ndarray], stft: STFTConfig = STFTConfig(),
+               block_frames: int = MEL_BLOCK_FRAMES) -> Iterator[np.ndarray]:
+    """`mel_spectrogram` of a stream of float mono sample pieces, as float32 `[n_mel, k]` blocks of frames:
+    joined, they equal the one-shot mel of the joined samples (to float rounding; the same float64 frames).
+
+    Exact seams: frame t reads samples [t·hop - pad, t·hop - pad + filter_length), pad = filter_length // 2,
+    so a block of frames needs its own samples plus filter_length - hop of overlap; the reflect padding of
+    the centred STFT exists only at the stream's two ends (the end is known when the stream ends). Memory:
+    one block of frames and that overlap, whatever the stream's length.
+    """
+    transform = STFT.from_config(stft)
+    hop, width, pad = transform.hop_length, transform.filter_length, transform.pad
+    block_frames = max(1, int(block_frames))
+    buffer = np.zeros(0, dtype=np.float64)   # samples [base, base + buffer.size) of the stream
+    base = start = 0                         # the next block starts at frame `start`
+
+    def block(t0: int, t1: int, total: int | None) -> np.ndarray:
+        index = np.arange(t0 * hop - pad, (t1 - 1) * hop - pad + width)
+        index = np.abs(index)  # reflect at the start: sample -i is sample i
+        if total is not None:  # reflect at the end: sample total - 1 + i is sample total - 1 - i
+            index = np.where(index >= total, 2 * (total - 1) - index, index)
+        padded = torch.from_numpy(buffer[index - base])[None]
+        return _log_mel(transform.padded_spectrum(padded).abs(), stft)[0].to(torch.float32).numpy()
+
+    def keep_from(frame: int) -> None:
+        nonlocal buffer, base
+        drop = max(0, frame * hop - pad - width) - base  # a margin for the end's reflection
+        if drop > 0:
+            buffer, base = buffer[drop:], base + drop
+
+    for index, piece in enumerate(pieces):
+        piece = np.asarray(piece, dtype=np.float64).reshape(-1)
+        if not np.isfinite(piece).all():
+            raise AudioError(f"audio piece {index}: contains NaN or Inf samples")
+        buffer = np.concatenate([buffer, piece])
+        # a block whose last frame ends inside what has arrived needs no reflection at the end
+        while (start + block_frames - 1) * hop - pad + width <= base + buffer.size:
+            yield block(start, start + block_frames, None)
+            start += block_frames
+            keep_from(start)
+    total = base + buffer.size
+    if total <= pad:
+        raise AudioError(f"audio: {total} samples is too short; the STFT's reflect padding needs more than "
+                         f"filter_length // 2 = {pad} samples")
+    frames = transform.n_frames(total)
+    while start < frames:
+        stop = min(frames, start + block_frames)
+        yield block(start, stop, total)
+        start = stop

@@ -104,14 +104,28 @@ def _run_padded(backend, mels, noises, sigma, length, pad_value) -> list[np.ndar
     return [audio[i, : m.shape[1] * hop].copy() for i, m in enumerate(mels)]
 
 
+def batch_noise(model_config: ModelConfig, frames: int, seed: int, utt_id: str,
+                chunk_frames: int = 0) -> np.ndarray | NoiseSource:
+    """An utterance's noise for `vocode`: the array (`utterance_noise`), or, for one `vocode` will chunk,
+    its `noise_source` (drawn chunk by chunk: the noise of an hour is 1 KiB per frame, 170 MB)."""
+    if chunk_frames > 0 and frames > chunk_window(model_config, chunk_frames):
+        return noise_source(model_config, seed, utt_id)
+    return utterance_noise(model_config, frames, seed, utt_id)
+
+
 def vocode(backend, mels: list[np.ndarray], noises: list[np.ndarray], sigma: float, model_config: ModelConfig,
-           *, exact: bool = True, pad_value: float = STFTConfig().pad_value, chunk_frames: int = 0
+           *, exact: bool = True, pad_value: float = STFTConfig().pad_value, chunk_frames: int = 0,
+           sinks: dict | None = None, progress: Callable[[int], None] | None = None
            ) -> tuple[list[np.ndarray], dict]:
     """Run one padded batch through `backend`; each utterance's audio comes back trimmed to its length.
 
     With `chunk_frames` > 0, an utterance longer than `chunk_window(model_config, chunk_frames)` is
     vocoded alone in chunks (`vocode_chunked`: exact, memory bounded by the window); the others form
-    the padded batch. Its index is listed in `stats["chunked"]`.
+    the padded batch. Its index is listed in `stats["chunked"]`. A mel may be any `[n_mel, T]` that slices
+    like an array (`mel_input.MelBlocks`: read by blocks); its noise a `NoiseSource` (`batch_noise`).
+    `sinks` {index: write(audio)}: a chunked utterance's audio goes to its sink chunk by chunk as it is made
+    (memory: one chunk), and its entry in the returned list is None. `progress(samples)` is told of every
+    chunk and every other utterance as its audio is made.
 
     With `exact`, every utterance shorter than the padded length gets its tail (the samples whose
     receptive field reaches into the padding) recomputed from a short window of its own mel and noise,
@@ -125,7 +139,15 @@ def vocode(backend, mels: list[np.ndarray], noises: list[np.ndarray], sigma: flo
         long = [i for i, m in enumerate(mels) if m.shape[1] > window]
         if long:
             return _vocode_with_chunks(backend, mels, noises, sigma, model_config, exact, pad_value,
-                                       chunk_frames, long)
+                                       chunk_frames, long, sinks or {}, progress)
+    mels = [np.asarray(m, dtype=np.float32) for m in mels]  # short: whole (a mel read by blocks, too)
+    audios, stats = _vocode_whole(backend, mels, noises, sigma, model_config, exact, pad_value)
+    if progress is not None:
+        progress(sum(a.size for a in audios))
+    return audios, stats
+
+
+def _vocode_whole(backend, mels, noises, sigma, model_config, exact, pad_value) -> tuple[list[np.ndarray], dict]:
     lengths = [m.shape[1] for m in mels]
     if runs_utterances(backend):  # each utterance at its own length (fast): exact
         audios = backend.run_utterances(mels, [(sigma * n).astype(np.float32) for n in noises])
@@ -163,21 +185,30 @@ def vocode(backend, mels: list[np.ndarray], noises: list[np.ndarray], sigma: flo
     return audios, stats
 
 
-def _vocode_with_chunks(backend, mels, noises, sigma, model_config, exact, pad_value, chunk_frames, long):
+def _vocode_with_chunks(backend, mels, noises, sigma, model_config, exact, pad_value, chunk_frames, long, sinks,
+                        progress):
     rest = [i for i in range(len(mels)) if i not in long]
     audios: list[np.ndarray | None] = [None] * len(mels)
     stats = {"padded_frames": 0, "tail_frames": 0, "inexact": [], "chunked": list(long), "chunk_windows": 0}
     if rest:
         outs, stats_rest = vocode(backend, [mels[i] for i in rest], [noises[i] for i in rest], sigma,
-                                  model_config, exact=exact, pad_value=pad_value)
+                                  model_config, exact=exact, pad_value=pad_value, progress=progress)
         for i, out in zip(rest, outs):
             audios[i] = out
         stats.update(padded_frames=stats_rest["padded_frames"], tail_frames=stats_rest["tail_frames"],
                      inexact=[rest[k] for k in stats_rest["inexact"]])
     for i in long:
         chunk_stats: dict = {}
-        audios[i] = vocode_chunked(backend, mels[i], noises[i], sigma, model_config, chunk_frames,
-                                   pad_value=pad_value, exact=exact, stats=chunk_stats)
+        pieces = []
+        for audio in vocode_stream(mels[i], backend, model_config, sigma=sigma, noise=noises[i],
+                                   chunk_frames=chunk_frames, pad_value=pad_value, exact=exact, stats=chunk_stats):
+            if i in sinks:
+                sinks[i](audio)
+            else:
+                pieces.append(audio)
+            if progress is not None:
+                progress(audio.size)
+        audios[i] = None if i in sinks else np.concatenate(pieces)
         stats["chunk_windows"] += chunk_stats["chunks"]
         stats["tail_frames"] += chunk_stats["computed_frames"] - mels[i].shape[1]
         if chunk_stats["inexact"]:
@@ -228,10 +259,12 @@ def _array_noise(noise: np.ndarray) -> NoiseSource:
     return take
 
 
-def _mel_pieces(mels: np.ndarray | Iterable[np.ndarray], n_mel: int) -> Iterator[np.ndarray]:
-    """A whole mel `[n_mel, T]` as one piece, or an iterable of `[n_mel, k]` pieces / `[n_mel]` frames."""
-    if isinstance(mels, np.ndarray) and mels.ndim == 2:
-        mels = [mels]
+def _mel_pieces(mels: np.ndarray | Iterable[np.ndarray], n_mel: int, block: int = 0) -> Iterator[np.ndarray]:
+    """A whole mel `[n_mel, T]` (an array, or `mel_input.MelBlocks`) in pieces of `block` frames, or an
+    iterable of `[n_mel, k]` pieces / `[n_mel]` frames."""
+    if getattr(mels, "ndim", None) == 2 and hasattr(mels, "shape"):
+        whole, step = mels, max(1, block or mels.shape[1])
+        mels = (whole[:, start:start + step] for start in range(0, whole.shape[1], step))
     for index, piece in enumerate(mels):
         piece = np.asarray(piece, dtype=np.float32)
         if piece.ndim == 1:
@@ -271,7 +304,7 @@ def vocode_stream(mels: np.ndarray | Iterable[np.ndarray], backend, model_config
     keep = max(left, max(gears, default=0))  # frames kept before the next centre (left context, gear room)
     stats = stats if stats is not None else {}
     stats.update(chunks=0, computed_frames=0, inexact=False)
-    pieces = _mel_pieces(mels, model_config.n_mel_channels)
+    pieces = _mel_pieces(mels, model_config.n_mel_channels, chunk_frames)  # a whole mel: read a chunk at a time
     buffer = np.zeros((model_config.n_mel_channels, 0), dtype=np.float32)
     pending: list[np.ndarray] = []
     base = received = start = 0  # buffer holds frames [base, received); next centre starts at `start`

@@ -253,7 +253,7 @@ class WorkflowConfig:
     ray_actors: int = 0
     #: utterances longer than chunk_frames + the model's context are vocoded in chunks of this many mel
     #: frames (plus context each side), exactly equal to one-shot synthesis, in memory bounded by the
-    #: chunk; 0 = never chunk (batching.vocode_stream)
+    #: chunk; 0 = never chunk (batching.vocode_stream); at most MAX_CHUNK_FRAMES
     chunk_frames: int = 2048
     #: vocode: the layout of the input mels (auto: the axis with n_mel entries is the band axis)
     mel_layout: MelLayout = "auto"
@@ -279,8 +279,9 @@ class WorkflowConfig:
                 raise ConfigError(f"parameter {key!r} must be >= 1, got {getattr(self, key)}")
         if self.ray_actors < 0:
             raise ConfigError(f"parameter 'ray_actors' must be >= 0 (0 = as many as fit), got {self.ray_actors}")
-        if self.chunk_frames < 0:
-            raise ConfigError(f"parameter 'chunk_frames' must be >= 0 (0 = never chunk), got {self.chunk_frames}")
+        if not 0 <= self.chunk_frames <= MAX_CHUNK_FRAMES:  # a chunk's memory grows with it
+            raise ConfigError(f"parameter 'chunk_frames' must be in 0..{MAX_CHUNK_FRAMES} (0 = never chunk; "
+                              f"{MAX_CHUNK_FRAMES} frames = 3 min of audio per chunk), got {self.chunk_frames}")
         if self.limit < 0:
             raise ConfigError(f"parameter 'limit' must be >= 0 (0 = all), got {self.limit}")
         if self.sigma < 0:
@@ -411,6 +412,9 @@ def from_mapping(cls: type, data: Mapping[str, Any], source: str = "parameters")
     return cls(**{k: _coerce(k, v, _field_type(cls, k), source) for k, v in data.items()})
 
 
+#: the largest chunk_frames (3 min of audio at hop 256): a chunk's memory grows with it, and more turns
+#: chunking off in all but name
+MAX_CHUNK_FRAMES = 16384
 #: a params file holds ~30 settings (a few KiB); read whole, so bounded (safe_yaml's bound for any document)
 MAX_PARAMS_BYTES = MAX_YAML_BYTES
 #: the parameters that name a file or folder (the OS refuses a NUL byte in them, and names too long)

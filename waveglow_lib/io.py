@@ -6,10 +6,11 @@ import errno
 import hashlib
 import json
 import os
+import re
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Mapping
+from typing import Any, BinaryIO, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -31,13 +32,24 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     A full disk, a read-only folder or an allocation failure raises ResourceError naming the file, and
     the temp file is removed: what was there before stays as it was.
     """
+    with atomic_stream(path) as handle:
+        handle.write(data)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_stream(path: str | Path) -> Iterator[BinaryIO]:
+    """`atomic_write_bytes` for a file written piece by piece: yields a temp file (`w+b`) in the same folder,
+    renamed onto `path` (after fsync) only when the `with` block ends without an error; on any error,
+    Ctrl-C included, it is removed and `path` stays as it was (ResourceError for a full disk, a read-only
+    folder or an allocation failure, naming the file). Nothing exists at `path` until it is complete."""
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        with os.fdopen(fd, "w+b") as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
@@ -49,13 +61,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         if problem:
             raise ResourceError(f"{path}: could not write ({problem}); nothing was changed", path=path) from None
         raise
-    return path
 
 
 def storage_problem(exc: BaseException) -> str | None:
     """What a full disk, a read-only folder or an allocation failure is, in words (None for other errors)."""
-    if isinstance(exc, MemoryError):
-        return "out of memory"
+    allocation = allocation_problem(exc)
+    if allocation:
+        return allocation
     if isinstance(exc, OSError):
         reasons = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
                    errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
@@ -64,6 +76,25 @@ def storage_problem(exc: BaseException) -> str | None:
         if exc.errno in reasons:
             return reasons[exc.errno]
     return None
+
+
+def allocation_problem(exc: BaseException) -> str | None:
+    """A failed allocation in words, with the size it asked for when the allocator said it: numpy's
+    `_ArrayMemoryError` ("Unable to allocate 1.2 GiB for an array ..."), torch's DefaultCPUAllocator
+    ("not enough memory: you tried to allocate N bytes", a RuntimeError), CUDA's "out of memory". None otherwise."""
+    text = str(exc)
+    if not isinstance(exc, MemoryError) and not (isinstance(exc, RuntimeError) and (
+            "DefaultCPUAllocator" in text or "out of memory" in text.lower())):
+        return None
+    numpy_size = re.search(r"Unable to allocate ([0-9.]+ [KMGTPE]?i?B)", text)
+    torch_size = re.search(r"allocate ([0-9]+) bytes", text) or re.search(r"allocate ([0-9.]+ [KMGTPE]i?B)", text)
+    if numpy_size:
+        return f"out of memory: {numpy_size.group(1)} were asked for"
+    if torch_size:
+        size = torch_size.group(1)
+        size = f"{int(size) / 2**30:.2f} GiB" if size.isdigit() else size
+        return f"out of memory: {size} were asked for"
+    return "out of memory"
 
 
 #: the records and manifests the stages keep (JSON): a manifest of a million utterances is ~200 MB
@@ -248,6 +279,42 @@ def write_bin(path: str | Path, array: np.ndarray) -> str:
     data = np.ascontiguousarray(array, dtype="<f4").tobytes()
     atomic_write_bytes(path, data)
     return sha256_bytes(data)
+
+
+#: columns placed at a time by `write_bin_blocks` (× rows × 4 bytes: 1.3 MB for an 80-band mel)
+_PLACE_COLUMNS = 4096
+
+
+def write_bin_blocks(path: str | Path, blocks: Iterable[np.ndarray]) -> tuple[str, tuple[int, int]]:
+    """`write_bin` of a `[rows, T]` array that comes as column blocks `[rows, k]` (a mel, block of frames by
+    block of frames), in memory bounded by a block: the blocks go to an anonymous scratch file as they come,
+    and once T is known each row is placed at its offset in the row-major file (atomically: nothing at
+    `path` until it is complete; an error raised by `blocks` leaves nothing). Returns (sha256, (rows, T))."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows, total = None, 0
+    with atomic_stream(path) as out, tempfile.TemporaryFile(dir=path.parent) as scratch:
+        for block in blocks:
+            block = np.asarray(block)
+            if rows is None:
+                rows = block.shape[0]
+            if block.ndim != 2 or block.shape[0] != rows:
+                raise DataError(f"{path}: a block of shape {block.shape} among blocks of {rows} rows")
+            scratch.write(np.ascontiguousarray(block.T, dtype="<f4").tobytes())
+            total += block.shape[1]
+        rows = rows or 0
+        scratch.flush()
+        for t0 in range(0, total, _PLACE_COLUMNS):
+            k = min(_PLACE_COLUMNS, total - t0)
+            chunk = np.frombuffer(os.pread(scratch.fileno(), k * rows * 4, t0 * rows * 4), dtype="<f4")
+            columns = np.ascontiguousarray(chunk.reshape(k, rows).T)
+            for row in range(rows):
+                os.pwrite(out.fileno(), columns[row].tobytes(), (row * total + t0) * 4)
+        out.seek(0)
+        digest = hashlib.sha256()
+        for data in iter(lambda: out.read(1 << 20), b""):
+            digest.update(data)
+    return digest.hexdigest(), (rows, total)
 
 
 def read_bin(path: str | Path, shape: tuple[int, ...], dtype: str = "float32") -> np.ndarray:

@@ -20,19 +20,19 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from .backends import ModelSpec, get_backend, resolve_backend
-from .batching import Utterance, check_mel, plan_batches, utterance_noise, vocode
+from .batching import Utterance, batch_noise, check_mel, chunk_window, plan_batches, vocode
 from .checkpoint import load_waveglow
 from .config import ModelConfig, STFTConfig, WorkflowConfig
 from .convert import load_export_info
 from .errors import ConfigError, DataError, ResourceError, RunFolderError, SynthesisError
-from .io import atomic_write_json, read_bin, read_json, write_bin
+from .io import allocation_problem, atomic_write_json, read_bin, read_json, write_bin
 from .layout import TIMINGS_FILE, gears_file, out_bin, record_path
-from .mel_input import list_mels, read_mel
+from .mel_input import list_mels, open_mel, read_mel
 from .stamps import (OUTPUT_KEY, SOURCE_KEY, FileStamps, announce_redo, differences, file_stamps, model_changed,
                      model_stamp)
 
@@ -149,10 +149,12 @@ class MelFileReader:
     #: `mel_input.read_mel`'s layout and (asked-for) conversion
     layout: str = "auto"
     convert: str | None = None
+    #: `mel_input.open_mel`: read by blocks as it is vocoded (memory: a chunk), not whole
+    blocks: bool = False
 
     def __call__(self, item: Utterance) -> np.ndarray:
-        return read_mel(item.bin_path, self.n_mel, layout=self.layout, convert=self.convert,
-                        stft=STFTConfig(n_mel_channels=self.n_mel))
+        return (open_mel if self.blocks else read_mel)(item.bin_path, self.n_mel, layout=self.layout,
+                                                       convert=self.convert, stft=STFTConfig(n_mel_channels=self.n_mel))
 
 
 def mel_folder_items(folder: str | Path, reader: MelFileReader | None = None) -> tuple[list[Utterance], MelFileReader]:
@@ -210,30 +212,69 @@ def backend_info(backend) -> dict:
             **({"precision_probe": backend.probe} if getattr(backend, "probe", None) else {})}
 
 
-def vocode_batch(backend, settings: VocodeSettings, batch: list[Utterance], worker: str = "local") -> BatchResult:
-    """Read, noise and vocode one batch; every engine runs exactly this per batch. NaN/Inf audio is refused."""
+@dataclass(frozen=True)
+class StreamedAudio:
+    """An utterance's audio that went to its job's `stream_writer` chunk by chunk (never held whole): its
+    sample count and what the writer says of its output (the record entry)."""
+
+    size: int
+    entry: dict
+
+
+def vocode_batch(backend, settings: VocodeSettings, batch: list[Utterance], worker: str = "local", *,
+                 stream: Callable[[Utterance], Any] | None = None,
+                 progress: Callable[[int], None] | None = None) -> BatchResult:
+    """Read, noise and vocode one batch; every engine runs exactly this per batch. NaN/Inf audio is refused.
+
+    `stream(utterance)` (a job's `stream_writer`; this process only): a writer (`write(audio)`, `finish()
+    -> entry`, `abort()`) for each utterance vocoded in chunks, which then gets its audio chunk by chunk and
+    comes back as a StreamedAudio. `progress(samples)`: told as audio is made, inside an utterance too.
+    """
     mels = [settings.read_mel(u) for u in batch]
-    noises = [utterance_noise(settings.model_config, u.frames, settings.seed, u.id) for u in batch]
+    noises = [batch_noise(settings.model_config, u.frames, settings.seed, u.id, settings.chunk_frames) for u in batch]
+    chunked = settings.chunk_frames > 0 and stream is not None
+    window = chunk_window(settings.model_config, settings.chunk_frames) if chunked else 0
+    writers = {i: stream(u) for i, u in enumerate(batch) if chunked and u.frames > window}
     calls_before = len(getattr(backend, "device_times_ms", None) or [])
     t0 = time.perf_counter()
     try:
         audios, stats = vocode(backend, mels, noises, settings.sigma, settings.model_config,
                                exact=settings.exact, pad_value=settings.pad_value,
-                               chunk_frames=settings.chunk_frames)
-    except MemoryError:
-        raise ResourceError(f"{batch[0].bin_path}: out of memory vocoding a batch of {len(batch)} "
-                            f"({max(u.frames for u in batch)} frames); lower batch_size",
-                            path=batch[0].bin_path) from None
+                               chunk_frames=settings.chunk_frames, progress=progress,
+                               sinks={i: _finite_to(w, batch[i], backend, settings) for i, w in writers.items()})
+        for i, writer in writers.items():
+            audios[i] = StreamedAudio(*writer.finish())
+    except BaseException as exc:
+        for writer in writers.values():
+            writer.abort()
+        problem = allocation_problem(exc)
+        if problem:
+            raise ResourceError(f"{batch[0].bin_path}: {problem} vocoding a batch of {len(batch)} "
+                                f"({max(u.frames for u in batch)} frames); lower batch_size or chunk_frames",
+                                path=batch[0].bin_path) from None
+        raise
     seconds = time.perf_counter() - t0
     # the NPU's own time for this batch's calls (om backend), from ais_bench
     device_ms = list((getattr(backend, "device_times_ms", None) or [])[calls_before:])
     for u, audio in zip(batch, audios):
-        if not np.isfinite(audio).all():
-            # the mel was checked finite when read: the weights or the arithmetic are to blame
-            raise SynthesisError(f"{u.bin_path}: the {backend.name} backend produced NaN/Inf audio from a finite "
-                                 f"mel; check the checkpoint {settings.checkpoint} (NaN/Inf weights?) and the precision "
-                                 f"({getattr(backend, 'precision', '?')}; try fp32)", path=u.bin_path)
+        if isinstance(audio, np.ndarray):
+            _check_finite(audio, u, backend, settings)
     return BatchResult(list(batch), audios, stats, seconds, device_ms, worker, backend_info(backend))
+
+
+def _finite_to(writer, u: Utterance, backend, settings: VocodeSettings) -> Callable[[np.ndarray], None]:
+    def write(audio: np.ndarray) -> None:
+        _check_finite(audio, u, backend, settings)
+        writer.write(audio)
+    return write
+
+
+def _check_finite(audio: np.ndarray, u: Utterance, backend, settings: VocodeSettings) -> None:
+    if not np.isfinite(audio).all():
+        # the mel was checked finite when read: the weights or the arithmetic are to blame
+        raise SynthesisError(f"{u.bin_path}: the {backend.name} backend produced NaN/Inf audio from a finite "
+                             f"mel; check the checkpoint {settings.checkpoint} (NaN/Inf weights?) and the precision "
+                             f"({getattr(backend, 'precision', '?')}; try fp32)", path=u.bin_path)
 
 
 # --- the job: what is left to do, and its record -----------------------------------------------------------
@@ -260,6 +301,10 @@ class InferJob:
     stamps: FileStamps | None = None
     written: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
+
+    #: a job that writes an utterance's audio as it is made, chunk by chunk (`vocode_batch`'s `stream`),
+    #: defines it (stages.vocode.VocodeJob); this one writes each output whole
+    stream_writer = None
 
     @property
     def timings_path(self) -> Path:

@@ -122,6 +122,25 @@ def read_mel(path: str | Path, n_mel: int = 80, layout: str = "auto", convert: s
     `convert`: one of CONVERSIONS, applied on request only. `check`: run `check_mel_format` and raise
     MelError when the values are not natural-log mel magnitudes (NaN/Inf are refused regardless).
     """
+    path, stft, suffix = _mel_args(path, n_mel, layout, convert, stft)
+    with open_bounded(path, "a mel file", MAX_MEL_BYTES, MelError) as handle:
+        if suffix == ".npy":
+            array = _read_npy(path, handle)
+        elif suffix == ".bin":
+            array = _read_bin_mel(path, handle, n_mel, stft.hop_length, time_first=layout == "time_first")
+    if suffix == ".pt":
+        array = _read_pt(path)
+    elif suffix == ".bin":
+        _refuse_interleaved(array, layout, path, n_mel)
+        layout = "mel_first" if layout == "auto" else layout  # raw bytes carry no shape: the guide's
+    mel = _to_mel_first(array, n_mel, layout, path)
+    _refuse_non_finite(int(np.size(mel) - np.isfinite(mel).sum()), path)
+    return _formatted(mel, convert, check, path, stft)
+
+
+def _mel_args(path: str | Path, n_mel: int, layout: str, convert: str | None,
+              stft: STFTConfig | None) -> tuple[Path, STFTConfig, str]:
+    """`read_mel`'s and `open_mel`'s arguments checked: (path, stft, suffix)."""
     path = Path(path)
     stft = stft or STFTConfig(n_mel_channels=n_mel)
     if stft.n_mel_channels != n_mel:
@@ -136,24 +155,24 @@ def read_mel(path: str | Path, n_mel: int = 80, layout: str = "auto", convert: s
     suffix = path.suffix.lower()
     if suffix not in MEL_SUFFIXES:
         raise MelError(f"{path}: unknown mel file type '{path.suffix}' (expected .npy, .pt or .bin)", path=path)
-    with open_bounded(path, "a mel file", MAX_MEL_BYTES, MelError) as handle:
-        if suffix == ".npy":
-            array = _read_npy(path, handle)
-        elif suffix == ".bin":
-            array = _read_bin_mel(path, handle, n_mel, stft.hop_length, time_first=layout == "time_first")
-    if suffix == ".pt":
-        array = _read_pt(path)
-    elif suffix == ".bin":
-        if layout == "auto" and _looks_interleaved(array):
-            raise MelError(f"{path}: read as the guide's [{n_mel}, T], this .bin's rows repeat every {n_mel} "
-                           f"values, as a [T, {n_mel}] buffer does; read it with layout='time_first' (or "
-                           "layout='mel_first' if it really is [n_mel, T])", path=path)
-        layout = "mel_first" if layout == "auto" else layout  # raw bytes carry no shape: the guide's
-    mel = _to_mel_first(array, n_mel, layout, path)
-    if not np.isfinite(mel).all():
-        bad = int(np.size(mel) - np.isfinite(mel).sum())
+    return path, stft, suffix
+
+
+def _refuse_interleaved(array: np.ndarray, layout: str, path: Path, n_mel: int) -> None:
+    if layout == "auto" and _looks_interleaved(array):
+        raise MelError(f"{path}: read as the guide's [{n_mel}, T], this .bin's rows repeat every {n_mel} "
+                       f"values, as a [T, {n_mel}] buffer does; read it with layout='time_first' (or "
+                       "layout='mel_first' if it really is [n_mel, T])", path=path)
+
+
+def _refuse_non_finite(bad: int, path: Path) -> None:
+    if bad:
         raise MelError(f"{path}: the mel contains {bad} NaN/Inf value(s); the TTS model's output is broken "
                        "here (vocoding it would give silence or noise)", path=path)
+
+
+def _formatted(mel: np.ndarray, convert: str | None, check: bool, path: Path, stft: STFTConfig) -> np.ndarray:
+    """The asked-for conversion and the format check (`read_mel`'s last steps)."""
     if convert is not None:
         if check:
             _check_conversion_fits(mel, convert, path, stft)
@@ -224,11 +243,24 @@ def list_mels(dir_or_file: str | Path) -> list[tuple[str, Path]]:
 def _read_npy(path: Path, handle: BinaryIO) -> np.ndarray:
     """A plain numeric `.npy` whose header's shape and dtype account for exactly the bytes after it: checked
     before anything is allocated (a header of a few bytes may declare terabytes)."""
+    _npy_header(path, handle)
+    try:
+        handle.seek(0)
+        return np.load(handle, allow_pickle=False)
+    except ValueError as error:  # not a .npy, a bad header, object arrays (pickles: refused)
+        raise MelError(f"{path}: not a plain numeric .npy array ({error})", path=path) from None
+    except (OSError, EOFError) as error:
+        raise MelError(f"{path}: unreadable .npy file (truncated or corrupt?): {error}", path=path) from None
+
+
+def _npy_header(path: Path, handle: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran_order, dtype, offset of the data) of a plain numeric `.npy` whose header accounts for
+    exactly the bytes after it; MelError otherwise."""
     try:
         version = np.lib.format.read_magic(handle)
         # version 3.0 differs from 2.0 only in the header's encoding (utf-8): the same reader fits
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read_header(handle)
+        shape, fortran, dtype = read_header(handle)
         if dtype.hasobject:
             raise ValueError(f"dtype {dtype} holds Python objects (pickles)")
         expected = math.prod(shape) * dtype.itemsize
@@ -238,8 +270,7 @@ def _read_npy(path: Path, handle: BinaryIO) -> np.ndarray:
                     if actual > expected else f"{expected - actual} bytes fewer (truncated?)")
             raise MelError(f"{path}: its header declares shape {shape} of {dtype} ({expected} bytes), but the file "
                            f"holds {actual} bytes after its header: {diff}", path=path)
-        handle.seek(0)
-        return np.load(handle, allow_pickle=False)
+        return tuple(shape), bool(fortran), dtype, handle.tell()
     except MelError:
         raise
     except ValueError as error:  # not a .npy, a bad header, object arrays (pickles: refused)
@@ -264,6 +295,15 @@ def _read_pt(path: Path) -> np.ndarray:
 
 
 def _read_bin_mel(path: Path, handle: BinaryIO, n_mel: int, hop_length: int, time_first: bool) -> np.ndarray:
+    frames = _bin_frames(path, handle, n_mel, hop_length)
+    raw = np.fromfile(handle, dtype="<f4", count=frames * n_mel)
+    if raw.size != frames * n_mel:
+        raise MelError(f"{path}: shrank while it was read ({raw.size * 4} of {frames * n_mel * 4} bytes)", path=path)
+    return raw.reshape(frames, n_mel) if time_first else raw.reshape(n_mel, frames)
+
+
+def _bin_frames(path: Path, handle: BinaryIO, n_mel: int, hop_length: int) -> int:
+    """The frame count of a guide-style raw float32 `.bin`, checked against its size and its `.txt`."""
     size = os.fstat(handle.fileno()).st_size
     if size == 0 or size % (4 * n_mel):
         raise MelError(f"{path}: {size} bytes is not a whole number of float32 frames of {n_mel} bands "
@@ -275,10 +315,7 @@ def _read_bin_mel(path: Path, handle: BinaryIO, n_mel: int, hop_length: int, tim
         raise MelError(f"{path}: {frames} frames of {n_mel} bands, but {path.with_suffix('.txt').name} says "
                        f"{samples} samples, which make {1 + samples // hop_length} frames at hop {hop_length}; "
                        "a truncated .bin, another band count, or a .txt from another file?", path=path)
-    raw = np.fromfile(handle, dtype="<f4", count=frames * n_mel)
-    if raw.size != frames * n_mel:
-        raise MelError(f"{path}: shrank while it was read ({raw.size * 4} of {size} bytes)", path=path)
-    return raw.reshape(frames, n_mel) if time_first else raw.reshape(n_mel, frames)
+    return frames
 
 
 def _looks_interleaved(mel: np.ndarray) -> bool:
@@ -297,32 +334,175 @@ def _looks_interleaved(mel: np.ndarray) -> bool:
 
 def _to_mel_first(array: Any, n_mel: int, layout: str, path: Path) -> np.ndarray:
     array = np.asarray(array)
-    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-        raise MelError(f"{path}: dtype {array.dtype} is not a numeric mel", path=path)
-    if array.ndim == 3 and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim != 2:
-        raise MelError(f"{path}: shape {array.shape}: expected [n_mel, T], [T, n_mel] or [1, n_mel, T] "
+    shape, layout = _mel_layout(array.shape, array.dtype, n_mel, layout, path)
+    array = array.reshape(shape)
+    return np.ascontiguousarray(array.T if layout == "time_first" else array, dtype=np.float32)
+
+
+def _mel_layout(shape: tuple[int, ...], dtype: np.dtype, n_mel: int, layout: str,
+                path: Path) -> tuple[tuple[int, int], str]:
+    """The 2-D shape a mel file's array has (a leading batch axis of 1 dropped) and its layout, `auto`
+    resolved: MelError for a dtype, shape or band count that is not a mel."""
+    if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+        raise MelError(f"{path}: dtype {dtype} is not a numeric mel", path=path)
+    shape = tuple(shape)
+    if len(shape) == 3 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) != 2:
+        raise MelError(f"{path}: shape {shape}: expected [n_mel, T], [T, n_mel] or [1, n_mel, T] "
                        f"with n_mel={n_mel}", path=path)
-    rows, cols = array.shape
+    rows, cols = shape
     if layout == "auto":
         if rows == n_mel and cols == n_mel:
-            raise MelError(f"{path}: shape {array.shape} is ambiguous (both axes have {n_mel} entries); "
+            raise MelError(f"{path}: shape {shape} is ambiguous (both axes have {n_mel} entries); "
                            "say layout='mel_first' or 'time_first'", path=path)
         if rows == n_mel:
             layout = "mel_first"
         elif cols == n_mel:
             layout = "time_first"
         else:
-            raise MelError(f"{path}: shape {array.shape} has no axis of {n_mel} mel bands (wrong band count: "
+            raise MelError(f"{path}: shape {shape} has no axis of {n_mel} mel bands (wrong band count: "
                            f"the model expects n_mel={n_mel})", path=path)
-    mel = array.T if layout == "time_first" else array
-    if mel.shape[0] != n_mel:
-        raise MelError(f"{path}: with layout='{layout}', shape {array.shape} gives {mel.shape[0]} bands; "
+    bands, frames = (cols, rows) if layout == "time_first" else (rows, cols)
+    if bands != n_mel:
+        raise MelError(f"{path}: with layout='{layout}', shape {shape} gives {bands} bands; "
                        f"the model expects {n_mel}", path=path)
-    if mel.shape[1] == 0:
+    if frames == 0:
         raise MelError(f"{path}: the mel has no frames", path=path)
-    return np.ascontiguousarray(mel, dtype=np.float32)
+    return (rows, cols), layout
+
+
+# --- reading by blocks: memory bounded by a block, not by the mel -----------------------------------
+
+#: frames read at a time when a mel is scanned (NaN/Inf, peak) by `open_mel`
+SCAN_FRAMES = 2048
+#: the format check looks at every frame of a mel up to this long (3.2 min; its statistics take about
+#: 2.5 KiB a frame: 40 MiB), else at evenly spaced blocks of CHECK_BLOCK_FRAMES frames (as many frames)
+CHECK_FRAMES = 16384
+CHECK_BLOCK_FRAMES = 256
+#: a `.pt` cannot be read in part (torch's zip holds the tensor whole): read whole, so bounded (≈ 1 h 40 min)
+MAX_PT_MEL_BYTES = 2**27
+
+
+class MelBlocks:
+    """A mel file opened for reading by blocks of frames: `mel[:, a:b]` (or `block(a, b)`) reads float32
+    `[n_mel, b - a]` from the file (pread: no mapping, nothing kept), the asked-for conversion applied;
+    `shape`, `ndim`, `dtype` like the array `read_mel` returns, and `np.asarray(mel)` is that array. A
+    `.pt` (torch's zip cannot be read in part) is held in memory, bounded by MAX_PT_MEL_BYTES. Picklable
+    (a remote worker reopens the file)."""
+
+    ndim = 2
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, path: Path, n_mel: int, frames: int, *, stft: STFTConfig, convert: str | None = None,
+                 offset: int = 0, raw_dtype: Any = "<f4", frame_major: bool = False,
+                 array: np.ndarray | None = None) -> None:
+        self.path, self.n_mel, self.frames, self.stft, self.convert = path, n_mel, frames, stft, convert
+        self.offset, self.raw_dtype, self.frame_major = offset, np.dtype(raw_dtype), frame_major
+        self.array = array  # a .pt's mel, float32 [n_mel, T]
+        self._fd: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_mel, self.frames)
+
+    def __len__(self) -> int:
+        return self.n_mel
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+    def raw_block(self, start: int, stop: int) -> np.ndarray:
+        """float32 `[n_mel, stop - start]` as the file holds it (no conversion)."""
+        start, stop = max(0, start), min(self.frames, stop)
+        if self.array is not None:
+            return self.array[:, start:stop]
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        size, count = self.raw_dtype.itemsize, max(0, stop - start)
+        if self.frame_major:  # frame after frame: one read
+            rows = [self._read((self.offset + start * self.n_mel * size), count * self.n_mel)]
+            raw = rows[0].reshape(count, self.n_mel).T
+        else:  # band after band: a read per band
+            raw = np.stack([self._read(self.offset + (band * self.frames + start) * size, count)
+                            for band in range(self.n_mel)])
+        return np.ascontiguousarray(raw, dtype=np.float32)
+
+    def _read(self, offset: int, count: int) -> np.ndarray:
+        data = os.pread(self._fd, count * self.raw_dtype.itemsize, offset)
+        if len(data) != count * self.raw_dtype.itemsize:
+            raise MelError(f"{self.path}: shrank while it was read (at byte {offset})", path=self.path)
+        return np.frombuffer(data, dtype=self.raw_dtype)
+
+    def block(self, start: int, stop: int) -> np.ndarray:
+        raw = self.raw_block(start, stop)
+        return raw if self.convert is None else _converted(raw, self.convert, self.stft)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if (isinstance(key, tuple) and len(key) == 2 and key[0] == slice(None) and isinstance(key[1], slice)
+                and key[1].step in (None, 1)):
+            start, stop, _ = key[1].indices(self.frames)
+            return self.block(start, max(start, stop))
+        return np.asarray(self)[key]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = self.block(0, self.frames)
+        return whole if dtype is None else whole.astype(dtype)
+
+
+def open_mel(path: str | Path, n_mel: int = 80, layout: str = "auto", convert: str | None = None, *,
+             check: bool = True, stft: STFTConfig | None = None) -> MelBlocks:
+    """`read_mel`, for reading by blocks (`MelBlocks`): the same checks and errors, in memory bounded by a
+    block. `.npy` and `.bin` are read where they lie; a `.pt` is read whole (at most MAX_PT_MEL_BYTES).
+    Every value is scanned for NaN/Inf; the format check sees the whole mel up to CHECK_FRAMES frames, and
+    evenly spaced blocks of a longer one."""
+    path, stft, suffix = _mel_args(path, n_mel, layout, convert, stft)
+    if suffix == ".pt":
+        with open_bounded(path, "a .pt mel file (read whole: save a long mel as .npy to read it by blocks)",
+                          MAX_PT_MEL_BYTES, MelError):
+            pass
+        mel = read_mel(path, n_mel, layout, convert=None, check=False, stft=stft)
+        blocks = MelBlocks(path, n_mel, mel.shape[1], stft=stft, convert=convert, array=mel)
+    else:
+        with open_bounded(path, "a mel file", MAX_MEL_BYTES, MelError) as handle:
+            if suffix == ".npy":
+                shape, fortran, raw_dtype, offset = _npy_header(path, handle)
+            else:
+                frames = _bin_frames(path, handle, n_mel, stft.hop_length)
+                shape = (frames, n_mel) if layout == "time_first" else (n_mel, frames)
+                fortran, raw_dtype, offset = False, np.dtype("<f4"), 0
+        bin_layout = layout
+        shape, layout = _mel_layout(shape, raw_dtype, n_mel, "mel_first" if suffix == ".bin" and layout == "auto"
+                                    else layout, path)
+        frames = shape[1] if layout == "mel_first" else shape[0]
+        blocks = MelBlocks(path, n_mel, frames, stft=stft, convert=convert, offset=offset, raw_dtype=raw_dtype,
+                           frame_major=(layout == "mel_first") == fortran)
+        if suffix == ".bin":
+            _refuse_interleaved(_sample(blocks), bin_layout, path, n_mel)
+    bad, peak = 0, -math.inf
+    for start in range(0, blocks.frames, SCAN_FRAMES):
+        raw = blocks.raw_block(start, start + SCAN_FRAMES)
+        finite = np.isfinite(raw)
+        bad += int(raw.size - finite.sum())
+        peak = max(peak, float(raw[finite].max(initial=-math.inf)))
+    _refuse_non_finite(bad, path)
+    if convert in ("db_amplitude", "db_power"):
+        _refuse_0_db(peak, path)
+    _formatted(_sample(blocks), convert, check, path, stft)
+    return blocks
+
+
+def _sample(blocks: MelBlocks) -> np.ndarray:
+    """The frames the format check looks at (raw): all up to CHECK_FRAMES, else evenly spaced blocks."""
+    if blocks.frames <= CHECK_FRAMES:
+        return blocks.raw_block(0, blocks.frames)
+    count = CHECK_FRAMES // CHECK_BLOCK_FRAMES
+    starts = np.linspace(0, blocks.frames - CHECK_BLOCK_FRAMES, count).astype(int)
+    return np.concatenate([blocks.raw_block(a, a + CHECK_BLOCK_FRAMES) for a in starts], axis=1)
 
 
 # --- writing (tests and tools) ---------------------------------------------------------------------
@@ -353,20 +533,31 @@ def convert_mel(mel: np.ndarray, convert: str, source: str | Path = "mel",
 
     dB mels made with `ref=np.max` (peak at exactly 0 dB) are refused: their absolute level is gone.
     """
-    floor = np.float32(math.log(stft.clip_val))
     mel = np.asarray(mel, dtype=np.float64)
-    if convert in ("db_amplitude", "db_power") and mel.size and _peaks_at_0_db(float(mel.max())):
+    if convert in ("db_amplitude", "db_power") and mel.size:
+        _refuse_0_db(float(mel.max()), source)
+    if convert not in CONVERSIONS:
+        raise MelError(f"{source}: convert must be one of {', '.join(CONVERSIONS)}, not {convert!r}")
+    return _converted(mel, convert, stft)
+
+
+def _refuse_0_db(peak: float, source: str | Path) -> None:
+    if _peaks_at_0_db(peak):
         raise MelError(f"{source}: this dB mel peaks at exactly 0 dB, as librosa's ref=np.max makes it: its "
                        "absolute level is lost, so no conversion is exact; re-export it with ref=1.0",
                        path=source if isinstance(source, Path) else None)
+
+
+def _converted(mel: np.ndarray, convert: str, stft: STFTConfig) -> np.ndarray:
+    """`convert_mel`'s arithmetic (elementwise: a block at a time gives the whole's values)."""
+    floor = np.float32(math.log(stft.clip_val))
+    mel = np.asarray(mel, dtype=np.float64)
     if convert in _LOG_FACTORS:
         converted = mel * _LOG_FACTORS[convert]
     elif convert == "magnitude":
         converted = np.log(np.maximum(mel, stft.clip_val))
     elif convert == "power":
         converted = 0.5 * np.log(np.maximum(mel, stft.clip_val ** 2))
-    else:
-        raise MelError(f"{source}: convert must be one of {', '.join(CONVERSIONS)}, not {convert!r}")
     return np.maximum(converted.astype(np.float32), floor)
 
 

@@ -16,12 +16,14 @@ __all__ = ["run", "run_batches"]
 
 def run_batches(job: InferJob, backend) -> None:
     """Every batch of the plan through `backend` in this process, each written as soon as it finishes."""
-    # nothing to do: no empty "0/0" bar (the notebook says the stage was skipped)
-    with tqdm(total=len(job.todo), desc=f"infer ({getattr(backend, 'name', '-')})", unit="utt",
-              disable=not job.todo) as bar:
+    # in seconds of audio, moving inside a long utterance too (chunk by chunk); nothing to do: no empty bar
+    # (the notebook says the stage was skipped)
+    total = sum(u.frames for u in job.todo) * job.settings.model_config.hop_length / job.rate
+    with tqdm(total=total, desc=f"infer ({getattr(backend, 'name', '-')})", unit="s audio",
+              disable=not job.todo, bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s audio [{elapsed}<{remaining}]") as bar:
         for index, batch in enumerate(job.batches()):
-            job.write(index, vocode_batch(backend, job.settings, batch))
-            bar.update(len(batch))
+            job.write(index, vocode_batch(backend, job.settings, batch, stream=job.stream_writer,
+                                          progress=lambda samples: bar.update(samples / job.rate)))
 
 
 def run(cfg: WorkflowConfig, job: InferJob, *, model=None, backend=None) -> dict:

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..audio import load_wav, mel_spectrogram, wav_file_stat
+from ..audio import WavStream, mel_blocks, wav_file_stat
 from ..config import STFTConfig, WorkflowConfig
 from ..errors import AudioError, DataError, InputNotFound, ManifestError, ResourceError
 from ..io import (MAX_RECORD_BYTES, atomic_write_json, atomic_write_text, read_bounded, read_hint, sha256_bytes,
-                  storage_problem, write_bin)
+                  storage_problem, write_bin_blocks)
 from ..layout import (CORPUS_WAVS_DIR, MANIFEST_FORMAT, MANIFEST_NAME, check_utterance_id, load_manifest, mel_file,
                       sample_count_file)
 from ..layout import PREPROCESS_JOURNAL_FILE as JOURNAL_NAME
@@ -114,28 +114,19 @@ def preprocess(cfg: WorkflowConfig, *, force: bool = False, stft: STFTConfig | N
                     reused += 1
                     continue
                 redone[utt_id] = announce_redo(why)
+            bin_path = mel_file(mel_dir, utt_id)
+            txt_path = sample_count_file(bin_path)
             try:
-                audio, _ = load_wav(wav, expected_rate=stft.sampling_rate, resample=cfg.resample,
-                                    downmix=cfg.downmix)
-                if audio.size <= stft.filter_length // 2:
-                    raise AudioError(f"{wav}: {audio.size} sample(s) is too short; the STFT needs more than "
-                                     f"filter_length // 2 = {stft.filter_length // 2}", path=wav)
-                peak = float(np.max(np.abs(audio)))
-                if peak < SILENCE_PEAK:
-                    raise AudioError(f"{wav}: silent (peak {peak:.2e}); nothing to vocode", path=wav)
-                mel = np.asarray(mel_spectrogram(audio, stft), dtype=np.float32)
+                samples, sha, shape = _write_mel(wav, bin_path, stft, cfg)
             except AudioError as exc:
                 reason = str(exc)
                 skip(wav, reason if str(wav) in reason else f"{wav}: {reason}")
                 continue
             except MemoryError:
                 raise ResourceError(f"{wav}: out of memory computing its mel", path=wav) from None
-            bin_path = mel_file(mel_dir, utt_id)
-            txt_path = sample_count_file(bin_path)
-            sha = write_bin(bin_path, mel)
-            atomic_write_text(txt_path, f"{audio.size}\n")
-            item = {"id": utt_id, "wav": str(wav), "samples": int(audio.size), "mel_frames": int(mel.shape[1]),
-                    "shape": list(mel.shape), "dtype": "float32", "sha256": sha, "bin": bin_path.name,
+            atomic_write_text(txt_path, f"{samples}\n")
+            item = {"id": utt_id, "wav": str(wav), "samples": samples, "mel_frames": shape[1],
+                    "shape": list(shape), "dtype": "float32", "sha256": sha, "bin": bin_path.name,
                     "txt": txt_path.name, "wav_size": stat.st_size, "wav_sha256": wav_sha}
             items.append(item)
             if journal is None:  # O_NOFOLLOW: never append through a link left in the run folder
@@ -160,6 +151,25 @@ def preprocess(cfg: WorkflowConfig, *, force: bool = False, stft: STFTConfig | N
     return {"mel_dir": str(mel_dir), "manifest": str(manifest_path), "items": len(items),
             "computed": len(items) - reused, "reused": reused, "redone": redone, "skipped": skipped,
             "mel_frames": [item["mel_frames"] for item in items]}
+
+
+def _write_mel(wav: Path, bin_path: Path, stft: STFTConfig, cfg: WorkflowConfig) -> tuple[int, str, tuple[int, int]]:
+    """The wav's mel into `bin_path` block by block (`audio.WavStream` → `audio.mel_blocks` →
+    `io.write_bin_blocks`): equal to the one-shot mel, in memory bounded by a block, not by the wav.
+    Returns (samples, sha256, shape). AudioError, and nothing written, for a wav that is unusable, too short
+    or silent."""
+    stream = WavStream(wav, stft.sampling_rate, resample=cfg.resample, downmix=cfg.downmix)
+
+    def checked_audio():
+        yield from stream.pieces()
+        if stream.samples <= stft.filter_length // 2:
+            raise AudioError(f"{wav}: {stream.samples} sample(s) is too short; the STFT needs more than "
+                             f"filter_length // 2 = {stft.filter_length // 2}", path=wav)
+        if stream.peak < SILENCE_PEAK:
+            raise AudioError(f"{wav}: silent (peak {stream.peak:.2e}); nothing to vocode", path=wav)
+
+    sha, shape = write_bin_blocks(bin_path, mel_blocks(checked_audio(), stft))
+    return stream.samples, sha, shape
 
 
 def _append(journal, path: Path, entry: dict) -> None:

@@ -13,6 +13,7 @@ skipped (`vocode/vocode.json`, which also holds the per-worker timings).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +25,9 @@ from ..config import STFTConfig, WorkflowConfig
 from ..denoiser import Denoiser
 from ..engines import run_job
 from ..errors import MelError
-from ..io import atomic_write_bytes, read_json, write_bin
-from ..audio import wav_bytes
-from ..jobs import (InferJob, MelFileReader, VocodeSettings, backend_name, mel_folder_items, open_backend,
+from ..io import atomic_stream, atomic_write_bytes, read_json, write_bin
+from ..audio import WavWriter, wav_bytes
+from ..jobs import (InferJob, MelFileReader, StreamedAudio, VocodeSettings, backend_name, mel_folder_items, open_backend,
                     resolve_model_config)
 from ..layout import VOCODE_RECORD_FILE, out_bin, syn_wav
 from ..mel_input import list_mels, mel_sample_count
@@ -48,9 +49,10 @@ def read_mels(cfg: WorkflowConfig, mels: str | Path, n_mel: int = 80) -> list[di
             for utt_id, path in list_mels(mels)]
 
 
-def mel_file_reader(cfg: WorkflowConfig, n_mel: int) -> MelFileReader:
-    """The reader of `cfg`'s mel files: its `mel_layout` and `mel_convert` ("none" = no conversion)."""
-    return MelFileReader(n_mel, cfg.mel_layout, None if cfg.mel_convert == "none" else cfg.mel_convert)
+def mel_file_reader(cfg: WorkflowConfig, n_mel: int, blocks: bool = False) -> MelFileReader:
+    """The reader of `cfg`'s mel files: its `mel_layout` and `mel_convert` ("none" = no conversion);
+    `blocks`: read by blocks as they are vocoded (`mel_input.open_mel`), not whole."""
+    return MelFileReader(n_mel, cfg.mel_layout, None if cfg.mel_convert == "none" else cfg.mel_convert, blocks)
 
 
 def _source_samples(path: Path) -> int | None:
@@ -76,7 +78,9 @@ class VocodeJob(InferJob):
     def timings_path(self) -> Path:
         return self.out_dir / VOCODE_RECORD_FILE
 
-    def write_item(self, utterance: Utterance, audio: np.ndarray) -> dict:
+    def write_item(self, utterance: Utterance, audio: np.ndarray | StreamedAudio) -> dict:
+        if isinstance(audio, StreamedAudio):  # written as it was made (`stream_writer`)
+            return audio.entry
         source = self.sources[utterance.id]
         raw = audio
         if self.denoiser is not None:
@@ -87,14 +91,98 @@ class VocodeJob(InferJob):
         if self.write_bin:
             write_bin(out_bin(self.out_dir, utterance.id), raw)
         atomic_write_bytes(syn_wav(self.out_dir, utterance.id), wav_bytes(audio, self.rate))
+        return self.entry(utterance, int(audio.size))
+
+    def entry(self, utterance: Utterance, samples: int) -> dict:
+        """What the record says of an utterance's outputs, once they are in place."""
+        source = self.sources[utterance.id]
         return {"source": source["source"], "source_sha256": source["source_sha256"], "frames": utterance.frames,
-                "samples": int(audio.size), "settings": self.output_settings,
+                "samples": samples, "settings": self.output_settings,
                 # each file written, by size and sha256: checked before the item is skipped again
                 OUTPUT_KEY: {path.name: self.stamps.entry(path)
                              for path in item_outputs(self.out_dir, utterance.id, self.write_bin)}}
 
+    def stream_writer(self, utterance: Utterance) -> "WavSink":
+        """A long utterance's outputs written chunk by chunk as they are vocoded (`jobs.vocode_batch`)."""
+        return WavSink(self, utterance)
+
     def summary(self) -> dict:
         return {**super().summary(), "backend": self.backend, "record": str(self.timings_path)}
+
+
+class _Aborted(Exception):
+    """Thrown into a sink's temp files to remove them."""
+
+
+class WavSink:
+    """One utterance's outputs written as its audio is made (memory: a chunk, not the utterance): the wav
+    (denoised block by block, cut to the source's length) and, with `vocode_out_bin`, the raw `<id>_out.bin`,
+    each a temp file renamed into place by `finish()` only (`io.atomic_stream`); `abort()` removes them.
+    The same bytes `VocodeJob.write_item` writes for the joined audio (the denoiser: to float rounding)."""
+
+    def __init__(self, job: VocodeJob, utterance: Utterance) -> None:
+        self.job, self.utterance = job, utterance
+        self.limit = job.sources[utterance.id]["samples"]  # the source's length (None: all of it)
+        self.files = contextlib.ExitStack()
+        self.wav = WavWriter(self.files.enter_context(atomic_stream(syn_wav(job.out_dir, utterance.id))), job.rate)
+        self.raw = self.files.enter_context(atomic_stream(out_bin(job.out_dir, utterance.id))) if job.write_bin else None
+        self.denoise = BlockDenoiser(job.denoiser, job.denoiser_strength) if job.denoiser is not None else None
+        self.samples = 0
+
+    def write(self, audio: np.ndarray) -> None:
+        if self.raw is not None:
+            self.raw.write(np.ascontiguousarray(audio, dtype="<f4").tobytes())
+        self._emit(self.denoise.push(audio) if self.denoise is not None else audio)
+
+    def _emit(self, audio: np.ndarray) -> None:
+        if self.limit is not None:
+            audio = audio[: max(0, self.limit - self.samples)]
+        self.wav.write(audio)
+        self.samples += audio.size
+
+    def finish(self) -> tuple[int, dict]:
+        if self.denoise is not None:
+            self._emit(self.denoise.end())
+        self.wav.close()
+        self.files.close()  # complete: renamed into place
+        return self.samples, self.job.entry(self.utterance, self.samples)
+
+    def abort(self) -> None:
+        self.files.__exit__(_Aborted, _Aborted(), None)
+
+
+class BlockDenoiser:
+    """NVIDIA's denoiser on audio that comes in pieces. An output sample depends on the input within
+    filter_length of it (the STFT frames covering it), so each stretch is denoised with that much context
+    each side (hop-aligned, so the frames fall where the whole's do) and its centre kept; the file's two
+    ends are the whole's ends. Equal to denoising the whole, to float rounding; memory: a piece and context."""
+
+    def __init__(self, denoiser: Denoiser, strength: float) -> None:
+        self.denoiser, self.strength = denoiser, strength
+        hop = denoiser.stft.hop_length
+        self.context = -(-(denoiser.stft.filter_length + hop) // hop) * hop
+        self.buffer = np.zeros(0, dtype=np.float32)  # input samples [base, base + buffer.size)
+        self.base = self.done = 0  # output made up to `done`
+
+    def push(self, audio: np.ndarray) -> np.ndarray:
+        self.buffer = np.concatenate([self.buffer, np.asarray(audio, dtype=np.float32).reshape(-1)])
+        return self._run(self.base + self.buffer.size - self.context, at_end=False)
+
+    def end(self) -> np.ndarray:
+        return self._run(self.base + self.buffer.size, at_end=True)
+
+    def _run(self, stop: int, at_end: bool) -> np.ndarray:
+        if stop <= self.done and not at_end:
+            return np.zeros(0, dtype=np.float32)
+        start = max(0, self.done - self.context)
+        segment = self.buffer[start - self.base:]
+        out = np.asarray(self.denoiser(segment[None], strength=self.strength), dtype=np.float32)[0]
+        out = out[self.done - start: stop - start]
+        self.done = stop
+        drop = max(0, stop - self.context) - self.base
+        if drop > 0:
+            self.buffer, self.base = self.buffer[drop:], self.base + drop
+        return out
 
 
 def prepare_vocode(cfg: WorkflowConfig, mels: str | Path, *, model=None, name: str | None = None,
@@ -103,7 +191,8 @@ def prepare_vocode(cfg: WorkflowConfig, mels: str | Path, *, model=None, name: s
     out_dir = Path(out_dir) if out_dir else cfg.layout.vocode_dir
     model_config = resolve_model_config(cfg, model)
     stft = STFTConfig(n_mel_channels=model_config.n_mel_channels)
-    items, reader = mel_folder_items(mels, mel_file_reader(cfg, model_config.n_mel_channels))
+    # by blocks: the length here, and the frames as they are vocoded (memory: a chunk, not the mel)
+    items, reader = mel_folder_items(mels, mel_file_reader(cfg, model_config.n_mel_channels, blocks=True))
     if not items:
         raise MelError(f"{mels}: no mels to vocode", path=Path(mels))
     name = name or backend_name(cfg)
