@@ -19,7 +19,7 @@ from support import SHORT_IDS
 from waveglow_lib.checkpoint import model_fingerprint, save_waveglow
 from waveglow_lib.convert import convert_openvino
 from waveglow_lib.cli import main
-from waveglow_lib.errors import ConfigError
+from waveglow_lib.errors import ConfigError, ManifestError
 from waveglow_lib.io import write_bin
 from waveglow_lib.stages import convert, export, infer, postprocess, preprocess, vocode
 from waveglow_lib.stamps import CACHE_NAME, is_current, model_stamp, stage_stamp
@@ -360,3 +360,18 @@ def test_an_output_that_became_a_folder_is_named_not_a_traceback(preprocessed_ru
     err = capsys.readouterr().err
     assert f"{raw}: it is not a regular file; made again" in err and f"{raw}: could not write (a folder" in err, err
     assert "Traceback" not in err
+
+
+def test_infer_refuses_a_mel_changed_since_preprocess(preprocessed_run, tmp_path):
+    """A mel edited in place (same size, its mtime put back) is not vocoded under the manifest's hash of
+    another: infer names it and the stage that makes it again."""
+    cfg = preprocessed_run(tmp_path / "runs")
+    mel = cfg.layout.mel_dir / "LJ001-0002.bin"
+    before = mel.stat()
+    mel.write_bytes(mel.read_bytes()[::-1])
+    put_back_mtime(mel, before)
+    with pytest.raises(ManifestError, match=f"{mel}: its content differs from its record.*preprocess stage"):
+        infer(cfg)
+    assert not cfg.layout.out_dir.exists() or not list(cfg.layout.out_dir.glob("*_out.bin"))
+    assert preprocess(cfg)["computed"] == 1
+    assert sorted(infer(cfg)["written"]) == sorted(SHORT_IDS)

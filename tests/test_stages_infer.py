@@ -9,7 +9,7 @@ import pytest
 
 from support import SHORT_IDS, TINY_PIPELINE, install_fake_ais_bench, snr_db
 from waveglow_lib.backends import get_backend
-from waveglow_lib.io import read_bin
+from waveglow_lib.io import read_bin, sha256_bytes
 from waveglow_lib.batching import Utterance, make_batch, plan_batches, utterance_noise
 from waveglow_lib.stages.infer import infer
 
@@ -213,6 +213,12 @@ def test_nan_mel_stops_with_the_file_name_and_keeps_finished_outputs(preprocesse
     mel = np.fromfile(bad, dtype="<f4")
     mel[7] = np.nan
     mel.tofile(bad)
+    manifest_path = cfg.run_dir / "mel" / "manifest.json"  # a manifest that lists the NaN mel by its hash
+    manifest = json.loads(manifest_path.read_text())
+    for item in manifest["items"]:
+        if item["id"] == "LJ001-0002":
+            item["sha256"] = sha256_bytes(bad.read_bytes())
+    manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=f"{bad}: mel has 1 NaN/Inf"):
         infer(cfg, model=tiny_model())
     assert sorted(p.name for p in (cfg.run_dir / "out").glob("*.bin")) == ["LJ001-0006_out.bin"]

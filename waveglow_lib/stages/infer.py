@@ -22,7 +22,7 @@ from ..errors import InputNotFound, ManifestError, MelError
 from ..jobs import InferJob, ManifestMelReader, backend_name, prepare_job, resolve_model_config
 from ..layout import MANIFEST_NAME, load_manifest, mel_bin
 from ..runlock import locked
-from ..stamps import SOURCE_KEY, checkpoint_stft, stage_stamp
+from ..stamps import SOURCE_KEY, checkpoint_stft, file_stamps, stage_stamp
 
 __all__ = ["infer", "prepare_infer", "manifest_items", "check_mel_settings", "output_stamp"]
 
@@ -70,6 +70,20 @@ def manifest_items(mel_dir: Path, manifest: dict, model_config: ModelConfig) -> 
     return utterances
 
 
+def check_mel_contents(cfg: WorkflowConfig, manifest: dict, items: list[Utterance]) -> None:
+    """Each mel must still be the one the manifest lists by sha256 (cached by the run's file stamps): a mel
+    changed since preprocess is never vocoded under the manifest's hash of another. ManifestError naming it."""
+    stamps = file_stamps(cfg)
+    for item, utterance in zip(manifest["items"], items):
+        if not isinstance(item.get("sha256"), str):
+            continue  # a manifest made elsewhere, without hashes: its mels' format is checked when read
+        why = stamps.changed(utterance.bin_path, {"size": utterance.bin_path.stat().st_size, "sha256": item["sha256"]})
+        if why:
+            raise ManifestError(f"{utterance.bin_path}: {why}: not the mel {cfg.layout.manifest} lists; run the "
+                                "preprocess stage again (it makes a mel that no longer matches again)",
+                                path=utterance.bin_path)
+
+
 def prepare_infer(cfg: WorkflowConfig, *, model=None, name: str | None = None, out_dir: str | Path | None = None,
                   force: bool = False, items: list[Utterance] | None = None,
                   read_mel: Callable[[Utterance], np.ndarray] | None = None, pad_value: float | None = None,
@@ -92,6 +106,7 @@ def prepare_infer(cfg: WorkflowConfig, *, model=None, name: str | None = None, o
         rate = int(manifest.get("sampling_rate", STFTConfig().sampling_rate))
         check_mel_settings(cfg, manifest, cfg.layout.manifest)
         items = manifest_items(mel_dir, manifest, model_config)
+        check_mel_contents(cfg, manifest, items)
         read_mel = ManifestMelReader(model_config.n_mel_channels)
         # the manifest's hash of each mel: no mel is read here
         sources = {item["id"]: {SOURCE_KEY: item["sha256"]} for item in manifest["items"]
