@@ -81,6 +81,8 @@ def auto_engine(model, cache: EngineCache | None = None, **options) -> tuple["Fa
         return engine
 
     if cache is not None:
+        with times.phase("fingerprint"):  # computed once, here: the verdict's key and the engines' need it
+            cache.fingerprint(model)
         record = cache.verdict(model, probe_settings())
         if record is not None:
             return build(record["precision"]), {**record, "cached": True}

@@ -288,11 +288,13 @@ class FastEngine:
       asked for its `config` and `n_remaining_channels`.
     - `load_times`: a `LoadTimes` the seconds of making it are added to (default: a new one);
       `self.load_times` holds them.
+    - `plan_load`: fold and pack on the cores free now (`plan_threads`, one 50 ms measurement), as `run`
+      does; default: where there is heavy work, i.e. it folds the model itself or packs int8 weights.
     """
 
     def __init__(self, model, precision: str = "bf16", block_frames: int | None = None, threads: int | None = None,
                  adaptive: bool = True, flows: Iterable[dict[str, torch.Tensor]] | None = None,
-                 load_times: LoadTimes | None = None):
+                 load_times: LoadTimes | None = None, plan_load: bool | None = None):
         if block_frames is not None and block_frames < 1:
             raise ConfigError(f"FastEngine: block_frames must be >= 1, got {block_frames}")
         self.precision = precision = native_precision(precision)
@@ -314,9 +316,12 @@ class FastEngine:
             flows = (flow_arrays(model, k, precision, times) for k in range(c.n_flows))
         self.flows = []
         previous = torch.get_num_threads()
-        try:  # each flow folded, read and packed on the cores free at that moment, as `run` does (a core
-            # shared with another process makes every OpenMP op wait for it: int8 packing ran 2.6× slower)
-            torch.set_num_threads(self.plan_threads())
+        if plan_load is None:
+            plan_load = flows is None or precision == "int8"
+        try:  # a core shared with another process makes every OpenMP op wait for it (int8 packing ran 2.6×
+            # slower on both cores of a busy machine than on one)
+            if plan_load:
+                torch.set_num_threads(self.plan_threads())
             for arrays in flows:
                 with times.phase("pack"):
                     layers = [_Layer({key.split(".", 1)[1]: t for key, t in arrays.items()
@@ -326,7 +331,6 @@ class FastEngine:
                     # the start 1x1 conv writes the WN state directly, so in its dtype
                     self.flows.append(_Flow(layers, arrays["start.weight"].to(self.dtype),
                                             arrays["start.bias"].to(self.dtype), arrays["inverse"]))
-                torch.set_num_threads(self.plan_threads())
         finally:
             torch.set_num_threads(previous)
         if len(self.flows) != c.n_flows:
