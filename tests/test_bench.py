@@ -262,3 +262,19 @@ def test_bench_load_and_engine_build_are_recorded(tmp_path, monkeypatch):
     assert "busy-loop competitor" in md and "**Engine build**" in md and "**AMX**" in md
     assert "fp32: first load " in md and "precision auto (" in md  # the breakdown is printed
     assert ("this CPU has AMX" in md) == bool(res["machine"]["isa"]["AMX-INT8"] or res["machine"]["isa"]["AMX-BF16"])
+
+
+def test_stream_bench_memory_rows_run_the_vocode_stage(tmp_path):
+    """`bench --stream`'s memory by length: the vocode stage turns a mel file of each length into a wav, on
+    the 2-flow memory model by default (rows and files; what it measures is not asserted)."""
+    from waveglow_lib.bench.stream import MEMORY_SECONDS, render_stream_markdown, stream_bench
+    from waveglow_lib.layout import BENCH_CACHE_DIR
+
+    assert max(MEMORY_SECONDS) == 3600  # up to an hour of audio
+    result = stream_bench(None, model=tiny_waveglow(), backends=[], lengths=[20], chunk_frames=16,
+                          memory_seconds=(1, 4), memory_backend="torch", out_dir=tmp_path)
+    assert [m["frames"] for m in result["memory"]] == [round(s * 22050 / 256) for s in (1, 4)]
+    assert [m["audio_seconds"] for m in result["memory"]] == [1.0, 4.0]
+    assert result["memory_model"] == "2-flow WaveGlow, random weights"
+    assert "vocode stage" in render_stream_markdown(result)
+    assert not list((tmp_path / BENCH_CACHE_DIR / "memory").rglob("*.npy"))  # its mels and wavs removed

@@ -87,7 +87,8 @@ for seconds in (2, 20, 80):  # the wavs first: making them is not what is measur
     wavfile.write(corpus / "long.wav", 22050, noise.astype(np.int16))
     del noise
 def work(seconds):
-    preprocess(WorkflowConfig(name=f"r{{seconds}}", runs_dir=str(root / "runs"), corpus=str(root / f"corpus{{seconds}}")))
+    preprocess(WorkflowConfig(name=f"r{{seconds}}", runs_dir=str(root / "runs"),
+                              corpus=str(root / f"corpus{{seconds}}")))
 """
     short, long = memory_by_size(setup, [20, 80], warm=2)
     # before: the whole wav in float64 and its STFT frames, about 80 bytes per sample (140 MiB more at 80 s)

@@ -136,8 +136,9 @@ def _bench_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", type=Path, default=None, help="where bench.json/bench.md go (default runs/<name>)")
     parser.add_argument("--stream", action="store_true",
                         help="instead of the table: streaming latency (time to first audio, per-chunk p50/p95, "
-                             "real-time factor) per backend and peak memory by length (10 s … 10 min) → "
-                             "bench_stream.json/.md (default model: demo; --lengths default: the guide's)")
+                             "real-time factor) per backend and the vocode stage's peak memory by length "
+                             "(10 s … 1 h) → bench_stream.json/.md (default model: demo; --lengths default: the "
+                             "guide's)")
 
 
 def _run_stage(stage: str) -> Callable[[WorkflowConfig, argparse.Namespace], Any]:

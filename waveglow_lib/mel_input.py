@@ -380,7 +380,7 @@ SCAN_FRAMES = 2048
 #: 2.5 KiB a frame: 40 MiB), else at evenly spaced blocks of CHECK_BLOCK_FRAMES frames (as many frames)
 CHECK_FRAMES = 16384
 CHECK_BLOCK_FRAMES = 256
-#: a `.pt` cannot be read in part (torch's zip holds the tensor whole): read whole, so bounded (≈ 1 h 40 min)
+#: a `.pt` cannot be read in part (torch's zip holds the tensor whole): read whole, so bounded (80 bands: 81 min)
 MAX_PT_MEL_BYTES = 2**27
 
 

@@ -18,12 +18,14 @@ def run_batches(job: InferJob, backend) -> None:
     """Every batch of the plan through `backend` in this process, each written as soon as it finishes."""
     # in seconds of audio, moving inside a long utterance too (chunk by chunk); nothing to do: no empty bar
     # (the notebook says the stage was skipped)
-    total = sum(u.frames for u in job.todo) * job.settings.model_config.hop_length / job.rate
-    with tqdm(total=total, desc=f"infer ({getattr(backend, 'name', '-')})", unit="s audio",
-              disable=not job.todo, bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s audio [{elapsed}<{remaining}]") as bar:
+    # (counted in samples, shown in seconds: unit_scale)
+    total = sum(u.frames for u in job.todo) * job.settings.model_config.hop_length
+    with tqdm(total=total, unit_scale=1 / job.rate, desc=f"infer ({getattr(backend, 'name', '-')})",
+              bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s audio [{elapsed}<{remaining}]",
+              disable=not job.todo) as bar:
         for index, batch in enumerate(job.batches()):
             job.write(index, vocode_batch(backend, job.settings, batch, stream=job.stream_writer,
-                                          progress=lambda samples: bar.update(samples / job.rate)))
+                                          progress=bar.update))
 
 
 def run(cfg: WorkflowConfig, job: InferJob, *, model=None, backend=None) -> dict:

@@ -27,8 +27,8 @@ from ..engines import run_job
 from ..errors import MelError
 from ..io import atomic_stream, atomic_write_bytes, read_json, write_bin
 from ..audio import WavWriter, wav_bytes
-from ..jobs import (InferJob, MelFileReader, StreamedAudio, VocodeSettings, backend_name, mel_folder_items, open_backend,
-                    resolve_model_config)
+from ..jobs import (InferJob, MelFileReader, StreamedAudio, VocodeSettings, backend_name, mel_folder_items,
+                    open_backend, resolve_model_config)
 from ..layout import VOCODE_RECORD_FILE, out_bin, syn_wav
 from ..mel_input import list_mels, mel_sample_count
 from ..metrics import snr_db
@@ -125,7 +125,8 @@ class WavSink:
         self.limit = job.sources[utterance.id]["samples"]  # the source's length (None: all of it)
         self.files = contextlib.ExitStack()
         self.wav = WavWriter(self.files.enter_context(atomic_stream(syn_wav(job.out_dir, utterance.id))), job.rate)
-        self.raw = self.files.enter_context(atomic_stream(out_bin(job.out_dir, utterance.id))) if job.write_bin else None
+        self.raw = (self.files.enter_context(atomic_stream(out_bin(job.out_dir, utterance.id))) if job.write_bin
+                    else None)
         self.denoise = BlockDenoiser(job.denoiser, job.denoiser_strength) if job.denoiser is not None else None
         self.samples = 0
 
