@@ -228,7 +228,6 @@ def test_set_option_yaml_errors_name_the_option():
     ("limit: 010\n", "limit", "8"),             # YAML 1.1 octal
     ("limit: 0x10\n", "limit", "16"),
     ("seed: 0b11\n", "seed", "3"),
-    ("seed: 0o17\n", "seed", "'0o17'"),         # YAML 1.2's octal: a string to YAML 1.1
     ("limit: 1_000\n", "limit", "1000"),
     ("limit: 1:20\n", "limit", "80"),           # sexagesimal
     ("sigma: 0_.6\n", "sigma", "0.6"),

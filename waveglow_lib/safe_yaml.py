@@ -4,7 +4,7 @@ PyYAML's safe loader already refuses tags such as `!!python/object/apply`. This 
 bytes, its nesting depth, its aliases and what they expand to: a "billion laughs" document is a few lines of
 anchors that expand to billions of values when anything walks the result), refuses numbers whose meaning
 depends on the YAML version (`010` is 8 in YAML 1.1, the version PyYAML reads even after `%YAML 1.2`; `0x10`,
-`0b11`, `0o7`, `1_000`, `1:20`), and turns every YAML error into a ConfigError of one line:
+`0b11`, `1_000`, `1:20`), and turns every YAML error into a ConfigError of one line:
 `<file>:<line>:<column>: <problem>`.
 """
 from __future__ import annotations
@@ -25,8 +25,6 @@ MAX_YAML_VALUES = 10_000
 _INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 #: the numbers that mean the same in YAML 1.1 and 1.2 (and to a reader): plain decimal
 _PLAIN_INT = re.compile(r"[-+]?(0|[1-9][0-9]*)")
-#: YAML 1.2's octal, a string to YAML 1.1
-_OCTAL_12 = re.compile(r"[-+]?0o[0-7_]+")
 
 
 class _BoundedLoader(yaml.SafeLoader):
@@ -96,14 +94,13 @@ def _check_numbers(root: yaml.Node) -> None:
 
 
 def _ambiguous_number(node: yaml.Node) -> bool:
-    """An int that is not plain decimal (a leading zero or a base prefix), a float with `_` or `:`, or an
-    unquoted `0o17` (an int in YAML 1.2, a string in 1.1)."""
+    """An int that is not plain decimal (a leading zero or a base prefix), or a float with `_` or `:`.
+    (`0o17`, YAML 1.2's octal, is a string to YAML 1.1: a number parameter refuses it by its type, and a string
+    parameter keeps it, as `to_yaml` writes it back unquoted.)"""
     text = str(node.value)
     if node.tag == _INT_TAG:
         return not _PLAIN_INT.fullmatch(text)
-    if node.tag == _FLOAT_TAG:
-        return "_" in text or ":" in text
-    return node.style is None and bool(_OCTAL_12.fullmatch(text))
+    return node.tag == _FLOAT_TAG and ("_" in text or ":" in text)
 
 
 def _check_size(root: yaml.Node) -> None:
