@@ -140,7 +140,7 @@ def test_quick_bench_times_second_long_slices_of_the_runs_utterances(result):
     assert len(s["lengths"]) == 3 and all(n * 256 / 22050 >= 1.0 for n in s["lengths"])
     assert s["mel_source"].startswith("corpus wavs")  # the run's own utterances, not synthetic mels
     md = (out / "bench.md").read_text()
-    assert f"3 slices of {s['lengths']} mel frames" in md and "per-call overhead" in md
+    assert f"3 slices of {', '.join(map(str, s['lengths']))} mel frames" in md and "per-call overhead" in md
 
 
 def test_flop_counts_match_the_official_architecture():

@@ -273,7 +273,7 @@ def test_notebooks_01_and_05_in_jupyterlab_and_the_report_offline(lab, browser):
 
     # report.html from file://, every network request refused: no console errors, the summary is there
     report = render_report([lab["root"] / "notebooks" / n for n in ("01_preprocess.ipynb", "05_listen_evaluate.ipynb")],
-                           run / "report.html", title="WaveGlow run 'browser'")
+                           run / "report.html", title="WaveGlow run 'browser'", cfg=cfg)  # cfg names the corpus
     context = browser.new_context()
     blocked = []
 

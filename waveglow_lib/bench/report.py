@@ -135,7 +135,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         lines.append("")
     auto = result["auto"]
     if s["quick"]:  # a smoke run times a few tiny utterances once: no verdicts from it
-        lines += [f"*Smoke run (`--quick`): what was timed is {s['utterances']} slices of {markdown_text(s['lengths'])} mel "
+        lines += [f"*Smoke run (`--quick`): what was timed is {s['utterances']} slices of {markdown_text(', '.join(map(str, s['lengths'])))} mel "
                   f"frames ({s['audio_seconds_per_pass']} s of audio) from {markdown_text(s['mel_source'])}, one pass per "
                   "row: long enough that each engine's own speed shows, not its per-call overhead. It shows that every "
                   "row runs and agrees with the reference; one short pass is not a verdict — run the full benchmark "
