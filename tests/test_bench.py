@@ -81,6 +81,16 @@ def test_rows_have_every_field_with_finite_numbers(result):
     audio = res["settings"]["audio_seconds_per_pass"]
     assert audio == pytest.approx(sum(bench.QUICK_LENGTHS) * 256 / 22050, rel=1e-3)
     assert set(res["peaks_gflops"]) >= {"fp32"} and all(v > 0 for v in res["peaks_gflops"].values())
+    # the peak is the best of two measurements around the rows, so one stall cannot make it low
+    measured = res["peaks_gflops_measured"]
+    assert res["peaks_gflops"] == {k: max(measured["before_rows"][k], measured["after_rows"][k]) for k in measured["before_rows"]}
+    # % of peak by the reference's FLOPs, and for the fast rows also by the folded model's (fewer) FLOPs they run
+    share = res["settings"]["folded_macs_per_step"] / res["settings"]["reference_macs_per_step"]
+    for r in rows:
+        folded = r["row"].startswith("fast-")
+        assert r["folded_model"] is folded
+        assert r["percent_of_peak"] == pytest.approx(100 * r["effective_gflops"] / res["peaks_gflops"][r["precision"]], abs=0.1)
+        assert r["percent_of_peak_executed"] == pytest.approx(r["percent_of_peak"] * (share if folded else 1.0), abs=0.2)
     assert res["machine"]["isa"].keys() >= {"AMX-BF16", "AVX-512 BF16", "AVX-512 VNNI"}
     assert res["machine"]["versions"]["torch"] == torch.__version__
 
@@ -130,6 +140,23 @@ def test_files_written_with_guide_rows_labelled_theirs(result):
     assert "(theirs, not measured here)" in md and "Ascend 310P3 (guide)" in md and "0.59 utt/s" in md
     assert "NVIDIA glow.py algorithm" in md and "## Batch 2" in md
     assert "Rejected by the gate: broken, nan, ragged-broken" in md
+
+
+def test_bench_md_says_which_flops_its_peak_share_counts_and_when_the_peak_was_measured_low(result):
+    """A row beyond 100 % of the peak means the peak was measured on a busy machine (a loaded quick bench
+    once showed 457 %): bench.md says so instead of printing it as a utilisation."""
+    import copy
+
+    res, _ = result
+    md = bench.render_markdown(res)
+    fast = next(r for r in res["rows"] if r["row"] == "fast-fp32" and r["batch_size"] == 1)
+    assert f"{fast['percent_of_peak']:.0f} / {fast['percent_of_peak_executed']:.0f} (fp32)" in md
+    assert "FLOPs they execute" in md
+    busy = copy.deepcopy(res)
+    busy["rows"][0]["percent_of_peak"] = busy["rows"][0]["percent_of_peak_executed"] = 457.0
+    assert "exceed the measured matmul peak" in bench.render_markdown(busy)
+    assert ("exceed the measured matmul peak" in md) == any(
+        max(r["percent_of_peak"], r["percent_of_peak_executed"]) > 100 for r in res["rows"])
 
 
 def test_quick_bench_times_second_long_slices_of_the_runs_utterances(result):
