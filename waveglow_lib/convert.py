@@ -13,13 +13,13 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from .config import ModelConfig
-from .errors import ConvertError, import_optional
-from .io import read_json
+from .errors import ConfigError, ConvertError, DataError, import_optional
+from .io import read_record
 from .layout import record_path
 from .export import ONNX_INPUTS
 
@@ -162,12 +162,36 @@ def with_window_gear(gears: Sequence[int], model_config: ModelConfig) -> list[in
 
 
 # --- graph files ---------------------------------------------------------------------------------
-def load_export_info(onnx_path: Path) -> dict:
-    """The sizes the export stage recorded beside the graph (`layout.record_path`)."""
+#: what is read back of the export record (`<graph>.json`, written by `export.export_onnx` and the export
+#: stage) and its JSON types (`io.check_fields`); `files` is {name: {"size", "sha256"}}
+EXPORT_RECORD_FIELDS = {"model_fingerprint": str, "files": dict, "model_config": dict, "opset": int,
+                        "variant": str, "n_mel_channels": int, "n_group": int, "hop_length": int, "stamp": dict}
+#: a converted model's record (`<artefact>.json`: what it was made from, its files)
+CONVERTED_RECORD_FIELDS = {"source": {"model": str}, "files": dict}
+#: the gears record beside the `.om` (the om backend reads batch and mel_lengths)
+GEARS_RECORD_FIELDS = {**CONVERTED_RECORD_FIELDS, "command": str, "batch": int, "mel_lengths": [int]}
+#: what to do about a damaged export record (it proves which model the graph holds: never guessed)
+EXPORT_AGAIN = "run the export stage again (it rebuilds the graph and its record)"
+
+
+def load_export_info(onnx_path: Path, on_damage: Callable[[str], Any] | None = None) -> dict:
+    """The sizes the export stage recorded beside the graph (`layout.record_path`), {} when there is none.
+    One of the wrong shape (`io.read_record`; a `model_config` that is no WaveGlow config) is DataError
+    naming the file and the field, or, with `on_damage` (the export stage, which rebuilds it), said to it
+    and taken as none."""
     info_path = record_path(onnx_path)
-    if info_path.is_file():
-        return read_json(info_path, "the export record written beside the ONNX graph")
-    return {}
+    info = read_record(info_path, "the export record written beside the ONNX graph", EXPORT_RECORD_FIELDS,
+                       redo=None if on_damage else EXPORT_AGAIN, on_damage=on_damage)
+    if "model_config" in info:  # read_record: a null field is gone
+        try:
+            ModelConfig.from_dict(info["model_config"])
+        except (ConfigError, ValueError) as exc:
+            why = f"{info_path}: field model_config is not a WaveGlow config ({exc})"
+            if on_damage is None:
+                raise DataError(f"{why}; {EXPORT_AGAIN}", path=info_path) from None
+            on_damage(why)
+            return {}
+    return info
 
 
 def _up_to_date(target: Path, source: Path) -> bool:

@@ -14,13 +14,14 @@ from tqdm.auto import tqdm
 from .audio import load_wav, mel_spectrogram
 from .backends import available_backends
 from .batching import utterance_noise, vocode
-from .config import STFTConfig, WorkflowConfig, from_mapping
-from .errors import AudioError, InputNotFound, ManifestError
+from .config import STFTConfig, WorkflowConfig
+from .errors import AudioError, InputNotFound
 from .io import NUMBER, atomic_write_json, read_bin, read_json
 from .jobs import open_backend, resolve_model_config
 from .layout import corpus_wav, load_manifest, mel_bin, syn_wav
 from .metrics import _as_1d, log_mel_distance, quality_metrics, snr_db
 from .runlock import locked
+from .stages.infer import manifest_stft
 from .provenance import TIMINGS_FIELDS, run_provenance
 
 
@@ -61,17 +62,9 @@ def _run_items(cfg: WorkflowConfig) -> tuple[dict, list[dict]]:
 
 
 def _run_stft(manifest: Mapping[str, Any], path: str | Path) -> STFTConfig:
-    """The STFT settings the run's mels were made with (recorded by preprocess); an error naming the
-    manifest and the field when they are not STFT settings."""
-    settings = manifest.get("settings") or {}
-    if not isinstance(settings, dict):
-        raise ManifestError(f"{path}: field settings holds {type(settings).__name__}, expected an object", path=path)
-    stft = settings.get("stft")
-    if stft is None:
-        return STFTConfig()
-    if not isinstance(stft, dict):
-        raise ManifestError(f"{path}: field settings.stft holds {type(stft).__name__}, expected an object", path=path)
-    return from_mapping(STFTConfig, stft, f"{path}: settings.stft")
+    """The STFT settings the run's mels were made with (`stages.infer.manifest_stft`), the defaults when
+    the manifest names none."""
+    return manifest_stft(manifest, path) or STFTConfig()
 
 
 def evaluate_run(cfg: WorkflowConfig, perceptual: bool | None = None) -> list[dict[str, Any]]:

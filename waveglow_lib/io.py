@@ -10,7 +10,7 @@ import re
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -224,16 +224,58 @@ def read_json(path: str | Path, what: str, kind: type = dict, fields: Mapping[st
     return value
 
 
-def read_hint(path: str | Path, what: str) -> dict:
-    """A JSON object that only says what work may be skipped or reused (a stage's record, a cache): `read_json`'s,
-    or {} when the file is missing or damaged, so that the work is done again rather than refused."""
+def read_record(path: str | Path, what: str, fields: Mapping[str, Any] | None = None, *,
+                entries: tuple[str, Mapping[str, Any]] | None = None, redo: str | None = None,
+                on_damage: Callable[[str], Any] | None = None) -> dict:
+    """A stage's record (a JSON object the workflow wrote), or {} when there is none. Records are data:
+    one of the wrong shape (not JSON, not an object, a field `fields` names of another type) is never
+    trusted, never a traceback:
+
+    - with `redo` (a record needed to run: the one that proves which model a graph was made from), it is
+      DataError "<file>: <what is wrong>; <redo>", naming the file and the field;
+    - without (a record that only says what work may be skipped), it counts as absent: {} after
+      `on_damage("<file>: <what is wrong>")` (`stamps.announce_redo`), so the work is done again.
+
+    `entries=(key, entry_fields)`: the record's `key` is a mapping of entries (id → object) each checked
+    against `entry_fields`; one of the wrong shape is dropped (said to `on_damage`): its item is redone.
+    """
     path = Path(path)
     if not path.is_file():
         return {}
+    fields = {**(fields or {}), **({entries[0]: dict} if entries else {})}
     try:
-        return read_json(path, what)
-    except (DataError, InputNotFound):  # InputNotFound: removed since the look
+        record = read_json(path, what, fields=fields)
+    except InputNotFound:  # removed since the look
         return {}
+    except DataError as exc:
+        if redo:
+            raise DataError(f"{exc}; {redo}", path=path) from None
+        if on_damage is not None:
+            on_damage(str(exc))
+        return {}
+    for key in fields:  # a null field is an absent one (`check_fields`): readers need not tell them apart
+        if record.get(key, ...) is None:
+            del record[key]
+    if entries:
+        key, spec = entries
+        kept = {}
+        for name, entry in (record.get(key) or {}).items():
+            try:
+                check_fields({name: entry}, {name: spec}, path, what, f"{key}.")
+            except DataError as exc:
+                if on_damage is not None:
+                    on_damage(str(exc))
+                continue
+            if entry is not None:  # null: no entry
+                kept[name] = entry
+        record[key] = kept
+    return record
+
+
+def read_hint(path: str | Path, what: str) -> dict:
+    """A JSON object that only says what work may be skipped or reused (a cache): `read_record`'s, {} when
+    the file is missing or damaged (silently), so that the work is done again rather than refused."""
+    return read_record(path, what)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -28,9 +28,9 @@ from .backends import ModelSpec, get_backend, resolve_backend
 from .batching import Utterance, batch_noise, check_mel, chunk_window, plan_batches, vocode
 from .checkpoint import load_waveglow
 from .config import ModelConfig, STFTConfig, WorkflowConfig
-from .convert import load_export_info
-from .errors import ConfigError, DataError, ResourceError, RunFolderError, SynthesisError
-from .io import allocation_problem, atomic_write_json, read_bin, read_json, write_bin
+from .convert import CONVERTED_RECORD_FIELDS, GEARS_RECORD_FIELDS, load_export_info
+from .errors import ConfigError, ResourceError, RunFolderError, SynthesisError
+from .io import NUMBER, allocation_problem, atomic_write_json, read_bin, read_record, write_bin
 from .layout import TIMINGS_FILE, gears_file, out_bin, record_path
 from .mel_input import list_mels, open_mel, read_mel
 from .stamps import (OUTPUT_KEY, SOURCE_KEY, FileStamps, announce_redo, differences, file_stamps, model_changed,
@@ -88,19 +88,20 @@ def check_model_file(cfg: WorkflowConfig, path: Path, model=None) -> None:
     onnx_info = load_export_info(layout.onnx)
     record_file = record_path(path)
     if path == layout.om:
-        record_file = gears_file(path)
-        record = read_json(record_file, "the gears the .om was built for") if record_file.is_file() else {}
-        recorded = (record.get("source") or {}).get("model") or onnx_info.get("model_fingerprint")
         redo = "the export and convert stages (then atc)"
+        record_file = gears_file(path)
+        record = read_record(record_file, "the gears the .om was built for", GEARS_RECORD_FIELDS,
+                             redo=f"run {redo} again")
+        recorded = record.get("source", {}).get("model") or onnx_info.get("model_fingerprint")
     elif path == layout.onnx:
         record = onnx_info
         recorded = onnx_info.get("model_fingerprint")
         redo = "the export stage"
     else:
-        record = read_json(record_file, "the record of what a converted model was made from") \
-            if record_file.is_file() else {}
-        recorded = (record.get("source") or {}).get("model")
         redo = "the convert stage"
+        record = read_record(record_file, "the record of what a converted model was made from",
+                             CONVERTED_RECORD_FIELDS, redo=f"run {redo} again")
+        recorded = record.get("source", {}).get("model")
     if recorded == expected:
         # an .om built by atc elsewhere (from the script) has no record of its bytes
         why = None if path == layout.om and "files" not in record else \
@@ -278,6 +279,15 @@ def _check_finite(audio: np.ndarray, u: Utterance, backend, settings: VocodeSett
 
 
 # --- the job: what is left to do, and its record -----------------------------------------------------------
+#: what a job's record (`timings.json`, `vocode.json`) holds besides its entries, and its JSON types
+#: (`io.read_record`: a record of another shape is not trusted)
+RECORD_FIELDS = {"settings": {"backend_used": str, "precision_used": str, "precision_probe": dict},
+                 "workers": dict}
+#: an entry of `timings.json`'s items (id → entry): its output by size and sha256, its source's sha256
+TIMINGS_ENTRY_FIELDS = {OUTPUT_KEY: {"size": int, "sha256": str}, SOURCE_KEY: str, "frames": int,
+                        "samples": int, "audio_seconds": NUMBER}
+
+
 @dataclass
 class InferJob:
     """What is left to vocode for one output folder, and its `timings.json` record (owned by one process)."""
@@ -391,14 +401,12 @@ def prepare_job(cfg: WorkflowConfig, *, items: list[Utterance], read_mel: Callab
     """
     sources = sources or {}
     timings_path = out_dir / TIMINGS_FILE
-    record = {}
-    if timings_path.is_file():
-        try:
-            record = read_json(timings_path, "the infer stage's settings and per-utterance timings")
-        except DataError as exc:
-            if not force:
-                raise DataError(f"{exc}; or pass force=True (CLI --force) to redo the outputs",
-                                path=timings_path) from None
+    # it says which settings the folder's outputs were made with (never mixed): a damaged one is refused;
+    # a damaged entry only says less of what is finished (redone)
+    record = {} if force else read_record(timings_path, "the infer stage's settings and per-utterance timings",
+                                          RECORD_FIELDS, entries=("items", TIMINGS_ENTRY_FIELDS),
+                                          redo="or pass force=True (CLI --force) to redo the outputs",
+                                          on_damage=announce_redo)
     if record and not force:
         changed = differences(record.get("settings", {}), stamp)
         if changed:
@@ -409,7 +417,7 @@ def prepare_job(cfg: WorkflowConfig, *, items: list[Utterance], read_mel: Callab
                               + "pass force=True (CLI --force) to redo them, or use another run name / out_dir")
     if force:
         record = {}
-    done = record.get("items") if isinstance(record.get("items"), dict) else {}
+    done = record.get("items", {})
     hop = model_config.hop_length
     stamps = file_stamps(cfg)
     redone: dict = {}

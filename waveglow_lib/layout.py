@@ -299,6 +299,9 @@ def load_manifest(mel_dir: str | Path) -> dict:
         if not isinstance(item.get("wav", ""), str):
             raise ManifestError(f"{path}: item {item['id']!r}: field wav must be a path (a string), "
                                 f"got {item['wav']!r}", path=path)
+        if item.get("sha256") is not None and not isinstance(item["sha256"], str):
+            raise ManifestError(f"{path}: item {item['id']!r}: field sha256 must be a string, "
+                                f"got {item['sha256']!r}", path=path)
         for key in ("mel_frames", "samples"):
             if not isinstance(item[key], int) or isinstance(item[key], bool) or item[key] < 1:
                 raise ManifestError(f"{path}: item {item['id']!r}: {key} must be a positive integer, "

@@ -27,12 +27,13 @@ import sys
 import time
 import weakref
 from pathlib import Path
+from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
 from .checkpoint import load_waveglow, model_fingerprint, read_stft_config
-from .config import DEMO_MODEL_PATH, STFTConfig, WorkflowConfig
-from .errors import DataError, InputNotFound, ResourceError, WaveGlowError
+from .config import DEMO_MODEL_PATH, STFTConfig, WorkflowConfig, from_mapping
+from .errors import ConfigError, DataError, InputNotFound, ResourceError, WaveGlowError
 from .io import atomic_write_json, read_hint, sha256_file
 from .layout import FILE_STAMPS_FILE as CACHE_NAME
 
@@ -76,8 +77,10 @@ class FileStamps:
             self._entries = read_hint(self.cache_path, "the run's file stamps (content hashes by path and stat)")
         return self._entries
 
-    def value(self, path: str | Path, field: str, compute, *, save_now: bool = False):
-        """`compute()` (a value of the file's content), or what it gave for this very file before."""
+    def value(self, path: str | Path, field: str, compute, *, save_now: bool = False,
+              valid: Callable[[Any], bool] = lambda value: isinstance(value, str)):
+        """`compute()` (a value of the file's content), or what it gave for this very file before, when it is
+        `valid` (by default a string, as a hash is): a damaged cache is computed again, never trusted."""
         name = str(Path(path).resolve())
         try:
             before = os.stat(path)
@@ -88,7 +91,7 @@ class FileStamps:
         trusted = (isinstance(entry, dict) and entry.get("stat") == key
                    and isinstance(entry.get("checked_ns"), int)
                    and before.st_ctime_ns < entry["checked_ns"] - RACY_NS)
-        if trusted and field in entry:
+        if trusted and field in entry and valid(entry[field]):
             return entry[field]
         checked_ns = time.time_ns()
         value = compute()
@@ -184,11 +187,12 @@ def announce_redo(what: str) -> str:
     return what
 
 
-def _cached(cfg: WorkflowConfig, field: str, compute) -> object:
+def _cached(cfg: WorkflowConfig, field: str, compute, **checks) -> object:
+    """`FileStamps.value` of the run's checkpoint (`checks`: its `valid`)."""
     path = cfg.checkpoint_path or DEMO_MODEL_PATH
     if not path.is_file():
         return compute()  # the loader's own error names the missing file
-    return file_stamps(cfg).value(path, field, compute, save_now=True)
+    return file_stamps(cfg).value(path, field, compute, save_now=True, **checks)
 
 
 def forget_checkpoints(cfg: WorkflowConfig) -> None:
@@ -217,12 +221,22 @@ def model_stamp(cfg: WorkflowConfig, model=None) -> str:
     """The fingerprint of `model` when given, else of the run's checkpoint (cached, see above)."""
     if model is not None:
         return fingerprint_of(model)
-    return str(_cached(cfg, "fingerprint", lambda: model_fingerprint(load_waveglow(cfg.checkpoint_path))))
+    return _cached(cfg, "fingerprint", lambda: model_fingerprint(load_waveglow(cfg.checkpoint_path)))
 
 
 def checkpoint_stft(cfg: WorkflowConfig) -> STFTConfig:
     """The STFT settings the run's model was trained with (cached, as the fingerprint)."""
-    return STFTConfig(**_cached(cfg, "stft", lambda: read_stft_config(cfg.checkpoint_path).to_dict()))
+    return from_mapping(STFTConfig, _cached(cfg, "stft", lambda: read_stft_config(cfg.checkpoint_path).to_dict(),
+                                            valid=_stft_settings), "the checkpoint's STFT settings")
+
+
+def _stft_settings(value) -> bool:
+    """Whether a cached value is a whole set of STFT settings of the right types."""
+    try:
+        return isinstance(value, dict) and set(value) == set(STFTConfig().to_dict()) \
+            and from_mapping(STFTConfig, value) is not None
+    except ConfigError:
+        return False
 
 
 def stage_stamp(cfg: WorkflowConfig | None, settings: dict, *, model=None, fingerprint=RUN_MODEL,

@@ -12,10 +12,10 @@ from typing import Sequence
 
 from ..batching import chunk_window
 from ..config import ModelConfig, WorkflowConfig
-from ..convert import (atc_command, convert_openvino, format_command, load_export_info, mel_gears,
-                       optimize_onnxruntime, padding_overhead, with_window_gear)
-from ..errors import ConvertError, DataError, InputNotFound, RunFolderError
-from ..io import atomic_write_json, atomic_write_text, read_hint, read_json
+from ..convert import (CONVERTED_RECORD_FIELDS, GEARS_RECORD_FIELDS, atc_command, convert_openvino, format_command,
+                       load_export_info, mel_gears, optimize_onnxruntime, padding_overhead, with_window_gear)
+from ..errors import ConvertError, InputNotFound, RunFolderError
+from ..io import atomic_write_json, atomic_write_text, read_record
 from ..layout import CONVERT_TARGETS, gears_file, load_manifest, record_path
 from ..runlock import locked
 from ..stamps import announce_redo, describe, differences, file_stamps, is_current, model_stamp, stage_stamp
@@ -55,11 +55,12 @@ def _stamped(cfg: WorkflowConfig, artefact: Path, stamp: dict) -> tuple[bool, st
     record = record_path(artefact)
     if not record.is_file():
         return False, "no record of what it was made from"
-    try:
-        recorded = read_json(record, "the record of what a converted model was made from")
-    except DataError as exc:
-        return False, str(exc)
-    changed = differences(recorded.get("source") or {}, stamp)
+    # a damaged record (not JSON, a field of the wrong shape) is said and counts as none: converted again
+    recorded = read_record(record, "the record of what a converted model was made from", CONVERTED_RECORD_FIELDS,
+                           on_damage=announce_redo)
+    if not recorded:
+        return False, f"{record}: no usable record of what it was made from"
+    changed = differences(recorded.get("source", {}), stamp)
     if changed:
         return False, describe(changed)
     altered = file_stamps(cfg).files_changed(artefact.parent, recorded.get("files"), including=artefact.name)
@@ -162,7 +163,9 @@ def convert_atc(cfg: WorkflowConfig, onnx_path: Path, *, lengths: Sequence[int] 
               "padding_overhead": meta["padding_overhead"]}
     layout.check(gears_path, "the gears record")
     meta["source"] = source_stamp(info)
-    previous = read_hint(gears_path, "the gears the .om was built for (batch, mel_lengths)")  # damaged: rebuilt
+    # damaged (not JSON, a field of the wrong shape): said, and rebuilt
+    previous = read_record(gears_path, "the gears the .om was built for (batch, mel_lengths)", GEARS_RECORD_FIELDS,
+                           on_damage=announce_redo)
     # an .om atc built here is listed by size and sha256 (one built elsewhere, from the script, is not)
     altered = file_stamps(cfg).files_changed(om_dir, previous["files"], including=om_file.name) \
         if om_file.is_file() and "files" in previous else None

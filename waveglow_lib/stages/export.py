@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from ..checkpoint import load_waveglow
 from ..config import WorkflowConfig
-from ..errors import DataError
+from ..convert import load_export_info
 from ..export import export_onnx
-from ..io import atomic_write_json, read_json
+from ..io import atomic_write_json
 from ..layout import record_path
 from ..runlock import locked
-from ..stamps import announce_redo, describe, differences, file_stamps, stage_stamp
+from ..stamps import MODEL_KEY, announce_redo, describe, differences, file_stamps, stage_stamp
 
 __all__ = ["export", "export_onnx", "export_stamp"]
 
@@ -37,11 +37,12 @@ def export(cfg: WorkflowConfig, *, model=None, guide_variant: bool = False, forc
         stamp = export_stamp(cfg, variant, model)
         reason = "no earlier export"
         if not force and path.is_file() and info_path.is_file():
-            try:
-                info = read_json(info_path, "the export record (opset, model fingerprint, ...)")
-            except DataError as exc:
-                info, reason = {}, str(exc)
-            changed = differences(info.get("stamp") or {}, stamp)
+            # a damaged record (not JSON, a field of the wrong shape) is said and counts as none: re-exported
+            damage: list[str] = []
+            info = load_export_info(path, on_damage=lambda why: damage.append(announce_redo(why)))
+            reason = damage[0] if damage else reason
+            # the model the graph proves it holds (what infer and convert check) is part of what must match
+            changed = differences({**info.get("stamp", {}), MODEL_KEY: info.get("model_fingerprint")}, stamp)
             altered = file_stamps(cfg).files_changed(path.parent, info.get("files"), including=path.name) \
                 if info and not changed else None
             if info and not changed and not altered:

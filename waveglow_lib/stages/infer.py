@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from ..batching import NOISE_SCHEME, Utterance
-from ..config import ModelConfig, STFTConfig, WorkflowConfig
+from ..config import ModelConfig, STFTConfig, WorkflowConfig, from_mapping
 from ..engines import run_job
 from ..errors import InputNotFound, ManifestError, MelError
 from ..jobs import InferJob, ManifestMelReader, backend_name, prepare_job, resolve_model_config
@@ -24,7 +24,7 @@ from ..layout import MANIFEST_NAME, load_manifest, mel_bin
 from ..runlock import locked
 from ..stamps import SOURCE_KEY, checkpoint_stft, file_stamps, stage_stamp
 
-__all__ = ["infer", "prepare_infer", "manifest_items", "check_mel_settings", "output_stamp"]
+__all__ = ["infer", "prepare_infer", "manifest_items", "check_mel_settings", "manifest_stft", "output_stamp"]
 
 
 def output_stamp(cfg: WorkflowConfig, name: str, model=None) -> dict:
@@ -34,11 +34,26 @@ def output_stamp(cfg: WorkflowConfig, name: str, model=None) -> dict:
                              "noise": NOISE_SCHEME}, model=model)
 
 
+def manifest_stft(manifest: dict, path: str | Path) -> STFTConfig | None:
+    """The STFT settings the manifest's mels were made with (recorded by preprocess; None for mels made
+    elsewhere); ManifestError (ConfigError for a setting's value) naming the manifest and the field when
+    they are not STFT settings."""
+    settings = manifest.get("settings") or {}
+    if not isinstance(settings, dict):
+        raise ManifestError(f"{path}: field settings holds {type(settings).__name__}, expected an object", path=path)
+    stft = settings.get("stft")
+    if stft is None or stft == {}:
+        return None
+    if not isinstance(stft, dict):
+        raise ManifestError(f"{path}: field settings.stft holds {type(stft).__name__}, expected an object", path=path)
+    return from_mapping(STFTConfig, stft, f"{path}: settings.stft")
+
+
 def check_mel_settings(cfg: WorkflowConfig, manifest: dict, manifest_path: Path) -> None:
     """Mels made with other STFT settings than the model was trained on vocode into wrong audio: refuse."""
-    made = (manifest.get("settings") or {}).get("stft")
-    if not made:
+    if manifest_stft(manifest, manifest_path) is None:
         return  # a manifest of mels made elsewhere: their format was checked when read
+    made = manifest["settings"]["stft"]
     model_stft = checkpoint_stft(cfg).to_dict()
     changed = {k: (made.get(k), model_stft.get(k)) for k in model_stft if made.get(k) != model_stft.get(k)}
     if changed:
@@ -100,9 +115,8 @@ def prepare_infer(cfg: WorkflowConfig, *, model=None, name: str | None = None, o
     if items is None:
         mel_dir = cfg.layout.mel_dir
         manifest = load_manifest(mel_dir)
-        stft = manifest.get("settings", {}).get("stft", {})
         # pad with the mel of silence under the STFT settings the mels were made with
-        pad_value = STFTConfig(**stft).pad_value if stft else STFTConfig().pad_value
+        pad_value = (manifest_stft(manifest, cfg.layout.manifest) or STFTConfig()).pad_value
         rate = int(manifest.get("sampling_rate", STFTConfig().sampling_rate))
         check_mel_settings(cfg, manifest, cfg.layout.manifest)
         items = manifest_items(mel_dir, manifest, model_config)

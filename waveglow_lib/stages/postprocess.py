@@ -16,10 +16,13 @@ from ..checkpoint import load_waveglow
 from ..config import STFTConfig, WorkflowConfig
 from ..denoiser import Denoiser
 from ..errors import DataError, InputNotFound
-from ..io import atomic_write_bytes, atomic_write_json, read_bin, read_hint
+from ..io import atomic_write_bytes, atomic_write_json, read_bin, read_record
 from ..layout import POSTPROCESS_RECORD_FILE, load_manifest, out_bin, syn_wav
 from ..runlock import locked
 from ..stamps import OUTPUT_KEY, announce_redo, file_stamps, is_current, model_stamp, stage_stamp
+
+#: an entry of `wav/postprocess.json`'s items (id → entry): the stamp it was made under, its wav's size and sha256
+ENTRY_FIELDS = {"settings": dict, OUTPUT_KEY: {"size": int, "sha256": str}}
 
 
 @locked("postprocess")
@@ -45,9 +48,10 @@ def postprocess(cfg: WorkflowConfig, *, out_dir: str | Path | None = None, wav_d
     hop = int(manifest.get("hop_length", STFTConfig().hop_length))
     rate = int(manifest.get("sampling_rate", STFTConfig().sampling_rate))
     record_path = wav_dir / POSTPROCESS_RECORD_FILE
-    # only says what may be skipped: without it every wav is redone
-    record = {} if force else read_hint(record_path, "the postprocess record (settings per finished wav)")
-    items_record = record.get("items") if isinstance(record.get("items"), dict) else {}
+    # only says what may be skipped: without it, or damaged (said), every wav is redone; a damaged entry, its wav
+    record = {} if force else read_record(record_path, "the postprocess record (settings per finished wav)",
+                                          entries=("items", ENTRY_FIELDS), on_damage=announce_redo)
+    items_record = record.get("items", {})
     strength = float(cfg.denoiser_strength)
     # the denoiser subtracts the model's own bias spectrum: its wavs depend on the model too (a denoiser
     # given ready-made cannot be fingerprinted); without it, only on the raw audio
@@ -72,8 +76,8 @@ def postprocess(cfg: WorkflowConfig, *, out_dir: str | Path | None = None, wav_d
         # the .bin's sha256 from the file stamps: an unchanged output of infer is not read again
         settings = stage_stamp(cfg, {"denoiser_strength": strength, "trim": trim}, fingerprint=denoiser_model,
                                source_sha256=stamps.sha256(src, "an infer output"))
-        entry = items_record.get(utt_id)
-        if isinstance(entry, dict) and is_current(entry.get("settings"), settings):
+        entry = items_record.get(utt_id, {})
+        if is_current(entry.get("settings"), settings):
             why = stamps.changed(dst, entry.get(OUTPUT_KEY))
             if why is None:
                 skipped.append(utt_id)

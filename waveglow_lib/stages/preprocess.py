@@ -12,13 +12,12 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from ..audio import WavStream, mel_blocks, wav_file_stat
 from ..config import STFTConfig, WorkflowConfig
 from ..errors import AudioError, DataError, InputNotFound, ManifestError, ResourceError
-from ..io import (MAX_RECORD_BYTES, atomic_write_json, atomic_write_text, read_bounded, read_hint, sha256_bytes,
+from ..io import (MAX_RECORD_BYTES, atomic_write_json, atomic_write_text, read_bounded, read_record, sha256_bytes,
                   storage_problem, write_bin_blocks)
 from ..layout import (CORPUS_WAVS_DIR, MANIFEST_FORMAT, MANIFEST_NAME, check_utterance_id, load_manifest, mel_file,
                       sample_count_file)
@@ -27,6 +26,8 @@ from ..runlock import locked
 from ..stamps import announce_redo, checkpoint_stft, file_stamps
 
 __all__ = ["preprocess", "list_wavs", "load_manifest", "ManifestError"]
+#: what preprocess reads back of its manifest (`io.read_record`; each item is checked by `_changed`)
+MANIFEST_FIELDS = {"settings": dict, "items": [dict]}
 #: a wav whose peak stays below this (≈3 LSB of int16) is treated as silent and skipped
 SILENCE_PEAK = 1e-4
 
@@ -65,9 +66,11 @@ def preprocess(cfg: WorkflowConfig, *, force: bool = False, stft: STFTConfig | N
     current: dict | None = None
     previous: dict = {}
     if not force:
-        current = read_hint(manifest_path, "the mel manifest")  # an unreadable manifest is rebuilt from the wavs
+        # only says what may be reused: a damaged manifest (not JSON, a field of the wrong shape) is said,
+        # and rebuilt from the wavs
+        current = read_record(manifest_path, "the mel manifest", MANIFEST_FIELDS, on_damage=announce_redo)
         if current.get("settings") == settings:
-            previous = {item.get("id"): item for item in current.get("items", []) if isinstance(item, dict)}
+            previous = {item["id"]: item for item in current.get("items", []) if isinstance(item.get("id"), str)}
         previous.update(_read_journal(journal_path, settings))
 
     items: list[dict] = []
@@ -97,7 +100,7 @@ def preprocess(cfg: WorkflowConfig, *, force: bool = False, stft: STFTConfig | N
                 skip(wav, f"{wav}: the name {utt_id!r} cannot be an utterance id (letters, digits, _ . - + # @)")
                 continue
             try:
-                stat = wav_file_stat(wav)  # a folder, FIFO or device named *.wav: said, never opened
+                wav_file_stat(wav)  # a folder, FIFO or device named *.wav: said, never opened
             except AudioError as exc:
                 skip(wav, str(exc))
                 continue
@@ -108,7 +111,7 @@ def preprocess(cfg: WorkflowConfig, *, force: bool = False, stft: STFTConfig | N
                 continue
             old = previous.get(utt_id)
             if old:
-                why = _changed(old, wav, wav_sha, mel_dir, stamps)
+                why = _changed(old, wav, wav_sha, mel_dir, stamps, stft.n_mel_channels)
                 if why is None:
                     items.append(old)
                     reused += 1
@@ -125,9 +128,7 @@ def preprocess(cfg: WorkflowConfig, *, force: bool = False, stft: STFTConfig | N
             except MemoryError:
                 raise ResourceError(f"{wav}: out of memory computing its mel", path=wav) from None
             atomic_write_text(txt_path, f"{samples}\n")
-            item = {"id": utt_id, "wav": str(wav), "samples": samples, "mel_frames": shape[1],
-                    "shape": list(shape), "dtype": "float32", "sha256": sha, "bin": bin_path.name,
-                    "txt": txt_path.name, "wav_size": stat.st_size, "wav_sha256": wav_sha}
+            item = _item(wav, samples, shape, sha, wav_sha, bin_path)
             items.append(item)
             if journal is None:  # O_NOFOLLOW: never append through a link left in the run folder
                 journal = os.fdopen(os.open(journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
@@ -200,14 +201,24 @@ def _read_journal(path: Path, settings: dict) -> dict:
             entry = json.loads(line.decode("utf-8", errors="replace"))
         except (ValueError, RecursionError):  # a torn last line (or one no run writes)
             continue
-        if isinstance(entry, dict) and entry.get("settings") == settings and isinstance(entry.get("item"), dict):
-            found[entry["item"].get("id")] = entry["item"]
+        if isinstance(entry, dict) and entry.get("settings") == settings and isinstance(entry.get("item"), dict) \
+                and isinstance(entry["item"].get("id"), str):
+            found[entry["item"]["id"]] = entry["item"]  # as trusted as the manifest's: `_changed` checks it
     return found
 
 
-def _changed(item: dict, wav: Path, wav_sha: str, mel_dir: Path, stamps) -> str | None:
+def _item(wav: Path, samples: int, shape, sha: str, wav_sha: str, bin_path: Path) -> dict:
+    """A manifest item, exactly as preprocess writes it (`_changed` reuses only an item that is one)."""
+    return {"id": wav.stem, "wav": str(wav), "samples": samples, "mel_frames": shape[1], "shape": list(shape),
+            "dtype": "float32", "sha256": sha, "bin": bin_path.name, "txt": sample_count_file(bin_path).name,
+            "wav_size": wav.stat().st_size, "wav_sha256": wav_sha}
+
+
+def _changed(item: dict, wav: Path, wav_sha: str, mel_dir: Path, stamps, n_mel: int) -> str | None:
     """Why a finished item's record no longer describes this wav (by content) and its own `<id>.bin`/`.txt`
-    (by size and sha256, `stamps.FileStamps.changed`), or None when it does."""
+    (by size and sha256, `stamps.FileStamps.changed`), or None when it does. Records are data: an item
+    that is not exactly what preprocess writes (a field missing or of another type, a shape that is not
+    [n_mel, mel_frames]) is not trusted, its mel is made again."""
     utt_id = wav.stem
     bin_path = mel_file(mel_dir, utt_id)
     txt_path = sample_count_file(bin_path)
@@ -215,11 +226,14 @@ def _changed(item: dict, wav: Path, wav_sha: str, mel_dir: Path, stamps) -> str 
         return f"{wav}: its record names other files"  # not trusted: recomputed
     if item.get("wav") != str(wav) or item.get("wav_sha256") != wav_sha:
         return f"{wav}: not the audio its mel was made from (another content)"
-    try:
-        mel = {"size": int(np.prod(item["shape"])) * 4, "sha256": item["sha256"]}
-        text = f"{int(item['samples'])}\n".encode()
-    except (KeyError, TypeError, ValueError):
-        return f"{bin_path}: its record has no shape, hash or sample count"
+    samples, shape, sha = item.get("samples"), item.get("shape"), item.get("sha256")
+    well_formed = (type(samples) is int and samples > 0 and isinstance(sha, str) and isinstance(shape, list)
+                   and len(shape) == 2 and shape[0] == n_mel and all(type(n) is int and n > 0 for n in shape))
+    if not well_formed or (json.dumps(item, sort_keys=True)
+                           != json.dumps(_item(wav, samples, shape, sha, wav_sha, bin_path), sort_keys=True)):
+        return f"{bin_path}: its record is not one preprocess writes (a field missing or of the wrong shape)"
+    mel = {"size": shape[0] * shape[1] * 4, "sha256": sha}
+    text = f"{samples}\n".encode()
     for path, recorded in ((bin_path, mel), (txt_path, {"size": len(text), "sha256": sha256_bytes(text)})):
         why = stamps.changed(path, recorded)
         if why:

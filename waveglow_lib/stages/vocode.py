@@ -25,10 +25,10 @@ from ..config import STFTConfig, WorkflowConfig
 from ..denoiser import Denoiser
 from ..engines import run_job
 from ..errors import MelError
-from ..io import atomic_stream, atomic_write_bytes, read_json, write_bin
+from ..io import atomic_stream, atomic_write_bytes, read_record, write_bin
 from ..audio import WavWriter, wav_bytes
-from ..jobs import (InferJob, MelFileReader, StreamedAudio, VocodeSettings, backend_name, mel_folder_items,
-                    open_backend, resolve_model_config)
+from ..jobs import (RECORD_FIELDS, InferJob, MelFileReader, StreamedAudio, VocodeSettings, backend_name,
+                    mel_folder_items, open_backend, resolve_model_config)
 from ..layout import VOCODE_RECORD_FILE, out_bin, syn_wav
 from ..mel_input import list_mels, mel_sample_count
 from ..metrics import snr_db
@@ -36,6 +36,9 @@ from ..runlock import locked
 from ..stamps import OUTPUT_KEY, SOURCE_KEY, announce_redo, file_stamps, is_current, stage_stamp
 
 __all__ = ["vocode", "prepare_vocode", "VocodeJob", "read_mels", "stream_matches_offline"]
+#: an entry of `vocode/vocode.json`'s items (id → entry): the folder's stamp it was made under, its source's
+#: sha256, and its files ({name: {"size", "sha256"}}, `stamps.FileStamps.changed` checks each)
+ENTRY_FIELDS = {"settings": dict, SOURCE_KEY: str, "source": str, OUTPUT_KEY: dict, "frames": int, "samples": int}
 
 
 def read_mels(cfg: WorkflowConfig, mels: str | Path, n_mel: int = 80) -> list[dict]:
@@ -204,7 +207,10 @@ def prepare_vocode(cfg: WorkflowConfig, mels: str | Path, *, model=None, name: s
                               "out_bin": cfg.vocode_out_bin}, model=model)
     settings = {"checkpoint": cfg.checkpoint, **stamp}
     record_path = out_dir / VOCODE_RECORD_FILE
-    record = read_json(record_path, "the vocode stage's record") if record_path.is_file() and not force else {}
+    # only says what may be skipped (stale wavs are redone): damaged (not JSON, a field of the wrong shape), it is
+    # said and counts as none; a damaged entry, its wav is redone
+    record = {} if force else read_record(record_path, "the vocode stage's record", RECORD_FIELDS,
+                                          entries=("items", ENTRY_FIELDS), on_damage=announce_redo)
     done: dict = record.get("items", {})
     stamps = file_stamps(cfg)
     # each mel by its content (cached by file stamps: a re-run does not read the mels again to hash them)
@@ -214,13 +220,13 @@ def prepare_vocode(cfg: WorkflowConfig, mels: str | Path, *, model=None, name: s
 
     def finished(u: Utterance) -> bool:
         # an entry records the folder's stamp under "settings" and its own source beside it
-        entry = done.get(u.id) if isinstance(done, dict) else None
-        if not isinstance(entry, dict) or not isinstance(entry.get("settings"), dict):
+        entry = done.get(u.id, {})  # io.read_record: an entry, when there is one, is of the right shape
+        if entry.get("settings") is None:
             return False
         recorded = {**entry["settings"], SOURCE_KEY: entry.get(SOURCE_KEY)}
         if not is_current(recorded, {**stamp, SOURCE_KEY: sources[u.id][SOURCE_KEY]}):
             return False
-        files = entry.get(OUTPUT_KEY) if isinstance(entry.get(OUTPUT_KEY), dict) else {}
+        files = entry.get(OUTPUT_KEY) or {}
         for path in item_outputs(out_dir, u.id, cfg.vocode_out_bin):
             why = stamps.changed(path, files.get(path.name))
             if why:
