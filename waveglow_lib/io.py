@@ -193,7 +193,8 @@ def check_fields(value: Mapping[str, Any], fields: Mapping[str, Any], path: str 
         else:
             types = spec if isinstance(spec, tuple) else (spec,)
             if not isinstance(item, types) or (isinstance(item, bool) and bool not in types):
-                refuse(where, item, "a " + " or ".join(sorted({_JSON_NAMES[t] for t in types})))
+                names = " or ".join(sorted({_JSON_NAMES[t] for t in types}))
+                refuse(where, item, ("an " if names[0] in "aeiou" else "a ") + names)
 
     for key, spec in fields.items():
         if value.get(key) is not None:
