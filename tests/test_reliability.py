@@ -140,6 +140,16 @@ def test_a_planted_lock_link_is_refused(tmp_path):
     assert target.read_text() == "keep"
 
 
+@pytest.mark.parametrize("started", ["yesterday", [1], {"t": 1}, 1e300, True, None])
+def test_a_lock_record_of_the_wrong_shape_still_names_its_holder(started):
+    """The lock file is text anyone in the folder can write: a start time of the wrong type or out of the
+    clock's range is shown as unknown, never a traceback in place of 'in use by ...'."""
+    from waveglow_lib.runlock import _describe
+
+    said = _describe({"pid": 7, "host": "h", "started": started, "command": "run"})
+    assert said == "pid 7 on h since ? (command: run)"
+
+
 def test_wav_names_that_cannot_be_ids_are_skipped(make_cfg, short_corpus, tmp_path):
     corpus = tmp_path / "corpus"
     shutil.copytree(short_corpus, corpus)

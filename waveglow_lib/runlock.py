@@ -58,7 +58,13 @@ def _inherited_tokens() -> dict[str, str]:
 def _describe(info: dict) -> str:
     if not info:
         return "another process (the lock file gives no details)"
-    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["started"])) if "started" in info else "?"
+    started = info.get("started")
+    since = "?"
+    if isinstance(started, (int, float)) and not isinstance(started, bool):
+        try:  # a lock file is anyone's text: a start time the clock cannot show is not a traceback
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+        except (OverflowError, OSError, ValueError):
+            pass
     return (f"pid {info.get('pid', '?')} on {info.get('host', '?')} since {since} "
             f"(command: {info.get('command', '?')})")
 
