@@ -233,6 +233,9 @@ def test_set_option_yaml_errors_name_the_option():
     ("sigma: 0_.6\n", "sigma", "0.6"),
     ("%YAML 1.2\n---\nseed: 0b11\n", "seed", "3"),
     ("bench_batch_sizes: [1, 010]\n", "bench_batch_sizes", "8"),
+    ("resample: yes\n", "resample", "True"),    # a boolean to YAML 1.1, a string to 1.2
+    ("downmix: off\n", "downmix", "False"),
+    ("bench_quick: On\n", "bench_quick", "True"),
 ])
 def test_numbers_yaml_1_1_and_1_2_read_differently_are_refused_by_name(tmp_path, text, key, read_as):
     with pytest.raises(ConfigError, match=f"p.yaml:\\d+:\\d+: parameter '{key}': .* means different things in "
@@ -242,9 +245,10 @@ def test_numbers_yaml_1_1_and_1_2_read_differently_are_refused_by_name(tmp_path,
     value = text.rpartition(f"{key}: ")[2].strip()
     with pytest.raises(ConfigError, match=f"^--set {key}:1:\\d+: .* means different things"):
         parse_set_option([f"{key}={value}"])
-    # plain decimal numbers, and the same text quoted (a string), read as they always did
-    assert parse_set_option(["limit=10", "seed=0", "sigma=0.60", "opset=+17", f"soc_version='{value}'"]) == {
-        "limit": 10, "seed": 0, "sigma": 0.6, "opset": 17, "soc_version": value}
+    # plain decimal numbers, true/false, and the same text quoted (a string), read as they always did
+    assert parse_set_option(["limit=10", "seed=0", "sigma=0.60", "opset=+17", "resample=true", "downmix=False",
+                             f"soc_version='{value}'"]) == {
+        "limit": 10, "seed": 0, "sigma": 0.6, "opset": 17, "resample": True, "downmix": False, "soc_version": value}
 
 
 def test_a_long_plain_list_is_refused_by_its_bytes_and_a_plain_one_that_fits_reads(tmp_path):

@@ -4,7 +4,7 @@ PyYAML's safe loader already refuses tags such as `!!python/object/apply`. This 
 bytes, its nesting depth, its aliases and what they expand to: a "billion laughs" document is a few lines of
 anchors that expand to billions of values when anything walks the result), refuses numbers whose meaning
 depends on the YAML version (`010` is 8 in YAML 1.1, the version PyYAML reads even after `%YAML 1.2`; `0x10`,
-`0b11`, `1_000`, `1:20`), and turns every YAML error into a ConfigError of one line:
+`0b11`, `1_000`, `1:20`; `yes`/`no`/`on`/`off`, booleans to YAML 1.1 and strings to 1.2), and turns every YAML error into a ConfigError of one line:
 `<file>:<line>:<column>: <problem>`.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ MAX_YAML_DEPTH = 50
 #: aliases (`*name`) a document may use, and the values they may add once expanded
 MAX_YAML_ALIASES = 100
 MAX_YAML_VALUES = 10_000
-_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_INT_TAG, _FLOAT_TAG, _BOOL_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool"
 #: the numbers that mean the same in YAML 1.1 and 1.2 (and to a reader): plain decimal
 _PLAIN_INT = re.compile(r"[-+]?(0|[1-9][0-9]*)")
 
@@ -85,12 +85,18 @@ def _check_numbers(root: yaml.Node) -> None:
                 stack.extend([(key_node, key), (value_node, name)])
         elif isinstance(node, yaml.SequenceNode):
             stack.extend((child, key) for child in node.value)
-        elif _ambiguous_number(node):
+        elif _ambiguous_number(node) or _ambiguous_boolean(node):
             what = f"parameter '{key}': " if key else ""
+            plain = "true or false" if node.tag == _BOOL_TAG else "a plain decimal number"
             raise yaml.constructor.ConstructorError(
                 None, None, f"{what}{node.value!r} means different things in YAML 1.1 and 1.2 (PyYAML reads "
-                            f"{yaml.safe_load(node.value)!r}); write a plain decimal number, or quote it for a "
-                            "string", node.start_mark)
+                            f"{yaml.safe_load(node.value)!r}); write {plain}, or quote it for a string",
+                node.start_mark)
+
+
+def _ambiguous_boolean(node: yaml.Node) -> bool:
+    """`yes`, `no`, `on`, `off` (and their capitalised forms): booleans to YAML 1.1, strings to YAML 1.2."""
+    return node.tag == _BOOL_TAG and str(node.value).lower() not in ("true", "false")
 
 
 def _ambiguous_number(node: yaml.Node) -> bool:
