@@ -239,6 +239,16 @@ def test_pickled_npy_is_refused(tmp_path):
         read_mel(path)
 
 
+def test_npy_with_a_header_cut_short_is_one_line(tmp_path):
+    """A header numpy cannot parse (old-style headers go through tokenize, which raises TokenError on an
+    unclosed bracket) is a MelError naming the file, not a traceback."""
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (80, 3".ljust(63) + b"\n"
+    path = tmp_path / "bad_header.npy"
+    path.write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + bytes(12))
+    with pytest.raises(MelError, match=r"bad_header\.npy: not a plain numeric \.npy array"):
+        read_mel(path)
+
+
 @pytest.mark.parametrize("suffix", [".npy", ".pt", ".bin"])
 def test_nan_mel_is_refused_with_the_files_name(demo_mels, tmp_path, suffix):
     mel = demo_mels["LJ001-0005"][0].copy()

@@ -28,6 +28,7 @@ import io
 import math
 import os
 import re
+import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -273,7 +274,9 @@ def _npy_header(path: Path, handle: BinaryIO) -> tuple[tuple[int, ...], bool, np
         return tuple(shape), bool(fortran), dtype, handle.tell()
     except MelError:
         raise
-    except ValueError as error:  # not a .npy, a bad header, object arrays (pickles: refused)
+    # not a .npy, a bad header (numpy parses an old one with ast, then tokenize: a header cut short raises
+    # TokenError), object arrays (pickles: refused)
+    except (ValueError, SyntaxError, tokenize.TokenError) as error:
         raise MelError(f"{path}: not a plain numeric .npy array ({error})", path=path) from None
     except (OSError, EOFError) as error:
         raise MelError(f"{path}: unreadable .npy file (truncated or corrupt?): {error}", path=path) from None
