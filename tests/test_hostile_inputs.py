@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -317,6 +318,21 @@ def test_a_manifest_id_ending_in_a_newline_is_refused(preprocessed_run, tmp_path
     manifest["items"][0]["id"] += "\n"  # `$` in the id pattern matches before a final newline
     path.write_text(json.dumps(manifest))
     with pytest.raises(ManifestError, match=r"utterance id '.*\\n' is not a plain file name"):
+        load_manifest(cfg.run_dir / "mel")
+
+
+@pytest.mark.parametrize("field", ["id", "bin"])
+def test_a_manifest_naming_an_utterance_or_a_mel_twice_is_refused(preprocessed_run, tmp_path, field):
+    """A hand-edited manifest listing one utterance (or one mel) twice was vocoded, skipped and postprocessed
+    twice under one name while the other utterance was left out in silence (rc 0)."""
+    cfg = preprocessed_run(tmp_path / "runs")
+    path = cfg.run_dir / "mel" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    first, second = manifest["items"][:2]
+    second[field] = first[field]
+    path.write_text(json.dumps(manifest))
+    named = {"id": "utterance id", "bin": "mel file"}[field]
+    with pytest.raises(ManifestError, match=rf"manifest\.json: two items name the {named} '{re.escape(first[field])}'"):
         load_manifest(cfg.run_dir / "mel")
 
 

@@ -284,6 +284,7 @@ def load_manifest(mel_dir: str | Path) -> dict:
         value = manifest.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ManifestError(f"{path}: field {key} must be a positive integer, got {value!r}", path=path)
+    seen: set[tuple[str, str]] = set()
     for item in manifest["items"]:
         if not isinstance(item, dict):
             raise ManifestError(f"{path}: an item is {type(item).__name__}, expected an object", path=path)
@@ -306,5 +307,12 @@ def load_manifest(mel_dir: str | Path) -> dict:
             if not isinstance(item[key], int) or isinstance(item[key], bool) or item[key] < 1:
                 raise ManifestError(f"{path}: item {item['id']!r}: {key} must be a positive integer, "
                                     f"got {item[key]!r}", path=path)
-        mel_bin(path.parent, item)
+        mel_file_name = mel_bin(path.parent, item).name
+        # one id, one mel: a second item with the id or the mel of another would be vocoded (or skipped) twice
+        # under one name while the other is left out in silence
+        for kind, value in (("utterance id", item["id"]), ("mel file", mel_file_name)):
+            if (kind, value) in seen:
+                raise ManifestError(f"{path}: two items name the {kind} {value!r} (an edited manifest?); "
+                                    "run the preprocess stage again", path=path)
+            seen.add((kind, value))
     return manifest
