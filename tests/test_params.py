@@ -289,6 +289,22 @@ def test_a_nul_byte_in_a_parameter_is_refused_by_name(tmp_path, key):
         WorkflowConfig.from_yaml(write(tmp_path, f'{key}: "a\\0b"\n'))
 
 
+@pytest.mark.parametrize("key", ["corpus", "checkpoint", "runs_dir", "cache_dir"])
+def test_a_lone_surrogate_in_a_path_parameter_is_refused_by_name(tmp_path, key):
+    """YAML's "\\ud800" is a str no file name can be encoded from: a UnicodeEncodeError traceback before."""
+    with pytest.raises(ConfigError, match=f"parameter '{key}': .* which no file name can be encoded"):
+        WorkflowConfig.from_yaml(write(tmp_path, f'{key}: "a\\ud800b"\n'))
+
+
+@pytest.mark.parametrize("name", ["a\u0085b", "\u202eevil", "a\u2028b", "a\ud800b"])
+def test_a_run_name_with_an_unprintable_character_is_refused(tmp_path, name):
+    """C1 controls (NEL), bidi overrides, line separators and lone surrogates passed the ASCII-only check (a
+    surrogate then failed as a traceback when the folder was made)."""
+    with pytest.raises(ConfigError, match="parameter 'name' must be a plain folder name"):
+        WorkflowConfig(name=name, runs_dir=str(tmp_path))
+    assert WorkflowConfig(name="ünï x", runs_dir=str(tmp_path)).name == "ünï x"  # printable: still a name
+
+
 def test_names_and_paths_longer_than_the_os_allows_are_refused_by_name(tmp_path):
     with pytest.raises(ConfigError, match=r"parameter 'corpus': the name 'a+'\.\.\. is 300 bytes, longer than the \d+"):
         WorkflowConfig(corpus=str(tmp_path / ("a" * 300)))

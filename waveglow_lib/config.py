@@ -346,7 +346,7 @@ class WorkflowConfig:
 def check_run_name(name: object) -> None:
     """The run's name is one folder name in runs_dir: a path in it (`../x`, `/x`, `.`) would write elsewhere."""
     bad = (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name
-           or any(ord(c) < 32 or ord(c) == 127 for c in name))
+           or not name.isprintable())  # control characters, C1 (NEL) and bidi overrides included
     if bad:
         raise ConfigError(f"parameter 'name' must be a plain folder name (no '/', '\\', control characters, "
                           f"and not '', '.' or '..'): the run folder is <runs_dir>/<name>; got {name!r}. "
@@ -360,7 +360,11 @@ def check_os_path(path: str | os.PathLike, what: str, room: int = 0) -> Path:
     text = os.fspath(path)
     if "\0" in text:
         raise ConfigError(f"{what}: {text!r} holds a NUL byte, which no file name may hold")
-    full = os.fsencode(os.path.abspath(os.path.expanduser(text)))
+    try:
+        full = os.fsencode(os.path.abspath(os.path.expanduser(text)))
+    except UnicodeEncodeError as error:  # a lone surrogate ("\ud800" in YAML): no file name's bytes
+        raise ConfigError(f"{what}: {text!r} holds {error.object[error.start]!r}, which no file name can be encoded "
+                          f"with ({error.reason})") from None
     name_max, path_max = _os_limits(full)
     longest = max(full.split(b"/"), key=len)
     if len(longest) > name_max:
