@@ -288,6 +288,27 @@ def test_a_second_writer_is_refused_with_the_holder_named(preprocessed_run, tmp_
     assert not (cfg.run_dir / LOCK_NAME).exists()  # released
 
 
+def test_a_killed_writers_temp_files_are_removed_when_its_lock_is_taken_over(tmp_path, capsys):
+    """kill -9 during a long vocode left `.<id>_syn.wav.<random>.tmp` (as large as the audio so far) in the
+    run folder for good: the next writer, which takes the dead holder's lock, removes it."""
+    run_dir = tmp_path / "runs" / "t"
+    (run_dir / "vocode").mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE,
+                              text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        left = run_dir / "vocode" / ".long_syn.wav.k3x_9q0z.tmp"  # atomic_stream's temp file, as kill -9 leaves it
+        left.write_bytes(b"RIFF" + bytes(1000))
+        (run_dir / "notes.tmp").write_text("mine")  # not atomic_stream's name: never touched
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with run_folder_lock(run_dir) as info:
+        assert "took_over" in info
+        assert not left.exists() and (run_dir / "notes.tmp").read_text() == "mine"
+    assert f"removed 1 half-written file(s) a killed run left (e.g. {left.name})" in capsys.readouterr().err
+
+
 def test_a_child_of_the_holder_may_write(tmp_path):
     """`run` holds the lock while its notebook kernels (child processes) run the stages."""
     child = ("import sys; from waveglow_lib.runlock import run_folder_lock\n"

@@ -63,6 +63,25 @@ def atomic_stream(path: str | Path) -> Iterator[BinaryIO]:
         raise
 
 
+#: `atomic_stream`'s temp files: `.<name>.<8 random characters from mkstemp>.tmp`
+_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_temp_files(root: str | Path) -> list[Path]:
+    """Remove the temp files `atomic_stream` left under `root` (not following links): only a writer that
+    died (kill -9) leaves one, so call it only while holding the folder's lock taken over from a dead
+    holder. The files removed."""
+    removed = []
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = Path(folder) / name
+            if _TEMP_NAME.fullmatch(name) and path.is_file() and not path.is_symlink():
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed.append(path)
+    return removed
+
+
 def storage_problem(exc: BaseException) -> str | None:
     """What a full disk, a read-only folder or an allocation failure is, in words (None for other errors)."""
     allocation = allocation_problem(exc)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import ResourceError, RunFolderError
-from .io import read_bounded
+from .io import read_bounded, remove_temp_files
 
 LOCK_NAME = ".lock"
 #: `<resolved root>=<token>` pairs (os.pathsep separated) of the locks this process or its parent holds
@@ -159,6 +159,12 @@ def run_folder_lock(root: str | Path, command: str | None = None) -> Iterator[di
             os.unlink(path)
         os.close(fd)
         raise ResourceError(f"{path}: could not write the run folder's lock ({exc.strerror})", path=path) from None
+    if "took_over" in info:
+        # we hold the flock its dead holder had: the temp files of its unfinished outputs are nobody's now
+        removed = remove_temp_files(root)
+        if removed:
+            print(f"{root}: removed {len(removed)} half-written file(s) a killed run left (e.g. {removed[0].name})",
+                  file=sys.stderr)
     with _guard:
         _held[key] = [fd, 1, token]
     old_env = os.environ.get(TOKEN_ENV)
