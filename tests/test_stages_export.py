@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from waveglow_lib.errors import ExportError
+from waveglow_lib.errors import ExportError, ResourceError
 from waveglow_lib.export import export_onnx
 from waveglow_lib.stages.export import export
 
@@ -43,6 +43,15 @@ def test_bad_arguments(tiny_model, tmp_path):
     with pytest.raises(ExportError, match="exporter must be"):
         export_onnx(tiny_model(), tmp_path / "x.onnx", exporter="magic")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_folder_where_the_graph_goes_is_one_line(tiny_model, tmp_path):
+    """A folder at the graph's path failed as an IsADirectoryError traceback when the exported temp file was
+    renamed onto it; now ResourceError naming the file, and no temp file is left."""
+    (tmp_path / "waveglow.onnx").mkdir()
+    with pytest.raises(ResourceError, match=r"waveglow\.onnx: could not write \(a folder is where the file goes"):
+        export_onnx(tiny_model(), tmp_path / "waveglow.onnx", verify=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["waveglow.onnx"]
 
 
 def test_stage_skips_a_current_export(make_cfg, tiny_checkpoint, tmp_path):

@@ -153,7 +153,13 @@ def export_onnx(model, path: str | Path, opset: int = 17, *, variant: str = "noi
                            if tensor.data_location == onnx.TensorProto.EXTERNAL and entry.key == "location"})
         if verify:
             result.update(_verify(model, tmp, variant, seed))
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:  # a folder where the graph goes (EISDIR), a read-only folder: one line
+            if not storage_problem(exc):
+                raise
+            raise ResourceError(f"{path}: could not write ({storage_problem(exc)}); nothing was changed",
+                                path=path) from None
     finally:
         tmp.unlink(missing_ok=True)
     result["files"] = {name: file_entry(path.parent / name) for name in [path.name, *external]}
