@@ -144,3 +144,17 @@ def test_cpu_targets_match_the_onnx_graph(preprocessed_run, tiny_model, tmp_path
     again = convert(cfg, targets=("openvino", "onnxruntime"))
     assert again["openvino"]["status"].startswith("skipped") and again["onnxruntime"]["status"].startswith("skipped")
     assert not list((cfg.run_dir / "onnx").glob(".*tmp*"))
+
+
+@pytest.mark.parametrize("target, name", [("onnxruntime", "waveglow_optimized.onnx"),
+                                          ("openvino", "waveglow_openvino.xml")])
+def test_a_folder_where_a_converted_model_goes_is_one_line(preprocessed_run, tmp_path, target, name):
+    """A folder at the optimised graph's or the IR's path was an IsADirectoryError traceback at the rename of
+    the library's temp file; now ResourceError naming the file, and no temp file is left."""
+    from waveglow_lib.errors import ResourceError
+
+    cfg = preprocessed_run(tmp_path, with_onnx=True)
+    (cfg.run_dir / "onnx" / name).mkdir()
+    with pytest.raises(ResourceError, match=rf"{name}: could not write \(a folder is where the file goes"):
+        convert(cfg, targets=(target,))
+    assert not list((cfg.run_dir / "onnx").glob(".*tmp*"))

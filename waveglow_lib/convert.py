@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import ConfigError, ConvertError, DataError, import_optional
-from .io import read_record
+from .io import read_record, replace_file
 from .layout import record_path
 from .export import ONNX_INPUTS
 
@@ -210,8 +209,8 @@ def convert_openvino(onnx_path: Path, xml_path: Path, *, force: bool = False) ->
     tmp = xml_path.with_name(f".{xml_path.stem}.tmp.xml")
     try:
         ov.save_model(model, str(tmp), compress_to_fp16=False)
-        os.replace(tmp.with_suffix(".bin"), xml_path.with_suffix(".bin"))
-        os.replace(tmp, xml_path)
+        replace_file(tmp.with_suffix(".bin"), xml_path.with_suffix(".bin"))
+        replace_file(tmp, xml_path)
     finally:
         tmp.unlink(missing_ok=True)
         tmp.with_suffix(".bin").unlink(missing_ok=True)
@@ -236,7 +235,7 @@ def optimize_onnxruntime(onnx_path: Path, out_path: Path, *, force: bool = False
     options.log_severity_level = 3
     try:
         ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        os.replace(tmp, out_path)
+        replace_file(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
     return {"status": "converted", "onnx": str(out_path), "seconds": round(time.perf_counter() - started, 2)}

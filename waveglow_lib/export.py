@@ -8,7 +8,6 @@ commands; its outputs are not reproducible.
 """
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from pathlib import Path
@@ -20,7 +19,7 @@ from torch.export import Dim
 from .checkpoint import model_fingerprint
 from .config import ONNX_OPSETS
 from .errors import ExportError, ResourceError, import_optional
-from .io import atomic_write_json, file_entry, storage_problem
+from .io import atomic_write_json, file_entry, replace_file, storage_problem
 from .layout import record_path
 from .metrics import snr_db
 
@@ -153,13 +152,7 @@ def export_onnx(model, path: str | Path, opset: int = 17, *, variant: str = "noi
                            if tensor.data_location == onnx.TensorProto.EXTERNAL and entry.key == "location"})
         if verify:
             result.update(_verify(model, tmp, variant, seed))
-        try:
-            os.replace(tmp, path)
-        except OSError as exc:  # a folder where the graph goes (EISDIR), a read-only folder: one line
-            if not storage_problem(exc):
-                raise
-            raise ResourceError(f"{path}: could not write ({storage_problem(exc)}); nothing was changed",
-                                path=path) from None
+        replace_file(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     result["files"] = {name: file_entry(path.parent / name) for name in [path.name, *external]}

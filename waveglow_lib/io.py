@@ -82,6 +82,18 @@ def remove_temp_files(root: str | Path) -> list[Path]:
     return removed
 
 
+def replace_file(tmp: str | Path, path: str | Path) -> None:
+    """os.replace(tmp, path) for a temp file a library wrote (ONNX, OpenVINO): a folder where the file goes
+    (EISDIR), a full disk or a read-only folder is ResourceError naming `path`, not a traceback."""
+    try:
+        os.replace(tmp, path)
+    except OSError as exc:
+        problem = storage_problem(exc)
+        if not problem:
+            raise
+        raise ResourceError(f"{path}: could not write ({problem}); nothing was changed", path=path) from None
+
+
 def storage_problem(exc: BaseException) -> str | None:
     """What a full disk, a read-only folder or an allocation failure is, in words (None for other errors)."""
     allocation = allocation_problem(exc)
