@@ -315,3 +315,14 @@ def test_names_and_paths_longer_than_the_os_allows_are_refused_by_name(tmp_path)
         WorkflowConfig(runs_dir=str(tmp_path / "/".join(["b" * 200] * 19)))
     with pytest.raises(ConfigError, match=r"parameter 'out_dir': the name 'o+'\.\.\. is 300 bytes"):
         TrainConfig(out_dir=str(tmp_path / ("o" * 300)))  # training's paths too
+
+
+def test_a_wrong_override_is_said_to_come_from_the_command_line_not_the_params_file(tmp_path):
+    params = write(tmp_path, "limit: 2\n")
+    with pytest.raises(ConfigError, match="^command line: parameter 'limit' expects int"):
+        WorkflowConfig.from_yaml(params, {"limit": "abc"})
+    with pytest.raises(ConfigError, match="^command line: unknown parameter\\(s\\) 'limt'"):
+        WorkflowConfig.from_yaml(params, {"limt": 3})
+    bad_file = write(tmp_path, "limit: abc\n")
+    with pytest.raises(ConfigError, match=f"^{bad_file}: parameter 'limit' expects int"):
+        WorkflowConfig.from_yaml(bad_file, {"seed": 1})

@@ -332,7 +332,9 @@ class WorkflowConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> "WorkflowConfig":
-        return cls.from_dict({**read_params_file(path), **(overrides or {})}, source=str(path))
+        overrides = dict(overrides or {})
+        return from_mapping(cls, {**read_params_file(path), **overrides}, str(path),
+                            {key: "command line" for key in overrides})
 
     def to_yaml(self, path: str | Path) -> None:
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -406,14 +408,18 @@ def check_choices(obj: Any) -> None:
             raise ConfigError(f"parameter {key!r}: {value!r} is not one of {', '.join(choices)}")
 
 
-def from_mapping(cls: type, data: Mapping[str, Any], source: str = "parameters") -> Any:
-    """`cls(**data)` after rejecting unknown keys and wrong types by name (`source` says where they came from)."""
+def from_mapping(cls: type, data: Mapping[str, Any], source: str = "parameters",
+                 sources: Mapping[str, str] | None = None) -> Any:
+    """`cls(**data)` after rejecting unknown keys and wrong types by name (`source` says where they came from;
+    `sources`: another origin for some keys, e.g. the command line's overrides of a params file)."""
+    sources = sources or {}
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"{source}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
+        origin = sorted({sources.get(k, source) for k in unknown})
+        raise ConfigError(f"{' and '.join(origin)}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
                           f"known: {', '.join(sorted(known))}")
-    return cls(**{k: _coerce(k, v, _field_type(cls, k), source) for k, v in data.items()})
+    return cls(**{k: _coerce(k, v, _field_type(cls, k), sources.get(k, source)) for k, v in data.items()})
 
 
 #: the largest chunk_frames (3 min of audio at hop 256): a chunk's memory grows with it, and more turns
