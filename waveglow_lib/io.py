@@ -57,9 +57,9 @@ def atomic_stream(path: str | Path) -> Iterator[BinaryIO]:
     except BaseException as exc:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        problem = storage_problem(exc)
-        if problem:
-            raise ResourceError(f"{path}: could not write ({problem}); nothing was changed", path=path) from None
+        error = _unwritten(path, exc)
+        if error:
+            raise error from None
         raise
 
 
@@ -88,10 +88,16 @@ def replace_file(tmp: str | Path, path: str | Path) -> None:
     try:
         os.replace(tmp, path)
     except OSError as exc:
-        problem = storage_problem(exc)
-        if not problem:
-            raise
-        raise ResourceError(f"{path}: could not write ({problem}); nothing was changed", path=path) from None
+        error = _unwritten(path, exc)
+        if error:
+            raise error from None
+        raise
+
+
+def _unwritten(path: str | Path, exc: BaseException) -> ResourceError | None:
+    """The ResourceError naming `path` for a write that failed on storage (`storage_problem`), else None."""
+    problem = storage_problem(exc)
+    return ResourceError(f"{path}: could not write ({problem}); nothing was changed", path=path) if problem else None
 
 
 def storage_problem(exc: BaseException) -> str | None:
