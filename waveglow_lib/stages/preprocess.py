@@ -100,7 +100,7 @@ def preprocess(cfg: WorkflowConfig, *, force: bool = False, stft: STFTConfig | N
                 skip(wav, f"{wav}: the name {utt_id!r} cannot be an utterance id (letters, digits, _ . - + # @)")
                 continue
             try:
-                wav_file_stat(wav)  # a folder, FIFO or device named *.wav: said, never opened
+                wav_size = wav_file_stat(wav).st_size  # a folder, FIFO or device named *.wav: said, never opened
             except AudioError as exc:
                 skip(wav, str(exc))
                 continue
@@ -111,7 +111,7 @@ def preprocess(cfg: WorkflowConfig, *, force: bool = False, stft: STFTConfig | N
                 continue
             old = previous.get(utt_id)
             if old:
-                why = _changed(old, wav, wav_sha, mel_dir, stamps, stft.n_mel_channels)
+                why = _changed(old, wav, wav_size, wav_sha, mel_dir, stamps, stft.n_mel_channels)
                 if why is None:
                     items.append(old)
                     reused += 1
@@ -128,7 +128,7 @@ def preprocess(cfg: WorkflowConfig, *, force: bool = False, stft: STFTConfig | N
             except MemoryError:
                 raise ResourceError(f"{wav}: out of memory computing its mel", path=wav) from None
             atomic_write_text(txt_path, f"{samples}\n")
-            item = _item(wav, samples, shape, sha, wav_sha, bin_path)
+            item = _item(wav, wav_size, samples, shape, sha, wav_sha, bin_path)
             items.append(item)
             if journal is None:  # O_NOFOLLOW: never append through a link left in the run folder
                 journal = os.fdopen(os.open(journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
@@ -207,14 +207,14 @@ def _read_journal(path: Path, settings: dict) -> dict:
     return found
 
 
-def _item(wav: Path, samples: int, shape, sha: str, wav_sha: str, bin_path: Path) -> dict:
+def _item(wav: Path, wav_size: int, samples: int, shape, sha: str, wav_sha: str, bin_path: Path) -> dict:
     """A manifest item, exactly as preprocess writes it (`_changed` reuses only an item that is one)."""
     return {"id": wav.stem, "wav": str(wav), "samples": samples, "mel_frames": shape[1], "shape": list(shape),
             "dtype": "float32", "sha256": sha, "bin": bin_path.name, "txt": sample_count_file(bin_path).name,
-            "wav_size": wav.stat().st_size, "wav_sha256": wav_sha}
+            "wav_size": wav_size, "wav_sha256": wav_sha}
 
 
-def _changed(item: dict, wav: Path, wav_sha: str, mel_dir: Path, stamps, n_mel: int) -> str | None:
+def _changed(item: dict, wav: Path, wav_size: int, wav_sha: str, mel_dir: Path, stamps, n_mel: int) -> str | None:
     """Why a finished item's record no longer describes this wav (by content) and its own `<id>.bin`/`.txt`
     (by size and sha256, `stamps.FileStamps.changed`), or None when it does. Records are data: an item
     that is not exactly what preprocess writes (a field missing or of another type, a shape that is not
@@ -230,7 +230,7 @@ def _changed(item: dict, wav: Path, wav_sha: str, mel_dir: Path, stamps, n_mel: 
     well_formed = (type(samples) is int and samples > 0 and isinstance(sha, str) and isinstance(shape, list)
                    and len(shape) == 2 and shape[0] == n_mel and all(type(n) is int and n > 0 for n in shape))
     if not well_formed or (json.dumps(item, sort_keys=True)
-                           != json.dumps(_item(wav, samples, shape, sha, wav_sha, bin_path), sort_keys=True)):
+                           != json.dumps(_item(wav, wav_size, samples, shape, sha, wav_sha, bin_path), sort_keys=True)):
         return f"{bin_path}: its record is not one preprocess writes (a field missing or of the wrong shape)"
     mel = {"size": shape[0] * shape[1] * 4, "sha256": sha}
     text = f"{samples}\n".encode()
