@@ -43,11 +43,20 @@ def native_bf16() -> bool:
 
 
 def native_int8() -> bool:
-    """True when this CPU has int8 dot products (AVX512-VNNI, AVX-VNNI or AMX-INT8) and PyTorch has the
-    oneDNN quantized engine and API (deprecated in torch 2.x): else int8 is not offered (falls back to bf16)."""
-    engines = torch.backends.quantized.supported_engines
-    api = hasattr(torch, "quantize_per_channel") and hasattr(torch.ops.quantized, "linear_dynamic")  # deprecated
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags()) and "onednn" in engines and api
+    """True when this CPU has int8 dot products (AVX512-VNNI, AVX-VNNI or AMX-INT8) and PyTorch the API the
+    int8 engine calls (`int8_api`): else int8 is not offered (falls back to bf16)."""
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags()) and int8_api()
+
+
+def int8_api() -> bool:
+    """True when this PyTorch has oneDNN's u8·s8 GEMM (`onednn.qlinear_prepack`, `qlinear_pointwise`) and
+    `quantize_per_tensor` (deprecated in torch 2.x)."""
+    try:
+        onednn = torch.ops.onednn
+        return (torch.backends.mkldnn.is_available() and hasattr(torch, "quantize_per_tensor")
+                and all(hasattr(onednn, op) for op in ("qlinear_prepack", "qlinear_pointwise")))
+    except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
+        return False
 
 
 def usable_cpus() -> int:

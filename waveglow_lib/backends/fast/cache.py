@@ -30,7 +30,7 @@ A cache folder where no secret can be made (read-only) is not used: the engine i
 Every file is read only when it is a regular file (not a link) of a bounded size: a link to a device
 would be read until memory runs out. Tensors are stored with safetensors (no pickles). oneDNN's packed
 int8 weights cannot be serialised: the entry holds the int8 weights and their scales, and they are packed
-again at load (`engine._pack_int8`, bit-identical to a fresh build).
+again at load (`engine._Int8Gemm`, bit-identical to a fresh build).
 
 Entries are written into a temporary folder and renamed into place, so a crash or a concurrent build never
 leaves a half-written entry under a key.

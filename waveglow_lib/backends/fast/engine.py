@@ -10,9 +10,11 @@ as wide as the WN's reach), so that short utterances make large GEMMs too. Memor
 (C + skip columns per step, twice) and one block's conditioning.
 
 Precisions: fp32; bf16 (GEMM operands and the WN state in bf16, fp32 accumulation); int8 (every WN GEMM —
-conditioning, dilated taps, res/skip — through oneDNN's `quantized.linear_dynamic`: weights int8 with one
-scale per output channel, packed at load; activations quantized per call with a per-tensor scale and zero
-point, fp32 in and out, so the state and the gate stay fp32). Where the time goes, and why int8 covers the
+conditioning, dilated taps, res/skip — through oneDNN's u8·s8 GEMM, `onednn.qlinear_pointwise`: weights
+int8 with one scale per output channel, packed at load; each activation quantized once where it is made,
+not per GEMM call — the mel once per sequence, the residual stream once per layer for its three taps,
+−gate with a fixed scale as it lies in (−1, 1) — and every GEMM adding onto its fp32 output inside the
+kernel; the residual stream and the skip sum stay fp32). Where the time goes, and why int8 covers the
 conditioning GEMM too, is recorded by `python -m waveglow_lib bench --profile`.
 
 Cost: the folded conditioning weights are `steps` phases × (4·80 → 2C) per layer, 16× the original
@@ -32,6 +34,11 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+# the quantized-tensor API is deprecated in torch 2.x but is what hands oneDNN's int8 GEMM its uint8 input
+# in one vectorised pass; the day it goes, `hardware.native_int8` is False and int8 falls back to bf16
+warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel",
+                        category=UserWarning)
 
 from ...errors import ConfigError, MelError
 from ...hardware import CpuMeter, native_bf16, native_int8, usable_cpus
@@ -66,28 +73,14 @@ class LoadTimes(dict):
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`weight` [in, out] (x @ weight) → (int8 [out, in], float64 scale per output channel): what the
-    engine cache stores for an int8 GEMM (oneDNN's packed form cannot be serialised; it is rebuilt from
-    these by `_pack_int8`, bit for bit the same)."""
+    engine cache stores for an int8 GEMM (oneDNN's packed form cannot be serialised; `_Int8Gemm` packs
+    these again at load, bit for bit the same)."""
     w = weight.t().float()  # [out, in]
     scales = (w.abs().amax(1) / 127.0).clamp_min(1e-12).double()
     # what torch.quantize_per_channel computes (round half to even of w · (1/scale in float32)), bit for
     # bit, in three vectorised passes instead of its per-element loop
     inverse = 1.0 / scales.float()
     return torch.round(w * inverse[:, None]).clamp_(-128, 127).to(torch.int8).contiguous(), scales
-
-
-def _pack_int8(q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
-    """int8 [out, in] + per-output-channel scales → oneDNN's packed int8 weight for
-    `quantized.linear_dynamic` (activations quantized per call, per tensor, fp32 in and out)."""
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = "onednn"  # the packing decides the kernels, not the global setting
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            qw = torch._make_per_channel_quantized_tensor(q, scales.double(), torch.zeros(q.shape[0], dtype=torch.long), 0)
-            return torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.float())
-    finally:
-        torch.backends.quantized.engine = previous
 
 
 class _FloatGemm:
@@ -107,30 +100,71 @@ class _FloatGemm:
         return out.addmm_(x, self.weight) if out is base else torch.addmm(base, x, self.weight, out=out)
 
 
+@dataclass(frozen=True)
+class _U8:
+    """Activations quantized per tensor to uint8: x ≈ (data − zero_point) · scale."""
+
+    data: torch.Tensor
+    scale: float
+    zero_point: int
+
+    def rows(self, start: int, end: int) -> "_U8":
+        return _U8(self.data[start:end], self.scale, self.zero_point)
+
+
+#: −gate = tanh(a)·σ(b) lies in (−1, 1): it is quantized with this fixed scale (zero point 128), no range pass
+GATE_SCALE = 1.0 / 127.0
+
+
+def quantize_u8(x: torch.Tensor, scale: float | None = None, zero_point: int = 128) -> _U8:
+    """x (fp32, contiguous) → uint8, per tensor. Without `scale`: from x's range, widened to hold 0, so that
+    zeros (padding, the gaps between packed utterances) stay exactly zero."""
+    if scale is None:
+        lo, hi = (v.item() for v in torch.aminmax(x))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise MelError("FastEngine (int8): the activations are not finite (inf or NaN in the mel or the "
+                           "model's weights)")
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        scale = max((hi - lo) / 255.0, 1e-12)
+        zero_point = min(255, max(0, round(-lo / scale)))
+    q = torch.quantize_per_tensor(x, scale, zero_point, torch.quint8)
+    # the quantized tensor's bytes as a plain uint8 tensor, no copy (oneDNN's int8 GEMM takes uint8)
+    data = torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), q.storage_offset(), q.shape, q.stride())
+    return _U8(data, float(scale), int(zero_point))
+
+
 class _Int8Gemm:
-    """x @ weight + bias through oneDNN's int8 GEMM: weight packed once, x quantized per call."""
+    """x @ weight + bias through oneDNN's int8 GEMM (`onednn.qlinear_pointwise`): weight int8 with one scale
+    per output channel, packed once; x uint8 (`_U8`, quantized by the caller once for all its GEMMs);
+    fp32 out, or accumulated onto an fp32 tensor in the GEMM itself (oneDNN's sum post-op)."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
-        self.packed = _pack_int8(q, scales, bias)
         self.out_features, self.in_features = q.shape
+        self.packed = torch.ops.onednn.qlinear_prepack(q.contiguous(), None)
+        self.scales = scales.float().contiguous()
+        self.zero_points = torch.zeros(self.out_features, dtype=torch.long)
+        self.bias = None if bias is None else bias.float().contiguous()
 
-    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """x @ weight + bias, a new tensor (`out` is ignored: oneDNN's int8 GEMM allocates its own)."""
-        return torch.ops.quantized.linear_dynamic(x, self.packed, False)
+    def __call__(self, x: _U8) -> torch.Tensor:
+        """x @ weight + bias, a new fp32 tensor."""
+        return torch.ops.onednn.qlinear_pointwise(x.data, x.scale, x.zero_point, self.packed, self.scales,
+                                                  self.zero_points, self.bias, 1.0, 0, torch.float32, "none",
+                                                  [], "")
 
-    def accumulate(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return out.add_(self(x))  # int8 GEMMs cannot accumulate into `out`: add after
-
-    def add_into(self, out: torch.Tensor, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return torch.add(base, self(x), out=out)
+    def accumulate(self, out: torch.Tensor, x: _U8) -> torch.Tensor:
+        """out += x @ weight + bias, in the GEMM (`out`: fp32, contiguous — oneDNN's sum post-op writes a
+        strided `out` wrongly)."""
+        return torch.ops.onednn.qlinear_pointwise.binary(x.data, x.scale, x.zero_point, self.packed, self.scales,
+                                                         self.zero_points, out, self.bias, 1.0, 0, torch.float32,
+                                                         1.0, 0, "sum", 1.0, "none", [], "")
 
 
 #: the three GEMMs of a WN layer, by the names their arrays are stored under
 GEMMS = ("taps", "cond", "res_skip")
 #: mel frames per block by default, per precision: float, a whole utterance of up to ~24 s in one pass per
-#: op (on the CPU measured, large GEMMs win over keeping a block in cache); int8's dynamically quantised
-#: GEMMs are faster on blocks that stay in cache
-BLOCK_FRAMES = {"fp32": 2048, "bf16": 2048, "int8": 128}
+#: op (on the CPU measured, large GEMMs win over keeping a block in cache); int8 ran fastest on blocks of
+#: ~256 frames (its fp32 gate input is 4× the bytes of the uint8 GEMM operands)
+BLOCK_FRAMES = {"fp32": 2048, "bf16": 2048, "int8": 256}
 #: the utterances of a batch run end to end in sequences of up to this many mel frames: on the CPU measured,
 #: ~1,000 frames per sequence ran fastest (short ones leave the conditioning GEMM bound by its weights,
 #: long ones spill out of cache), and faster than an utterance per thread
@@ -138,8 +172,8 @@ PACK_FRAMES = 1024
 #: how close an utterance run in a batch (packed with others) is to the same utterance run alone, as SNR in
 #: dB, per precision. fp32 and bf16 differ by rounding only: the GEMM library may sum a row in another order
 #: when the matrix holds other rows (MKL's AVX2 path, which it takes on AMD CPUs, does; measured ≥ 144 dB on
-#: the tests' model), and are bit-identical where it does not (seen with AMX). int8 quantises its
-#: activations per call, over the whole sequence.
+#: the tests' model), and are bit-identical where it does not (seen with AMX). int8 quantises the mel and
+#: the residual stream with scales from the whole sequence, so its neighbours change an utterance's rounding.
 PACKED_MIN_SNR_DB = {"fp32": 100.0, "bf16": 100.0, "int8": 25.0}
 #: float res/skip GEMMs have their rows and columns padded to a multiple of this
 RS_ALIGN = 32
@@ -204,22 +238,33 @@ def layer_arrays(fwn: FastWN, i: int, precision: str) -> dict[str, torch.Tensor]
 
 
 class _Layer:
-    """One WN layer's GEMMs, built from `layer_arrays` (int8: packed here)."""
+    """One WN layer's GEMMs, built from `layer_arrays` (int8: packed here). One GEMM per dilated tap,
+    each accumulating into the gate's input (no concatenated copy of the taps). int8 splits res/skip in
+    two GEMMs (`res_gemm`, None in the last layer, and `skip_gemm`), each accumulating onto its own
+    contiguous state: oneDNN's in-GEMM sum needs a contiguous output."""
 
-    __slots__ = ("taps_gemm", "cond_gemm", "res_skip_gemm", "dilation", "taps", "has_residual", "tap_weights")
+    __slots__ = ("dilation", "taps", "has_residual", "cond_gemm", "tap_gemms", "res_skip_gemm", "res_gemm",
+                 "skip_gemm")
 
     def __init__(self, arrays: dict[str, torch.Tensor], dilation: int, taps: int, precision: str,
                  has_residual: bool):
         self.dilation, self.taps, self.has_residual = dilation, taps, has_residual
-        # float: one GEMM per tap accumulating into the gate's input (no concatenated copy of the taps);
-        # int8 GEMMs cannot accumulate, so they take the taps side by side (K = taps·C) in one GEMM
-        weight = arrays.get("taps.weight")
-        rows = None if weight is None else weight.shape[0] // taps
-        self.tap_weights = None if weight is None else [weight[j * rows:(j + 1) * rows] for j in range(taps)]
-        for name in GEMMS:
-            gemm = (_Int8Gemm(arrays[f"{name}.q"], arrays[f"{name}.scale"], arrays.get(f"{name}.bias"))
-                    if precision == "int8" else _FloatGemm(arrays[f"{name}.weight"]))
-            setattr(self, f"{name}_gemm", gemm)
+        self.res_skip_gemm = self.res_gemm = self.skip_gemm = None
+        if precision == "int8":
+            q, scale = arrays["taps.q"], arrays["taps.scale"]  # [out, (tap, channel)]
+            width = q.shape[1] // taps
+            self.tap_gemms = [_Int8Gemm(q, scale, None)]
+            self.cond_gemm = _Int8Gemm(arrays["cond.q"], arrays["cond.scale"], arrays.get("cond.bias"))
+            q, scale, bias = arrays["res_skip.q"], arrays["res_skip.scale"], arrays["res_skip.bias"]
+            n = q.shape[1] if has_residual else 0  # the residual's rows come first: C of them
+            self.res_gemm = _Int8Gemm(q[:n], scale[:n], bias[:n]) if has_residual else None
+            self.skip_gemm = _Int8Gemm(q[n:], scale[n:], bias[n:])
+        else:
+            weight = arrays["taps.weight"]  # [(tap, channel), out]: a tap's rows are a contiguous slice
+            width = weight.shape[0] // taps
+            self.tap_gemms = [_FloatGemm(weight[j * width:(j + 1) * width]) for j in range(taps)]
+            self.cond_gemm = _FloatGemm(arrays["cond.weight"])
+            self.res_skip_gemm = _FloatGemm(arrays["res_skip.weight"])
 
 
 def flow_arrays(model, k: int, precision: str, times: LoadTimes | None = None) -> dict[str, torch.Tensor]:
@@ -419,21 +464,11 @@ class FastEngine:
         noise [T·steps, n_group] → audio [T·steps, n_group].
         `gaps`: (first, end) step rows that separate packed utterances (`_run_packed`): kept at zero in the
         WN state, as the padding around an utterance is."""
-        c, pad, steps = self.config, self.pad, self.steps
-        n, total = c.n_channels, unfolded.shape[0] * steps
+        c, steps = self.config, self.steps
+        total = unfolded.shape[0] * steps
         frames = unfolded.shape[0]
         blocks = [(f0, min(frames, f0 + self.block_frames)) for f0 in range(0, frames, self.block_frames)]
-        # the WN state, [residual stream (C) | skip sum | zeros], `pad` zero rows around the utterance; each
-        # layer but the last writes the next state into the other buffer (the dilated taps of the rows
-        # after a block still read the old one)
-        width = n + max(flow.layers[-1].res_skip_gemm.out_features for flow in self.flows)
-        state, state_next = (torch.zeros(total + 2 * pad, width, dtype=self.dtype) for _ in range(2))
-        # −gate, then (float) a column of ones for the res/skip bias and zeros up to the GEMM's K
-        k_rs = self.flows[0].layers[0].res_skip_gemm.in_features
-        gate = torch.zeros(min(total, blocks[0][1] * steps), k_rs, dtype=self.dtype)
-        gate[:, n:n + 1] = 1.0
-        # the conditioning of a block, [frames, steps·2C]: reused by every layer (float GEMMs write into it)
-        cond = torch.empty(blocks[0][1], self.flows[0].layers[0].cond_gemm.out_features, dtype=self.dtype)
+        wn = (_Int8WN if self.precision == "int8" else _FloatWN)(self, unfolded, blocks, gaps)
         audio = noise[:, : self.n_remaining_channels]
         next_row = self.n_remaining_channels
         for k in reversed(range(c.n_flows)):
@@ -441,20 +476,7 @@ class FastEngine:
             n_half = audio.shape[1] // 2
             swap = c.swaps_halves(k)
             audio_0, audio_1 = (audio[:, n_half:], audio[:, :n_half]) if swap else (audio[:, :n_half], audio[:, n_half:])
-            rows = state[pad: pad + total]
-            rows[:, :n] = torch.addmm(flow.start_bias, audio_0.to(self.dtype), flow.start_weight)
-            rows[:, n:] = 0.0
-            for g0, g1 in gaps:
-                rows[g0:g1] = 0.0
-            for layer in flow.layers:
-                for f0, f1 in blocks:  # the conditioning's weights (steps × 2C per mel row) are read once per block
-                    acts = layer.cond_gemm(unfolded[f0:f1], out=cond[: f1 - f0])
-                    self._layer_block(layer, acts.view(-1, 2 * n), gate, state, state_next, f0 * steps, f1 * steps)
-                if layer.has_residual:
-                    state, state_next = state_next, state
-                    for g0, g1 in gaps:
-                        state[pad + g0: pad + g1, :n] = 0.0
-            skip = state[pad: pad + total, n: n + 2 * n_half].float()
+            skip = wn.run(flow, audio_0)
             log_s, b = skip[:, n_half:], skip[:, :n_half]
             audio_1 = (audio_1 - b) * torch.exp(-log_s)
             audio = torch.cat((audio_1, audio_0) if swap else (audio_0, audio_1), 1) @ flow.inverse
@@ -465,21 +487,56 @@ class FastEngine:
                 next_row += c.n_early_size
         return audio
 
-    def _layer_block(self, layer: _Layer, acts, gate, state, state_next, s0: int, s1: int) -> None:
+
+class _FloatWN:
+    """The WN layers of one sequence in fp32 or bf16: the state, [residual stream (C) | skip sum | zeros],
+    with `pad` zero rows around the sequence; each layer but the last writes the next state into the other
+    buffer (the dilated taps of the rows after a block still read the old one)."""
+
+    def __init__(self, engine: FastEngine, unfolded: torch.Tensor, blocks, gaps):
+        self.engine, self.unfolded, self.blocks, self.gaps = engine, unfolded, blocks, gaps
+        n, steps, dtype = engine.config.n_channels, engine.steps, engine.dtype
+        self.total = total = unfolded.shape[0] * steps
+        width = n + max(flow.layers[-1].res_skip_gemm.out_features for flow in engine.flows)
+        self.state, self.state_next = (torch.zeros(total + 2 * engine.pad, width, dtype=dtype) for _ in range(2))
+        # −gate, then a column of ones for the res/skip bias and zeros up to the GEMM's K
+        k_rs = engine.flows[0].layers[0].res_skip_gemm.in_features
+        self.gate = torch.zeros(min(total, blocks[0][1] * steps), k_rs, dtype=dtype)
+        self.gate[:, n:n + 1] = 1.0
+        # the conditioning of a block, [frames, steps·2C]: reused by every layer
+        self.cond = torch.empty(blocks[0][1], engine.flows[0].layers[0].cond_gemm.out_features, dtype=dtype)
+
+    def run(self, flow: _Flow, audio_0: torch.Tensor) -> torch.Tensor:
+        """The flow's WN on audio_0 [total, n_half] → its output [total, 2·n_half] (b | log s), fp32."""
+        engine, pad, total, steps = self.engine, self.engine.pad, self.total, self.engine.steps
+        n = engine.config.n_channels
+        rows = self.state[pad: pad + total]
+        rows[:, :n] = torch.addmm(flow.start_bias, audio_0.to(engine.dtype), flow.start_weight)
+        rows[:, n:] = 0.0
+        for g0, g1 in self.gaps:
+            rows[g0:g1] = 0.0
+        for layer in flow.layers:
+            for f0, f1 in self.blocks:  # the conditioning's weights (steps × 2C per mel row): once per block
+                acts = layer.cond_gemm(self.unfolded[f0:f1], out=self.cond[: f1 - f0])
+                self._block(layer, acts.view(-1, 2 * n), f0 * steps, f1 * steps)
+            if layer.has_residual:
+                self.state, self.state_next = self.state_next, self.state
+                for g0, g1 in self.gaps:
+                    self.state[pad + g0: pad + g1, :n] = 0.0
+        return self.state[pad: pad + total, n: n + 2 * audio_0.shape[1]].float()  # past it: padding
+
+    def _block(self, layer: _Layer, acts: torch.Tensor, s0: int, s1: int) -> None:
         """One WN layer on steps [s0, s1): dilated taps added onto the conditioning `acts` (in place), gate,
         then the residual and skip added onto the state."""
-        n, pad = self.config.n_channels, self.pad
+        n, pad = self.engine.config.n_channels, self.engine.pad
+        state, state_next = self.state, self.state_next
         t0, t1 = pad + s0, pad + s1
         centre, d = (layer.taps - 1) // 2, layer.dilation
         x = state[:, :n]
-        if layer.tap_weights is not None:  # each dilated tap is a row offset: one accumulating GEMM per tap
-            for j, weight in enumerate(layer.tap_weights):
-                acts.addmm_(x[t0 + (j - centre) * d: t1 + (j - centre) * d], weight)
-        else:  # int8: the taps side by side, one GEMM with K = taps·C
-            taps = torch.cat([x[t0 + (j - centre) * d: t1 + (j - centre) * d] for j in range(layer.taps)], 1)
-            layer.taps_gemm.accumulate(acts, taps)
+        for j, gemm in enumerate(layer.tap_gemms):  # each dilated tap is a row offset
+            acts.addmm_(x[t0 + (j - centre) * d: t1 + (j - centre) * d], gemm.weight)
         sig = acts.sigmoid_()  # [σ(2a) | σ(b)] in place
-        gate = gate[: s1 - s0]
+        gate = self.gate[: s1 - s0]
         torch.addcmul(sig[:, n:], sig[:, :n], sig[:, n:], value=-2.0, out=gate[:, :n])  # −gate: see layer_arrays
         width = layer.res_skip_gemm.out_features
         if layer.has_residual:  # next state = state + residual and skip, one GEMM
@@ -487,3 +544,48 @@ class FastEngine:
         else:  # skip only, in place: no later block reads these columns
             columns = state[t0:t1, n:n + width]
             layer.res_skip_gemm.add_into(columns, columns, gate)
+
+
+class _Int8WN:
+    """The WN layers of one sequence in int8: the mel quantized once for all layers, the residual stream
+    (fp32, `pad` zero rows around) quantized once per layer for its three taps, −gate quantized with a
+    fixed scale; every GEMM adds onto its fp32 output in oneDNN's kernel. The taps read the layer's
+    quantized copy, so the residual stream is updated in place."""
+
+    def __init__(self, engine: FastEngine, unfolded: torch.Tensor, blocks, gaps):
+        self.engine, self.blocks, self.gaps = engine, blocks, gaps
+        self.mel = quantize_u8(unfolded)
+        self.total = total = unfolded.shape[0] * engine.steps
+        n = engine.config.n_channels
+        self.x = torch.zeros(total + 2 * engine.pad, n)
+        self.gate = torch.empty(min(total, blocks[0][1] * engine.steps), n)
+
+    def run(self, flow: _Flow, audio_0: torch.Tensor) -> torch.Tensor:
+        """The flow's WN on audio_0 [total, n_half] → its output [total, 2·n_half] (b | log s), fp32."""
+        engine, pad, total, steps = self.engine, self.engine.pad, self.total, self.engine.steps
+        n, x = engine.config.n_channels, self.x
+        rows = x[pad: pad + total]
+        torch.addmm(flow.start_bias, audio_0, flow.start_weight, out=rows)
+        for g0, g1 in self.gaps:
+            rows[g0:g1] = 0.0
+        skip = torch.zeros(total, flow.layers[-1].skip_gemm.out_features)
+        for layer in flow.layers:
+            x_q = quantize_u8(x)  # pad and gap rows stay exactly zero
+            centre, d = (layer.taps - 1) // 2, layer.dilation
+            for f0, f1 in self.blocks:
+                s0, s1 = f0 * steps, f1 * steps
+                acts = layer.cond_gemm(self.mel.rows(f0, f1)).view(-1, 2 * n)
+                taps = torch.cat([x_q.data[s0 + pad + (j - centre) * d: s1 + pad + (j - centre) * d]
+                                  for j in range(layer.taps)], 1)
+                layer.tap_gemms[0].accumulate(acts, _U8(taps, x_q.scale, x_q.zero_point))
+                sig = acts.sigmoid_()  # [σ(2a) | σ(b)] in place
+                gate = self.gate[: s1 - s0]
+                torch.addcmul(sig[:, n:], sig[:, :n], sig[:, n:], value=-2.0, out=gate)  # −gate: see layer_arrays
+                gate_q = quantize_u8(gate, GATE_SCALE, 128)
+                if layer.res_gemm is not None:
+                    layer.res_gemm.accumulate(x[pad + s0: pad + s1], gate_q)
+                layer.skip_gemm.accumulate(skip[s0:s1], gate_q)
+            if layer.has_residual:
+                for g0, g1 in self.gaps:
+                    rows[g0:g1] = 0.0
+        return skip
