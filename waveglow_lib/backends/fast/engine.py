@@ -42,7 +42,7 @@ warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.q
 
 from ...errors import ConfigError, MelError
 from ...hardware import CpuMeter, native_bf16, native_int8, usable_cpus
-from .fold import FastWaveGlow, FastWN, fold_wn
+from .fold import FastWaveGlow, FastWN, conditioning_layers, fold_wn
 
 #: FastEngine precisions, fastest first
 PRECISIONS = ("int8", "bf16", "fp32")
@@ -186,10 +186,12 @@ def state_width(n_channels: int, n_skip: int, precision: str) -> int:
     return width if precision == "int8" else -(-width // RS_ALIGN) * RS_ALIGN
 
 
-def layer_arrays(fwn: FastWN, i: int, precision: str) -> dict[str, torch.Tensor]:
+def layer_arrays(fwn: FastWN, i: int, precision: str,
+                 cond: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Layer i of a folded coupling network in GEMM form (x @ w, channels-last), as the tensors the engine
     is built from (and the cache stores): per GEMM `<name>.weight` (bf16/fp32, [in, out]) or `<name>.q`
-    + `<name>.scale` (int8, [out, in]), and (int8) `<name>.bias` (fp32) where it has one.
+    + `<name>.scale` (int8, [out, in]), and (int8) `<name>.bias` (fp32) where it has one. `cond`: the
+    layer's conditioning from `fold.conditioning_layers` (taken over: changed in place), else `fwn`'s.
 
     The gate needs no tanh: the tanh half of its input is scaled by 2 (exact in binary), so
     tanh(a)·σ(b) = (2σ(2a) − 1)·σ(b). The engine takes one in-place sigmoid over all 2C channels and one
@@ -206,19 +208,25 @@ def layer_arrays(fwn: FastWN, i: int, precision: str) -> dict[str, torch.Tensor]
     gain[:n] = 2.0
     w_in = fwn.in_layers[i].weight.detach().float() * gain[:, None, None]  # [2n, n, kernel]
     w_in = w_in.permute(2, 1, 0).reshape(-1, 2 * n)  # rows (tap, channel)
-    # conditioning: [2n·steps (o, p), n_mel, taps] → [(tap, mel), (p, o)], in one pass that also casts
-    # (float: with the bias as a last row), then the gain in place: the largest array of the engine
-    conv = fwn.cond_layers[i]
-    n_mel, bias_row = conv.weight.shape[1], int(precision != "int8")
-    cond = torch.empty(taps * n_mel + bias_row, steps, 2 * n, dtype=DTYPES[precision])
-    cond[: taps * n_mel].view(taps, n_mel, steps, 2 * n).copy_(
-        conv.weight.detach().view(2 * n, steps, n_mel, taps).permute(3, 2, 1, 0))
-    b_cond = conv.bias.detach().view(2 * n, steps).t()  # [p, o]
-    if bias_row:
-        cond[-1].copy_(b_cond)
-    cond[:, :, :n].mul_(2.0)
-    w_cond = cond.view(-1, steps * 2 * n)
-    b_cond = None if bias_row else (b_cond.float() * gain).reshape(-1)
+    # conditioning, the largest array of the engine: phase-major [p, o, (tap, mel)] (`conditioning_layers`;
+    # from the module's conv layout [(o, p), mel, tap] with one copy), so that int8 quantises it in place
+    # as its GEMM's [out, in]; float: [(tap, mel), (p, o)] with the bias as a last row, in one pass that
+    # also casts; then the gain
+    if cond is None:
+        conv = fwn.cond_layers[i]
+        cond = (conv.weight.detach().view(2 * n, steps, -1, taps).permute(1, 0, 3, 2).reshape(steps, 2 * n, -1),
+                conv.bias.detach().view(2 * n, steps).t())
+    w, b_cond = cond
+    if precision == "int8":
+        w = w.float()  # in place from here: the tensor is this function's (a copy, or conditioning_layers')
+        w[:, :n].mul_(2.0)
+        w_cond, b_cond = w.view(steps * 2 * n, -1).t(), (b_cond.float() * gain).reshape(-1)  # [in, out] view
+    else:
+        weight = torch.empty(w.shape[2] + 1, steps, 2 * n, dtype=DTYPES[precision])
+        weight[:-1].copy_(w.permute(2, 0, 1))
+        weight[-1].copy_(b_cond)
+        weight[:, :, :n].mul_(2.0)
+        w_cond, b_cond = weight.view(-1, steps * 2 * n), None
     rs = fwn.res_skip_layers[i]
     w_rs, b_rs = -rs.weight.detach()[..., 0].t().float(), rs.bias.detach().float()  # −W: applied to −gate
     if precision != "int8":  # int8's packed GEMMs take their biases themselves
@@ -273,12 +281,19 @@ def flow_arrays(model, k: int, precision: str, times: LoadTimes | None = None) -
     (the inverse of the flow's 1x1 mixing), all channels-last. `times`: where the fold and the arrays'
     seconds are added."""
     times = LoadTimes() if times is None else times
-    with times.phase("fold"):  # fp32 engines fold in float64, the others in float32 (their rounding is coarser)
-        fwn = model.WN[k] if isinstance(model, FastWaveGlow) else fold_wn(
-            model, k, torch.float64 if precision == "fp32" else torch.float32)
-    with times.phase("arrays"):
-        arrays = {f"layer{i}.{name}": t for i in range(model.config.n_layers)
-                  for name, t in layer_arrays(fwn, i, precision).items()}
+    folded = isinstance(model, FastWaveGlow)
+    # the composition's precision: fp32 engines float64; the others bf16 where it is native (they round
+    # their weights to bf16 or int8 anyway: measured, the probe's SNR did not move), else float32
+    dtype = torch.float64 if precision == "fp32" else torch.bfloat16 if native_bf16() else torch.float32
+    with times.phase("fold"):
+        fwn = model.WN[k] if folded else fold_wn(model, k, dtype, conditioning=False)
+        conds = None if folded else conditioning_layers(model, k, dtype)
+    arrays = {}
+    for i in range(model.config.n_layers):
+        with times.phase("fold"):  # the conditioning's composition, one batched GEMM per layer
+            cond = None if conds is None else next(conds)
+        with times.phase("arrays"):
+            arrays.update((f"layer{i}.{name}", t) for name, t in layer_arrays(fwn, i, precision, cond).items())
     arrays["start.weight"] = fwn.start.weight.detach()[..., 0].t().float().contiguous()
     arrays["start.bias"] = fwn.start.bias.detach().float().clone()
     arrays["inverse"] = model.convinv[k].W_inverse.detach()[..., 0].t().float().contiguous()
