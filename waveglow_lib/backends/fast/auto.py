@@ -28,7 +28,7 @@ PROBE_FRAMES = 48
 PROBE_SIGMA = 0.6
 #: `auto` tries int8 only for WN layers this wide: narrower layers lose int8's gain to the quantisation of
 #: the activations (see the bench's fast-int8 rows for a narrow model)
-INT8_MIN_CHANNELS = 128
+INT8_MIN_CHANNELS = 48
 #: the race on AMX times each engine on the probe mel repeated to this many frames, best of RACE_REPEATS
 RACE_FRAMES = 192
 RACE_REPEATS = 2
