@@ -278,6 +278,30 @@ def test_cache_int8_entry_repacks_to_the_same_engine(tmp_path):
     assert np.array_equal(built.run(mel, z), hit.run(mel, z))
 
 
+def test_cache_full_disk_while_storing_builds_and_leaves_nothing(tmp_path, monkeypatch):
+    """Flows are written on a writer thread while the next is built: a write failing there (disk full)
+    must neither fail the load nor leave a half-written entry or its temporary folder."""
+    model = tiny_model(seed=7)
+    mel, z = inputs(model, batch=1, frames=14)
+    honest_write = type(tmp_path).write_bytes
+
+    def full_disk(self, data):
+        if self.name == "flow01.safetensors":
+            raise OSError(28, "No space left on device")
+        return honest_write(self, data)
+
+    monkeypatch.setattr(type(tmp_path), "write_bytes", full_disk)
+    cache = fast_cache.EngineCache(tmp_path)
+    engine = cache.engine(model, "fp32", threads=1)
+    assert cache.events == ["built"]
+    assert snr_db(model.infer(mel, 1.0, z), engine.run(mel, z)) > 100
+    assert [p.name for p in (tmp_path / "fast").iterdir()] == []  # no entry, no temporary folder
+    monkeypatch.undo()
+    again = fast_cache.EngineCache(tmp_path)
+    again.engine(model, "fp32", threads=1)
+    assert again.events == ["built"] and len(list((tmp_path / "fast").glob("engine-*"))) == 1
+
+
 def test_cache_key_follows_precision_fingerprint_and_machine(tmp_path, monkeypatch):
     model, other = tiny_model(seed=7), tiny_model(seed=8)
     cache = fast_cache.EngineCache(tmp_path)

@@ -7,7 +7,7 @@ that a change in machine load hits all rows alike:
 - `reference`: NVIDIA's glow.py algorithm (our `WaveGlow.infer`), PyTorch fp32 eager; the quality truth;
 - `torch-bf16`: the same model cast to bf16; `onnxruntime-fp32`, `openvino-fp32`, `openvino-bf16`: the
   exported graph (stages.export) in those runtimes; `openvino-folded-bf16`: OpenVINO on our folded graph;
-- `fast-fp32`, `fast-bf16`, `fast-int8`: our fast path (backends/fast/: folded model on blocked GEMMs; int8 = oneDNN int8 GEMMs with per-channel weight scales and per-call activation quantisation).
+- `fast-fp32`, `fast-bf16`, `fast-int8`: our fast path (backends/fast/: folded model on blocked GEMMs; int8 = oneDNN u8·s8 GEMMs with per-channel weight scales, each activation quantised once where it is made).
 bf16 rows are skipped on CPUs without native bf16 (AVX512-BF16 / AMX), where they would only emulate it;
 int8 rows likewise without int8 dot products (VNNI / AMX-INT8).
 
@@ -248,6 +248,7 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
     # its exported graphs: never through a link leading out of the folder the record goes to
     models_dir = inside(out_dir, out_dir / BENCH_MODELS_DIR, "the bench models folder")
     machine = machine_info()
+    busy = machine_busy()  # before the rows: while they run, the load average counts the bench's own threads
     row_list = _select_rows(rows, machine["native_bf16"])
     not_native = {"bf16": ("native_bf16", "no native bf16 on this CPU (AVX512-BF16/AMX): it would only emulate it"),
                   "int8": ("native_int8", "no int8 dot products on this CPU (VNNI/AMX-INT8): no faster than bf16")}
@@ -370,7 +371,7 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
         "rows": results, "skipped_rows": skipped, "engine_build": engine_build, "auto_first_load": auto_load,
         "auto": pick_auto(results), "default_path": default_path_summary(results, precision_order(cpu_flags()),
                                                                     race=races(cpu_flags())),
-        "busy": machine_busy(),
+        "busy": busy,
         "guide": {name: {str(b): v for b, v in table.items()} for name, table in GUIDE_THROUGHPUT.items()},
         "guide_mean_audio_seconds": round(GUIDE_MEAN_SECONDS, 3),
     }

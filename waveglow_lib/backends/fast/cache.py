@@ -48,6 +48,7 @@ import stat
 import tempfile
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -331,9 +332,10 @@ class EngineCache:
 
     def _build(self, model, precision: str, folder: Path, fields: dict, secret: bytes | None, times: LoadTimes,
                **options) -> FastEngine:
-        """Build the engine flow by flow, writing each flow's tensors into a temporary folder as it goes;
-        the folder becomes the entry (rename) once complete. A cache that cannot be written (or holds no
-        secret) is skipped."""
+        """Build the engine flow by flow, writing each flow's tensors into a temporary folder on a writer
+        thread while the next flow is folded and packed (serialising, hashing and writing are mostly
+        outside the GIL); the folder becomes the entry (rename) once complete. A cache that cannot be
+        written (or holds no secret) is skipped."""
         files: dict[str, str] = {}
         tmp: Path | None = None
         if secret is not None:
@@ -343,23 +345,36 @@ class EngineCache:
             except OSError:
                 tmp = None
 
+        def store(name: str, arrays: dict[str, torch.Tensor]) -> None:
+            with times.phase("store"):
+                data = save_safetensors({key: t.contiguous() for key, t in arrays.items()})
+                (tmp / name).write_bytes(data)
+                files[name] = hashlib.sha256(data).hexdigest()
+
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-cache-writer")
+        stored = []
+
         def flows() -> Iterator[dict[str, torch.Tensor]]:
-            nonlocal tmp
             for k in range(model.config.n_flows):
                 arrays = flow_arrays(model, k, precision, times)
                 if tmp is not None:
-                    name = f"flow{k:02d}.safetensors"
-                    try:
-                        with times.phase("store"):
-                            data = save_safetensors({key: t.contiguous() for key, t in arrays.items()})
-                            (tmp / name).write_bytes(data)
-                            files[name] = hashlib.sha256(data).hexdigest()
-                    except OSError:
-                        shutil.rmtree(tmp, ignore_errors=True)
-                        tmp = None
+                    stored.append(writer.submit(store, f"flow{k:02d}.safetensors", arrays))
                 yield arrays
 
-        engine = FastEngine(model, precision, flows=flows(), load_times=times, plan_load=True, **options)
+        try:
+            engine = FastEngine(model, precision, flows=flows(), load_times=times, plan_load=True, **options)
+        except BaseException:
+            writer.shutdown(wait=True)
+            if tmp is not None:  # no half-written entry left behind
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        writer.shutdown(wait=True)
+        if tmp is not None and any(f.exception() is not None for f in stored):
+            failure = next(f.exception() for f in stored if f.exception() is not None)
+            shutil.rmtree(tmp, ignore_errors=True)  # a full or read-only disk: the engine is used, not stored
+            tmp = None
+            if not isinstance(failure, OSError):
+                raise failure
         if tmp is not None:
             try:
                 atomic_write_json(tmp / "meta.json", {"key": fields, "files": files,
