@@ -26,8 +26,9 @@ from .engine import FastEngine, LoadTimes
 #: frames of real speech a reduced-precision engine is checked on before `precision: auto` trusts it
 PROBE_FRAMES = 48
 PROBE_SIGMA = 0.6
-#: `auto` tries int8 only for WN layers this wide: narrower layers lose int8's gain to the quantisation of
-#: the activations (see the bench's fast-int8 rows for a narrow model)
+#: `auto` tries int8 only for WN layers this wide: the demo model's 48 channels ran faster in int8 than in
+#: bf16 (`bench --quick`, AMD EPYC, 2026-12-07); narrower layers, not measured, may lose int8's gain to the
+#: quantisation of their activations
 INT8_MIN_CHANNELS = 48
 #: the race on AMX times each engine on the probe mel repeated to this many frames, best of RACE_REPEATS
 RACE_FRAMES = 192
