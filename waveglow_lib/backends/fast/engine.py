@@ -159,8 +159,6 @@ class _Int8Gemm:
                                                          1.0, 0, "sum", 1.0, "none", [], "")
 
 
-#: the three GEMMs of a WN layer, by the names their arrays are stored under
-GEMMS = ("taps", "cond", "res_skip")
 #: mel frames per block by default, per precision: float, a whole utterance of up to ~24 s in one pass per
 #: op (on the CPU measured, large GEMMs win over keeping a block in cache); int8 ran fastest on blocks of
 #: ~256 frames (its fp32 gate input is 4× the bytes of the uint8 GEMM operands)
@@ -246,22 +244,23 @@ def layer_arrays(fwn: FastWN, i: int, precision: str,
 
 
 class _Layer:
-    """One WN layer's GEMMs, built from `layer_arrays` (int8: packed here). One GEMM per dilated tap,
-    each accumulating into the gate's input (no concatenated copy of the taps). int8 splits res/skip in
-    two GEMMs (`res_gemm`, None in the last layer, and `skip_gemm`), each accumulating onto its own
-    contiguous state: oneDNN's in-GEMM sum needs a contiguous output."""
+    """One WN layer's GEMMs, built from `layer_arrays` (int8: packed here). Float: one GEMM per dilated tap
+    (`tap_gemms`), each accumulating into the gate's input, no concatenated copy of the taps; int8: one GEMM
+    over the taps side by side (`taps_gemm`, K = taps·C: their uint8 copy is a quarter of the float bytes,
+    and one large GEMM ran faster than three), and res/skip split in two GEMMs (`res_gemm`, None in the last
+    layer, and `skip_gemm`), each adding onto its own contiguous state: oneDNN's in-GEMM sum needs a
+    contiguous output."""
 
-    __slots__ = ("dilation", "taps", "has_residual", "cond_gemm", "tap_gemms", "res_skip_gemm", "res_gemm",
-                 "skip_gemm")
+    __slots__ = ("dilation", "taps", "has_residual", "cond_gemm", "tap_gemms", "taps_gemm", "res_skip_gemm",
+                 "res_gemm", "skip_gemm")
 
     def __init__(self, arrays: dict[str, torch.Tensor], dilation: int, taps: int, precision: str,
                  has_residual: bool):
         self.dilation, self.taps, self.has_residual = dilation, taps, has_residual
+        self.tap_gemms, self.taps_gemm = [], None
         self.res_skip_gemm = self.res_gemm = self.skip_gemm = None
         if precision == "int8":
-            q, scale = arrays["taps.q"], arrays["taps.scale"]  # [out, (tap, channel)]
-            width = q.shape[1] // taps
-            self.tap_gemms = [_Int8Gemm(q, scale, None)]
+            self.taps_gemm = _Int8Gemm(arrays["taps.q"], arrays["taps.scale"], None)  # [out, (tap, channel)]
             self.cond_gemm = _Int8Gemm(arrays["cond.q"], arrays["cond.scale"], arrays.get("cond.bias"))
             q, scale, bias = arrays["res_skip.q"], arrays["res_skip.scale"], arrays["res_skip.bias"]
             n = q.shape[1] if has_residual else 0  # the residual's rows come first: C of them
@@ -563,7 +562,7 @@ class _FloatWN:
 
 class _Int8WN:
     """The WN layers of one sequence in int8: the mel quantized once for all layers, the residual stream
-    (fp32, `pad` zero rows around) quantized once per layer for its three taps, −gate quantized with a
+    (fp32, `pad` zero rows around) quantized once per layer for all its taps, −gate quantized with a
     fixed scale; every GEMM adds onto its fp32 output in oneDNN's kernel. The taps read the layer's
     quantized copy, so the residual stream is updated in place."""
 
@@ -592,7 +591,7 @@ class _Int8WN:
                 acts = layer.cond_gemm(self.mel.rows(f0, f1)).view(-1, 2 * n)
                 taps = torch.cat([x_q.data[s0 + pad + (j - centre) * d: s1 + pad + (j - centre) * d]
                                   for j in range(layer.taps)], 1)
-                layer.tap_gemms[0].accumulate(acts, _U8(taps, x_q.scale, x_q.zero_point))
+                layer.taps_gemm.accumulate(acts, _U8(taps, x_q.scale, x_q.zero_point))
                 sig = acts.sigmoid_()  # [σ(2a) | σ(b)] in place
                 gate = self.gate[: s1 - s0]
                 torch.addcmul(sig[:, n:], sig[:, :n], sig[:, n:], value=-2.0, out=gate)  # −gate: see layer_arrays
