@@ -356,6 +356,7 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
     peaks = {k: max(v, peaks_after.get(k, 0.0)) for k, v in peaks_before.items()}
     _add_peak_shares(results, peaks, folded_macs_per_step(c) / reference_macs_per_step(c))
     _add_ratios(results)
+    flags = cpu_flags()
     result = {
         "machine": machine, "peaks_gflops": peaks,
         "peaks_gflops_measured": {"before_rows": peaks_before, "after_rows": peaks_after},
@@ -369,8 +370,8 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
                      "quality_gate": {"max_log_mel_distance": MAX_LOG_MEL_DISTANCE, "min_snr_db": MIN_SNR_DB},
                      "load": competitor.summary()},
         "rows": results, "skipped_rows": skipped, "engine_build": engine_build, "auto_first_load": auto_load,
-        "auto": pick_auto(results), "default_path": default_path_summary(results, precision_order(cpu_flags()),
-                                                                    race=races(cpu_flags())),
+        "auto": pick_auto(results),
+        "default_path": default_path_summary(results, precision_order(flags), race=races(flags)),
         "busy": busy,
         "guide": {name: {str(b): v for b, v in table.items()} for name, table in GUIDE_THROUGHPUT.items()},
         "guide_mean_audio_seconds": round(GUIDE_MEAN_SECONDS, 3),
@@ -463,6 +464,19 @@ def _add_ratios(results: list[dict]) -> None:
                                        if ov else None)
 
 
+def by_row(results: Sequence[Mapping[str, Any]]) -> dict[str, list]:
+    """Each row's results (one per batch size), in the order the rows first appear."""
+    rows: dict[str, list] = {}
+    for r in results:
+        rows.setdefault(r["row"], []).append(r)
+    return rows
+
+
+def overall_speed(row_results: Sequence[Mapping[str, Any]]) -> float:
+    """A row's audio-seconds/s over its batch sizes: their geometric mean."""
+    return math.exp(statistics.mean(math.log(r["audio_seconds_per_second"]) for r in row_results))
+
+
 def pick_auto(results: Sequence[Mapping[str, Any]]) -> dict:
     """The fastest row whose quality passes: per batch size, and overall (geometric mean over batch sizes
     of audio-seconds/s, among rows that pass at every batch size)."""
@@ -472,11 +486,7 @@ def pick_auto(results: Sequence[Mapping[str, Any]]) -> dict:
         if passing:
             best = max(passing, key=lambda r: r["audio_seconds_per_second"])
             per_batch[str(bs)] = best["row"]
-    rows = {}
-    for r in results:
-        rows.setdefault(r["row"], []).append(r)
-    overall = [(math.exp(statistics.mean(math.log(x["audio_seconds_per_second"]) for x in rs)), row)
-               for row, rs in rows.items() if all(x["quality_ok"] for x in rs)]
+    overall = [(overall_speed(rs), row) for row, rs in by_row(results).items() if all(x["quality_ok"] for x in rs)]
     return {"overall": max(overall)[1] if overall else None, "per_batch_size": per_batch,
             "rejected": sorted({r["row"] for r in results if not r["quality_ok"]})}
 
@@ -488,15 +498,12 @@ def default_path(results: Sequence[Mapping[str, Any]], order: Sequence[str] = ("
     measured (native on this CPU) and passes the gate at every batch size — where auto races them (`race`,
     `fast.auto.races`), the fastest of those (geometric mean over batch sizes); without fast rows, the
     bench's own auto pick."""
-    rows: dict[str, list] = {}
-    for r in results:
-        rows.setdefault(r["row"], []).append(r)
+    rows = by_row(results)
     passing = [row for row in [f"fast-{p}" for p in order] + ["fast-fp32"]
                if rows.get(row) and all(r["quality_ok"] for r in rows[row])]
     reduced = [row for row in passing if row != "fast-fp32"]
     if race and reduced:
-        return max(reduced, key=lambda row: statistics.mean(math.log(r["audio_seconds_per_second"])
-                                                             for r in rows[row]))
+        return max(reduced, key=lambda row: overall_speed(rows[row]))
     return passing[0] if passing else pick_auto(results)["overall"]
 
 

@@ -369,12 +369,12 @@ class EngineCache:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
         writer.shutdown(wait=True)
-        if tmp is not None and any(f.exception() is not None for f in stored):
-            failure = next(f.exception() for f in stored if f.exception() is not None)
+        failures = [f.exception() for f in stored if f.exception() is not None]
+        if failures:
             shutil.rmtree(tmp, ignore_errors=True)  # a full or read-only disk: the engine is used, not stored
             tmp = None
-            if not isinstance(failure, OSError):
-                raise failure
+            if not isinstance(failures[0], OSError):
+                raise failures[0]
         if tmp is not None:
             try:
                 atomic_write_json(tmp / "meta.json", {"key": fields, "files": files,

@@ -35,14 +35,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...errors import ConfigError, MelError
+from ...hardware import CpuMeter, native_bf16, native_int8, usable_cpus
+from .fold import FastWaveGlow, FastWN, conditioning_layers, fold_wn
+
 # the quantized-tensor API is deprecated in torch 2.x but is what hands oneDNN's int8 GEMM its uint8 input
 # in one vectorised pass; the day it goes, `hardware.native_int8` is False and int8 falls back to bf16
 warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel",
                         category=UserWarning)
-
-from ...errors import ConfigError, MelError
-from ...hardware import CpuMeter, native_bf16, native_int8, usable_cpus
-from .fold import FastWaveGlow, FastWN, conditioning_layers, fold_wn
 
 #: FastEngine precisions, fastest first
 PRECISIONS = ("int8", "bf16", "fp32")
@@ -285,7 +285,7 @@ def flow_arrays(model, k: int, precision: str, times: LoadTimes | None = None) -
     # their weights to bf16 or int8 anyway: measured, the probe's SNR did not move), else float32
     dtype = torch.float64 if precision == "fp32" else torch.bfloat16 if native_bf16() else torch.float32
     with times.phase("fold"):
-        fwn = model.WN[k] if folded else fold_wn(model, k, dtype, conditioning=False)
+        fwn = model.WN[k] if folded else fold_wn(model, k, conditioning=False)
         conds = None if folded else conditioning_layers(model, k, dtype)
     arrays = {}
     for i in range(model.config.n_layers):

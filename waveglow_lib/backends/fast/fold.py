@@ -130,10 +130,9 @@ def conditioning_layers(model, k: int, dtype: torch.dtype = torch.float64) -> It
 @torch.no_grad()
 def fold_wn(model, k: int, dtype: torch.dtype = torch.float64, conditioning: bool = True) -> FastWN:
     """Flow k's coupling network of `model` (a WaveGlow), folded: float32 weights, the conditioning's
-    composition computed in `dtype` (float64 by default; the reduced-precision engines ask for float32,
-    whose rounding, ~1e-6 relative, is far below bf16's or int8's, at half the cost). Without
-    `conditioning`, its `cond_layers` are left out (an empty list): the engine takes the conditioning from
-    `conditioning_layers` in its own layout, without the conv layout in between."""
+    composition (`conditioning_layers`) computed in `dtype` (float64 by default). Without `conditioning`,
+    its `cond_layers` are left out (an empty list) and `dtype` is unused: the engine takes the conditioning
+    from `conditioning_layers` in its own layout and precision, without the conv layout in between."""
     c = model.config
     wn = model.WN[k]
     n, layers, n_mel = c.n_channels, c.n_layers, c.n_mel_channels
