@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from waveglow_lib import bench
+from waveglow_lib.hardware import native_bf16
 from waveglow_lib.metrics import MAX_LOG_MEL_DISTANCE, quality_ok
 from waveglow_lib.backends.base import Backend, ModelSpec
 from waveglow_lib.config import GUIDE_MEL_LENGTHS, ModelConfig, WorkflowConfig
@@ -294,11 +295,15 @@ def test_bench_load_and_engine_build_are_recorded(tmp_path, monkeypatch):
     # where the time went: the first load folds, casts and stores; the cached one reads, verifies and parses
     assert {"fingerprint", "fold", "arrays", "pack", "store"} <= set(build["first_phases"])
     assert {"read", "verify", "parse", "pack"} <= set(build["cached_phases"]) and "fold" not in build["cached_phases"]
-    assert res["auto_first_load"]["seconds"] >= 0 and res["auto_first_load"]["cache"]
+    auto = res["auto_load"]  # what a run loads: built and probed on a fresh cache, then read back
+    assert auto["first"]["cache"][-1] == "built" and "fingerprint" in auto["first"]["phases"]
+    # the tiny model is too narrow for int8: bf16 is probed where it is native, else fp32 needs no probe
+    assert ({"probe_reference", "probe_run"} <= set(auto["first"]["phases"])) == native_bf16()
+    assert auto["cached"]["cache"] == ["hit"] and not {"probe_reference", "fold"} & set(auto["cached"]["phases"])
     assert not list(tmp_path.glob("engine_cache_*"))  # the bench's engine cache is temporary
     md = (tmp_path / "bench.md").read_text()
     assert "busy-loop competitor" in md and "**Engine build**" in md and "**AMX**" in md
-    assert "fp32: first load " in md and "precision auto (" in md  # the breakdown is printed
+    assert "fp32: first load " in md and "precision auto, what a run loads (" in md  # the breakdown is printed
     assert ("this CPU has AMX" in md) == bool(res["machine"]["isa"]["AMX-INT8"] or res["machine"]["isa"]["AMX-BF16"])
 
 

@@ -10,6 +10,7 @@ import stat
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file as load_safetensors
 
 from waveglow_lib.backends import available_backends, get_backend
 from waveglow_lib.backends.fast import FastEngine, FastWaveGlow, auto_engine, fold_waveglow
@@ -103,6 +104,21 @@ def test_int8_activations_keep_zeros_exact_and_refuse_non_finite():
     assert ((g.data.float() - 128) * g.scale - gate).abs().max() <= fast_engine.GATE_SCALE / 2 + 1e-6
     with pytest.raises(ValueError, match="not finite"):
         fast_engine.quantize_u8(torch.tensor([[0.0, float("nan")]]))
+
+
+def test_quantize_int8_is_torch_per_channel_quantisation_bit_for_bit():
+    """The engine's vectorised quantiser must give what torch.quantize_per_channel gives (the cache stores
+    its output, and oneDNN packs it), for float32 and bfloat16 weights, ties and all-zero channels."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(70, 33, generator=gen) * 0.3
+    weight[5, :] = torch.arange(33) / 254.0  # halves of a quantisation step: round half to even
+    weight[:, 3] = 0.0  # an all-zero output channel
+    for w in (weight, weight.bfloat16()):
+        q, scales = fast_engine.quantize_int8(w)
+        expected = torch.quantize_per_channel(w.t().float(), scales, torch.zeros(33, dtype=torch.long), 0,
+                                              torch.qint8).int_repr()
+        assert q.dtype == torch.int8 and q.shape == (33, 70) and torch.equal(q, expected)
+        assert torch.equal(q[3], torch.zeros(70, dtype=torch.int8))
 
 
 def test_int8_gemm_adds_onto_its_output_in_the_kernel():
@@ -275,6 +291,10 @@ def test_cache_int8_entry_repacks_to_the_same_engine(tmp_path):
     assert cache.events == ["built", "hit"] and built.precision == hit.precision
     tensors = list((cache.engine_dir(model, built.precision)).glob("flow00.safetensors"))
     assert tensors and tensors[0].read_bytes()[:8] != b"\x80\x02\x8a\x0a"  # safetensors, not a pickle
+    # written by the cache's own writer, read back by the safetensors library: the flow's tensors exactly
+    stored, expected = load_safetensors(tensors[0]), fast_engine.flow_arrays(model, 0, built.precision)
+    assert sorted(stored) == sorted(expected)
+    assert all(stored[k].dtype == expected[k].dtype and torch.equal(stored[k], expected[k]) for k in expected)
     assert np.array_equal(built.run(mel, z), hit.run(mel, z))
 
 
@@ -283,14 +303,15 @@ def test_cache_full_disk_while_storing_builds_and_leaves_nothing(tmp_path, monke
     must neither fail the load nor leave a half-written entry or its temporary folder."""
     model = tiny_model(seed=7)
     mel, z = inputs(model, batch=1, frames=14)
-    honest_write = type(tmp_path).write_bytes
+    honest_write = fast_cache._write_flow
 
-    def full_disk(self, data):
-        if self.name == "flow01.safetensors":
+    def full_disk(path, tensors):
+        if path.name == "flow01.safetensors":
+            path.write_bytes(b"\0" * 1000)  # part written, then the disk is full
             raise OSError(28, "No space left on device")
-        return honest_write(self, data)
+        return honest_write(path, tensors)
 
-    monkeypatch.setattr(type(tmp_path), "write_bytes", full_disk)
+    monkeypatch.setattr(fast_cache, "_write_flow", full_disk)
     cache = fast_cache.EngineCache(tmp_path)
     engine = cache.engine(model, "fp32", threads=1)
     assert cache.events == ["built"]

@@ -213,6 +213,22 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
+def time_auto_loads(net, threads: int, out_dir: Path) -> dict:
+    """What a run loads, `precision: auto` (every native precision built and probed against the fp32 model,
+    stored), timed on a fresh engine cache, then again from that cache (the verdict and the engine read
+    back): {precision, first: {seconds, cache, phases}, cached: {...}}."""
+    loads = []
+    with tempfile.TemporaryDirectory(prefix="engine_cache_auto_", dir=_writable(out_dir)) as fresh:
+        for _ in range(2):
+            t0 = time.perf_counter()
+            auto = get_backend("fast", model=net, precision="auto", threads=threads, cache_dir=fresh)
+            loads.append({"seconds": round(time.perf_counter() - t0, 4), "cache": auto.cache_events,
+                          "phases": auto.load_times})
+            precision = auto.precision
+            auto.close()
+    return {"precision": precision, "first": loads[0], "cached": loads[1]}
+
+
 def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", lengths: Any = None,
               batch_sizes: Sequence[int] | None = None, repeats: int | None = None,
               rows: Sequence[str | Row] | None = None, quick: bool | None = None, threads: int | None = None,
@@ -228,9 +244,8 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
     shared machine is reproducible; the rows are loaded before it starts.
     fast rows are loaded twice through a fresh engine cache: the first load builds (and stores) the engine,
     the second reads it back (`engine_build`: first and cached seconds, and each one's phases: fold,
-    arrays, pack, store; read, verify, parse); the second is the one measured. `auto_first_load`:
-    `precision: auto` on the engines stored, i.e. its quality probe (probe_reference, probe_run), which
-    a first load with `auto` adds to the build of the precision it picks.
+    arrays, pack, store; read, verify, parse); the second is the one measured. `auto_load`: what a run
+    loads, `precision: auto` (`time_auto_loads`).
     """
     cfg = cfg or WorkflowConfig()
     quick = cfg.bench_quick if quick is None else quick
@@ -287,13 +302,7 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
                 engine_build[row.id] = {"first_seconds": round(first, 4), "cached_seconds": load_info[row.id]["load_seconds"],
                                         "cache": getattr(backends[row.id], "cache_events", []),
                                         "first_phases": first_phases, "cached_phases": backends[row.id].load_times}
-        auto_load = None
-        if engine_build:  # `precision: auto`'s first load adds its quality probe: timed with the engines just stored
-            t0 = time.perf_counter()
-            auto = get_backend("fast", model=net, precision="auto", threads=threads, cache_dir=engine_cache)
-            auto_load = {"seconds": round(time.perf_counter() - t0, 4), "precision": auto.precision,
-                         "cache": auto.cache_events, "phases": auto.load_times}
-            auto.close()
+        auto_load = time_auto_loads(net, threads, out_dir) if engine_build else None
 
     def one_pass(backend, bs):
         outputs = [None] * len(utts)
@@ -369,7 +378,7 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
                      "folded_macs_per_step": folded_macs_per_step(c),
                      "quality_gate": {"max_log_mel_distance": MAX_LOG_MEL_DISTANCE, "min_snr_db": MIN_SNR_DB},
                      "load": competitor.summary()},
-        "rows": results, "skipped_rows": skipped, "engine_build": engine_build, "auto_first_load": auto_load,
+        "rows": results, "skipped_rows": skipped, "engine_build": engine_build, "auto_load": auto_load,
         "auto": pick_auto(results),
         "default_path": default_path_summary(results, precision_order(flags), race=races(flags)),
         "busy": busy,

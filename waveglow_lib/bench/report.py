@@ -129,10 +129,11 @@ def render_markdown(result: Mapping[str, Any]) -> str:
             for row, e in result["engine_build"].items()) + ".", ""]
         lines += [f"- {markdown_text(row)}: first load {_phases(e.get('first_phases'))}; cached {_phases(e.get('cached_phases'))}"
                   for row, e in result["engine_build"].items() if e.get("first_phases")]
-        auto = result.get("auto_first_load")
+        auto = result.get("auto_load")
         if auto:
-            lines += [f"- precision auto ({markdown_text(auto['precision'])}): its first load adds the quality probe to "
-                      f"that row's first load: {_phases(auto['phases'])} ({markdown_text(auto['seconds'])} s in all)"]
+            lines += [f"- precision auto, what a run loads ({markdown_text(auto['precision'])}), on a fresh engine cache: first "
+                      f"{markdown_text(auto['first']['seconds'])} s ({_phases(auto['first']['phases'])}); cached "
+                      f"{markdown_text(auto['cached']['seconds'])} s ({_phases(auto['cached']['phases'])})"]
         lines += [""] if lines[-1] else []
     header = ("| row | utt/s | × real time (p10–p90) | vs reference | vs OpenVINO bf16 | eff. GFLOP/s | % of peak "
               "| peak MiB (+load) | SNR dB | log-mel dist | quality |")

@@ -55,7 +55,6 @@ from typing import Iterator
 import numpy as np
 import safetensors
 import torch
-from safetensors.torch import save as save_safetensors
 
 from ...checkpoint import model_fingerprint
 from ...errors import BackendError
@@ -164,6 +163,7 @@ def _read_secret(path: Path, wait_s: float = 2.0) -> bytes:
 
 #: the dtypes an entry's tensors have (safetensors' names)
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "I8": torch.int8, "F64": torch.float64}
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 def _read_flow_file(path: Path) -> torch.Tensor:
@@ -183,10 +183,34 @@ def _read_flow_file(path: Path) -> torch.Tensor:
     return data
 
 
+def _write_flow(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    """Write `tensors` to `path` as a safetensors file straight from their memory (`safetensors.torch.save`
+    copies each tensor twice first, and writing the cache slowed the packing it overlaps), largest element
+    size first so that every span is aligned for `_parse_flow`; returns the file's sha256, hashed as it is
+    written."""
+    order = sorted(tensors, key=lambda key: (-tensors[key].element_size(), key))
+    header, chunks, offset = {}, [], 0
+    for key in order:
+        tensor = tensors[key].contiguous()
+        chunk = tensor.reshape(-1).view(torch.uint8).numpy()  # its bytes, no copy
+        header[key] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                       "data_offsets": [offset, offset + chunk.size]}
+        chunks.append(chunk)
+        offset += chunk.size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the tensors' bytes start 8-aligned
+    digest = hashlib.sha256()
+    with open(path, "xb") as handle:
+        for chunk in (len(head).to_bytes(8, "little"), head, *chunks):
+            digest.update(chunk)
+            handle.write(chunk)
+    return digest.hexdigest()
+
+
 def _parse_flow(data: torch.Tensor) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors (`data`: its bytes, uint8) as views of `data` (no copy), each one's
-    dtype, shape and span checked against the buffer; what `safetensors.torch.save` wrote (spans in order
-    of alignment, so every view is aligned to its element size). ValueError for anything else."""
+    dtype, shape and span checked against the buffer; what `_write_flow` writes (every span aligned to its
+    element size, so that every view is). ValueError for anything else."""
     size = data.numel()
     if size < 8:
         raise ValueError("not a safetensors file (too short)")
@@ -319,7 +343,9 @@ class EngineCache:
     def _read_flows(self, folder: Path, files: dict, times: LoadTimes) -> Iterator[dict[str, torch.Tensor]]:
         """Each flow's tensors, in order, its bytes checked against the proven sha256 (`files`) before they
         are parsed; the tensors are views of the bytes read (`_parse_flow`: a pass less over the entry).
-        (On a thread per core, a hit ran slower on a shared machine: 4.6 s against 2.4 s.)"""
+        One thread: reading and hashing the next flow on a second one while this one was packed slowed the
+        packing (oneDNN's reorder) by as much as it hid (measured 2.1–2.3 s either way); on a thread per
+        core, a hit ran slower on a shared machine (4.6 s against 2.4 s)."""
         for name in sorted(files):
             with times.phase("read"):
                 data = _read_flow_file(folder / name)
@@ -347,9 +373,7 @@ class EngineCache:
 
         def store(name: str, arrays: dict[str, torch.Tensor]) -> None:
             with times.phase("store"):
-                data = save_safetensors({key: t.contiguous() for key, t in arrays.items()})
-                (tmp / name).write_bytes(data)
-                files[name] = hashlib.sha256(data).hexdigest()
+                files[name] = _write_flow(tmp / name, arrays)
 
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-cache-writer")
         stored = []

@@ -76,11 +76,13 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     engine cache stores for an int8 GEMM (oneDNN's packed form cannot be serialised; `_Int8Gemm` packs
     these again at load, bit for bit the same)."""
     w = weight.t().float()  # [out, in]
-    scales = (w.abs().amax(1) / 127.0).clamp_min(1e-12).double()
+    scales = (torch.maximum(w.amax(1), w.amin(1).neg_()) / 127.0).clamp_min(1e-12).double()
     # what torch.quantize_per_channel computes (round half to even of w · (1/scale in float32)), bit for
-    # bit, in three vectorised passes instead of its per-element loop
+    # bit, in vectorised passes instead of its per-element loop, with one full-size temporary: a fresh
+    # buffer per pass cost more than the pass (page faults; the official model's conditioning is 96 × 21 MB)
     inverse = 1.0 / scales.float()
-    return torch.round(w * inverse[:, None]).clamp_(-128, 127).to(torch.int8).contiguous(), scales
+    q = torch.mul(w, inverse[:, None]).round_().clamp_(-128, 127)
+    return q.to(torch.int8).contiguous(), scales
 
 
 class _FloatGemm:
