@@ -103,8 +103,8 @@ def fold_waveglow(model) -> FastWaveGlow:
 def conditioning_layers(model, k: int, dtype: torch.dtype = torch.float64) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Flow k's conditioning of `model` (a WaveGlow) composed with the upsampler (point 1 above), one WN
     layer at a time: (weight [steps, 2C, taps·n_mel] in `dtype` — row (step phase p, channel o), column
-    (tap, mel band) —, bias [steps, 2C] float64, the in-layer's bias merged). Phase-major: one batched GEMM
-    per layer makes it, and the int8 engine quantises it as it is. `dtype` bfloat16: the GEMM's operands
+    (tap, mel band) —, bias [steps, 2C] float64, the in-layer's bias merged). Phase-major: one GEMM per
+    layer makes it, and the int8 engine quantises it as it is. `dtype` bfloat16: the GEMM's operands
     and its result in bf16 (fp32 accumulation), returned as float32 — 3× faster than float32 where the CPU
     multiplies bf16 natively, for the engines that round their weights to bf16 or int8 anyway."""
     c = model.config
@@ -113,9 +113,10 @@ def conditioning_layers(model, k: int, dtype: torch.dtype = torch.float64) -> It
     steps, taps = c.steps_per_frame, c.upsample_taps
     # upsampler as a map mel[m, frame f - j] → folded channel (band c·g + sample offset) at step 32f + p:
     # W_up[m, band, 256 j + 8 p + g'] ; reshape its kernel axis as (j, p, g'). Frame f - j meets conv tap
-    # taps-1-j of the left-padded mel, hence the flip; laid out [p, (band, g'), (tap, m)]
+    # taps-1-j of the left-padded mel, hence the flip; laid out [(band, g'), (p, tap, m)], so that each
+    # layer's composition is one plain GEMM (a batched matmul over p copied w_cond once per phase)
     w_up = model.upsample.weight.to(dtype).reshape(n_mel, n_mel, taps, steps, g).flip(2)
-    w_up = w_up.permute(3, 1, 4, 2, 0).reshape(steps, n_mel * g, taps * n_mel)
+    w_up = w_up.permute(1, 4, 3, 2, 0).reshape(n_mel * g, steps * taps * n_mel)
     w_cond = wn.cond_layer.weight.to(dtype)[..., 0]  # [out, (band, g')]
     result = torch.float32 if dtype == torch.bfloat16 else dtype
     bias = wn.cond_layer.bias.double() + torch.einsum("obg,b->o", w_cond.double().reshape(-1, n_mel, g),
@@ -123,7 +124,8 @@ def conditioning_layers(model, k: int, dtype: torch.dtype = torch.float64) -> It
     for i in range(c.n_layers):
         rows = slice(2 * n * i, 2 * n * (i + 1))
         # composed kernel [p, out, (tap, m)] = Σ_band,g' w_cond[out, band, g'] · w_up[m, band, j, p, g']
-        yield (torch.matmul(w_cond[rows], w_up).to(result),
+        composed = torch.mm(w_cond[rows], w_up).view(2 * n, steps, taps * n_mel).transpose(0, 1)
+        yield (composed.to(result, memory_format=torch.contiguous_format).contiguous(),  # (float64: .to is a no-op)
                (bias[rows] + wn.in_layers[i].bias.double()).expand(steps, 2 * n))
 
 
