@@ -302,7 +302,7 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
                 engine_build[row.id] = {"first_seconds": round(first, 4), "cached_seconds": load_info[row.id]["load_seconds"],
                                         "cache": getattr(backends[row.id], "cache_events", []),
                                         "first_phases": first_phases, "cached_phases": backends[row.id].load_times}
-        auto_load = time_auto_loads(net, threads, out_dir) if engine_build else None
+    auto_load = time_auto_loads(net, threads, out_dir) if engine_build else None  # on a cache of its own
 
     def one_pass(backend, bs):
         outputs = [None] * len(utts)

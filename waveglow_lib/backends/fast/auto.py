@@ -83,9 +83,9 @@ def probe_seconds(engine: "FastEngine", probe: tuple[torch.Tensor, torch.Tensor,
     return best
 
 
-def probe_settings() -> dict:
-    """What a stored verdict depends on besides the model and the machine (the cache's key)."""
-    flags = cpu_flags()
+def probe_settings(flags: set[str]) -> dict:
+    """What a stored verdict depends on besides the model and the machine (the cache's key); `flags`: the
+    CPU's (`hardware.cpu_flags`)."""
     return {"frames": PROBE_FRAMES, "sigma": PROBE_SIGMA, "int8_min_channels": INT8_MIN_CHANNELS,
             "order": list(precision_order(flags)), "race": {"frames": RACE_FRAMES} if races(flags) else None,
             "gate": {"max_log_mel_distance": MAX_LOG_MEL_DISTANCE, "min_snr_db": MIN_SNR_DB}}
@@ -107,17 +107,18 @@ def auto_engine(model, cache: EngineCache | None = None, **options) -> tuple["Fa
         engine.load_times = times
         return engine
 
+    flags = cpu_flags()
+    settings = probe_settings(flags)
     if cache is not None:
         with times.phase("fingerprint"):  # computed once, here: the verdict's key and the engines' need it
             cache.fingerprint(model)
-        record = cache.verdict(model, probe_settings())
+        record = cache.verdict(model, settings)
         if record is not None:
             return build(record["precision"]), {**record, "cached": True}
     tried, skipped, probe = {}, [], None
     record = None
     candidates = {"int8": (native_int8, "int8 dot products (VNNI / AMX-INT8)"),
                   "bf16": (native_bf16, "native bf16 (AVX512-BF16 / AMX)")}
-    flags = cpu_flags()
     order, race = precision_order(flags), races(flags)
     passed: dict[str, FastEngine] = {}
     for precision in order:
@@ -158,5 +159,5 @@ def auto_engine(model, cache: EngineCache | None = None, **options) -> tuple["Fa
         engine = build("fp32")
         record = {"precision": "fp32", "reason": "; ".join(reasons), "tried": tried}
     if cache is not None:
-        cache.store_verdict(model, probe_settings(), record)
+        cache.store_verdict(model, settings, record)
     return engine, {**record, "cached": False}
