@@ -288,24 +288,46 @@ def test_a_second_writer_is_refused_with_the_holder_named(preprocessed_run, tmp_
     assert not (cfg.run_dir / LOCK_NAME).exists()  # released
 
 
+WRITER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from waveglow_lib.io import atomic_stream
+    from waveglow_lib.runlock import run_folder_lock
+    with run_folder_lock(sys.argv[1], command="vocode (the killed writer)"):
+        with atomic_stream(Path(sys.argv[1]) / "vocode" / "long_syn.wav") as out:
+            out.write(b"RIFF" + bytes(1000))
+            out.flush()
+            print("writing", flush=True)
+            time.sleep(120)
+""")
+
+
 def test_a_killed_writers_temp_files_are_removed_when_its_lock_is_taken_over(tmp_path, capsys):
-    """kill -9 during a long vocode left `.<id>_syn.wav.<random>.tmp` (as large as the audio so far) in the
-    run folder for good: the next writer, which takes the dead holder's lock, removes it."""
+    """kill -9 during a long vocode left `.<id>_syn.wav.<token>.<random>.tmp` (as large as the audio so far) in
+    the run folder for good: the next writer, which takes the dead holder's lock, removes exactly it: the
+    files a user keeps in the run folder that merely look like temp files are never touched (issue 38)."""
     run_dir = tmp_path / "runs" / "t"
     (run_dir / "vocode").mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE,
+    holder = subprocess.Popen([sys.executable, "-c", WRITER, str(run_dir)], stdout=subprocess.PIPE,
                               text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
-        assert holder.stdout.readline().strip() == "held"
-        left = run_dir / "vocode" / ".long_syn.wav.k3x_9q0z.tmp"  # atomic_stream's temp file, as kill -9 leaves it
-        left.write_bytes(b"RIFF" + bytes(1000))
-        (run_dir / "notes.tmp").write_text("mine")  # not atomic_stream's name: never touched
+        assert holder.stdout.readline().strip() == "writing"
+        token = read_holder(run_dir)["token"]
+        (left,) = (run_dir / "vocode").glob(".long_syn.wav.*.tmp")
+        assert f".{token}." in left.name  # the writer's temp name carries its lock's token
+        (run_dir / "mynotes").mkdir()
+        mine = [run_dir / "notes.tmp", run_dir / "mynotes" / ".draft.abcd1234.tmp", run_dir / ".plan.zzzz9999.tmp",
+                run_dir / "vocode" / ".other.wav.abcd1234.tmp",  # another (older) writer's name: not this holder's
+                run_dir / "mynotes" / f".x.wav.{token}.abcdefgh.tmp"]  # its token, but in a folder the user made
+        for path in mine:
+            path.write_text("mine")
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     with run_folder_lock(run_dir) as info:
         assert "took_over" in info
-        assert not left.exists() and (run_dir / "notes.tmp").read_text() == "mine"
+        assert not left.exists()
+        assert [path.read_text() for path in mine] == ["mine"] * len(mine)
     assert f"removed 1 half-written file(s) a killed run left (e.g. {left.name})" in capsys.readouterr().err
 
 

@@ -11,10 +11,12 @@ file; anything else is a bug and shows its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import sys
+import threading
 import time
 import typing
 from dataclasses import dataclass, field
@@ -225,12 +227,28 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
                         help="start Ray's dashboard (on 127.0.0.1) with the local Ray (no ray_address); off by default")
 
 
-class _Terminated(Exception):
-    """SIGTERM arrived: unwind to the `finally` that stops the service and the Ray this process started."""
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: unwind as Ctrl-C does (a KeyboardInterrupt), through every `finally` on the way: the run
+    folder's lock is released, a half-written output's temp file removed; `serve` stops its service and Ray."""
 
 
 def _raise_terminated(signum, frame):
     raise _Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While a command runs in the main thread: SIGTERM raises `_Terminated` (left as it is when a caller, a
+    test or a notebook, installed its own handler)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _run_serve(cfg: WorkflowConfig, args: argparse.Namespace) -> Any:
@@ -395,8 +413,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command: Command = args.command_spec
     try:
-        check_path_options(args)
-        result = command.run((command.configure or config_from_args)(args), args)
+        with _sigterm_unwinds():
+            check_path_options(args)
+            result = command.run((command.configure or config_from_args)(args), args)
+    except _Terminated:
+        print("terminated (SIGTERM); finished outputs are kept, re-run to continue", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted; finished outputs are kept, re-run to continue", file=sys.stderr)
         return 130

@@ -47,7 +47,7 @@ def atomic_stream(path: str | Path) -> Iterator[BinaryIO]:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
         with os.fdopen(fd, "w+b") as handle:
             yield handle
             handle.flush()
@@ -63,20 +63,55 @@ def atomic_stream(path: str | Path) -> Iterator[BinaryIO]:
         raise
 
 
-#: `atomic_stream`'s temp files: `.<name>.<8 random characters from mkstemp>.tmp`
-_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+#: `<resolved root>=<token>` pairs (os.pathsep separated) of the run-folder locks this process or its parent
+#: holds (`runlock`): a temp file written under a locked folder carries the lock's token in its name
+TOKEN_ENV = "WAVEGLOW_RUN_LOCKS"
+#: a token is 16 hex digits (`runlock`); a temp name is `.<name>.<token>.<8 characters from mkstemp>.tmp`
+_TOKEN = re.compile(r"[0-9a-f]{16}")
 
 
-def remove_temp_files(root: str | Path) -> list[Path]:
-    """Remove the temp files `atomic_stream` left under `root` (not following links): only a writer that
-    died (kill -9) leaves one, so call it only while holding the folder's lock taken over from a dead
-    holder. The files removed."""
+def held_lock_tokens() -> dict[str, str]:
+    """{resolved run folder: token} of the locks this process holds or inherited (TOKEN_ENV)."""
+    pairs = [p.rpartition("=") for p in os.environ.get(TOKEN_ENV, "").split(os.pathsep) if "=" in p]
+    return {root: token for root, _, token in pairs if _TOKEN.fullmatch(token)}
+
+
+def temp_prefix(path: Path) -> str:
+    """The prefix of `atomic_stream`'s temp file for `path`: `.<name>.<token>.` under a locked run folder (the
+    token of its lock: what `remove_temp_files` may remove once that holder is dead), else `.<name>.`."""
+    tokens = held_lock_tokens()
+    if tokens:
+        folder = path.parent.resolve()
+        for root in (folder, *folder.parents):
+            if str(root) in tokens:
+                return f".{path.name}.{tokens[str(root)]}."
+    return f".{path.name}."
+
+
+def remove_temp_files(folders: Iterable[str | Path], token: str) -> list[Path]:
+    """Remove the temp files `atomic_stream` made for the lock whose token is `token`, directly in `folders`
+    (the folders a run's layout owns: never their subfolders, never through a link, only regular files of this
+    user): call it only while holding a folder's lock taken over from a dead holder, with that holder's token.
+    A file that merely looks like a temp file (`mynotes/.draft.abcd1234.tmp`) is never touched. The files removed."""
+    if not isinstance(token, str) or not _TOKEN.fullmatch(token):
+        return []
+    name_rule = re.compile(rf"\..+\.{token}\.[A-Za-z0-9_]{{8}}\.tmp")
     removed = []
-    for folder, _, files in os.walk(root):
-        for name in files:
-            path = Path(folder) / name
-            if _TEMP_NAME.fullmatch(name) and path.is_file() and not path.is_symlink():
-                with contextlib.suppress(OSError):
+    for folder in folders:
+        folder = Path(folder)
+        try:
+            if not stat.S_ISDIR(os.lstat(folder).st_mode):
+                continue
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        for name in names:
+            if not name_rule.fullmatch(name):
+                continue
+            path = folder / name
+            with contextlib.suppress(OSError):
+                info = os.lstat(path)
+                if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
                     path.unlink()
                     removed.append(path)
     return removed

@@ -66,6 +66,8 @@ TRAIN_HISTORY_FILE = "history.json"
 TRAIN_MARKER_FILE = ".waveglow-train"
 #: what `convert` may build
 CONVERT_TARGETS = ("atc", "openvino", "onnxruntime")
+#: the run folder's subfolders a stage writes (`RunLayout.owned_folders`)
+OWNED_FOLDERS = ("mel", "onnx", "om", "out", "wav", "vocode", "notebooks", BENCH_MODELS_DIR)
 #: an utterance id is a file stem: no folders, no leading dot
 _PLAIN_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.#@+-]{0,199}$")
 
@@ -207,6 +209,11 @@ class RunLayout:
         notebook asks for it, so nothing reads or writes through a link leading out of the run folder: the one
         place that holds every folder, and the files in them, to the rule (a link within the run is fine)."""
         return self.check(self.root / name, what)
+
+    def owned_folders(self) -> list[Path]:
+        """The folders whose files this project writes: the run folder itself and OWNED_FOLDERS in it (not their
+        subfolders: a folder a user made there is the user's). Where a killed run's temp files may be removed."""
+        return [self.root] + [self.root / name for name in OWNED_FOLDERS]
 
     def model_files(self) -> dict[str, Path]:
         """The exported / compiled model files a backend may read."""

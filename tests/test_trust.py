@@ -1,0 +1,209 @@
+"""Trust, round 5 (issue 38): a run folder no other user can block or empty, file stamps that cannot be
+rewritten beside the file, a Ray start that leaks nothing, a corpus with no usable audio refused by train,
+and refusals that give the right advice.
+
+The tests that need another user run a process as uid 4242 with `setpriv` (root only; skipped otherwise).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from waveglow_lib.errors import RunFolderError
+from waveglow_lib.runlock import LOCK_NAME, read_holder, run_folder_lock
+
+REPO = Path(__file__).resolve().parents[1]
+STRANGER = 4242
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                                reason="runs a process as another user (setpriv, as root)")
+
+
+def as_stranger(code: str, *args: str) -> subprocess.Popen:
+    """`python -c code args` as uid/gid 4242 (no other groups), printing its first line when ready."""
+    command = ["setpriv", f"--reuid={STRANGER}", f"--regid={STRANGER}", "--clear-groups",
+               sys.executable, "-c", code, *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    return process
+
+
+def open_folder(path: Path) -> Path:
+    """A folder others may read and enter (as run folders usually are: mode 0755 under umask 022)."""
+    path.mkdir(parents=True, exist_ok=True)
+    for part in [path, *path.parents]:
+        if part == Path("/"):
+            break
+        part.chmod(part.stat().st_mode | 0o005)
+    return path
+
+
+# a reader of the lock file (no write access) holding LOCK_EX on it: Linux allows flock on an O_RDONLY fd
+GRAB = textwrap.dedent("""
+    import fcntl, os, sys, time
+    fd = os.open(sys.argv[1], os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    print("held", flush=True)
+    time.sleep(120)
+""")
+
+
+# --- 1. the lock: nobody else can take it ----------------------------------------------------------
+def test_the_lock_file_is_private_and_a_wider_one_is_narrowed(tmp_path):
+    run = tmp_path / "run"
+    with run_folder_lock(run):
+        assert stat.S_IMODE((run / LOCK_NAME).stat().st_mode) == 0o600
+    # a lock file an older version left readable (0644, its holder killed) is made 0600 before it is locked
+    (run / LOCK_NAME).write_text(json.dumps({"pid": 999999, "host": "h", "command": "old"}))
+    (run / LOCK_NAME).chmod(0o644)
+    with run_folder_lock(run) as info:
+        assert stat.S_IMODE((run / LOCK_NAME).stat().st_mode) == 0o600
+        assert info["took_over"]["pid"] == 999999
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o1777, 0o757])
+def test_a_run_folder_every_user_may_write_to_is_refused(tmp_path, mode):
+    run = tmp_path / "run"
+    run.mkdir()
+    run.chmod(mode)
+    with pytest.raises(RunFolderError, match=rf"{run}: every user may write to this run folder \(mode "
+                                             rf"{mode:04o}\).*chmod o-w {run}"):
+        with run_folder_lock(run):
+            pass
+    assert not (run / LOCK_NAME).exists()
+
+
+@needs_root
+def test_another_user_holding_a_readable_lock_file_cannot_block_its_owner(tmp_path, capsys):
+    """The DoS of issue 38: a run killed by an older version left `.lock` (0644) naming a dead pid; another
+    user opened it read-only and holds LOCK_EX. The owner's next command replaces it (saying who held it)
+    rather than being refused "in use by pid <dead> ... wait for it to finish" for as long as they like."""
+    run = open_folder(tmp_path / "runs" / "f1")
+    lock = run / LOCK_NAME
+    lock.write_text(json.dumps({"pid": 999999, "host": os.uname().nodename, "command": "infer", "token": "0" * 16}))
+    lock.chmod(0o644)
+    stranger = as_stranger(GRAB, str(lock))
+    try:
+        assert stranger.stdout.readline().strip() == "held", stranger.stderr.read()
+        with run_folder_lock(run, command="mine") as info:
+            assert read_holder(run)["command"] == "mine" and info["pid"] == os.getpid()
+            assert stat.S_IMODE(lock.stat().st_mode) == 0o600 and lock.stat().st_uid == os.geteuid()
+        err = capsys.readouterr().err
+        assert f"was held by pid {stranger.pid} of user uid {STRANGER}, not by a run of yours" in err
+        # and it cannot open the new one at all
+        again = as_stranger(GRAB, str(lock))
+        lock.touch()
+        with run_folder_lock(run):
+            _, err = again.communicate(timeout=60)
+            assert again.returncode != 0 and "Permission denied" in err
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+@needs_root
+def test_a_lock_file_another_user_made_is_theirs_while_held_and_replaced_when_not(tmp_path, capsys):
+    run = open_folder(tmp_path / "runs" / "shared")
+    lock = run / LOCK_NAME
+    lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "command": "forged"}))
+    os.chown(lock, STRANGER, STRANGER)
+    lock.chmod(0o644)
+    stranger = as_stranger(GRAB, str(lock))
+    try:
+        assert stranger.stdout.readline().strip() == "held", stranger.stderr.read()
+        with pytest.raises(RunFolderError, match=rf"{run}: run folder is in use by user uid {STRANGER} "
+                                                 rf"\(pid {stranger.pid}: "):
+            with run_folder_lock(run):
+                pass
+    finally:
+        stranger.kill()
+        stranger.wait()
+    with run_folder_lock(run) as info:  # nobody holds it now: removed, and ours made
+        assert lock.stat().st_uid == os.geteuid() and "took_over" not in info
+    assert f"removed a lock file of user uid {STRANGER} that no process held" in capsys.readouterr().err
+
+
+FORKING_HOLDER = textwrap.dedent("""
+    import os, sys, time
+    from waveglow_lib.runlock import run_folder_lock
+    with run_folder_lock(sys.argv[1], command="infer (the parent)"):
+        child = os.fork()  # without exec: the child inherits the locked descriptor
+        if child == 0:
+            time.sleep(120)
+            os._exit(0)
+        print(child, flush=True)
+        time.sleep(120)
+""")
+
+
+def test_a_dead_holder_is_named_dead_and_the_live_process_holding_its_lock_is_named(tmp_path):
+    """The record names pid P; P was killed but a process it forked still holds the flock: the refusal says
+    that P is no longer running and names the process that holds the lock, not "wait for pid P"."""
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", FORKING_HOLDER, str(run)], stdout=subprocess.PIPE, text=True,
+                              cwd=REPO, env=ENV)
+    child = int(holder.stdout.readline())
+    try:
+        holder.kill()
+        holder.wait()
+        with pytest.raises(RunFolderError) as refused:
+            with run_folder_lock(run):
+                pass
+        said = str(refused.value)
+        assert f"its recorded holder, pid {holder.pid} " in said and "is no longer running" in said
+        assert f"the lock is held by pid {child} of user " in said and "end those processes" in said
+    finally:
+        os.kill(child, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while True:  # the child is reaped by init; then the lock is free and taken over
+        try:
+            with run_folder_lock(run) as info:
+                assert info["took_over"]["pid"] == holder.pid
+            break
+        except RunFolderError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+
+SLOW_RUN_ALL = textwrap.dedent("""
+    import sys, time
+    import waveglow_lib.stages as stages
+    from waveglow_lib import cli
+    from waveglow_lib.io import atomic_stream
+
+    def slow_preprocess(cfg, **kwargs):  # a long first stage, half-way through writing an output
+        with atomic_stream(cfg.run_dir / "mel" / "LJ001-0001.bin") as out:
+            out.write(bytes(4096))
+            out.flush()
+            print("writing", flush=True)
+            time.sleep(120)
+
+    stages.preprocess = slow_preprocess  # run_all calls its package's name
+    sys.exit(cli.main(["run-all", "--runs-dir", sys.argv[1], "--name", "t", "--checkpoint", sys.argv[2]]))
+""")
+
+
+def test_sigterm_of_run_all_releases_the_lock_and_removes_temp_files(tmp_path, tiny_checkpoint):
+    """`run-all` under SIGTERM exited 143 leaving `.lock` and the half-written output's temp file: now it
+    unwinds as Ctrl-C does (issue 38)."""
+    runs = tmp_path / "runs"
+    process = subprocess.Popen([sys.executable, "-c", SLOW_RUN_ALL, str(runs), str(tiny_checkpoint)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=ENV)
+    assert process.stdout.readline().strip() == "writing"
+    assert (runs / "t" / LOCK_NAME).exists() and list((runs / "t" / "mel").glob(".*.tmp"))
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    assert "terminated (SIGTERM); finished outputs are kept, re-run to continue" in err
+    assert not (runs / "t" / LOCK_NAME).exists()
+    assert not list((runs / "t" / "mel").iterdir())
