@@ -207,3 +207,74 @@ def test_sigterm_of_run_all_releases_the_lock_and_removes_temp_files(tmp_path, t
     assert "terminated (SIGTERM); finished outputs are kept, re-run to continue" in err
     assert not (runs / "t" / LOCK_NAME).exists()
     assert not list((runs / "t" / "mel").iterdir())
+
+
+# --- 3. the file stamps prove their entries ----------------------------------------------------------
+def forge_entry(cache_file: Path, path: Path, sha256: str) -> None:
+    """What issue 38's attacker did: the entry of `path` given the file's new stat and the old sha256
+    (a `checked_ns` long past, so the racy-clean rule does not catch it)."""
+    from waveglow_lib.stamps import _stat_key
+
+    cache = json.loads(cache_file.read_text())
+    name = str(path.resolve())
+    entry = dict(cache[name])
+    entry.update(stat=_stat_key(path.stat()), checked_ns=path.stat().st_ctime_ns + 10**12, sha256=sha256)
+    cache[name] = entry
+    cache_file.write_text(json.dumps(cache))
+
+
+def test_a_forged_file_stamp_does_not_hide_a_swapped_output(preprocessed_run, tmp_path, monkeypatch):
+    """Swap an output and rewrite its `.file_stamps.json` entry (new stat, old sha256): the rerun used to
+    skip it and keep the wrong audio; the entry's MAC (this user's secret) no longer matches, the content
+    is hashed, and the output is made again."""
+    import waveglow_lib.stamps as stamps_module
+    from waveglow_lib.stages import vocode
+    from waveglow_lib.stamps import CACHE_NAME
+
+    cfg = preprocessed_run(tmp_path / "runs")
+    monkeypatch.setattr(stamps_module, "RACY_NS", 0)
+    vocode(cfg, cfg.layout.mel_dir)
+    vocode(cfg, cfg.layout.mel_dir)  # the hashes kept, trusted from now on
+    wav = cfg.layout.vocode_dir / "LJ001-0002_syn.wav"
+    good = wav.read_bytes()
+    old_sha = json.loads((cfg.run_dir / CACHE_NAME).read_text())[str(wav.resolve())]["sha256"]
+    wav.write_bytes(good[:44] + bytes(len(good) - 44))  # silence, the same size
+    forge_entry(cfg.run_dir / CACHE_NAME, wav, old_sha)
+    stamps_module._open.clear()  # a new process: what it knows comes from the cache file
+    again = vocode(cfg, cfg.layout.mel_dir)
+    assert again["written"] == ["LJ001-0002"] and "content differs" in again["redone"]["LJ001-0002"]
+    assert wav.read_bytes() == good
+
+
+def test_file_stamps_are_proven_with_the_users_secret_and_nothing_is_cached_without_one(tmp_path, monkeypatch):
+    import waveglow_lib.stamps as stamps_module
+    from waveglow_lib.io import sha256_file
+    from waveglow_lib.userkey import SECRET_NAME
+
+    monkeypatch.setattr(stamps_module, "RACY_NS", 0)
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"a" * 100)
+    cache = tmp_path / "stamps.json"
+    stamps = stamps_module.FileStamps(cache)
+    truth = sha256_file(data)
+    assert stamps.sha256(data) == truth
+    stamps.save()
+    entry = json.loads(cache.read_text())[str(data.resolve())]
+    assert len(entry["mac"]) == 64
+    # an entry copied from a run made with another secret (another user's, another machine's) is not trusted
+    monkeypatch.setattr(stamps_module, "_secret", [b"k" * 32])
+    data.write_bytes(b"b" * 100)
+    forge_entry(cache, data, truth)
+    assert stamps_module.FileStamps(cache).sha256(data) == sha256_file(data) != truth
+    # no secret can be kept (a read-only home, a refused key): every check reads the content
+    key_dir = tmp_path / "keys"
+    key_dir.mkdir()
+    (key_dir / SECRET_NAME).write_bytes(b"x" * 32)
+    (key_dir / SECRET_NAME).chmod(0o644)  # readable by others: refused
+    monkeypatch.setenv("WAVEGLOW_CACHE_DIR", str(key_dir))
+    monkeypatch.setattr(stamps_module, "_secret", [])
+    reads = []
+    monkeypatch.setattr(stamps_module, "sha256_file", lambda *a, **k: reads.append(1) or sha256_file(*a, **k))
+    fresh = stamps_module.FileStamps(tmp_path / "other.json")
+    assert fresh.sha256(data) == fresh.sha256(data) == sha256_file(data) and len(reads) == 2
+    assert stamps_module._secret == [None]

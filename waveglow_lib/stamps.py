@@ -18,6 +18,14 @@ file replaced, even with its old size and mtime put back (os.utime), has another
 read anew, so re-runs stay cheap (one stat per file) without trusting times a user can set. A value read
 while the file may still have been changing (its ctime within RACY_NS of the read: file system clocks are
 coarse) is not trusted until read again later, as git treats "racily clean" entries.
+
+The cache is not trusted as proof of content merely because it is there (issue 38): whoever can write the
+run folder could swap an output and rewrite its entry (new stat, old sha256). Each entry carries an
+HMAC-SHA256 under this user's secret (`userkey`, the key the engine cache proves its entries with, 0600 in
+the user's cache folder) over the file's path, its stat key and every value; an entry whose MAC does not
+match (forged, copied from another user's run, written without a secret) is read anew from the file's
+content. Where no secret can be kept (a read-only home, a refused key file) nothing is cached: each file's
+content is hashed whenever it is asked for (said once on stderr).
 """
 from __future__ import annotations
 
@@ -36,6 +44,7 @@ from .config import DEMO_MODEL_PATH, STFTConfig, WorkflowConfig, from_mapping
 from .errors import ConfigError, DataError, InputNotFound, ResourceError, WaveGlowError
 from .io import atomic_write_json, read_hint, sha256_file
 from .layout import FILE_STAMPS_FILE as CACHE_NAME
+from .userkey import default_cache_dir, folder_secret, mac, proven
 
 #: a run's cache holds at most this many files (the oldest are dropped: read again when next asked)
 _MAX_ENTRIES = 200_000
@@ -52,6 +61,34 @@ SOURCE_KEY = "source_sha256"
 OUTPUT_KEY = "output"
 #: `stage_stamp`'s default: the fingerprint of the model given, else of the run's checkpoint
 RUN_MODEL = "<the run's model>"
+
+
+#: an entry's key for its MAC (`_entry_mac`)
+MAC_KEY = "mac"
+#: the user's secret, read once per process (None: none can be kept; then nothing is cached)
+_secret: list = []
+
+
+def _refuse_key(path: Path, problem: str) -> DataError:
+    return DataError(f"{path}: refused as your secret key: {problem}; delete it (a new one is made)", path=path)
+
+
+def user_secret() -> bytes | None:
+    """This user's secret (`userkey.folder_secret` in `userkey.default_cache_dir()`), or None when none can be
+    kept or the file there is refused (said once: the file stamps then cache nothing)."""
+    if not _secret:
+        try:
+            _secret.append(folder_secret(default_cache_dir(), _refuse_key))
+        except (OSError, DataError) as exc:
+            print(f"file stamps: no secret key ({exc}); every file's content is hashed whenever it is checked",
+                  file=sys.stderr)
+            _secret.append(None)
+    return _secret[0]
+
+
+def _entry_record(name: str, entry: dict) -> dict:
+    """What a cache entry's MAC covers: the file's resolved path, its stat key and every value."""
+    return {"path": name, **{k: v for k, v in entry.items() if k != MAC_KEY}}
 
 
 def _stat_key(info: os.stat_result) -> str:
@@ -87,10 +124,14 @@ class FileStamps:
         except FileNotFoundError:
             raise InputNotFound(f"{path}: not found", path=Path(path)) from None
         key = _stat_key(before)
+        secret = user_secret()
+        if secret is None:
+            return compute()  # nothing can prove a cached value: the content is read every time
         entry = self.entries.get(name)
         trusted = (isinstance(entry, dict) and entry.get("stat") == key
                    and isinstance(entry.get("checked_ns"), int)
-                   and before.st_ctime_ns < entry["checked_ns"] - RACY_NS)
+                   and before.st_ctime_ns < entry["checked_ns"] - RACY_NS
+                   and proven(secret, _entry_record(name, entry), entry.get(MAC_KEY)))
         if trusted and field in entry and valid(entry[field]):
             return entry[field]
         checked_ns = time.time_ns()
@@ -99,6 +140,7 @@ class FileStamps:
             return value  # changed while it was read: the value may be of either content, so not kept
         entry = dict(entry) if trusted else {"stat": key, "checked_ns": checked_ns}
         entry[field] = value
+        entry[MAC_KEY] = mac(secret, _entry_record(name, entry))
         self.entries.pop(name, None)
         self.entries[name] = self._unsaved[name] = entry
         if save_now or time.monotonic() - self._last_save > _SAVE_EVERY_S:

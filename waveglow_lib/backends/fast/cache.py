@@ -44,9 +44,7 @@ import math
 import os
 import platform
 import shutil
-import stat
 import tempfile
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -59,28 +57,15 @@ import torch
 from ...checkpoint import model_fingerprint
 from ...errors import BackendError
 from ...hardware import cpu_signature
-from ...io import atomic_write_json, file_kind, open_bounded, read_bounded
+from ...io import atomic_write_json, open_bounded, read_bounded
+from ...userkey import CACHE_ENV, SECRET_BYTES, SECRET_NAME, default_cache_dir, folder_secret, mac
 from .engine import FastEngine, LoadTimes, flow_arrays, native_precision
 
 #: bump when what an entry holds changes (tensor names, layout, quantisation, its proof)
 CACHE_FORMAT = 7
-CACHE_ENV = "WAVEGLOW_CACHE_DIR"
 #: meta.json and a verdict are a few KiB; one flow's tensors of the official model about 90 MB (bf16)
 MAX_META_BYTES = 2**20
 MAX_FLOW_BYTES = 2**30
-#: the secret every entry's MAC is made with, in the cache folder
-SECRET_NAME = "secret.key"
-SECRET_BYTES = 32
-
-
-def default_cache_dir() -> Path:
-    """$WAVEGLOW_CACHE_DIR, else $XDG_CACHE_HOME/waveglow-workflow, else ~/.cache/waveglow-workflow."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "waveglow-workflow"
-
-
 def resolve_cache_dir(cache_dir: str | Path | None) -> Path | None:
     """`None` or "" → the default folder; "off" / False → no cache (None); a path → that folder."""
     if cache_dir is False or (isinstance(cache_dir, str) and cache_dir.strip().lower() in ("off", "none", "false")):
@@ -101,64 +86,15 @@ def _digest(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def _refuse_secret(path: Path, problem: str) -> BackendError:
+    return BackendError(f"engine cache: {path}: refused as the cache's secret: {problem}; delete it (a new "
+                        f"one is made, and every cached engine is rebuilt once) or set another cache_dir", path=path)
+
+
 def cache_secret(root: Path) -> bytes:
-    """The cache's secret (`<root>/secret.key`): made here when there is none (32 random bytes, rights 0600,
-    O_EXCL so that a concurrent process reads the one made first), else read and checked (`_read_secret`).
-    OSError when the folder cannot hold one (read-only, not a folder)."""
-    path = root / SECRET_NAME
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        return _read_secret(path)
-    secret = os.urandom(SECRET_BYTES)
-    try:
-        if os.write(fd, secret) != SECRET_BYTES:
-            raise OSError(f"{path}: short write")
-        os.fsync(fd)
-    except OSError:
-        os.close(fd)
-        path.unlink(missing_ok=True)  # a half-made secret would be refused by every later process
-        raise
-    os.close(fd)
-    return secret
-
-
-def _read_secret(path: Path, wait_s: float = 2.0) -> bytes:
-    """The secret at `path`, once it is a regular file of this user with rights no wider than 0600, one
-    link and 32 bytes; else BackendError naming the file and what is wrong (one line). A file still being
-    made by another process (empty for a moment) is waited for up to `wait_s`."""
-    def refuse(problem: str) -> BackendError:
-        return BackendError(f"engine cache: {path}: refused as the cache's secret: {problem}; delete it (a new "
-                            f"one is made, and every cached engine is rebuilt once) or set another cache_dir",
-                            path=path)
-
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as exc:
-            if path.is_symlink():
-                raise refuse("a symbolic link") from None
-            raise refuse(f"unreadable ({exc.strerror or exc})") from None
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise refuse(f"not a regular file ({file_kind(info)})")
-            if info.st_uid != os.geteuid():
-                raise refuse(f"it belongs to uid {info.st_uid}, not to you (uid {os.geteuid()})")
-            if info.st_mode & 0o077:
-                raise refuse(f"others may read or write it (mode {stat.S_IMODE(info.st_mode):04o}, not 0600)")
-            if info.st_nlink != 1:
-                raise refuse(f"it has {info.st_nlink} hard links")
-            data = os.read(fd, SECRET_BYTES + 1)
-        finally:
-            os.close(fd)
-        if len(data) == SECRET_BYTES:
-            return data
-        if data or time.monotonic() > deadline:  # empty: another process is writing it (O_EXCL, then write)
-            raise refuse(f"{len(data)} bytes, not {SECRET_BYTES}")
-        time.sleep(0.05)
+    """The cache's secret (`<root>/secret.key`, `userkey.folder_secret`): BackendError for a file there that is
+    not one this user made; OSError when the folder cannot hold one (read-only, not a folder)."""
+    return folder_secret(root, _refuse_secret)
 
 
 #: the dtypes an entry's tensors have (safetensors' names)
@@ -238,9 +174,7 @@ def _parse_flow(data: torch.Tensor) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _mac(secret: bytes, record: dict) -> str:
-    """HMAC-SHA256 of `record` (as canonical JSON) with the cache's secret."""
-    return hmac.new(secret, json.dumps(record, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+_mac = mac
 
 
 class EngineCache:
