@@ -83,3 +83,25 @@ def test_what_the_os_and_the_types_refuse_is_one_line_with_exit_code_2(tmp_path,
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_force_is_offered_only_where_it_redoes_work_and_run_passes_it_to_the_notebooks(monkeypatch, tmp_path):
+    """--force said "redo finished work" on run, bench, serve and evaluate, and did nothing there."""
+    import os
+
+    from waveglow_lib import cli
+    from waveglow_lib.config import FORCE_ENV, forced
+
+    parser = cli.build_parser()
+    for command in ("bench", "serve", "evaluate"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--force"])
+    seen = {}
+    monkeypatch.setattr(cli, "run_notebooks", lambda cfg, **kwargs: seen.update(kwargs) or (_ for _ in ()).throw(
+        KeyboardInterrupt))
+    assert cli.main(["run", "--force", "--set", f"runs_dir={tmp_path}"]) == 130
+    assert seen["force"] is True
+    monkeypatch.setenv(FORCE_ENV, "1")  # what run_notebooks(force=True) hands the kernels
+    assert forced(False) and os.environ[FORCE_ENV] == "1"
+    monkeypatch.setenv(FORCE_ENV, "0")
+    assert not forced(False) and forced(True)

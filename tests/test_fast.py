@@ -538,9 +538,17 @@ def test_engine_threads_per_run_follow_the_meter(monkeypatch):
         assert np.array_equal(engine.run(mel, z), reference) and engine.last_threads == expected
     fixed = FastEngine(model, "fp32", threads=2, adaptive=False)
     monkeypatch.setattr(fixed._meter, "others_busy", lambda: pytest.fail("measured with adaptive=False"))
-    fixed.run(mel, z)
-    assert fixed.last_threads == 2
-    assert torch.get_num_threads() == torch.get_num_threads()  # restored (no exception left it at 1)
+    outer = torch.get_num_threads()
+    torch.set_num_threads(3)  # the caller's setting, which no run may leave changed
+    try:
+        fixed.run(mel, z)
+        assert fixed.last_threads == 2 and torch.get_num_threads() == 3
+        monkeypatch.setattr(fixed, "_run_packed", lambda prepared: 1 / 0)  # a run that fails half way
+        with pytest.raises(ZeroDivisionError):
+            fixed.run(mel, z)
+        assert torch.get_num_threads() == 3  # restored by the `finally`, exception or not
+    finally:
+        torch.set_num_threads(outer)
 
 
 def test_cpu_jiffies_and_meter():

@@ -326,3 +326,21 @@ def test_a_wrong_override_is_said_to_come_from_the_command_line_not_the_params_f
     bad_file = write(tmp_path, "limit: abc\n")
     with pytest.raises(ConfigError, match=f"^{bad_file}: parameter 'limit' expects int"):
         WorkflowConfig.from_yaml(bad_file, {"seed": 1})
+
+
+@pytest.mark.parametrize("key", ["grad_clip", "gen_sigma", "stft_loss_weight", "mel_loss_weight",
+                                 "final_learning_rate", "max_seconds", "sigma", "learning_rate"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_training_refuses_non_finite_numbers_by_name(key, value):
+    """One finite-float type for every parameter set: a NaN grad_clip turned every gradient to NaN."""
+    with pytest.raises(ConfigError, match=f"parameter '{key}' must be a finite number, got {value}"):
+        TrainConfig.from_dict({key: value})
+
+
+def test_serve_limits_refuse_non_finite_and_wrong_types():
+    from waveglow_lib.service import ServeLimits
+
+    with pytest.raises(ConfigError, match="ServeLimits.body_timeout_s must be a finite number"):
+        ServeLimits(body_timeout_s=float("nan"))
+    with pytest.raises(ConfigTypeError, match="ServeLimits.max_frames expects int, got str"):
+        ServeLimits(max_frames="4000")

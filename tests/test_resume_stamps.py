@@ -375,3 +375,15 @@ def test_infer_refuses_a_mel_changed_since_preprocess(preprocessed_run, tmp_path
     assert not cfg.layout.out_dir.exists() or not list(cfg.layout.out_dir.glob("*_out.bin"))
     assert preprocess(cfg)["computed"] == 1
     assert sorted(infer(cfg)["written"]) == sorted(SHORT_IDS)
+
+
+def test_a_model_edited_through_data_gets_a_new_fingerprint(tiny_model):
+    """`p.data.copy_(...)` bumps no version counter: a memo keyed on them kept the old fingerprint, and the
+    edited model's outputs were skipped as current."""
+    from waveglow_lib.stamps import fingerprint_of
+
+    model = tiny_model()
+    before = fingerprint_of(model)
+    weight = next(model.parameters())
+    weight.data.copy_(weight.data + 1.0)
+    assert fingerprint_of(model) == model_fingerprint(model) != before

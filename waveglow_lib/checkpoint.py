@@ -18,7 +18,6 @@ model is built. `safe_reader` bounds the file, what a `.gz` inflates to, every t
 from __future__ import annotations
 
 import collections
-import dataclasses
 import gzip
 import hashlib
 import json
@@ -31,8 +30,8 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import save as save_safetensors
 
-from .config import DEMO_MODEL_PATH, ModelConfig, STFTConfig
-from .errors import CheckpointError  # noqa: F401 (callers catch it from here)
+from .config import DEMO_MODEL_PATH, ModelConfig, STFTConfig, from_mapping
+from .errors import CheckpointError, ConfigError  # noqa: F401 (callers catch CheckpointError from here)
 from .io import atomic_write_bytes
 from .model import WaveGlow
 from .safe_reader import (PickledObject, PickleKind, file_error, is_safetensors, is_torch_container,
@@ -320,13 +319,12 @@ def read_stft_config(path: str | Path | None = None) -> STFTConfig:
     if not is_safetensors(data):
         return STFTConfig()
     stored = _read_ours(data, path)[1].get("stft_config", {})
-    fields = {f.name: f.type for f in dataclasses.fields(STFTConfig)}
-    if not isinstance(stored, Mapping) or set(stored) - set(fields) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-            for v in stored.values()):
-        raise file_error(path, f"'stft_config' in the header must map {', '.join(fields)} to finite numbers >= 0, "
-                          f"got {reprlib.repr(stored)}")
-    return STFTConfig(**stored)
+    if not isinstance(stored, Mapping):
+        raise file_error(path, f"'stft_config' in the header is a {type(stored).__name__}, expected an object")
+    try:
+        return from_mapping(STFTConfig, stored, "'stft_config' in the header")
+    except ConfigError as error:
+        raise file_error(path, str(error)) from None
 
 
 # --- entry points ---------------------------------------------------------------------------------

@@ -60,6 +60,8 @@ class Command:
     run: Callable[[Any, argparse.Namespace], Any] = field(default=lambda cfg, args: None)
     #: how the command's parameters are read from --params/--set (training has its own TrainConfig)
     configure: Callable[[argparse.Namespace], Any] | None = None
+    #: what --force does; None: no --force (the command has no finished work to skip: it measures or serves)
+    force: str | None = "redo finished work instead of skipping it"
 
 
 #: every command names the run (name, runs_dir) and the model (checkpoint)
@@ -163,7 +165,8 @@ def _run_stage(stage: str) -> Callable[[WorkflowConfig, argparse.Namespace], Any
 
 def _run_notebooks(cfg: WorkflowConfig, args: argparse.Namespace) -> Any:
     try:
-        result = run_notebooks(cfg, notebooks=args.notebooks, report=not args.no_report, timeout=args.timeout)
+        result = run_notebooks(cfg, notebooks=args.notebooks, report=not args.no_report, timeout=args.timeout,
+                               force=args.force)
     except NotebookRunError as exc:
         report = RunLayout(exc.output.parent.parent).report  # exc.output: <run>/notebooks/<name>
         if report.exists():
@@ -314,7 +317,7 @@ COMMANDS: list[Command] = [
     Command("vocode", HELP["vocode"], COMMON_FIELDS + STAGE_FIELDS["vocode"], options=_vocode_options,
             run=_run_vocode),
     Command("evaluate", "runs/<name>/wav vs the original wavs → runs/<name>/metrics.json (log-mel distance, MCD, "
-            "STOI, PESQ)", COMMON_FIELDS, run=_run_evaluate),
+            "STOI, PESQ)", COMMON_FIELDS, run=_run_evaluate, force=None),
     Command("run", "execute the notebooks 00…05 with papermill into runs/<name>/ and write report.html",
             COMMON_FIELDS, options=_run_options, run=_run_notebooks),
     Command("bench", "throughput table: backends × precision × batch size, with quality beside speed "
@@ -323,12 +326,13 @@ COMMANDS: list[Command] = [
                 Alias("--batch-sizes", "bench_batch_sizes", "e.g. 1,4,8,16", _int_list),
                 Alias("--repeats", "bench_repeats", "timed passes per row", int),
                 Alias("--quick", "bench_quick", "smoke run: demo model, 3 one-second slices, batch 1 and 2, 1 repeat")),
-            options=_bench_options, run=_run_bench),
+            options=_bench_options, run=_run_bench, force=None),
     Command("serve", "HTTP POST /vocode (a mel as .npy or JSON → audio/wav) on Ray Serve, batched, N replicas; "
             "--load-test measures it", COMMON_FIELDS + ("backend", "precision", "seed", "sigma", "ray_cpus_per_actor"),
-            options=_serve_options, run=_run_serve),
+            options=_serve_options, run=_run_serve, force=None),
     Command("train", "train or fine-tune WaveGlow (resumable; torchrun / Ray Train for data parallel); its "
-            "parameters are TrainConfig's (params/train_demo.yaml)", configure=_train_config, run=_run_train),
+            "parameters are TrainConfig's (params/train_demo.yaml)", configure=_train_config, run=_run_train,
+            force="train in an out_dir that is not a training folder (one that holds other files)"),
 ]
 
 
@@ -360,9 +364,8 @@ def _add_config_options(parser: argparse.ArgumentParser, command: Command) -> No
                         help=f"params YAML file (default: {command.default_params or 'the built-in defaults'})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any parameter (YAML value), repeatable, e.g. --set limit=2")
-    parser.add_argument("--force", action="store_true",
-                        help="train in an out_dir that is not a training folder (one that holds other files)"
-                        if command.name == "train" else "redo finished work instead of skipping it")
+    if command.force:
+        parser.add_argument("--force", action="store_true", help=command.force)
     parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
 
 

@@ -6,17 +6,20 @@ share; `WorkflowConfig.from_yaml` rejects unknown keys and wrong types by name b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import field, fields
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Callable, Literal, Mapping
 
 import yaml
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from .errors import ConfigError, ConfigTypeError, InputNotFound
+from .errors import ConfigError, ConfigTypeError, InputNotFound, WaveGlowError
 from .io import atomic_write_text, read_bounded
 from .layout import RunLayout, run_folder
 
@@ -36,13 +39,104 @@ GUIDE_MEL_LENGTHS = (832, 164, 833, 443, 699, 490, 723, 154, 651, 760)
 ONNX_OPSETS = (13, 20)
 #: WaveGlow is trained at sigma 1 and run at 0.6-1.0; far larger values only overflow the audio
 MAX_SIGMA = 10.0
+#: the largest chunk_frames (3 min of audio at hop 256): a chunk's memory grows with it, and more turns
+#: chunking off in all but name
+MAX_CHUNK_FRAMES = 16384
 GUIDE_THROUGHPUT = {
     "Ascend 310P3 (guide)": {1: 0.59, 4: 2.34, 8: 4.68, 16: 9.35},
     "NVIDIA T4 (guide)": {1: 0.037, 4: 0.057, 8: 0.061, 16: 0.076},
 }
 
 
-@dataclass(frozen=True)
+# --- one typed model for every set of parameters (pydantic dataclasses) -----------------------------------
+def bound(predicate: Callable[[Any], bool], rule: str) -> AfterValidator:
+    """A value's bound: `must be <rule>, got <value>` when `predicate(value)` is false."""
+    def check(value: Any) -> Any:
+        if not predicate(value):
+            raise ValueError(f"must be {rule}, got {value!r}")
+        return value
+    return AfterValidator(check)
+
+
+def at_least(low: float, note: str = "") -> AfterValidator:
+    return bound(lambda value: value >= low, f">= {low}{note}")
+
+
+def above(low: float) -> AfterValidator:
+    return bound(lambda value: value > low, f"> {low}")
+
+
+def within(low: float, high: float, note: str = "") -> AfterValidator:
+    return bound(lambda value: low <= value <= high, f"in {low}..{high}{note}")
+
+
+#: every float parameter and record number: NaN (which passes every comparison: a NaN grad_clip turns every
+#: gradient to NaN) and ±inf are refused
+Finite = Annotated[float, bound(math.isfinite, "a finite number")]
+
+
+def _no_nul(text: str) -> str:
+    if "\0" in text:
+        raise ValueError(f"holds a NUL byte: {text!r}")
+    return text
+
+
+#: every string parameter: no NUL byte (no file name, device or address holds one)
+Text = Annotated[str, AfterValidator(_no_nul)]
+#: a list, from a YAML list or a tuple (its items: the field's own bound)
+AnyList = Annotated[list, Field(strict=False)]
+
+
+def parameters(cls: type | None = None, *, frozen: bool = False, label: str = "parameter {key!r}") -> Any:
+    """Make `cls` a pydantic dataclass of parameters: strict types (no "1" for 1, no 1 for true; an int for a
+    float is fine), each field's bounds in its `Annotated` type, cross-field checks in `__post_init__`; every
+    refusal a one-line ConfigError (ConfigTypeError for a wrong type) naming the field with `label`."""
+    def make(cls: type) -> type:
+        model = pydantic_dataclass(cls, frozen=frozen, config=ConfigDict(strict=True))
+        validate = model.__init__
+
+        @functools.wraps(validate)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            try:
+                validate(self, *args, **kwargs)
+            except ValidationError as error:
+                raise _config_error(error, model, kwargs, None, {}) from None
+
+        model.__init__, model._validate, model._label = __init__, validate, label
+        return model
+    return make(cls) if cls is not None else make
+
+
+def _config_error(error: ValidationError, cls: Any, data: Mapping[str, Any], source: str | None,
+                  sources: Mapping[str, str]) -> ConfigError:
+    """The first of pydantic's errors as users have always read it: a wrong type before a bad value."""
+    items = error.errors(include_url=False)
+    item = next((i for i in items if _is_type_error(i, data)), items[0])
+    cause = (item.get("ctx") or {}).get("error")
+    if isinstance(cause, WaveGlowError):  # a cross-field check's own message (__post_init__)
+        return cause
+    key = item["loc"][0] if item["loc"] else None
+    where = sources.get(key, source) if key is not None else source
+    prefix = f"{where}: " if where else ""
+    if key is None:
+        return ConfigError(prefix + str(cause or item["msg"]))
+    name, value, hint = cls._label.format(key=key), data.get(key, item["input"]), typing.get_type_hints(cls).get(key)
+    if item["type"] == "unexpected_keyword_argument":
+        return ConfigTypeError(f"{prefix}unknown {name}")
+    if _is_type_error(item, data):
+        return ConfigTypeError(f"{prefix}{name} expects {_type_name(hint)}, got {type(value).__name__} {value!r}")
+    if item["type"] == "literal_error":
+        return ConfigError(f"{prefix}{name}: {value!r} is not one of {', '.join(typing.get_args(hint))}")
+    return ConfigError(f"{prefix}{name} {cause or item['msg']}")
+
+
+def _is_type_error(item: Mapping[str, Any], data: Mapping[str, Any]) -> bool:
+    if item["type"] == "literal_error":  # a string not among the choices is a bad value; anything else a type
+        return not isinstance(data.get(item["loc"][0], item["input"]), str)
+    return item["type"].endswith("_type") or item["type"] in ("none_required", "unexpected_keyword_argument")
+
+
+@parameters(frozen=True)
 class ModelConfig:
     """WaveGlow hyper-parameters, named as in NVIDIA's config.json (`WN_config` flattened)."""
 
@@ -161,27 +255,26 @@ class ModelConfig:
         data = dict(data)
         wn = data.pop("WN_config", None) or {}
         data.update(wn)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
             raise ConfigError(f"unknown WaveGlow config keys: {', '.join(unknown)}")
-        return cls(**{k: _coerce(k, v, _field_type(cls, k)) for k, v in data.items()})
+        return from_mapping(cls, data, "config")
 
 
-@dataclass(frozen=True)
+@parameters(frozen=True)
 class STFTConfig:
     """NVIDIA's `data_config` (Tacotron2 STFT mel) for waveglow_256channels_universal_v5.pt."""
 
-    sampling_rate: int = 22050
-    filter_length: int = 1024
-    hop_length: int = 256
-    win_length: int = 1024
-    n_mel_channels: int = 80
-    mel_fmin: float = 0.0
-    mel_fmax: float = 8000.0
-    max_wav_value: float = 32768.0
+    sampling_rate: Annotated[int, at_least(1)] = 22050
+    filter_length: Annotated[int, at_least(1)] = 1024
+    hop_length: Annotated[int, at_least(1)] = 256
+    win_length: Annotated[int, at_least(1)] = 1024
+    n_mel_channels: Annotated[int, at_least(1)] = 80
+    mel_fmin: Annotated[Finite, at_least(0)] = 0.0
+    mel_fmax: Annotated[Finite, at_least(0)] = 8000.0
+    max_wav_value: Annotated[Finite, above(0)] = 32768.0
     #: log(clamp(x, clip_val)): also the value a silent frame gets, used to pad mels in batches
-    clip_val: float = 1e-5
+    clip_val: Annotated[Finite, above(0)] = 1e-5
 
     @property
     def pad_value(self) -> float:
@@ -202,59 +295,63 @@ MelConvert = Literal["none", "log10", "db_amplitude", "db_power", "magnitude", "
 Engine = Literal["local", "ray"]
 
 
-@dataclass
+@parameters
 class WorkflowConfig:
     """Parameters of one run of the workflow (one params/*.yaml file)."""
 
-    name: str = "demo"
+    name: Text = "demo"
     #: LJSpeech-layout folder (wavs/ + metadata.csv); "demo" means the bundled demo corpus
-    corpus: str = "demo"
+    corpus: Text = "demo"
     #: number of utterances, in sorted file order like the guide's `ls wavs/*.wav | head -n10`; 0 = all
-    limit: int = 10
+    limit: Annotated[int, at_least(0, " (0 = all)")] = 10
     #: checkpoint path; "demo" means the bundled demo model (small, briefly trained)
-    checkpoint: str = "demo"
+    checkpoint: Text = "demo"
     #: parent of the run folder runs/<name>/
-    runs_dir: str = "runs"
+    runs_dir: Text = "runs"
     resample: bool = False
     downmix: bool = False
     #: auto | fast (our CPU path, backends/fast/) | torch | onnxruntime | openvino | om
     backend: Backend = "auto"
     #: cpu | cuda | npu:<id>
-    device: str = "cpu"
+    device: Text = "cpu"
     #: auto | fp32 | bf16 | fp16 | int8 (fast only). auto: the fast backend runs the fastest of int8, bf16 that
     #: the CPU has natively and that passes a quality probe (backends/fast/auto.py), else fp32; other backends fp32
     precision: Precision = "auto"
-    batch_size: int = 1
+    batch_size: Annotated[int, at_least(1)] = 1
     #: padded batches: recompute each padded utterance's last receptive field alone (a short window),
     #: so batched output equals unbatched output; false = plain padding (the tail differs slightly)
     exact_batching: bool = True
-    sigma: float = 0.6
-    seed: int = 1234
-    denoiser_strength: float = 0.0
-    opset: int = 17
+    #: bounds keep bad values from being blamed on the mel later
+    sigma: Annotated[Finite, within(0.0, MAX_SIGMA)] = 0.6
+    seed: Annotated[int, within(0, 2**63 - 2)] = 1234
+    denoiser_strength: Annotated[Finite, within(0.0, 1.0)] = 0.0
+    opset: Annotated[int, within(*ONNX_OPSETS, " (the opsets torch's ONNX exporter writes as asked)")] = 17
     #: exact | buckets | chunks (the chunk window and a few buckets below it: any length, see chunk_frames)
     gear_policy: GearPolicy = "exact"
-    n_buckets: int = 8
-    soc_version: str = "Ascend310P3"
+    n_buckets: Annotated[int, within(1, 4096)] = 8
+    soc_version: Text = "Ascend310P3"
     #: batch sizes of the throughput table
-    bench_batch_sizes: list = field(default_factory=lambda: [1, 4, 8, 16])
-    bench_repeats: int = 3
+    bench_batch_sizes: Annotated[AnyList, bound(lambda sizes: sizes and all(
+        isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 4096 for n in sizes),
+        "a non-empty list of ints in 1..4096")] = field(default_factory=lambda: [1, 4, 8, 16])
+    bench_repeats: Annotated[int, within(1, 1000)] = 3
     bench_quick: bool = False
     #: run the metrics that need optional packages (pystoi, pesq) when installed
     metrics: bool = True
     #: where infer's batches run: local (this process) | ray (a Ray Data actor pool; waveglow_lib.engines)
     engine: Engine = "local"
     #: engine ray: None = start a local Ray on demand; "auto" = the cluster `ray start` made; "ray://host:10001"
-    ray_address: str | None = None
+    ray_address: Text | None = None
     #: engine ray: CPUs each actor reserves, and the threads its backend runs with
-    ray_cpus_per_actor: int = 1
+    ray_cpus_per_actor: Annotated[int, at_least(1)] = 1
     #: engine ray: actors in the pool; 0 = as many as the cluster's CPUs allow (NPUs for om). Not training's
     #: `ray_workers` (TrainConfig): a Ray Data actor pool and Ray Train's workers, each named as in its Ray API
-    ray_actors: int = 0
+    ray_actors: Annotated[int, at_least(0, " (0 = as many as fit)")] = 0
     #: utterances longer than chunk_frames + the model's context are vocoded in chunks of this many mel
     #: frames (plus context each side), exactly equal to one-shot synthesis, in memory bounded by the
-    #: chunk; 0 = never chunk (batching.vocode_stream); at most MAX_CHUNK_FRAMES
-    chunk_frames: int = 2048
+    #: chunk (which grows with it); 0 = never chunk (batching.vocode_stream); at most MAX_CHUNK_FRAMES
+    chunk_frames: Annotated[int, within(0, MAX_CHUNK_FRAMES, f" (0 = never chunk; {MAX_CHUNK_FRAMES} frames = "
+                                        "3 min of audio per chunk)")] = 2048
     #: vocode: the layout of the input mels (auto: the axis with n_mel entries is the band axis)
     mel_layout: MelLayout = "auto"
     #: vocode: convert mels from log10 / dB / linear to natural-log magnitudes (none: refuse them)
@@ -263,41 +360,14 @@ class WorkflowConfig:
     vocode_out_bin: bool = False
     #: the fast backend's engine cache (built engines, auto's verdict): "" = $WAVEGLOW_CACHE_DIR or
     #: ~/.cache/waveglow-workflow; "off" = build at every load
-    cache_dir: str = ""
+    cache_dir: Text = ""
 
     def __post_init__(self) -> None:
-        check_choices(self)
         check_run_name(self.name)
         for key in PATH_PARAMETERS:
-            if isinstance(getattr(self, key), str):  # other types: from_mapping's type check names them
-                check_os_path(getattr(self, key), f"parameter {key!r}")
-        if isinstance(self.runs_dir, str):
-            check_os_path(Path(self.runs_dir).expanduser() / self.name, "the run folder <runs_dir>/<name>",
-                          room=RUN_PATH_ROOM)
-        for key in ("batch_size", "bench_repeats", "n_buckets", "ray_cpus_per_actor"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"parameter {key!r} must be >= 1, got {getattr(self, key)}")
-        if self.ray_actors < 0:
-            raise ConfigError(f"parameter 'ray_actors' must be >= 0 (0 = as many as fit), got {self.ray_actors}")
-        if not 0 <= self.chunk_frames <= MAX_CHUNK_FRAMES:  # a chunk's memory grows with it
-            raise ConfigError(f"parameter 'chunk_frames' must be in 0..{MAX_CHUNK_FRAMES} (0 = never chunk; "
-                              f"{MAX_CHUNK_FRAMES} frames = 3 min of audio per chunk), got {self.chunk_frames}")
-        if self.limit < 0:
-            raise ConfigError(f"parameter 'limit' must be >= 0 (0 = all), got {self.limit}")
-        if self.sigma < 0:
-            raise ConfigError(f"parameter 'sigma' must be >= 0, got {self.sigma}")
-        # NaN passes every comparison above; bounds keep bad values from being blamed on the mel later
-        bounds = {"sigma": (0.0, MAX_SIGMA), "denoiser_strength": (0.0, 1.0), "opset": ONNX_OPSETS,
-                  "seed": (0, 2**63 - 2), "n_buckets": (1, 4096), "bench_repeats": (1, 1000)}
-        for key, (low, high) in bounds.items():
-            value = getattr(self, key)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
-                why = " (the opsets torch's ONNX exporter writes as asked)" if key == "opset" else ""
-                raise ConfigError(f"parameter {key!r} must be a finite number in {low}..{high}{why}, got {value!r}")
-        sizes = self.bench_batch_sizes
-        if not sizes or not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 4096 for n in sizes):
-            raise ConfigError(f"parameter 'bench_batch_sizes' must be a non-empty list of ints in 1..4096, "
-                              f"got {sizes!r}")
+            check_os_path(getattr(self, key), f"parameter {key!r}")
+        check_os_path(Path(self.runs_dir).expanduser() / self.name, "the run folder <runs_dir>/<name>",
+                      room=RUN_PATH_ROOM)
 
     @classmethod
     def choices(cls) -> dict[str, tuple[str, ...]]:
@@ -400,17 +470,9 @@ def literal_choices(cls: type) -> dict[str, tuple[str, ...]]:
             if typing.get_origin(hint) is Literal}
 
 
-def check_choices(obj: Any) -> None:
-    """ConfigError naming the first `Literal` field of `obj` whose value is not one of its choices."""
-    for key, choices in literal_choices(type(obj)).items():
-        value = getattr(obj, key)
-        if value not in choices:
-            raise ConfigError(f"parameter {key!r}: {value!r} is not one of {', '.join(choices)}")
-
-
 def from_mapping(cls: type, data: Mapping[str, Any], source: str = "parameters",
                  sources: Mapping[str, str] | None = None) -> Any:
-    """`cls(**data)` after rejecting unknown keys and wrong types by name (`source` says where they came from;
+    """`cls(**data)` (a `parameters` dataclass), its errors naming where the values came from (`source`;
     `sources`: another origin for some keys, e.g. the command line's overrides of a params file)."""
     sources = sources or {}
     known = {f.name for f in fields(cls)}
@@ -419,12 +481,27 @@ def from_mapping(cls: type, data: Mapping[str, Any], source: str = "parameters",
         origin = sorted({sources.get(k, source) for k in unknown})
         raise ConfigError(f"{' and '.join(origin)}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
                           f"known: {', '.join(sorted(known))}")
-    return cls(**{k: _coerce(k, v, _field_type(cls, k), sources.get(k, source)) for k, v in data.items()})
+    made = object.__new__(cls)
+    try:
+        cls._validate(made, **data)
+    except ValidationError as error:
+        raise _config_error(error, cls, data, source, sources) from None
+    return made
 
 
-#: the largest chunk_frames (3 min of audio at hop 256): a chunk's memory grows with it, and more turns
-#: chunking off in all but name
-MAX_CHUNK_FRAMES = 16384
+#: set by `run --force` (notebook.runner.run_notebooks(force=True)) for the notebooks' kernels: their stage
+#: calls redo finished work as the CLI's --force does, though the notebooks do not pass `force` themselves
+FORCE_ENV = "WAVEGLOW_FORCE"
+#: what an error about outputs made otherwise tells the user to do, wherever it is shown
+FORCE_ADVICE = ("redo them with --force (`python -m waveglow_lib <stage> --force`, or `run --force` for the "
+                "notebooks; force=True when calling the stage in Python)")
+
+
+def forced(force: bool) -> bool:
+    """Whether a stage redoes finished work: its own `force`, or `run --force` for the notebooks' kernels."""
+    return bool(force) or os.environ.get(FORCE_ENV) == "1"
+
+
 #: a params file holds ~30 settings (a few KiB); read whole, so bounded (safe_yaml's bound for any document)
 MAX_PARAMS_BYTES = MAX_YAML_BYTES
 #: the parameters that name a file or folder (the OS refuses a NUL byte in them, and names too long)
@@ -457,55 +534,6 @@ def parse_set_option(items: list[str] | None) -> dict[str, Any]:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         result[key.strip()] = load_yaml(value, f"--set {key.strip()}")
     return result
-
-
-def _field_type(cls: type, name: str) -> Any:
-    return typing.get_type_hints(cls)[name]
-
-
-def _coerce(key: str, value: Any, expected: Any, source: str = "config") -> Any:
-    """Type check with the few conversions YAML users expect (int → float, a tuple → list); a union
-    (`str | None`) takes what one of its members takes. A NUL byte is refused in any string."""
-    if isinstance(value, str) and "\0" in value:
-        raise ConfigError(f"{source}: parameter {key!r} holds a NUL byte: {value!r}")
-    converted = _converted(value, expected)
-    if converted is _REFUSED:
-        raise ConfigTypeError(f"{source}: parameter {key!r} expects {_type_name(expected)}, "
-                              f"got {type(value).__name__} {value!r}")
-    return converted
-
-
-#: what `_converted` answers for a value its type does not take (None is a value some types take)
-_REFUSED = object()
-
-
-def _converted(value: Any, expected: Any) -> Any:
-    """`value` as type `expected` holds it, or _REFUSED."""
-    origin = typing.get_origin(expected)
-    if origin in (typing.Union, types.UnionType):
-        for member in typing.get_args(expected):
-            converted = _converted(value, member)
-            if converted is not _REFUSED:
-                return converted
-        return _REFUSED
-    if expected is type(None):
-        ok = value is None
-    elif expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    elif expected in (bool, float, str):
-        ok = isinstance(value, expected)
-    elif expected is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif expected is list or origin is list:
-        ok = isinstance(value, (list, tuple))
-        value = list(value) if ok else value
-    elif expected is dict or origin is dict:
-        ok = isinstance(value, dict)
-    elif origin is Literal:
-        ok = isinstance(value, str)  # which strings: check_choices, with the choices in its message
-    else:
-        ok = not isinstance(expected, type) or isinstance(value, expected)
-    return value if ok else _REFUSED
 
 
 def _type_name(expected: Any) -> str:

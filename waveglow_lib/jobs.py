@@ -27,7 +27,7 @@ import numpy as np
 from .backends import ModelSpec, get_backend, resolve_backend
 from .batching import Utterance, batch_noise, check_mel, chunk_window, plan_batches, vocode
 from .checkpoint import load_waveglow
-from .config import ModelConfig, STFTConfig, WorkflowConfig
+from .config import FORCE_ADVICE, ModelConfig, STFTConfig, WorkflowConfig, forced
 from .convert import CONVERTED_RECORD_FIELDS, GEARS_RECORD_FIELDS, load_export_info
 from .errors import ConfigError, ResourceError, RunFolderError, SynthesisError
 from .io import NUMBER, allocation_problem, atomic_write_json, read_bin, read_record, write_bin
@@ -108,11 +108,11 @@ def check_model_file(cfg: WorkflowConfig, path: Path, model=None) -> None:
             file_stamps(cfg).files_changed(path.parent, record.get("files"), including=path.name)
         if why:
             raise RunFolderError(f"{why}: not the model file {record_file} describes; run {redo} again "
-                                 "(or pass --force to those stages)", path=path)
+                                 f"(or {FORCE_ADVICE})", path=path)
         return
     if not recorded:
         raise RunFolderError(f"{path}: no record of the model it was made from; run {redo} again "
-                             "(or pass --force to those stages)", path=path)
+                             f"(or {FORCE_ADVICE})", path=path)
     raise RunFolderError(f"{path}: made from another model (fingerprint {recorded}) than this run's "
                          f"{cfg.checkpoint} ({expected}); run {redo} again, or use the checkpoint it was made "
                          "from", path=path)
@@ -399,13 +399,14 @@ def prepare_job(cfg: WorkflowConfig, *, items: list[Utterance], read_mel: Callab
     wav is vocoded again). An output that no longer matches its entry (cut short, replaced, a link) is made
     again and named (on stderr, and in the summary's `redone`).
     """
+    force = forced(force)  # `run --force` reaches the notebooks' stage calls
     sources = sources or {}
     timings_path = out_dir / TIMINGS_FILE
     # it says which settings the folder's outputs were made with (never mixed): a damaged one is refused;
     # a damaged entry only says less of what is finished (redone)
     record = {} if force else read_record(timings_path, "the infer stage's settings and per-utterance timings",
                                           RECORD_FIELDS, entries=("items", TIMINGS_ENTRY_FIELDS),
-                                          redo="or pass force=True (CLI --force) to redo the outputs",
+                                          redo=f"or {FORCE_ADVICE}",
                                           on_damage=announce_redo)
     if record and not force:
         changed = differences(record.get("settings", {}), stamp)
@@ -414,7 +415,7 @@ def prepare_job(cfg: WorkflowConfig, *, items: list[Utterance], read_mel: Callab
             raise ConfigError(f"{out_dir}: holds outputs made with other settings "
                               f"({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changed.items())}); "
                               + (f"{cause}; " if cause else "")
-                              + "pass force=True (CLI --force) to redo them, or use another run name / out_dir")
+                              + f"{FORCE_ADVICE}, or use another run name / out_dir")
     if force:
         record = {}
     done = record.get("items", {})

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..config import PACKAGE_DIR, WorkflowConfig
+from ..config import FORCE_ENV, PACKAGE_DIR, WorkflowConfig
 from ..errors import InputNotFound, NotebookRunError, WaveGlowError
 from ..io import atomic_write_text
 from ..provenance import COMMIT_ENV, git_commit
@@ -141,8 +141,10 @@ def _failing_cell(exc: Exception) -> tuple[int | None, str]:
 
 def run_notebooks(params: str | Path | WorkflowConfig, overrides: Mapping[str, Any] | None = None, *,
                   notebooks: Sequence[str] | None = None, notebooks_dir: str | Path | None = None,
-                  report: bool = True, timeout: float | None = None, progress: bool = True) -> RunResult:
-    """Execute the notebooks in order into runs/<name>/notebooks/, then render runs/<name>/report.html."""
+                  report: bool = True, timeout: float | None = None, progress: bool = True,
+                  force: bool = False) -> RunResult:
+    """Execute the notebooks in order into runs/<name>/notebooks/, then render runs/<name>/report.html.
+    `force`: every stage the notebooks call redoes its finished work (`config.forced`, through FORCE_ENV)."""
     import papermill as pm
 
     base = project_dir()
@@ -169,8 +171,9 @@ def run_notebooks(params: str | Path | WorkflowConfig, overrides: Mapping[str, A
         manager = _kernel_manager_class()
         # the commit, worked out once here and inherited by every kernel: each record names the same one,
         # and a slow `git status` (the nbstripout filter, see provenance) is paid once per run, not per call
-        old_commit = os.environ.get(COMMIT_ENV)
+        old_commit, old_force = os.environ.get(COMMIT_ENV), os.environ.get(FORCE_ENV)
         os.environ[COMMIT_ENV] = git_commit()  # (an outer run's, when one set it)
+        os.environ[FORCE_ENV] = "1" if force else "0"
         try:
             for name in names:
                 output = out_dir / name
@@ -202,10 +205,11 @@ def run_notebooks(params: str | Path | WorkflowConfig, overrides: Mapping[str, A
                         # the notebook's failure is the run's error; the report's (a damaged record) is said beside it
                         print(f"report.html not rendered: {exc}", file=sys.stderr)
             finally:
-                if old_commit is None:
-                    os.environ.pop(COMMIT_ENV, None)
-                else:
-                    os.environ[COMMIT_ENV] = old_commit
+                for key, old in ((COMMIT_ENV, old_commit), (FORCE_ENV, old_force)):
+                    if old is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = old
         return result
 
 

@@ -8,7 +8,7 @@ wavs. `infer` and `vocode` build a job and run it on the engine `cfg.engine` nam
 from __future__ import annotations
 
 from ..checkpoint import load_waveglow
-from ..config import WorkflowConfig
+from ..config import WorkflowConfig, forced
 from ..layout import CONVERT_TARGETS
 from ..runlock import locked
 from ..stamps import forget_checkpoints
@@ -34,6 +34,7 @@ def run_all(cfg: WorkflowConfig, *, model=None, force: bool = False, convert_tar
     every stage's outputs and drops the run's cached checkpoint fingerprints, so nothing an earlier run
     computed is trusted.
     """
+    force = forced(force)  # `run --force` reaches the notebooks' stage calls
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     cfg.to_yaml(cfg.layout.params)
     if force:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..batching import chunk_window
-from ..config import ModelConfig, WorkflowConfig
+from ..config import ModelConfig, WorkflowConfig, forced
 from ..convert import (CONVERTED_RECORD_FIELDS, GEARS_RECORD_FIELDS, atc_command, convert_openvino, format_command,
                        load_export_info, mel_gears, optimize_onnxruntime, padding_overhead, with_window_gear)
 from ..errors import ConvertError, InputNotFound, RunFolderError
@@ -99,6 +99,7 @@ def convert(cfg: WorkflowConfig, *, targets: Sequence[str] = CONVERT_TARGETS,
     also the command); finished outputs made from the same are skipped unless `force`, others redone.
     The run's ONNX must hold the run's model, or `model` when given (RunFolderError otherwise: export again).
     """
+    force = forced(force)  # `run --force` reaches the notebooks' stage calls
     layout = cfg.layout
     onnx_path = Path(onnx_path) if onnx_path else layout.onnx
     if not onnx_path.is_file():
@@ -130,6 +131,7 @@ def convert(cfg: WorkflowConfig, *, targets: Sequence[str] = CONVERT_TARGETS,
 
 def convert_atc(cfg: WorkflowConfig, onnx_path: Path, *, lengths: Sequence[int] | None = None,
                 run_atc: bool | None = None, force: bool = False) -> dict:
+    force = forced(force)  # `run --force` reaches the notebooks' stage calls
     info = load_export_info(onnx_path)
     if info.get("variant", "noise_input") != "noise_input":
         raise ConvertError(f"{onnx_path}: exported as the guide's variant; convert expects the (mel, z) graph")

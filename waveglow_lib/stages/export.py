@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..checkpoint import load_waveglow
-from ..config import WorkflowConfig
+from ..config import WorkflowConfig, forced
 from ..convert import load_export_info
 from ..export import export_onnx
 from ..io import atomic_write_json
@@ -26,6 +26,7 @@ def export(cfg: WorkflowConfig, *, model=None, guide_variant: bool = False, forc
     guide's `WaveGlow_onnx.onnx`). Skipped when an export of the same model (fingerprint), opset, variant
     (and sigma, for the guide's graph) exists, and its files (graph, any external data) still have the size
     and sha256 its record lists; redone, saying why, when any of them changed."""
+    force = forced(force)  # `run --force` reaches the notebooks' stage calls
     layout = cfg.layout
     targets = [("noise_input", layout.onnx)]
     if guide_variant:

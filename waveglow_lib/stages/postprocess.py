@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ..audio import wav_bytes
 from ..checkpoint import load_waveglow
-from ..config import STFTConfig, WorkflowConfig
+from ..config import STFTConfig, WorkflowConfig, forced
 from ..denoiser import Denoiser
 from ..errors import DataError, InputNotFound
 from ..io import atomic_write_bytes, atomic_write_json, read_bin, read_record
@@ -39,6 +39,7 @@ def postprocess(cfg: WorkflowConfig, *, out_dir: str | Path | None = None, wav_d
       denoiser the model's fingerprint) and which still have the size and sha256 the record lists are
       skipped (`wav/postprocess.json`); others are redone, a changed wav named (summary's `redone`).
     """
+    force = forced(force)  # `run --force` reaches the notebooks' stage calls
     layout = cfg.layout
     # folders the user names may lie anywhere; the default ones must stay in the run folder
     own_out_dir = out_dir is None

@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..audio import WavStream, mel_blocks, wav_file_stat
-from ..config import STFTConfig, WorkflowConfig
+from ..config import STFTConfig, WorkflowConfig, forced
 from ..errors import AudioError, DataError, InputNotFound, ManifestError, ResourceError
 from ..io import (MAX_RECORD_BYTES, atomic_write_json, atomic_write_text, read_bounded, read_record, sha256_bytes,
                   storage_problem, write_bin_blocks)
@@ -55,6 +55,7 @@ def preprocess(cfg: WorkflowConfig, *, force: bool = False, stft: STFTConfig | N
     as it finishes, so a killed run resumes where it stopped; the manifest is rebuilt from them and
     written only when it changed (a finished, read-only run folder is not written to).
     """
+    force = forced(force)  # `run --force` reaches the notebooks' stage calls
     if stft is None:
         stft = checkpoint_stft(cfg)
     layout = cfg.layout

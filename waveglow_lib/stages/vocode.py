@@ -21,7 +21,7 @@ import numpy as np
 
 from ..batching import NOISE_SCHEME, Utterance, utterance_noise, vocode_stream
 from ..checkpoint import load_waveglow
-from ..config import STFTConfig, WorkflowConfig
+from ..config import STFTConfig, WorkflowConfig, forced
 from ..denoiser import Denoiser
 from ..engines import run_job
 from ..errors import MelError
@@ -192,6 +192,7 @@ class BlockDenoiser:
 def prepare_vocode(cfg: WorkflowConfig, mels: str | Path, *, model=None, name: str | None = None,
                    out_dir: str | Path | None = None, force: bool = False, engine: str = "local") -> VocodeJob:
     """Read and check every mel of `mels`, then what is left to vocode into `out_dir` (nothing written)."""
+    force = forced(force)  # `run --force` reaches the notebooks' stage calls
     out_dir = Path(out_dir) if out_dir else cfg.layout.vocode_dir
     model_config = resolve_model_config(cfg, model)
     stft = STFTConfig(n_mel_channels=model_config.n_mel_channels)

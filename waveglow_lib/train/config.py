@@ -3,24 +3,29 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
-from ..config import DEMO_CORPUS_DIR, ModelConfig, check_choices, check_os_path, from_mapping, read_params_file
+from ..config import (DEMO_CORPUS_DIR, Finite, ModelConfig, Text, above, at_least, check_os_path, from_mapping,
+                      parameters, read_params_file)
 from ..errors import ConfigError
 
+Positive = Annotated[int, at_least(1)]
+Count = Annotated[int, at_least(0)]
+NonNegative = Annotated[Finite, at_least(0)]
 
-@dataclass
+
+@parameters
 class TrainConfig:
     """Parameters of one training run (one params/train_*.yaml file)."""
 
     #: LJSpeech-layout folder (wavs/*.wav); "demo" = the bundled demo corpus
-    corpus: str = "demo"
+    corpus: Text = "demo"
     #: where checkpoints, the trained model and the history go
-    out_dir: str = "runs/train"
+    out_dir: Text = "runs/train"
     #: "" = from scratch with `model`; a path = warm start from any checkpoint `load_waveglow` reads
-    warm_start: str = ""
+    warm_start: Text = ""
     #: continue from `<out_dir>/train_state.safetensors` when it exists
     resume: bool = True
     #: architecture for a run from scratch (ModelConfig keys; missing keys take ModelConfig's defaults)
@@ -29,64 +34,49 @@ class TrainConfig:
     freeze_upsample: bool = False
     #: from scratch: initialise the upsampler as a per-band Hann interpolation (else torch's default init)
     hann_upsample: bool = False
-    segment_length: int = 16000
-    batch_size: int = 12
-    sigma: float = 1.0
-    learning_rate: float = 1e-4
-    warmup_steps: int = 0
+    segment_length: Positive = 16000
+    batch_size: Positive = 12
+    sigma: Annotated[Finite, above(0)] = 1.0
+    learning_rate: Annotated[Finite, above(0)] = 1e-4
+    warmup_steps: Count = 0
     #: cosine decay from learning_rate to final_learning_rate over max_steps; 0 = constant
-    final_learning_rate: float = 0.0
+    final_learning_rate: NonNegative = 0.0
     cosine_decay: bool = False
-    grad_clip: float = 0.0
-    max_steps: int = 1000
+    grad_clip: NonNegative = 0.0
+    max_steps: Positive = 1000
     #: stop (and checkpoint) after this many seconds of this sitting; 0 = no limit
-    max_seconds: float = 0.0
-    checkpoint_every: int = 100
+    max_seconds: NonNegative = 0.0
+    checkpoint_every: Positive = 100
     #: also keep the folded model of every checkpoint as model_step<N>.safetensors(.gz)
     keep_snapshots: bool = False
-    log_every: int = 10
+    log_every: Positive = 10
     #: validation loss on fixed segments every N steps; 0 = never
-    validate_every: int = 100
+    validate_every: Count = 100
     #: hold out the last N utterances for validation; 0 = validate on fixed segments of the training set
-    n_validation: int = 0
-    validation_segments: int = 4
+    n_validation: Count = 0
+    validation_segments: Positive = 4
     #: generation-direction losses (audio = model(mel, gen_sigma * z) against the recording), added to the
     #: flow loss from step `gen_start_step` on: multi-resolution STFT (spectral convergence + log magnitude)
     #: and log-mel L1, each with its weight; 0 = off (NVIDIA's objective alone)
-    stft_loss_weight: float = 0.0
-    mel_loss_weight: float = 0.0
-    gen_sigma: float = 0.6
-    gen_start_step: int = 0
+    stft_loss_weight: NonNegative = 0.0
+    mel_loss_weight: NonNegative = 0.0
+    gen_sigma: NonNegative = 0.6
+    gen_start_step: Count = 0
     #: fp32 | bf16 (bf16 = autocast of the forward pass; the loss terms are summed in fp32)
     precision: Literal["fp32", "bf16"] = "fp32"
-    device: str = "cpu"
+    device: Text = "cpu"
     seed: int = 1234
     #: torch threads per process; 0 = torch's default
-    num_threads: int = 0
+    num_threads: Count = 0
     #: dtype of the model snapshots (keep_snapshots): float32 | float16 (gzipped)
     save_dtype: Literal["float32", "float16"] = "float32"
     #: local (this process, or each torchrun process) | ray (Ray Train TorchTrainer, ray_workers workers)
     engine: Literal["local", "ray"] = "local"
-    ray_workers: int = 2
+    ray_workers: Positive = 2
 
     def __post_init__(self) -> None:
-        check_choices(self)
         for key in ("corpus", "out_dir", "warm_start"):  # the OS's limits, named before anything opens them
-            if isinstance(getattr(self, key), str):
-                check_os_path(getattr(self, key), f"parameter {key!r}")
-        positive = ("segment_length", "batch_size", "max_steps", "checkpoint_every", "log_every",
-                    "validation_segments", "ray_workers")
-        for key in positive:
-            if getattr(self, key) < 1:
-                raise ConfigError(f"parameter {key!r} must be >= 1, got {getattr(self, key)}")
-        for key in ("sigma", "learning_rate"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"parameter {key!r} must be > 0, got {getattr(self, key)}")
-        for key in ("warmup_steps", "final_learning_rate", "grad_clip", "max_seconds", "validate_every",
-                    "n_validation", "num_threads", "stft_loss_weight", "mel_loss_weight", "gen_sigma",
-                    "gen_start_step"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"parameter {key!r} must be >= 0, got {getattr(self, key)}")
+            check_os_path(getattr(self, key), f"parameter {key!r}")
         try:
             self.model_config()
         except ValueError as error:
@@ -108,9 +98,6 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "parameters") -> "TrainConfig":
-        if "model" in data and not isinstance(data["model"], dict):
-            raise ConfigError(f"{source}: parameter 'model' expects a mapping of ModelConfig keys, "
-                              f"got {data['model']!r}")
         return from_mapping(cls, data, source)
 
     @classmethod
