@@ -7,6 +7,7 @@ The tests that need another user run a process as uid 4242 with `setpriv` (root 
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -278,3 +279,143 @@ def test_file_stamps_are_proven_with_the_users_secret_and_nothing_is_cached_with
     fresh = stamps_module.FileStamps(tmp_path / "other.json")
     assert fresh.sha256(data) == fresh.sha256(data) == sha256_file(data) and len(reads) == 2
     assert stamps_module._secret == [None]
+
+
+# --- 4. a Ray start that failed leaves nothing running ------------------------------------------------
+def test_a_ray_start_that_timed_out_is_stopped_before_the_next_try():
+    """Contract test (Ray's start mocked by real processes): each attempt starts a "head" (a process with a
+    child of its own, as the GCS and raylet have workers) and times out the way Ray does; before the next
+    try the attempt's processes are ended and `stop` (ray.shutdown) is called; the start that works keeps its."""
+    pytest.importorskip("ray")
+    import psutil
+
+    from waveglow_lib.engines.ray import with_startup_retries
+
+    heads, stops, workers = [], [], []
+
+    def start():
+        head = subprocess.Popen(["sh", "-c", "sleep 300 & echo $!; wait"], stdout=subprocess.PIPE, text=True)
+        workers.append(int(head.stdout.readline()))
+        heads.append(head)
+        if len(heads) < 3:
+            raise Exception("The current node timed out during startup.")  # noqa: TRY002 (what Ray raises)
+        return head
+
+    try:
+        kept = with_startup_retries(start, stop=lambda: stops.append(len(heads)))
+        assert kept is heads[2] and stops == [1, 2]
+        for failed in heads[:2]:
+            assert failed.wait(timeout=10) is not None  # ended (and reaped here)
+        mine = psutil.Process().children(recursive=True)
+        assert {p.pid for p in mine} >= {heads[2].pid} and all(p.pid not in (h.pid for h in heads[:2]) for p in mine)
+        assert not any(psutil.pid_exists(pid) for pid in workers[:2])  # the failed heads' own children too
+        assert psutil.pid_exists(workers[2])
+    finally:
+        for head in heads:
+            for child in psutil.Process(head.pid).children(recursive=True) if head.poll() is None else []:
+                child.kill()
+            head.kill()
+            head.wait()
+    # the last failure is raised, after its processes are ended too
+    heads.clear()
+    with pytest.raises(Exception, match="timed out during startup"):
+        with_startup_retries(lambda: start() if len(heads) < 1 else None, tries=1)
+    assert heads[0].wait(timeout=10) is not None
+
+
+# --- 5. no usable audio: train refuses it, by preprocess's rule --------------------------------------
+def write_wavs(folder: Path, signals: dict) -> Path:
+    import numpy as np
+    import soundfile
+
+    (folder / "wavs").mkdir(parents=True)
+    for name, samples in signals.items():
+        subtype = "FLOAT" if np.asarray(samples).dtype == np.float32 else "PCM_16"
+        soundfile.write(folder / "wavs" / f"{name}.wav", samples, 22050, subtype=subtype)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["silent", "huge"])
+def test_train_refuses_a_corpus_with_no_usable_audio(tmp_path, kind, capsys):
+    """An all-silent corpus trained on zeros and exited 0; 1e30-valued floats were clipped into square waves.
+    Both are refused before a step is taken, naming the files, with preprocess's rule (`WavStream.unusable`)."""
+    import numpy as np
+
+    from waveglow_lib.cli import main as cli_main
+    from waveglow_lib.config import WorkflowConfig
+    from waveglow_lib.stages import preprocess
+    from waveglow_lib.train import TrainConfig
+
+    value = np.zeros(8000, np.int16) if kind == "silent" else np.full(8000, 1e30, np.float32)
+    corpus = write_wavs(tmp_path / "corpus", {f"u{i}": value for i in range(3)})
+    params = tmp_path / "train.yaml"
+    params.write_text(json.dumps(TrainConfig(out_dir=str(tmp_path / "out"), corpus=str(corpus), segment_length=1024,
+                                             batch_size=2, max_steps=2, validate_every=0, n_validation=0,
+                                             model={"n_flows": 2, "n_group": 4, "n_early_every": 1,
+                                                    "n_early_size": 2, "n_layers": 2, "n_channels": 8,
+                                                    "kernel_size": 3}).to_dict()))
+    assert cli_main(["train", "--params", str(params)]) == 2
+    err = capsys.readouterr().err
+    expected = "silent (peak 0.00e+00)" if kind == "silent" else "float samples peak at 1e+30, far beyond full scale"
+    assert "3 of 3 wav(s) hold no usable audio: u0.wav (" in err and expected in err
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    # preprocess skips each of them with the same words (and, none left, refuses the corpus)
+    from waveglow_lib.errors import AudioError
+
+    cfg = WorkflowConfig(runs_dir=str(tmp_path / "runs"), name="p", corpus=str(corpus), limit=0)
+    with pytest.raises(AudioError, match=f"none of 3 wav.s. could be used: .*u0.wav: {re.escape(expected)}"):
+        preprocess(cfg)
+
+
+# --- 6. refusals with the right advice -------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(0, 80), (80, 0), (0, 0), (1, 0, 80)])
+def test_a_mel_with_no_frames_is_told_so_not_to_transpose(shape):
+    import numpy as np
+
+    from waveglow_lib.service import BadRequest, decode_mel
+
+    body = __import__("io").BytesIO()
+    np.save(body, np.zeros(shape, np.float32))
+    with pytest.raises(BadRequest) as refused:
+        decode_mel(body.getvalue(), "application/octet-stream")
+    assert refused.value.status == 422 and "the mel has no frames" in str(refused.value)
+    assert "transpose" not in str(refused.value)
+
+
+@pytest.mark.parametrize("value", [0.0, 3e38, -3e38, 1.0, -4.0])
+def test_a_constant_mel_is_not_told_to_try_a_conversion(value):
+    import numpy as np
+
+    from waveglow_lib.mel_input import CONSTANT, check_mel_format
+
+    verdict = check_mel_format(np.full((80, 50), value, np.float32), "m.npy")
+    assert not verdict.ok and verdict.looks_like == CONSTANT and verdict.conversion is None
+    assert "convert=" not in verdict.message() and "every value is" in verdict.message()
+    # silence at the ln(1e-5) floor is the model's format, one number throughout or not
+    assert check_mel_format(np.full((80, 50), np.log(1e-5), np.float32)).ok
+
+
+def test_an_npy_with_a_negative_dimension_is_named_not_counted_in_negative_bytes(tmp_path):
+    import numpy as np
+
+    from waveglow_lib.errors import MelError
+    from waveglow_lib.mel_input import read_mel
+
+    path = tmp_path / "m.npy"
+    np.save(path, np.zeros((80, 5), np.float32))
+    data = path.read_bytes().replace(b"(80, 5)", b"(80, -5)", 1)
+    path.write_bytes(data)
+    with pytest.raises(MelError, match=r"shape \(80, -5\), with a negative dimension") as refused:
+        read_mel(path)
+    assert "-1600 bytes" not in str(refused.value) and "bytes" not in str(refused.value)
+
+
+def test_a_json_integer_of_4301_digits_gets_a_clear_refusal():
+    from waveglow_lib.service import BadRequest, decode_mel
+
+    body = b'{"mel": [[' + b"9" * 4301 + b"]]}"
+    with pytest.raises(BadRequest) as refused:
+        decode_mel(body, "application/json")
+    said = str(refused.value)
+    assert refused.value.status == 422 and "mel[0][0] is an integer of 4301 digits, outside float32's range" in said
+    assert "set_int_max_str_digits" not in said

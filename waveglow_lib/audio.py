@@ -94,6 +94,13 @@ def load_wav(path: str | Path, expected_rate: int | None = _NVIDIA.sampling_rate
     return np.concatenate(list(stream.pieces())), stream.rate
 
 
+#: a wav whose peak stays below this (≈3 LSB of int16) is silent: nothing to vocode or to learn from
+SILENCE_PEAK = 1e-4
+#: float samples beyond this (60 dB over full scale) are not audio scaled to [-1, 1]: clipped, they would be a
+#: square wave (a slightly hot float file, peak 1.2, is clipped and used, with a warning)
+BEYOND_FULL_SCALE = 1e3
+
+
 #: samples (per channel) read from a wav at a time: what a `WavStream` holds, whatever the file's length
 WAV_BLOCK_SAMPLES = 2**16
 
@@ -128,6 +135,17 @@ class WavStream:
             self.rate = int(expected_rate)
         self.samples = 0
         self.peak = 0.0
+        self.loudest = 0.0
+
+    def unusable(self) -> str | None:
+        """After `pieces()`: why the wav holds no usable audio (silent, or float samples far beyond full scale),
+        or None. The one rule preprocess (which skips such a wav) and train (which refuses it) share."""
+        if self.loudest > BEYOND_FULL_SCALE:
+            return (f"float samples peak at {self.loudest:.3g}, far beyond full scale (1.0): not audio scaled to "
+                    f"[-1, 1]; rescale it")
+        if self.peak < SILENCE_PEAK:
+            return f"silent (peak {self.peak:.2e})"
+        return None
 
     def _open(self) -> soundfile.SoundFile:
         try:
@@ -151,7 +169,7 @@ class WavStream:
 
     def pieces(self) -> Iterator[np.ndarray]:
         """float32 mono pieces in [-1, 1] at `self.rate` (see the class)."""
-        self.samples, self.peak, loudest = 0, 0.0, 0.0
+        self.samples, self.peak, self.loudest, loudest = 0, 0.0, 0.0, 0.0
         resampler = (soxr.ResampleStream(self.source_rate, self.rate, 1, dtype="float64", quality="VHQ")
                      if self.rate != self.source_rate else None)
         for data in self._blocks():
@@ -168,7 +186,8 @@ class WavStream:
             yield from self._counted(audio)
         if resampler is not None:
             yield from self._counted(self._resampled(resampler, np.zeros(0, np.float32), last=True))
-        if loudest:
+        self.loudest = loudest
+        if 0 < loudest <= BEYOND_FULL_SCALE:
             warnings.warn(f"{self.path}: float samples peak at {loudest:.3f}, beyond full scale; clipping to [-1, 1]",
                           stacklevel=2)
 

@@ -66,6 +66,11 @@ NORMALISED = "normalised (zero mean / unit variance, or a symmetric range such a
 LINEAR_MAGNITUDE = "linear magnitude"
 LINEAR_POWER = "linear power"
 TRANSPOSED = "transposed ([T, n_mel])"
+CONSTANT = "a constant array"
+NO_FRAMES = "a mel with no frames"
+#: what to do about a mel that is no mel in any format (no conversion, no re-scaling helps)
+_NOT_A_MEL_ADVICE = {NO_FRAMES: "send or save a mel of at least one frame",
+                     CONSTANT: "check the TTS model's output (a mel of real audio varies)"}
 WRONG_BANDS = "wrong band count"
 WRONG_SHAPE = "not a 2-D mel"
 NON_FINITE = "contains NaN or Inf"
@@ -106,6 +111,8 @@ class MelFormat:
         source = self.source if source is None else source
         if self.ok:
             return f"{source}: {self.looks_like}; {self.reason}"
+        if self.looks_like in _NOT_A_MEL_ADVICE:
+            return f"{source}: not a mel: {self.reason}; {_NOT_A_MEL_ADVICE[self.looks_like]}"
         hint = (f" If it is, read it with convert='{self.conversion}'." if self.conversion else
                 " Re-export it from the TTS model as natural-log mel magnitudes (log(clamp(mel, 1e-5))).")
         return (f"{source}: this mel looks like {self.looks_like}, not the natural-log mel magnitudes "
@@ -264,6 +271,7 @@ def _npy_header(path: Path, handle: BinaryIO) -> tuple[tuple[int, ...], bool, np
         shape, fortran, dtype = read_header(handle)
         if dtype.hasobject:
             raise ValueError(f"dtype {dtype} holds Python objects (pickles)")
+        _check_npy_shape(path, shape)
         expected = math.prod(shape) * dtype.itemsize
         actual = os.fstat(handle.fileno()).st_size - handle.tell()
         if expected != actual:
@@ -280,6 +288,14 @@ def _npy_header(path: Path, handle: BinaryIO) -> tuple[tuple[int, ...], bool, np
         raise MelError(f"{path}: not a plain numeric .npy array ({error})", path=path) from None
     except (OSError, EOFError) as error:
         raise MelError(f"{path}: unreadable .npy file (truncated or corrupt?): {error}", path=path) from None
+
+
+def _check_npy_shape(path: Path, shape: tuple) -> None:
+    """A `.npy` header's shape has no negative dimension (np.save never writes one; its byte count would be
+    negative, "-1600 bytes"): MelError naming it."""
+    if any(n < 0 for n in shape):
+        raise MelError(f"{path}: its header declares shape {tuple(shape)}, with a negative dimension: not an array "
+                       f"np.save wrote (damaged or forged header); save the mel again", path=path)
 
 
 def _read_pt(path: Path) -> np.ndarray:
@@ -573,6 +589,9 @@ def check_mel_format(mel: Any, source: str | Path = "mel", stft: STFTConfig = ST
     source = str(source)
     if mel.ndim != 2:
         return MelFormat(False, WRONG_SHAPE, f"shape {mel.shape}, expected [{n_mel}, T]", source=source)
+    empty = _no_frames(mel, n_mel, source)
+    if empty is not None:
+        return empty
     if mel.shape[0] != n_mel:
         if mel.shape[1] == n_mel:
             return MelFormat(False, TRANSPOSED, f"shape {mel.shape}: frames first; transpose it to "
@@ -587,9 +606,30 @@ def check_mel_format(mel: Any, source: str | Path = "mel", stft: STFTConfig = ST
         bad = int(values.size - np.isfinite(values).sum())
         return MelFormat(False, NON_FINITE, f"{bad} of {values.size} values are NaN or Inf", source=source)
     stats = _stats(values, math.log(stft.clip_val))
+    constant = _constant(stats, math.log(stft.clip_val), source)
+    if constant is not None:
+        return constant
     label, conversion, reason = _classify(values, stats, math.log(stft.clip_val), n_mel)
     return MelFormat(label == NATURAL_LOG, label, reason, conversion if label != NATURAL_LOG else None, stats,
                      source)
+
+
+def _no_frames(mel: np.ndarray, n_mel: int, source: str) -> MelFormat | None:
+    """A 2-D mel with no frames (`[80, 0]`, `[0, 80]`, `[0, 0]`) is its own error: nothing to vocode, whichever
+    way round it is (not "transpose it to [80, 0]")."""
+    if 0 not in mel.shape:
+        return None
+    return MelFormat(False, NO_FRAMES, f"shape {mel.shape}: the mel has no frames (nothing to vocode); expected "
+                                         f"[{n_mel}, T] with T >= 1", source=source)
+
+
+def _constant(s: dict[str, float], ln_floor: float, source: str) -> MelFormat | None:
+    """Every value the same (all 0, all 3e38) is no mel in any format: no conversion makes it one (silence
+    at the ln(1e-5) floor aside, which is the model's format)."""
+    if s["min"] != s["max"] or abs(s["min"] - ln_floor) < 1e-4:
+        return None
+    return MelFormat(False, CONSTANT, f"every value is {s['min']:.6g}: no mel of any audio, in any format, is one "
+                                      f"number throughout (an empty or failed TTS output?)", stats=s, source=source)
 
 
 def _stats(values: np.ndarray, ln_floor: float) -> dict[str, float]:

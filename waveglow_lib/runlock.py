@@ -194,19 +194,24 @@ def _open_locked(path: Path) -> int | None:
     """An fd of `path` holding its flock; None when the folder is read-only (nothing can be written)."""
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise RunFolderError(f"{path}: the lock file is a symbolic link; remove it", path=path) from None
+            if exc.errno == errno.EISDIR:
+                raise RunFolderError(f"{path}: a folder is where the run folder's lock file goes; remove it",
+                                     path=path) from None
             if exc.errno in _READ_ONLY and _foreign_lock(path):
                 continue  # another user's stale lock file, removed: make ours
             if exc.errno in _READ_ONLY:
                 return None
             raise
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
             os.close(fd)
-            raise RunFolderError(f"{path}: the lock file is not a regular file; remove it", path=path)
+            what = "is not a regular file" if not stat.S_ISREG(info.st_mode) else \
+                f"has {info.st_nlink} hard links (writing the lock would change the other names' file)"
+            raise RunFolderError(f"{path}: the lock file {what}; remove it", path=path)
         if info.st_uid != os.geteuid() and _foreign_lock(path, fd):
             continue
         if info.st_mode & 0o077 and info.st_uid == os.geteuid():
@@ -314,7 +319,9 @@ def run_folder_lock(root: str | Path, command: str | None = None) -> Iterator[di
         # the kernel released the old holder's flock: it died (a stale lock); say so once. A live pid of that
         # number is another process now (the pid was reused): it never held this lock
         info["took_over"] = {k: previous.get(k) for k in ("pid", "host", "command")}
-        info["took_over"]["alive"] = previous.get("host") == info["host"] and _pid_alive(previous.get("pid"))
+        info["took_over"]["alive"] = False  # we hold the flock it held: it no longer runs
+        if previous.get("host") == info["host"] and _pid_alive(previous.get("pid")):
+            info["took_over"]["pid_now"] = _cmdline(previous["pid"])  # reused by another process
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)

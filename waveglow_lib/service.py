@@ -49,7 +49,8 @@ import torch
 from .audio import wav_bytes
 from .batching import utterance_noise, vocode
 from .config import STFTConfig, WorkflowConfig
-from .engines.ray import INSTALL, actor_resources, connect, replica_grpc_on_loopback
+from .engines.ray import (INSTALL, actor_resources, child_pids, connect, end_processes, replica_grpc_on_loopback,
+                          started_since)
 from .errors import ConfigError, MelError, WaveGlowError, import_optional
 from .jobs import backend_name, open_backend, resolve_model_config
 from .layout import check_utterance_id
@@ -223,6 +224,25 @@ def npy_array(body: bytes) -> np.ndarray:
     return flat.reshape(shape, order="F" if fortran_order else "C")
 
 
+#: more digits than any float32 integer has (3.4e38: 39): not converted (Python's own limit is 4300 digits,
+#: whose message advises `sys.set_int_max_str_digits()`), refused where it stands (`_LongInteger`)
+MAX_INT_DIGITS = 40
+
+
+class _LongInteger:
+    """A JSON integer of more than MAX_INT_DIGITS digits, kept as its digit count for the refusal."""
+
+    def __init__(self, digits: int):
+        self.digits = digits
+
+
+def _json_int(text: str):
+    """A JSON integer of the body: an int, or `_LongInteger` for one too long to be a float32 (refused by
+    `json_array` with its place in the mel, never converted)."""
+    digits = len(text.lstrip("-"))
+    return _LongInteger(digits) if digits > MAX_INT_DIGITS else int(text)
+
+
 def json_array(body: bytes) -> np.ndarray:
     """JSON bytes → a float64 array: a `{"mel": rows}` object or the bare rows, where rows are lists of lists
     (2 or 3 levels) of JSON numbers, all of one length per level; no NaN/Infinity constants, no strings,
@@ -237,7 +257,7 @@ def json_array(body: bytes) -> np.ndarray:
         return dict(pairs)
 
     try:
-        data = json.loads(body, parse_constant=no_constant, object_pairs_hook=unique_keys)
+        data = json.loads(body, parse_constant=no_constant, object_pairs_hook=unique_keys, parse_int=_json_int)
     except RecursionError:  # "[" * 100000: the parser gives up at Python's recursion limit
         raise BadRequest(400, f"JSON body is nested too deep to be a mel ({MEL_JSON}, 2 or 3 levels)") from None
     except ValueError as exc:  # also: not UTF-8, an integer of more than 4300 digits
@@ -266,6 +286,9 @@ def json_array(body: bytes) -> np.ndarray:
                 collect(child, depth + 1, f"{where}[{i}]")
             return
         for i, value in enumerate(node):
+            if isinstance(value, _LongInteger):
+                raise BadRequest(422, f"JSON mel{where}[{i}] is an integer of {value.digits} digits, outside "
+                                      f"float32's range")
             if type(value) not in (int, float):  # bool is an int subclass: refused too
                 raise BadRequest(400, f"JSON mel{where}[{i}] is {json.dumps(value)[:40]}, not a number")
             if not -FLOAT32_MAX <= value <= FLOAT32_MAX:  # exact for huge ints; false for inf (1e400)
@@ -391,13 +414,6 @@ def serve_vocoder(cfg: WorkflowConfig, *, replicas: int = 1, host: str = "127.0.
     return f"http://{host}:{port}/vocode"
 
 
-def child_pids() -> set[int]:
-    """The processes this one has started (and they theirs) so far: what `shutdown` must leave alone."""
-    import_optional("ray", INSTALL, "serve")  # Ray ships psutil (ray/thirdparty_files) and puts it on the path
-    psutil = import_optional("psutil", INSTALL, "serve")
-    return {p.pid for p in psutil.Process().children(recursive=True)}
-
-
 def shutdown(*, stop_ray: bool = False, existing: set[int] | None = None, grace_s: float = 10.0) -> list[str]:
     """Stop the service. With `stop_ray` (the local Ray `serve_vocoder` started for this process), stop Ray
     too, then end every process started since (not in `existing`, from `child_pids()` before) that outlived
@@ -409,20 +425,9 @@ def shutdown(*, stop_ray: bool = False, existing: set[int] | None = None, grace_
     serve.shutdown()
     if not stop_ray:
         return []
-    psutil = import_optional("psutil", INSTALL, "serve")
-    started = [p for p in psutil.Process().children(recursive=True) if p.pid not in (existing or set())]
+    started = started_since(existing or set())
     ray.shutdown()
-    _, alive = psutil.wait_procs(started, timeout=grace_s)
-    ended = []
-    for sig in ("terminate", "kill"):
-        for proc in alive:
-            try:
-                ended.append(f"{proc.pid} {proc.name()}")
-                getattr(proc, sig)()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(alive, timeout=3)
-    return sorted(set(ended))
+    return end_processes(started, wait_s=grace_s)
 
 
 def application(args: dict):

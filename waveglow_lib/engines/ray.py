@@ -130,16 +130,62 @@ def replica_grpc_on_loopback() -> bool:
 STARTUP_TRIES = 3
 
 
-def with_startup_retries(start, tries: int = STARTUP_TRIES):
+def with_startup_retries(start, tries: int = STARTUP_TRIES, stop=None):
     """`start()` (a `ray.init`, a test cluster's node), tried again while Ray says its node "timed out during
     startup", at most `tries` times in all; any other error, and the last timeout, is raised as it is.
-    `connect` (infer, vocode, serve on engine ray) and the tests' own Ray start through it."""
+    `connect` (infer, vocode, serve on engine ray) and the tests' own Ray start through it.
+
+    A start that failed is stopped before the next try and before its error is raised (issue 38: under load
+    each timed-out `ray.init` left a half-started head, 8 processes and ~780 MB for the service's life):
+    `stop()` (`ray.shutdown`, which cannot reach a node whose start raised) is called, then every process
+    this one started during the attempt (Ray's GCS, raylet, agents, their workers) is ended."""
     for attempt in range(tries):
+        before = child_pids()
         try:
             return start()
         except Exception as exc:  # ray raises a bare Exception("... timed out during startup ...")
+            started = started_since(before)
+            if stop is not None:
+                try:
+                    stop()
+                except Exception:  # noqa: BLE001 (a half-started Ray may fail to shut down: its processes end below)
+                    pass
+            end_processes(started, wait_s=2.0)
             if "timed out during startup" not in str(exc) or attempt == tries - 1:
                 raise
+
+
+def _psutil():
+    import_ray()  # Ray ships psutil (ray/thirdparty_files) and puts it on the path
+    return import_optional("psutil", INSTALL, "engine=ray")
+
+
+def child_pids() -> set[int]:
+    """The processes this one has started (and they theirs) so far: what a clean-up must leave alone."""
+    return {p.pid for p in _psutil().Process().children(recursive=True)}
+
+
+def started_since(before: set[int]) -> list:
+    """This process's descendants (psutil.Process) that are not in `before` (taken before they could exit and
+    leave their own children to init)."""
+    return [p for p in _psutil().Process().children(recursive=True) if p.pid not in before]
+
+
+def end_processes(processes: list, wait_s: float) -> list[str]:
+    """Wait up to `wait_s` for `processes` to exit, then end the rest (SIGTERM, then SIGKILL 3 s later);
+    returns "pid name" of each one that had to be ended."""
+    psutil = _psutil()
+    _, alive = psutil.wait_procs(processes, timeout=wait_s)
+    ended = []
+    for sig in ("terminate", "kill"):
+        for proc in alive:
+            try:
+                ended.append(f"{proc.pid} {proc.name()}")
+                getattr(proc, sig)()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(alive, timeout=3)
+    return sorted(set(ended))
 
 
 def connect(address: str | None, *, dashboard: bool = False):
@@ -158,9 +204,11 @@ def connect(address: str | None, *, dashboard: bool = False):
                 os.environ.setdefault(key, value)
             with loopback_node():
                 with_startup_retries(lambda: ray.init(runtime_env=env, include_dashboard=dashboard,
-                                                      dashboard_host="127.0.0.1", configure_logging=False))
+                                                      dashboard_host="127.0.0.1", configure_logging=False),
+                                     stop=ray.shutdown)
         else:
-            with_startup_retries(lambda: ray.init(address=address, runtime_env=env, configure_logging=False))
+            with_startup_retries(lambda: ray.init(address=address, runtime_env=env, configure_logging=False),
+                                 stop=ray.shutdown)
     return ray
 
 

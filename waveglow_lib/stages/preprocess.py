@@ -28,8 +28,6 @@ from ..stamps import announce_redo, checkpoint_stft, file_stamps
 __all__ = ["preprocess", "list_wavs", "load_manifest", "ManifestError"]
 #: what preprocess reads back of its manifest (`io.read_record`; each item is checked by `_changed`)
 MANIFEST_FIELDS = {"settings": dict, "items": [dict]}
-#: a wav whose peak stays below this (≈3 LSB of int16) is treated as silent and skipped
-SILENCE_PEAK = 1e-4
 
 
 def list_wavs(corpus_dir: str | Path, limit: int = 0) -> list[Path]:
@@ -167,8 +165,9 @@ def _write_mel(wav: Path, bin_path: Path, stft: STFTConfig, cfg: WorkflowConfig)
         if stream.samples <= stft.filter_length // 2:
             raise AudioError(f"{wav}: {stream.samples} sample(s) is too short; the STFT needs more than "
                              f"filter_length // 2 = {stft.filter_length // 2}", path=wav)
-        if stream.peak < SILENCE_PEAK:
-            raise AudioError(f"{wav}: silent (peak {stream.peak:.2e}); nothing to vocode", path=wav)
+        unusable = stream.unusable()
+        if unusable:
+            raise AudioError(f"{wav}: {unusable}; nothing to vocode", path=wav)
 
     sha, shape = write_bin_blocks(bin_path, mel_blocks(checked_audio(), stft))
     return stream.samples, sha, shape

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..audio import load_wav, mel_spectrogram
+from ..audio import WavStream, mel_spectrogram
 from ..config import STFTConfig
 from ..errors import AudioError
 from ..layout import CORPUS_WAVS_DIR
@@ -22,8 +22,9 @@ class Corpus:
 
 
 def load_corpus(folder: str | Path, segment_length: int, stft: STFTConfig = STFTConfig()) -> Corpus:
-    """Every `wavs/*.wav` of an LJSpeech-layout folder, sorted; each must have the STFT's rate and be at
-    least one segment long (the message names the files and says what is expected)."""
+    """Every `wavs/*.wav` of an LJSpeech-layout folder, sorted; each must have the STFT's rate, be at least
+    one segment long and hold usable audio (`WavStream.unusable`, preprocess's rule: not silent, not float
+    samples far beyond full scale); the message names the files and says what is expected."""
     folder = Path(folder)
     wav_dir = folder / CORPUS_WAVS_DIR
     if not wav_dir.is_dir():
@@ -32,14 +33,19 @@ def load_corpus(folder: str | Path, segment_length: int, stft: STFTConfig = STFT
     paths = sorted(wav_dir.glob("*.wav"))
     if not paths:
         raise AudioError(f"{wav_dir}: no .wav files", path=wav_dir)
-    ids, audio, wrong_rate, too_short = [], [], [], []
+    ids, audio, wrong_rate, too_short, unusable = [], [], [], [], []
     for path in paths:
-        samples, rate = load_wav(path, expected_rate=None)
+        stream = WavStream(path, expected_rate=None)
+        samples, rate = np.concatenate(list(stream.pieces())), stream.rate
         if rate != stft.sampling_rate:
             wrong_rate.append(f"{path.name} ({rate} Hz)")
             continue
         if len(samples) < segment_length:
             too_short.append(f"{path.name} ({len(samples)} samples)")
+            continue
+        why = stream.unusable()
+        if why:
+            unusable.append(f"{path.name} ({why})")
             continue
         ids.append(path.stem)
         audio.append(samples)
@@ -50,6 +56,9 @@ def load_corpus(folder: str | Path, segment_length: int, stft: STFTConfig = STFT
     if too_short:
         problems.append(f"{len(too_short)} wav(s) shorter than segment_length={segment_length} samples: "
                         f"{', '.join(too_short[:5])} (remove them or lower segment_length)")
+    if unusable:
+        problems.append(f"{len(unusable)} of {len(paths)} wav(s) hold no usable audio: {', '.join(unusable[:3])} "
+                        "(remove them; a model cannot learn from them)")
     if problems:
         raise AudioError(f"{wav_dir}: " + "; ".join(problems), path=wav_dir)
     return Corpus(ids, audio, stft.sampling_rate)
