@@ -2,9 +2,13 @@
 resumable, chunked, and equal to the wav route's samples for mels our own preprocess made."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -280,3 +284,94 @@ def work(frames):
     assert long["traced_peak"] < 1.3 * short["traced_peak"] + 2**20, (short, long)
     # the process's peak RSS (torch's buffers included: a chunk's); a 4x longer mel asks for little more
     assert long["rss"] < 1.3 * short["rss"], (short, long)
+
+
+# --- the stdout pipe (issue 36): the wav's data chunk, as it is made ---------------------------------------
+def _data_chunk(path) -> bytes:
+    """The bytes of a RIFF/WAVE file's data chunk."""
+    blob = path.read_bytes()
+    at = 12
+    while at + 8 <= len(blob):
+        size = int.from_bytes(blob[at + 4: at + 8], "little")
+        if blob[at: at + 4] == b"data":
+            return blob[at + 8: at + 8 + size]
+        at += 8 + size + (size & 1)
+    raise AssertionError(f"{path}: no data chunk")
+
+
+def _pipe_argv(cfg, mel_path, *extra):
+    return [sys.executable, "-m", "waveglow_lib", "vocode", "--mels", str(mel_path), "--stdout",
+            "--runs-dir", cfg.runs_dir, "--name", cfg.name, "--checkpoint", cfg.checkpoint,
+            "--backend", cfg.backend, "--chunk-frames", str(cfg.chunk_frames),
+            "--denoiser-strength", str(cfg.denoiser_strength), *extra]
+
+
+@pytest.mark.parametrize("chunk_frames, denoise", [(40, 0.0), (40, 0.05), (0, 0.05)])
+def test_vocode_stdout_is_the_wavs_data_chunk(wav_route, tmp_path, chunk_frames, denoise):
+    """Real subprocesses: stdout holds exactly the bytes of the data chunk of the wav the `vocode` command
+    writes for the same mel and settings (chunked or whole, denoised or not, the .bin's .txt length),
+    nothing else; the format and rate are on stderr, and no file is written. (The command, not the stage
+    in this process: the denoiser's float rounding follows the process's torch thread count.)"""
+    item = load_manifest(wav_route.layout.mel_dir)["items"][0]
+    mels = _mels_as(wav_route, tmp_path / "mels", ".bin")
+    mel_path = mels / f"{item['id']}.bin"
+    cfg = wav_route.with_overrides(runs_dir=str(tmp_path / "runs"), chunk_frames=chunk_frames,
+                                   denoiser_strength=denoise)
+    argv = _pipe_argv(cfg, mel_path)
+    argv.remove("--stdout")
+    staged = subprocess.run(argv, capture_output=True, cwd=Path(__file__).parents[1], timeout=300)
+    assert staged.returncode == 0, staged.stderr.decode()[-2000:]
+    wav = syn_wav(cfg.layout.vocode_dir, item["id"])
+    piped = cfg.with_overrides(name="piped")
+    done = subprocess.run(_pipe_argv(piped, mel_path), capture_output=True, cwd=Path(__file__).parents[1],
+                          timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert done.stdout == _data_chunk(wav)
+    assert len(done.stdout) == 2 * item["samples"]  # the .txt length
+    err = done.stderr.decode()
+    assert "S16_LE" in err and "22050" in err and '"samples"' in err  # the summary went to stderr
+    assert not piped.run_dir.exists() or not any(piped.run_dir.rglob("*.wav"))
+
+
+def test_vocode_pipe_writes_chunk_by_chunk(wav_route, tmp_path):
+    """In process: each chunk reaches the stream as it is made (one write per chunk), flushed."""
+    from waveglow_lib.stages import vocode_pipe
+
+    class Recording(io.BytesIO):
+        writes: list = []
+
+        def write(self, data):
+            self.writes.append(len(data))
+            return super().write(data)
+
+    item = _longest_as_npy(wav_route, tmp_path / "mels")
+    cfg = wav_route.with_overrides(runs_dir=str(tmp_path / "runs"), chunk_frames=40)
+    out = Recording()
+    summary = vocode_pipe(cfg, tmp_path / "mels" / f"{item['id']}.npy", out)
+    chunks = math.ceil(item["mel_frames"] / 40)
+    assert len(out.writes) == chunks and sum(out.writes) == 2 * item["mel_frames"] * 256
+    assert summary["samples"] == item["mel_frames"] * 256 and summary["format"] == "s16le"
+    vocode(cfg, tmp_path / "mels")
+    assert out.getvalue() == _data_chunk(syn_wav(cfg.layout.vocode_dir, item["id"]))
+
+
+def test_vocode_stdout_ends_quietly_when_the_reader_goes_away(wav_route, tmp_path):
+    """The player quits after a few bytes (a mel long enough that the pipe's buffer fills first): exit 0, no
+    traceback; and a folder of several mels is a one-line error, nothing on stdout."""
+    item = max(load_manifest(wav_route.layout.mel_dir)["items"], key=lambda i: i["mel_frames"])
+    mel = read_bin(mel_bin(wav_route.layout.mel_dir, item), tuple(item["shape"]))
+    long_path = tmp_path / "long.npy"
+    save_mel(long_path, np.concatenate([mel] * 4, axis=1))  # > 64 KiB of PCM: the writer blocks on a full pipe
+    cfg = wav_route.with_overrides(runs_dir=str(tmp_path / "runs"), chunk_frames=40)
+    proc = subprocess.Popen(_pipe_argv(cfg, long_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=Path(__file__).parents[1])
+    assert len(proc.stdout.read(100)) == 100
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0, err[-2000:]
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
+
+    several = subprocess.run(_pipe_argv(cfg, _mels_as(wav_route, tmp_path / "mels", ".npy")), capture_output=True,
+                             cwd=Path(__file__).parents[1], timeout=300)
+    assert several.returncode == 2 and several.stdout == b""
+    assert "give one mel file" in several.stderr.decode()

@@ -275,6 +275,42 @@ class WavWriter:
         self.handle.seek(0, io.SEEK_END)
 
 
+# --- streamed audio (issue 36): the bytes a pipe or an HTTP stream sends, beside wav_bytes / WavWriter ----
+#: the sizes a WAV header states when the length is not known as it is sent (ffmpeg's and sox's pipes)
+STREAM_WAV_SIZE = 0xFFFFFFFF
+
+
+def pcm_int16_bytes(audio: np.ndarray) -> bytes:
+    """The data chunk of `wav_bytes(audio)`'s int16 file: 16-bit little-endian PCM (`aplay -f S16_LE`)."""
+    return to_int16(audio).astype("<i2").tobytes()
+
+
+class PcmWriter:
+    """Raw int16 PCM written piece by piece to a binary stream (a pipe): `WavWriter`'s data chunk without its
+    header, each piece flushed at once so a player gets it as it is made."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle, self.data_bytes = handle, 0
+
+    def write(self, audio: np.ndarray) -> None:
+        data = pcm_int16_bytes(audio)
+        self.handle.write(data)
+        self.handle.flush()
+        self.data_bytes += len(data)
+
+    def close(self) -> None:
+        self.handle.flush()
+
+
+def stream_wav_header(sample_rate: int) -> bytes:
+    """The header of a mono 32-bit float WAV sent before its length is known: RIFF and data sizes are
+    STREAM_WAV_SIZE (the streaming convention: read to the end), then float32 little-endian samples follow.
+    soundfile / libsndfile and scipy read it, stopping at the end of what arrived."""
+    rate = int(sample_rate)
+    return struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", STREAM_WAV_SIZE, b"WAVE", b"fmt ", 16, 3, 1, rate, 4 * rate,
+                       4, 32, b"data", STREAM_WAV_SIZE)
+
+
 def frames_for_samples(n_samples: int, hop: int = _NVIDIA.hop_length) -> int:
     """Mel frames NVIDIA's centred STFT gives for `n_samples` samples: 1 + n // hop."""
     return 1 + int(n_samples) // int(hop)

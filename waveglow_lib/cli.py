@@ -112,10 +112,42 @@ def _vocode_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mels", type=Path, required=True, metavar="DIR|FILE",
                         help="a folder of <id>.npy / <id>.pt / <id>.bin (+ .txt) mels, or one such file")
     parser.add_argument("--out-dir", type=Path, default=None, help="where the wavs go (default: runs/<name>/vocode)")
+    parser.add_argument("--stdout", action="store_true",
+                        help="write one mel's audio to stdout as it is made, no files: the bytes of the data chunk of "
+                             "its <id>_syn.wav (raw PCM, s16le mono; rate and format on stderr), e.g. "
+                             "| aplay -r 22050 -f S16_LE -c 1")
 
 
 def _run_vocode(cfg: WorkflowConfig, args: argparse.Namespace) -> Any:
+    if args.stdout:
+        return _vocode_to_stdout(cfg, args)
     return stages.vocode(cfg, args.mels, out_dir=args.out_dir, force=args.force)
+
+
+def _vocode_to_stdout(cfg: WorkflowConfig, args: argparse.Namespace) -> Any:
+    """`vocode --stdout`: the audio goes to a private copy of stdout's file descriptor, and descriptor 1 itself
+    becomes stderr for the rest of the run, so nothing else (a library's print, a C library's message, the
+    summary) can land among the samples. A reader that goes away (broken pipe) ends the run quietly."""
+    if args.out_dir is not None:
+        raise ConfigError("vocode --stdout writes no files: drop --out-dir")
+    sys.stdout.flush()
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # stdout replaced by an object (an in-process caller)
+        fd = None
+    if fd is None:
+        return stages.vocode_pipe(cfg, args.mels, sys.stdout.buffer)
+    pcm = os.fdopen(os.dup(fd), "wb")
+    os.dup2(sys.stderr.fileno(), fd)
+    try:
+        return stages.vocode_pipe(cfg, args.mels, pcm)
+    except BrokenPipeError:
+        return None  # the player quit: what it took was all it wanted
+    finally:
+        try:
+            pcm.close()
+        except OSError:  # the pipe broke with bytes still buffered
+            pass
 
 
 def _run_options(parser: argparse.ArgumentParser) -> None:

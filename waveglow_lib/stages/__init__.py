@@ -17,11 +17,11 @@ from .export import export
 from .infer import infer
 from .postprocess import postprocess
 from .preprocess import preprocess
-from .vocode import vocode
+from .vocode import vocode, vocode_pipe
 
 STAGES = ("preprocess", "export", "convert", "infer", "postprocess")
 
-__all__ = ["STAGES", "preprocess", "export", "convert", "infer", "postprocess", "run_all", "vocode"]
+__all__ = ["STAGES", "preprocess", "export", "convert", "infer", "postprocess", "run_all", "vocode", "vocode_pipe"]
 
 
 @locked("run-all")

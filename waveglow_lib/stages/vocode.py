@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+import sys
+import time
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..batching import NOISE_SCHEME, Utterance, utterance_noise, vocode_stream
 from ..checkpoint import load_waveglow
@@ -26,16 +30,16 @@ from ..denoiser import Denoiser
 from ..engines import run_job
 from ..errors import MelError
 from ..io import atomic_stream, atomic_write_bytes, read_record, write_bin
-from ..audio import WavWriter, wav_bytes
+from ..audio import PcmWriter, WavWriter, wav_bytes
 from ..jobs import (RECORD_FIELDS, InferJob, MelFileReader, StreamedAudio, VocodeSettings, backend_name,
-                    mel_folder_items, open_backend, resolve_model_config)
+                    mel_folder_items, open_backend, resolve_model_config, vocode_batch)
 from ..layout import VOCODE_RECORD_FILE, out_bin, syn_wav
 from ..mel_input import list_mels, mel_sample_count
 from ..metrics import snr_db
 from ..runlock import locked
 from ..stamps import OUTPUT_KEY, SOURCE_KEY, announce_redo, file_stamps, is_current, stage_stamp
 
-__all__ = ["vocode", "prepare_vocode", "VocodeJob", "read_mels", "stream_matches_offline"]
+__all__ = ["vocode", "vocode_pipe", "prepare_vocode", "VocodeJob", "read_mels", "stream_matches_offline"]
 #: an entry of `vocode/vocode.json`'s items (id → entry): the folder's stamp it was made under, its source's
 #: sha256, and its files ({name: {"size", "sha256"}}, `stamps.FileStamps.changed` checks each)
 ENTRY_FIELDS = {"settings": dict, SOURCE_KEY: str, "source": str, OUTPUT_KEY: dict, "frames": int, "samples": int}
@@ -84,17 +88,19 @@ class VocodeJob(InferJob):
     def write_item(self, utterance: Utterance, audio: np.ndarray | StreamedAudio) -> dict:
         if isinstance(audio, StreamedAudio):  # written as it was made (`stream_writer`)
             return audio.entry
-        source = self.sources[utterance.id]
-        raw = audio
-        if self.denoiser is not None:
-            audio = np.asarray(self.denoiser(audio[None], strength=self.denoiser_strength),
-                               dtype=np.float32).reshape(-1)
-        if source["samples"] is not None:  # the source's length, as the wav route trims
-            audio = audio[: source["samples"]]
+        raw, audio = audio, self.wav_audio(utterance, audio)
         if self.write_bin:
             write_bin(out_bin(self.out_dir, utterance.id), raw)
         atomic_write_bytes(syn_wav(self.out_dir, utterance.id), wav_bytes(audio, self.rate))
         return self.entry(utterance, int(audio.size))
+
+    def wav_audio(self, utterance: Utterance, audio: np.ndarray) -> np.ndarray:
+        """An utterance's whole audio as its wav holds it: denoised, cut to the source's `.txt` length."""
+        if self.denoiser is not None:
+            audio = np.asarray(self.denoiser(audio[None], strength=self.denoiser_strength),
+                               dtype=np.float32).reshape(-1)
+        samples = self.sources[utterance.id]["samples"]
+        return audio if samples is None else audio[:samples]  # the source's length, as the wav route trims
 
     def entry(self, utterance: Utterance, samples: int) -> dict:
         """What the record says of an utterance's outputs, once they are in place."""
@@ -109,6 +115,10 @@ class VocodeJob(InferJob):
         """A long utterance's outputs written chunk by chunk as they are vocoded (`jobs.vocode_batch`)."""
         return WavSink(self, utterance)
 
+    def pipe_writer(self, utterance: Utterance, out: BinaryIO) -> "WavSink":
+        """The same, the wav's data chunk only (raw PCM) to `out`, nothing written to files (`vocode_pipe`)."""
+        return WavSink(self, utterance, PcmWriter(out))
+
     def summary(self) -> dict:
         return {**super().summary(), "backend": self.backend, "record": str(self.timings_path)}
 
@@ -121,15 +131,17 @@ class WavSink:
     """One utterance's outputs written as its audio is made (memory: a chunk, not the utterance): the wav
     (denoised block by block, cut to the source's length) and, with `vocode_out_bin`, the raw `<id>_out.bin`,
     each a temp file renamed into place by `finish()` only (`io.atomic_stream`); `abort()` removes them.
-    The same bytes `VocodeJob.write_item` writes for the joined audio (the denoiser: to float rounding)."""
+    The same bytes `VocodeJob.write_item` writes for the joined audio (the denoiser: to float rounding).
+    With `pcm` (an `audio.PcmWriter` on a pipe): the wav's data chunk goes there instead, and no file is made."""
 
-    def __init__(self, job: VocodeJob, utterance: Utterance) -> None:
-        self.job, self.utterance = job, utterance
+    def __init__(self, job: VocodeJob, utterance: Utterance, pcm: PcmWriter | None = None) -> None:
+        self.job, self.utterance, self.to_files = job, utterance, pcm is None
         self.limit = job.sources[utterance.id]["samples"]  # the source's length (None: all of it)
         self.files = contextlib.ExitStack()
-        self.wav = WavWriter(self.files.enter_context(atomic_stream(syn_wav(job.out_dir, utterance.id))), job.rate)
-        self.raw = (self.files.enter_context(atomic_stream(out_bin(job.out_dir, utterance.id))) if job.write_bin
-                    else None)
+        self.wav = pcm or WavWriter(self.files.enter_context(atomic_stream(syn_wav(job.out_dir, utterance.id))),
+                                    job.rate)
+        self.raw = (self.files.enter_context(atomic_stream(out_bin(job.out_dir, utterance.id)))
+                    if job.write_bin and self.to_files else None)
         self.denoise = BlockDenoiser(job.denoiser, job.denoiser_strength) if job.denoiser is not None else None
         self.samples = 0
 
@@ -149,6 +161,8 @@ class WavSink:
             self._emit(self.denoise.end())
         self.wav.close()
         self.files.close()  # complete: renamed into place
+        if not self.to_files:
+            return self.samples, {"samples": self.samples}
         return self.samples, self.job.entry(self.utterance, self.samples)
 
     def abort(self) -> None:
@@ -263,6 +277,50 @@ def vocode(cfg: WorkflowConfig, mels: str | Path, *, model=None, backend=None, o
     job = prepare_vocode(cfg, mels, model=model, name=backend.name if backend is not None else None,
                          out_dir=out_dir, force=force, engine="local" if backend is not None else cfg.engine)
     return run_job(cfg, job, model=model, backend=backend)
+
+
+def vocode_pipe(cfg: WorkflowConfig, mels: str | Path, out: BinaryIO, *, model=None, backend=None) -> dict:
+    """One mel file → the data chunk of the `<id>_syn.wav` that `vocode` writes for it (same settings: raw
+    PCM, int16 little-endian, mono, the model's rate), written to `out` as chunks finish: a mel longer than
+    `chunk_window(chunk_frames)` chunk by chunk (the stage's `WavSink` path), a shorter one whole (its
+    `write_item` path), so the bytes are the wav's. Nothing is written to files and nothing is skipped; runs
+    in this process (`backend=`: an opened one, not closed here). The format and progress go to stderr.
+    A closed `out` (the player quit) raises BrokenPipeError, after which nothing more is computed."""
+    job = prepare_vocode(cfg, mels, model=model, name=backend.name if backend is not None else None, force=True,
+                         engine="local")
+    if len(job.todo) != 1:
+        raise MelError(f"{mels}: holds {len(job.todo)} mels; the stdout pipe carries one utterance's audio: give "
+                       "one mel file", path=Path(mels))
+    utterance = job.todo[0]
+    rate = job.rate
+    print(f"vocode {utterance.id} → stdout: raw PCM, signed 16-bit little-endian, mono, {rate} Hz (the data "
+          f"chunk of {utterance.id}_syn.wav); play it with: aplay -r {rate} -f S16_LE -c 1  (or sox -t raw -r "
+          f"{rate} -e signed -b 16 -c 1 - -d)", file=sys.stderr, flush=True)
+    own_backend = backend is None
+    if own_backend:
+        backend = open_backend(cfg, model=model, model_config=job.settings.model_config, name=job.backend)
+    sink = job.pipe_writer(utterance, out)
+    total = utterance.frames * job.settings.model_config.hop_length
+    t0 = time.perf_counter()
+    try:
+        with tqdm(total=total, unit_scale=1 / rate, desc=f"vocode → stdout (s16le {rate} Hz, {backend.name})",
+                  bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s audio [{elapsed}<{remaining}]",
+                  file=sys.stderr) as bar:
+            result = vocode_batch(backend, job.settings, [utterance], stream=lambda u: sink, progress=bar.update)
+        audio = result.audios[0]
+        if isinstance(audio, StreamedAudio):  # written chunk by chunk, as the stage's WavSink writes the wav
+            samples = audio.size
+        else:  # short: one piece, as write_item writes it
+            audio = job.wav_audio(utterance, audio)
+            sink.wav.write(audio)
+            samples = int(audio.size)
+    finally:
+        if own_backend:
+            backend.close()
+    seconds = time.perf_counter() - t0
+    return {"id": utterance.id, "format": "s16le", "rate": rate, "channels": 1, "samples": samples,
+            "bytes": sink.wav.data_bytes, "seconds": round(seconds, 3),
+            "real_time_factor": round(seconds / (samples / rate), 4) if samples else None}
 
 
 def stream_matches_offline(cfg: WorkflowConfig, mel, utt_id: str, *, model=None, chunk_frames: int | None = None,
