@@ -9,7 +9,7 @@ import pytest
 from support import TINY_PIPELINE, snr_db
 from waveglow_lib.backends import get_backend
 from waveglow_lib.batching import (NOISE_BLOCK_STEPS, chunk_plan, chunk_window, noise_source, noise_steps,
-                                   utterance_noise, vocode, vocode_chunked, vocode_stream)
+                                   utterance_noise, vocode, vocode_chunked, vocode_stream, NOT_YET)
 from waveglow_lib.config import ModelConfig
 from waveglow_lib.convert import mel_gears
 from waveglow_lib.errors import MelError
@@ -116,6 +116,45 @@ def test_stream_equals_offline_and_yields_early(torch_backend, long_case):
     again = np.concatenate(list(vocode_stream(uneven, torch_backend, TINY_PIPELINE, sigma=SIGMA, seed=1234,
                                               utt_id="long", chunk_frames=chunk_frames)))
     assert np.array_equal(again, np.concatenate(pieces))
+
+
+def test_stream_with_a_short_first_chunk_and_a_live_source(torch_backend, long_case):
+    """A first chunk of 2 frames, doubling to 10: audio starts after 2 + right frames, sizes 2, 4, 8, 10, ...;
+    a live source that says NOT_YET gets NOT_YET back and the stream resumes; the joined audio is the same."""
+    mel, _, one_shot = long_case
+    right = TINY_PIPELINE.chunk_context()[1]
+    arrived: list = []  # frames the source has, as a socket would have them
+    given = []
+
+    def live():
+        while True:
+            if arrived:
+                given.append(1)
+                yield arrived.pop(0)
+            elif len(given) >= FRAMES:
+                return
+            else:
+                yield NOT_YET
+
+    pieces, waits = [], 0
+    stream = vocode_stream(live(), torch_backend, TINY_PIPELINE, sigma=SIGMA, seed=1234, utt_id="long",
+                           chunk_frames=10, first_chunk_frames=2)
+    t = 0
+    for piece in stream:
+        if piece is NOT_YET:
+            waits += 1
+            arrived.append(mel[:, t])
+            t += 1
+            continue
+        if not pieces:
+            assert len(given) == 2 + right
+        pieces.append(piece)
+    hop = TINY_PIPELINE.hop_length
+    assert [p.size // hop for p in pieces[:4]] == [2, 4, 8, 10] and waits == FRAMES
+    assert np.array_equal(np.concatenate(pieces), np.concatenate(list(vocode_stream(
+        mel, torch_backend, TINY_PIPELINE, sigma=SIGMA, seed=1234, utt_id="long", chunk_frames=10,
+        first_chunk_frames=2))))
+    assert snr_db(one_shot, np.concatenate(pieces)) >= 100
 
 
 def test_stream_of_a_short_utterance_and_bad_streams(torch_backend):

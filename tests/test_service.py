@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import inspect
 import io
 import json
 import select
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -28,8 +30,12 @@ from waveglow_lib.bench.serve_load import (load_level, load_test, npy_bytes, pos
 from waveglow_lib.errors import ConfigError
 from waveglow_lib.engines.ray import with_startup_retries
 from waveglow_lib.io import read_bin
-from waveglow_lib.service import (BadRequest, BodySlots, ServeLimits, application, check_encoding, decode_mel,
-                                  read_body, receive_body, request_id)
+from waveglow_lib.audio import stream_wav_header
+from waveglow_lib.batching import NOT_YET
+from waveglow_lib.config import STFTConfig
+from waveglow_lib.service import (BadRequest, BodySlots, ClientGone, LiveMel, ServeLimits, StreamChunks, application,
+                                  check_encoding, decode_mel, read_body, receive_body, request_id, stream_flag,
+                                  stream_steps)
 
 ray, needs_ray = optional_ray("ray.serve")
 
@@ -572,3 +578,195 @@ def test_serve_command_keeps_its_ray_on_loopback_and_sigterm_stops_all_of_it(tin
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+# --- streamed answers (issue 36): POST ?stream=true and the WebSocket /vocode/ws ---------------------------
+def test_a_stream_closed_midway_computes_nothing_more():
+    """The client goes away (the response's iterator is closed or cancelled): the generator is closed after
+    the step in flight, and no later chunk is computed."""
+    made: list[int] = []
+    gate = threading.Event()
+
+    def chunks():
+        for i in range(10):
+            made.append(i)
+            if i == 1:
+                gate.wait(30)  # the second chunk is being computed when the client goes
+            yield i
+
+    async def closed_after_first():
+        gen = chunks()
+        steps = stream_steps(gen)
+        assert await steps.__anext__() == 0
+        await steps.aclose()
+        return gen
+
+    gen = asyncio.run(closed_after_first())
+    assert made == [0] and inspect.getgeneratorstate(gen) == inspect.GEN_CLOSED
+
+    async def cancelled_in_flight():
+        gen = chunks()
+        steps = stream_steps(gen)
+        assert await steps.__anext__() == 0
+        task = asyncio.ensure_future(steps.__anext__())
+        while len(made) < 2:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert inspect.getgeneratorstate(gen) == inspect.GEN_RUNNING  # the step in flight is left to finish
+        gate.set()
+        while inspect.getgeneratorstate(gen) != inspect.GEN_CLOSED:
+            await asyncio.sleep(0.01)
+        return gen
+
+    made.clear()
+    asyncio.run(asyncio.wait_for(cancelled_in_flight(), 60))
+    assert made == [0, 1]
+
+
+def test_live_mel_checks_pieces_limits_and_the_format_before_any_frame_is_vocoded(speech_mel):
+    limits = ServeLimits(max_body_bytes=200_000, max_frames=150)
+    live = LiveMel(limits, STFTConfig(), check_frames=40)
+    source = live.pieces()
+    assert next(source) is NOT_YET
+    live.take({"type": "websocket.receive", "bytes": npy_bytes(speech_mel[:, :30])})
+    assert next(source) is NOT_YET  # held: 30 frames are fewer than the check needs
+    live.take({"type": "websocket.receive", "bytes": npy_bytes(speech_mel[:, 30:45])})
+    assert next(source).shape == (80, 30) and next(source).shape == (80, 15) and next(source) is NOT_YET
+    live.take({"type": "websocket.receive", "text": "end"})
+    assert list(source) == []
+    for message, status, words in (
+            ({"type": "websocket.receive", "text": "hello"}, 400, "then the text message end"),
+            ({"type": "websocket.receive", "bytes": b"garbage"}, 400, "not .npy"),
+            ({"type": "websocket.receive", "bytes": npy_bytes(speech_mel[:, :5].T)}, 422, "frames first"),
+            ({"type": "websocket.receive", "bytes": npy_bytes(np.zeros((80, 0)))}, 422, "no frames"),
+            ({"type": "websocket.receive", "bytes": npy_bytes(np.full((80, 3), np.nan))}, 422, "NaN"),
+            ({"type": "websocket.receive", "bytes": npy_bytes(np.concatenate([speech_mel] * 2, 1))}, 413, "frames")):
+        with pytest.raises(BadRequest) as info:
+            LiveMel(limits, STFTConfig(), 40).take(message)
+        assert info.value.status == status and words in str(info.value), str(info.value)
+    decibels = LiveMel(limits, STFTConfig(), 40)
+    decibels.take({"type": "websocket.receive", "bytes": npy_bytes(speech_mel[:, :20] * 20 / np.log(10))})
+    with pytest.raises(BadRequest, match="dB") as info:  # checked once 40 frames are there
+        decibels.take({"type": "websocket.receive", "bytes": npy_bytes(speech_mel[:, 20:60] * 20 / np.log(10))})
+    assert info.value.status == 422 and list(decibels.ready) == []
+    with pytest.raises(ClientGone):
+        live.take({"type": "websocket.disconnect", "code": 1001})
+    assert stream_flag(None) is False and stream_flag("true") is True and stream_flag("0") is False
+    with pytest.raises(BadRequest, match="stream=true"):
+        stream_flag("maybe")
+
+
+def ws_url(url: str, utt_id: str | None) -> str:
+    return url.replace("http", "ws", 1) + "/ws" + (f"?id={utt_id}" if utt_id else "")
+
+
+@needs_ray
+@pytest.mark.e2e
+def test_streamed_post_comes_chunked_and_equals_the_whole_answer(served, speech_mel):
+    import http.client
+
+    url, mels, expected = served
+    utt_id, mel = max(mels, key=lambda m: m[1].shape[1])
+    long = np.concatenate([mel] * 3, axis=1)  # several chunks: 16, 32, 64, 128, 256 ... frames
+    status, body, _ = post_mel(url, npy_bytes(long), "long")
+    assert status == 200
+    whole = wav_samples(body)[0]
+    host, port = url.split("//")[1].split("/")[0].split(":")
+
+    def streamed(mel: np.ndarray, utt_id: str) -> tuple[http.client.HTTPResponse, bytes]:
+        conn = http.client.HTTPConnection(host, int(port), timeout=120)
+        conn.request("POST", f"/vocode?id={utt_id}&stream=true", body=npy_bytes(mel),
+                     headers={"Content-Type": "application/octet-stream"})
+        response = conn.getresponse()
+        return response, response.read()
+
+    response, data = streamed(long, "long")
+    assert response.status == 200 and response.getheader("Content-Type") == "audio/wav"
+    assert response.getheader("Transfer-Encoding") == "chunked" and response.getheader("Content-Length") is None
+    assert int(response.getheader("X-Audio-Samples")) == long.shape[1] * 256
+    assert data[:44] == stream_wav_header(22050)  # the streaming sizes: read to the end
+    assert np.frombuffer(data[44:], dtype="<f4").tobytes() == whole.tobytes()
+    assert wav_samples(data)[0].tobytes() == whole.tobytes()  # soundfile reads it as it is
+    _, data = streamed(mel, utt_id)
+    assert np.frombuffer(data[44:], dtype="<f4").tobytes() == expected[utt_id].tobytes()  # the offline truth
+    # refusals as without streaming, before anything is streamed
+    status, body, _ = post_mel(f"{url}?stream=true&id=x", npy_bytes(speech_mel.T))
+    assert status == 422 and b"frames first" in body
+    status, body, _ = post_mel(f"{url}?stream=maybe&id=x", npy_bytes(speech_mel))
+    assert status == 400 and b"stream=true" in body
+    assert status_of(open_request(url + "?stream=true", f"Content-Length: {100 << 20}\r\n"), timeout=30) == 413
+    # a client that goes away after the first bytes: the replica drops the stream and keeps serving
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    body = npy_bytes(long)
+    sock.sendall(f"POST /vocode?id=gone&stream=true HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
+                 f"application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    assert sock.recv(64).startswith(b"HTTP/1.1 200")
+    sock.close()
+    status, body, _ = post_mel(url, npy_bytes(mel), utt_id, timeout=60)
+    assert status == 200 and wav_samples(body)[0].tobytes() == expected[utt_id].tobytes()
+
+
+@needs_ray
+@pytest.mark.e2e
+def test_websocket_sends_audio_as_its_context_arrives_and_equals_the_whole(served, speech_mel):
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    from support import TINY_PIPELINE
+
+    url, mels, expected = served
+    utt_id, mel = mels[0]
+    first, right = StreamChunks().first_frames, TINY_PIPELINE.chunk_context()[1]
+    with connect(ws_url(url, utt_id), open_timeout=60) as ws:
+        ws.send(npy_bytes(mel[:, : first + right]))  # what the first chunk needs, and nothing more yet
+        audio = ws.recv(timeout=120)
+        assert isinstance(audio, bytes) and len(audio) == first * 256 * 4
+        got = [audio]
+        rest = mel[:, first + right:]
+        for a in range(0, rest.shape[1], 7):
+            ws.send(npy_bytes(rest[:, a: a + 7]))
+        ws.send("end")
+        while isinstance(message := ws.recv(timeout=120), bytes):
+            got.append(message)
+        summary = json.loads(message)
+    joined = np.frombuffer(b"".join(got), dtype="<f4")
+    assert joined.tobytes() == expected[utt_id].tobytes()
+    assert summary["samples"] == joined.size == mel.shape[1] * 256 and summary["chunks"] == len(got)
+
+    def refused(path_id, *messages) -> tuple[dict, int, str]:
+        with connect(ws_url(url, path_id), open_timeout=60) as ws:
+            for message in messages:
+                ws.send(message)
+            while isinstance(answer := ws.recv(timeout=60), bytes):
+                pass  # audio made before the refusal
+            with pytest.raises(ConnectionClosed) as info:
+                ws.recv(timeout=60)
+        return json.loads(answer), info.value.rcvd.code, info.value.rcvd.reason
+
+    for case, (status, code, words) in {
+            (utt_id, "hello"): (400, 1003, "then the text message end"),
+            (utt_id, b"garbage"): (400, 1003, "not .npy"),
+            (utt_id, npy_bytes(speech_mel[:, :5].T)): (422, 1007, "frames first"),
+            (utt_id, npy_bytes(speech_mel * 20 / np.log(10))): (422, 1007, "dB"),
+            (utt_id, "end"): (422, 1007, "without a single frame"),
+            (None,): (400, 1003, "give the utterance id"),  # refused before any message is read
+            (utt_id, *[npy_bytes(np.concatenate([speech_mel] * 10, 1))] * 4): (413, 1009, "limit")}.items():
+        error, close_code, reason = refused(*case)
+        assert (error["status"], close_code) == (status, code) and words in error["error"], error
+        assert reason and reason in error["error"]
+    nan = speech_mel.copy()
+    nan[0, 50] = np.nan
+    error, close_code, _ = refused(utt_id, npy_bytes(speech_mel[:, :50]), npy_bytes(nan[:, 50:]))
+    assert close_code == 1007 and "NaN" in error["error"]
+    # a client that sends nothing more is cut off after the body timeout, as a POST's body is
+    with connect(ws_url(url, utt_id), open_timeout=60) as ws:
+        ws.send(npy_bytes(speech_mel[:, :3]))
+        error = json.loads(ws.recv(timeout=60))
+        assert error["status"] == 408 and "not complete after 8 s" in error["error"]
+    # one that goes away mid-stream: the service keeps serving
+    with connect(ws_url(url, utt_id), open_timeout=60) as ws:
+        ws.send(npy_bytes(mel))
+    status, body, _ = post_mel(url, npy_bytes(mel), utt_id, timeout=60)
+    assert status == 200 and wav_samples(body)[0].tobytes() == expected[utt_id].tobytes()

@@ -220,6 +220,7 @@ def _vocode_with_chunks(backend, mels, noises, sigma, model_config, exact, pad_v
 
 #: `noise(start_step, stop_step) -> [n_group, stop - start]` standard-normal noise of one utterance
 NoiseSource = Callable[[int, int], np.ndarray]
+_END = object()
 
 
 def chunk_window(model_config: ModelConfig, chunk_frames: int) -> int:
@@ -228,19 +229,22 @@ def chunk_window(model_config: ModelConfig, chunk_frames: int) -> int:
     return chunk_frames + left + right
 
 
-def chunk_plan(frames: int, chunk_frames: int, model_config: ModelConfig) -> list[tuple[int, int, int, int]]:
+def chunk_plan(frames: int, chunk_frames: int, model_config: ModelConfig,
+               first_chunk_frames: int = 0) -> list[tuple[int, int, int, int]]:
     """(window start, window stop, centre start, centre stop) of each chunk of a `frames`-long mel.
 
-    Centres are consecutive `chunk_frames` pieces; each window adds `ModelConfig.chunk_context()` frames
-    each side, cut at the utterance's ends (where one-shot synthesis has the same boundary). This is the
-    plan `vocode_stream` follows on a backend without gears (one with gears may widen the last window).
+    Centres are consecutive `chunk_frames` pieces (with `first_chunk_frames`: that many first, each next
+    twice the last, up to chunk_frames); each window adds `ModelConfig.chunk_context()` frames each side,
+    cut at the utterance's ends (where one-shot synthesis has the same boundary). This is the plan
+    `vocode_stream` follows on a backend without gears (one with gears may widen the last window).
     """
     left, right = model_config.chunk_context()
     plan, start = [], 0
+    size = min(first_chunk_frames, chunk_frames) if first_chunk_frames > 0 else chunk_frames
     while start < frames:
-        stop = min(frames, start + chunk_frames) if chunk_frames > 0 else frames
+        stop = min(frames, start + size) if chunk_frames > 0 else frames
         plan.append((max(0, start - left), min(frames, stop + right), start, stop))
-        start = stop
+        start, size = stop, min(chunk_frames, 2 * size)
     return plan
 
 
@@ -259,13 +263,20 @@ def _array_noise(noise: np.ndarray) -> NoiseSource:
     return take
 
 
-def _mel_pieces(mels: np.ndarray | Iterable[np.ndarray], n_mel: int, block: int = 0) -> Iterator[np.ndarray]:
+#: what a live mel source yields when no frame is ready yet (`vocode_stream` then yields it too)
+NOT_YET = None
+
+
+def _mel_pieces(mels: np.ndarray | Iterable[np.ndarray], n_mel: int, block: int = 0) -> Iterator[np.ndarray | None]:
     """A whole mel `[n_mel, T]` (an array, or `mel_input.MelBlocks`) in pieces of `block` frames, or an
-    iterable of `[n_mel, k]` pieces / `[n_mel]` frames."""
+    iterable of `[n_mel, k]` pieces / `[n_mel]` frames (NOT_YET passed on as it is)."""
     if getattr(mels, "ndim", None) == 2 and hasattr(mels, "shape"):
         whole, step = mels, max(1, block or mels.shape[1])
         mels = (whole[:, start:start + step] for start in range(0, whole.shape[1], step))
     for index, piece in enumerate(mels):
+        if piece is NOT_YET:
+            yield piece
+            continue
         piece = np.asarray(piece, dtype=np.float32)
         if piece.ndim == 1:
             piece = piece[:, None]
@@ -281,7 +292,7 @@ def vocode_stream(mels: np.ndarray | Iterable[np.ndarray], backend, model_config
                   sigma: float, noise: np.ndarray | NoiseSource | None = None, seed: int | None = None,
                   utt_id: str | None = None, chunk_frames: int = 2048,
                   pad_value: float = STFTConfig().pad_value, exact: bool = True,
-                  stats: dict | None = None) -> Iterator[np.ndarray]:
+                  stats: dict | None = None, first_chunk_frames: int = 0) -> Iterator[np.ndarray | None]:
     """Vocode one utterance chunk by chunk, yielding each chunk's audio as soon as its context is there.
 
     `mels`: the whole mel `[n_mel, T]`, or an iterable of `[n_mel, k]` pieces or `[n_mel]` frames (a TTS
@@ -292,6 +303,10 @@ def vocode_stream(mels: np.ndarray | Iterable[np.ndarray], backend, model_config
     window carries `chunk_context()` frames each side, so no sample sees a window's edge). Memory holds
     one window (+ the largest gear) of mel, not the utterance. `chunk_frames=0`: one shot at the end.
     `stats` (a dict) receives chunks, computed_frames (window frames run, padding included), inexact.
+    `first_chunk_frames` (< chunk_frames): the first centre is that short and each next one twice the last,
+    up to chunk_frames — audio starts after a short window, later chunks carry their context rarely.
+    A live source (a socket) may yield NOT_YET when it has no frame ready: the stream then yields NOT_YET
+    (no audio) and goes on where it was when next asked, once the caller has more frames for the source.
     """
     if noise is None:
         if seed is None or utt_id is None:
@@ -309,11 +324,14 @@ def vocode_stream(mels: np.ndarray | Iterable[np.ndarray], backend, model_config
     pending: list[np.ndarray] = []
     base = received = start = 0  # buffer holds frames [base, received); next centre starts at `start`
     ended = False
+    size = min(first_chunk_frames, chunk_frames) if first_chunk_frames > 0 else chunk_frames
     while True:
-        while not ended and (chunk_frames <= 0 or received < start + chunk_frames + right):
-            piece = next(pieces, None)
-            if piece is None:
+        while not ended and (chunk_frames <= 0 or received < start + size + right):
+            piece = next(pieces, _END)
+            if piece is _END:
                 ended = True
+            elif piece is NOT_YET:
+                yield NOT_YET
             else:
                 pending.append(piece)
                 received += piece.shape[1]
@@ -322,12 +340,12 @@ def vocode_stream(mels: np.ndarray | Iterable[np.ndarray], backend, model_config
             pending = []
         if ended and start >= received:
             break
-        stop = min(received, start + chunk_frames) if chunk_frames > 0 else received
+        stop = min(received, start + size) if chunk_frames > 0 else received
         a, b = max(0, start - left), min(received, stop + right)
         audio, a = _run_window(backend, buffer, base, a, b, ended and b == received, take_noise, sigma,
                                model_config, exact, pad_value, stats)
         yield audio[(start - a) * hop: (stop - a) * hop]
-        start = stop
+        start, size = stop, min(chunk_frames, 2 * size)
         drop = max(0, start - keep) - base
         if drop > 0:
             buffer, base = buffer[:, drop:], base + drop

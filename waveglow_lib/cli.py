@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -175,6 +176,9 @@ def _bench_options(parser: argparse.ArgumentParser) -> None:
                              "real-time factor) per backend and the vocode stage's peak memory by length "
                              "(10 s … 1 h) → bench_stream.json/.md (default model: demo; --lengths default: the "
                              "guide's)")
+    parser.add_argument("--no-serve", action="store_true",
+                        help="with --stream: leave out the service's streamed answers (HTTP ?stream=true and the "
+                             "WebSocket, measured on a local Ray Serve beside the library path)")
 
 
 def _run_stage(stage: str) -> Callable[[WorkflowConfig, argparse.Namespace], Any]:
@@ -212,10 +216,30 @@ def _run_notebooks(cfg: WorkflowConfig, args: argparse.Namespace) -> Any:
     return None
 
 
+def _served_for_bench(cfg: WorkflowConfig):
+    """`bench --stream`'s service: `serve` on this process's Ray (a local one on 127.0.0.1, started and stopped
+    here unless one is running), one replica, the given model, backend, precision, threads and chunks."""
+    @contextlib.contextmanager
+    def serve(*, checkpoint: str, backend: str, precision: str, threads: int, stream_chunks: tuple[int, int]):
+        run = cfg.with_overrides(checkpoint=checkpoint, backend=backend, precision=precision,
+                                 ray_cpus_per_actor=threads)
+        owns_ray = run.ray_address is None and not engines.ray.import_ray("serve").is_initialized()
+        existing = service.child_pids()
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        try:
+            yield service.serve_vocoder(run, port=port, max_batch=1, stream=service.StreamChunks(*stream_chunks))
+        finally:
+            service.shutdown(stop_ray=owns_ray, existing=existing)
+    return serve
+
+
 def _run_bench(cfg: WorkflowConfig, args: argparse.Namespace) -> Any:
     if args.stream:
         result = stream_bench(cfg, model=args.model or "demo", threads=args.threads, out_dir=args.out_dir,
                               backends=args.backends.split(",") if args.backends else None,
+                              serve=None if args.no_serve else _served_for_bench(cfg),
                               **({"lengths": parse_lengths(args.lengths)} if args.lengths else {}))
         print(render_stream_markdown(result))
         return {"files": result["files"]}
@@ -252,6 +276,11 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     parser.add_argument("--max-batch", type=int, default=8, help="most requests @serve.batch joins into a batch")
     parser.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits for more requests")
+    parser.add_argument("--stream-first-frames", type=int, default=service.StreamChunks.first_frames,
+                        help="streamed answers (?stream=true, /vocode/ws): mel frames of the first chunk, each next "
+                             "one twice the last")
+    parser.add_argument("--stream-chunk-frames", type=int, default=service.StreamChunks.chunk_frames,
+                        help="streamed answers: the largest chunk, in mel frames")
     parser.add_argument("--load-test", action="store_true",
                         help="start the service, load it with 1, 4, 16 concurrent clients on 127.0.0.1 with the "
                              "run's mels, compare every response with the infer stage's output, write "
@@ -296,11 +325,13 @@ def _run_serve(cfg: WorkflowConfig, args: argparse.Namespace) -> Any:
     try:
         url = service.serve_vocoder(cfg, replicas=args.replicas, host=args.host, port=args.port,
                                     max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000,
-                                    dashboard=args.dashboard)
+                                    dashboard=args.dashboard,
+                                    stream=service.StreamChunks(args.stream_first_frames, args.stream_chunk_frames))
         # ray.init put in its own handlers, which abort the process (and leave Ray's agents running)
         signal.signal(signal.SIGTERM, _raise_terminated)
         if not args.load_test:
-            print(f"serving POST {url} (Ctrl-C or SIGTERM stops)", file=sys.stderr)
+            print(f"serving POST {url} (?stream=true: chunk by chunk) and the WebSocket "
+                  f"{url.replace('http', 'ws', 1)}/ws (Ctrl-C or SIGTERM stops)", file=sys.stderr)
             while True:
                 time.sleep(3600)
         mels, expected = offline_outputs(cfg)

@@ -26,6 +26,15 @@ starting to read it (a total, not per chunk: a client trickling a byte at a time
 so clients that stall after their headers cannot make good requests queue behind them, and kept bodies
 stay under 64 × 8 MiB. A refusal before the body's end closes the connection.
 
+Streamed answers: `POST /vocode?stream=true` answers the same samples chunk by chunk as they are made
+(chunked transfer; a WAV header with the streaming sizes, 0xFFFFFFFF, then float32 samples), and the
+WebSocket `/vocode/ws?id=X` takes the mel as `.npy` pieces (then the text `end`) and sends each chunk's
+float32 PCM as soon as its right context has arrived, then a JSON summary; refusals there are a JSON
+`{"error", "status"}` message and a close code (`WS_CLOSE`). Both run `batching.vocode_stream` with
+`StreamChunks` (a short first chunk, doubling), outside the batching, on the replica's backend (one lock
+for its model calls); a client that goes away ends its stream after the chunk in flight (`stream_steps`).
+The same byte, frame, time and body-slot limits apply (`LiveMel` for the WebSocket).
+
 Concurrent requests are batched by Ray Serve (`@serve.batch`: up to `max_batch` requests, waiting at most
 `batch_wait_s` for more); each replica holds one backend (threads = its CPUs). HTTP is bound to 127.0.0.1
 unless `host` says otherwise; a Ray started here (no `ray_address`) listens on 127.0.0.1 only, without its
@@ -35,19 +44,23 @@ dashboard unless asked (`engines.ray.connect`), the replicas' inter-deployment g
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import io
 import json
 import math
 import sys
-from contextlib import contextmanager
+import threading
+import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import AsyncIterator, Iterator
 
 import numpy as np
 import torch
 
-from .audio import wav_bytes
-from .batching import utterance_noise, vocode
+from .audio import stream_wav_header, wav_bytes
+from .batching import NOT_YET, utterance_noise, vocode, vocode_stream
 from .config import STFTConfig, WorkflowConfig
 from .engines.ray import (INSTALL, actor_resources, child_pids, connect, end_processes, replica_grpc_on_loopback,
                           started_since)
@@ -301,10 +314,11 @@ def json_array(body: bytes) -> np.ndarray:
 
 
 def decode_mel(body: bytes, content_type: str, limits: ServeLimits = ServeLimits(),
-               stft: STFTConfig = STFTConfig()) -> np.ndarray:
+               stft: STFTConfig = STFTConfig(), *, check_format: bool = True) -> np.ndarray:
     """A request body → float32 `[n_mel, T]`, or BadRequest naming what is wrong with it: 400 not a
     readable .npy / JSON mel, 413 too large, 415 another content type, 422 numbers that are not a vocodable mel
-    (shape, range, NaN/Inf, the mel format check)."""
+    (shape, range, NaN/Inf, the mel format check). `check_format=False` (a piece of a streamed mel, too short
+    to judge): shape, range and NaN/Inf only; `LiveMel` checks the format once enough has arrived."""
     kind = (content_type or "").split(";")[0].strip().lower()
     if len(body) > limits.max_body_bytes:
         raise BadRequest(413, f"request body of {len(body)} bytes is over the limit of {limits.max_body_bytes}")
@@ -328,8 +342,11 @@ def decode_mel(body: bytes, content_type: str, limits: ServeLimits = ServeLimits
             beyond = int((np.isfinite(array) & (np.abs(array) > FLOAT32_MAX)).sum())
             if beyond:
                 raise BadRequest(422, f"{beyond} of the mel's values are beyond float32's range")
-        verdict = check_mel_format(array, "request mel", stft)
-    if not verdict.ok:
+        verdict = check_mel_format(array, "request mel", stft) if check_format else None
+        if not check_format and not (array.ndim == 2 and array.shape[0] == stft.n_mel_channels
+                                     and array.shape[1] >= 1 and np.isfinite(array).all()):
+            verdict = check_mel_format(array, "mel piece", stft)  # names what is wrong: shape, no frames, NaN/Inf
+    if verdict is not None and not verdict.ok:
         raise BadRequest(422, verdict.message())
     return np.ascontiguousarray(array, dtype=np.float32)
 
@@ -344,26 +361,257 @@ def request_id(query_id: str | None, mel: np.ndarray) -> str:
     return hashlib.sha256(mel.tobytes()).hexdigest()[:16]
 
 
+# --- streamed answers (issue 36): POST /vocode?stream=true and the WebSocket /vocode/ws ---------------------
+@dataclass(frozen=True)
+class StreamChunks:
+    """How a streamed answer is cut (`batching.vocode_stream`): a first chunk of `first_frames` mel frames
+    (audio starts once it and its right context are there), each next one twice the last, up to
+    `chunk_frames` (each chunk also computes its context: larger chunks waste less, smaller ones come sooner)."""
+
+    first_frames: int = 16
+    chunk_frames: int = 256
+
+    def __post_init__(self):
+        if not 0 < self.first_frames <= self.chunk_frames:
+            raise ConfigError(f"StreamChunks: need 0 < first_frames <= chunk_frames, not {self.first_frames}, "
+                              f"{self.chunk_frames}")
+
+
+class SharedBackend:
+    """A replica's backend, shared by its batched requests and its streams: each call that runs the model
+    holds one lock (they would otherwise run at once on the same engine and its buffers); the rest is the
+    backend's own."""
+
+    def __init__(self, backend) -> None:
+        self._backend, self._lock = backend, threading.Lock()
+
+    def __getattr__(self, name: str):
+        value = getattr(self._backend, name)
+        if name not in ("run", "run_utterances") or not callable(value):
+            return value
+
+        def locked(*args, **kwargs):
+            with self._lock:
+                return value(*args, **kwargs)
+        return locked
+
+
+_DONE = object()
+
+
+async def stream_steps(chunks: Iterator) -> AsyncIterator:
+    """The items of a `vocode_stream` generator, each step run off the event loop. Closing this (the client
+    went away: the response is cancelled) closes the generator once the step in flight is over: no chunk
+    after it is computed, and the replica's backend is free for others."""
+    loop = asyncio.get_running_loop()
+    step = None
+    try:
+        while True:
+            step = loop.run_in_executor(None, next, chunks, _DONE)
+            item = await asyncio.shield(step)
+            step = None
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        if step is not None and not step.done():
+            step.add_done_callback(lambda done: (done.cancelled() or done.exception(), chunks.close()))
+        else:
+            chunks.close()
+
+
+def pcm_float32(audio: np.ndarray) -> bytes:
+    """A chunk of audio as the streamed answers send it: float32 little-endian samples (the WAV's data)."""
+    return np.ascontiguousarray(audio, dtype="<f4").tobytes()
+
+
+#: WebSocket close codes for a refusal's HTTP status (RFC 6455 §7.4.1): 1003 unreadable, 1007 not a mel,
+#: 1008 a limit of time passed or no such route, 1009 too large, 1013 busy (retry), 1011 anything else
+WS_CLOSE = {400: 1003, 415: 1003, 404: 1008, 422: 1007, 408: 1008, 413: 1009, 503: 1013}
+
+
+class ClientGone(Exception):
+    """The WebSocket client disconnected."""
+
+
+class LiveMel:
+    """A mel arriving over a WebSocket, as `vocode_stream`'s live source: binary messages are `.npy` pieces
+    `[n_mel, k]` (decode_mel's checks, without the format check), the text message `end` ends it. Limits
+    as POST's: total bytes (max_body_bytes), frames (max_frames). The format check (`check_mel_format`) runs on
+    the frames so far once there are `check_frames` (what the first chunk needs) or at the end, before any
+    of them is vocoded."""
+
+    def __init__(self, limits: ServeLimits, stft: STFTConfig, check_frames: int) -> None:
+        self.limits, self.stft, self.check_frames = limits, stft, check_frames
+        self.ready: collections.deque = collections.deque()
+        self.held: list[np.ndarray] = []  # frames not yet format-checked
+        self.frames = self.bytes = 0
+        self.checked = self.ended = False
+
+    def take(self, message: dict) -> None:
+        if message["type"] == "websocket.disconnect":
+            raise ClientGone()
+        text, data = message.get("text"), message.get("bytes")
+        if text is not None:
+            if text.strip().lower() != "end":
+                raise BadRequest(400, f"text message {text[:40]!r}: send .npy pieces as binary messages, then the "
+                                      "text message end")
+            self.ended = True
+            self._check()
+            return
+        self.bytes += len(data or b"")
+        if self.bytes > self.limits.max_body_bytes:
+            raise BadRequest(413, f"the mel's messages passed the limit of {self.limits.max_body_bytes} bytes")
+        piece = decode_mel(data or b"", "application/octet-stream", self.limits, self.stft, check_format=False)
+        self.frames += piece.shape[1]
+        if self.frames > self.limits.max_frames:
+            raise BadRequest(413, f"the mel passed the limit of {self.limits.max_frames} frames")
+        (self.ready.append if self.checked else self.held.append)(piece)
+        if self.frames >= self.check_frames:
+            self._check()
+
+    def _check(self) -> None:
+        if self.checked or not self.held:
+            return
+        verdict = check_mel_format(np.concatenate(self.held, axis=1), "streamed mel", self.stft)
+        if not verdict.ok:
+            raise BadRequest(422, verdict.message())
+        self.ready.extend(self.held)
+        self.held, self.checked = [], True
+
+    def pieces(self) -> Iterator[np.ndarray | None]:
+        while True:
+            if self.ready:
+                yield self.ready.popleft()
+            elif self.ended:
+                return
+            else:
+                yield NOT_YET
+
+
+class AsgiApp:
+    """An ASGI 3 application calling `handler(scope, receive, send)` (uvicorn, which runs the replica's app
+    lifespan, tells ASGI 3 from 2 by an `async def __call__`, which a bound method does not show)."""
+
+    def __init__(self, handler) -> None:
+        self.handler = handler
+
+    async def __call__(self, scope, receive, send) -> None:
+        await self.handler(scope, receive, send)
+
+
+def stream_flag(value: str | None) -> bool:
+    """`?stream=`: true/1/yes streams the answer, false/0/no or none does not; anything else is a 400."""
+    flag = (value or "false").strip().lower()
+    if flag not in ("true", "1", "yes", "false", "0", "no"):
+        raise BadRequest(400, f"stream={value!r}: give stream=true or stream=false")
+    return flag in ("true", "1", "yes")
+
+
 def build_app(cfg: WorkflowConfig, *, replicas: int = 1, max_batch: int = 8, batch_wait_s: float = 0.01,
-              limits: ServeLimits = ServeLimits()):
-    """The Ray Serve application: one deployment, `replicas` replicas, each one warm backend."""
+              limits: ServeLimits = ServeLimits(), stream: StreamChunks = StreamChunks()):
+    """The Ray Serve application: one deployment, `replicas` replicas, each one warm backend; an ASGI app
+    (so that it takes WebSockets too): POST /vocode (whole, or `?stream=true`) and the WebSocket /vocode/ws."""
     serve = import_optional("ray.serve", INSTALL, "serve")
     responses = import_optional("starlette.responses", INSTALL, "serve")
+    requests = import_optional("starlette.requests", INSTALL, "serve")
+    websockets = import_optional("starlette.websockets", INSTALL, "serve")
     name = backend_name(cfg)
 
     # room for every body slot on top of the batching room: a request beyond the slots must reach the replica
     # to get its quick 503, not wait in the proxy's queue behind stalled clients
     @serve.deployment(name="Vocoder", num_replicas=replicas, ray_actor_options=actor_resources(cfg, name),
                       max_ongoing_requests=max(2 * max_batch, 16) + limits.max_concurrent_bodies)
+    @serve.ingress()
     class Vocoder:
         def __init__(self):
             replica_grpc_on_loopback()  # before the replica starts that server, right after this constructor
             self.slots = BodySlots(limits.max_concurrent_bodies)
             torch.set_num_threads(cfg.ray_cpus_per_actor)
             self.model_config = resolve_model_config(cfg)
-            self.backend = open_backend(cfg, model_config=self.model_config, name=name,
-                                        threads=cfg.ray_cpus_per_actor)
+            self.backend = SharedBackend(open_backend(cfg, model_config=self.model_config, name=name,
+                                                      threads=cfg.ray_cpus_per_actor))
             self.rate = STFTConfig().sampling_rate
+
+        def __serve_build_asgi_app__(self):
+            return AsgiApp(self.asgi)
+
+        async def asgi(self, scope, receive, send):
+            if scope["type"] == "lifespan":
+                while True:
+                    message = await receive()
+                    if message["type"] == "lifespan.startup":
+                        await send({"type": "lifespan.startup.complete"})
+                    elif message["type"] == "lifespan.shutdown":
+                        await send({"type": "lifespan.shutdown.complete"})
+                        return
+            elif scope["type"] == "websocket":
+                await self.websocket(websockets.WebSocket(scope, receive, send))
+            else:
+                response = await self.http(requests.Request(scope, receive, send))
+                await response(scope, receive, send)
+
+        def chunks(self, mel, utt_id: str):
+            return vocode_stream(mel, self.backend, self.model_config, sigma=cfg.sigma, seed=cfg.seed, utt_id=utt_id,
+                                 chunk_frames=stream.chunk_frames, first_chunk_frames=stream.first_frames,
+                                 exact=cfg.exact_batching)
+
+        def streamed(self, utt_id: str, mel: np.ndarray):
+            """The answer as chunks are made: a WAV header with the streaming sizes, then float32 samples."""
+            async def body():
+                yield stream_wav_header(self.rate)
+                async for audio in stream_steps(self.chunks(mel, utt_id)):
+                    yield pcm_float32(audio)
+            return responses.StreamingResponse(body(), media_type="audio/wav", headers={
+                "X-Utterance-Id": utt_id, "X-Audio-Samples": str(mel.shape[1] * self.model_config.hop_length)})
+
+        async def websocket(self, ws):
+            """One utterance over a WebSocket: .npy pieces in, float32 PCM out as each chunk's right context
+            has arrived, then a JSON summary; a refusal is a JSON {"error", "status"} message and a close
+            code (WS_CLOSE) with its reason."""
+            await ws.accept()
+            started, waited, samples, count = time.perf_counter(), 0.0, 0, 0
+            with ExitStack() as slot:
+                try:
+                    if ws.url.path.rstrip("/") != "/vocode/ws":
+                        raise BadRequest(404, f"no WebSocket route {ws.url.path}; use /vocode/ws?id=...")
+                    query_id = ws.query_params.get("id")
+                    if not query_id:
+                        raise BadRequest(400, "give the utterance id: /vocode/ws?id=LJ001-0001 (its noise is drawn "
+                                              "from it)")
+                    utt_id = request_id(query_id, np.zeros(0))
+                    slot.enter_context(self.slots.take())  # while the mel arrives, as a POST's body
+                    right = self.model_config.chunk_context()[1]
+                    mel = LiveMel(limits, STFTConfig(n_mel_channels=self.model_config.n_mel_channels),
+                                  check_frames=stream.first_frames + right)
+                    async for audio in stream_steps(self.chunks(mel.pieces(), utt_id)):
+                        if audio is NOT_YET:
+                            before = time.perf_counter()
+                            try:
+                                message = await asyncio.wait_for(ws.receive(),
+                                                                 max(1e-3, limits.body_timeout_s - waited))
+                            except asyncio.TimeoutError:
+                                raise BadRequest(408, f"mel not complete after {limits.body_timeout_s:g} s of "
+                                                      f"waiting for it ({mel.frames} frames arrived)") from None
+                            waited += time.perf_counter() - before
+                            mel.take(message)
+                            if mel.ended:
+                                slot.close()  # the mel is in: its slot is free
+                            continue
+                        await ws.send_bytes(pcm_float32(audio))
+                        samples, count = samples + audio.size, count + 1
+                    await ws.send_text(json.dumps({"id": utt_id, "samples": samples, "chunks": count,
+                                                   "seconds": round(time.perf_counter() - started, 4)}))
+                    await ws.close(1000)
+                except ClientGone:
+                    return
+                except (BadRequest, WaveGlowError, MelError) as exc:
+                    status = exc.status if isinstance(exc, BadRequest) else 422
+                    try:
+                        await ws.send_text(json.dumps({"error": str(exc), "status": status}))
+                        await ws.close(WS_CLOSE.get(status, 1011), str(exc).encode()[:120].decode(errors="ignore"))
+                    except (RuntimeError, OSError, websockets.WebSocketDisconnect):
+                        pass  # the client is gone already
 
         def vocode_now(self, requests: list[tuple[str, np.ndarray]]) -> list[np.ndarray]:
             mels = [mel for _, mel in requests]
@@ -376,16 +624,20 @@ def build_app(cfg: WorkflowConfig, *, replicas: int = 1, max_batch: int = 8, bat
             # off the event loop, so the replica keeps accepting (and batching) requests meanwhile
             return await asyncio.to_thread(self.vocode_now, requests)
 
-        async def __call__(self, request):
+        async def http(self, request):
             body = None
             try:
                 if request.url.path.rstrip("/") != "/vocode":
-                    raise BadRequest(404, f"no route {request.url.path}; POST a mel to /vocode")
+                    raise BadRequest(404, f"no route {request.url.path}; POST a mel to /vocode (or open the "
+                                          "WebSocket /vocode/ws)")
                 if request.method != "POST":
                     raise BadRequest(405, f"{request.method} /vocode: POST a mel")
+                streaming = stream_flag(request.query_params.get("stream"))
                 body = await receive_body(request, limits, self.slots)
                 mel = decode_mel(body, request.headers.get("content-type", ""), limits)
                 utt_id = request_id(request.query_params.get("id"), mel)
+                if streaming:
+                    return self.streamed(utt_id, mel)
                 audio, shared = await self.vocode_batched((utt_id, mel))
             except BadRequest as exc:
                 # a body not read to its end is not read at all: the connection closes rather than carry it
@@ -403,14 +655,14 @@ def build_app(cfg: WorkflowConfig, *, replicas: int = 1, max_batch: int = 8, bat
 
 def serve_vocoder(cfg: WorkflowConfig, *, replicas: int = 1, host: str = "127.0.0.1", port: int = 8000,
                   max_batch: int = 8, batch_wait_s: float = 0.01, limits: ServeLimits = ServeLimits(),
-                  dashboard: bool = False) -> str:
+                  dashboard: bool = False, stream: StreamChunks = StreamChunks()) -> str:
     """Start (or update) the service on Ray (`cfg.ray_address`, else a local Ray on 127.0.0.1, with Ray's
     dashboard only if `dashboard`); returns its /vocode URL."""
     connect(cfg.ray_address, dashboard=dashboard)
     serve = import_optional("ray.serve", INSTALL, "serve")
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(cfg, replicas=replicas, max_batch=max_batch, batch_wait_s=batch_wait_s, limits=limits),
-              name=APP_NAME, route_prefix="/")
+    serve.run(build_app(cfg, replicas=replicas, max_batch=max_batch, batch_wait_s=batch_wait_s, limits=limits,
+                        stream=stream), name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}/vocode"
 
 
@@ -433,7 +685,7 @@ def shutdown(*, stop_ray: bool = False, existing: set[int] | None = None, grace_
 def application(args: dict):
     """Ray Serve application builder (`import_path: waveglow_lib.service:application`, as in a RayService or
     `serve run`): `args` = {"params": {WorkflowConfig fields}, "replicas": N, "max_batch": B,
-    "batch_wait_s": S, "limits": {ServeLimits fields}}."""
+    "batch_wait_s": S, "limits": {ServeLimits fields}, "stream": {StreamChunks fields}}."""
     args = dict(args or {})
     cfg = WorkflowConfig.from_dict(args.pop("params", {}) or {}, source="serve application args")
     try:
@@ -441,5 +693,10 @@ def application(args: dict):
     except TypeError as exc:
         raise ConfigError(f"serve application args: limits: {exc} (fields: {', '.join(ServeLimits.__annotations__)})") \
             from None
+    try:
+        stream = StreamChunks(**(args.pop("stream", {}) or {}))
+    except TypeError as exc:
+        raise ConfigError(f"serve application args: stream: {exc} (fields: "
+                          f"{', '.join(StreamChunks.__annotations__)})") from None
     return build_app(cfg, replicas=int(args.pop("replicas", 1)), max_batch=int(args.pop("max_batch", 8)),
-                     batch_wait_s=float(args.pop("batch_wait_s", 0.01)), limits=limits)
+                     batch_wait_s=float(args.pop("batch_wait_s", 0.01)), limits=limits, stream=stream)

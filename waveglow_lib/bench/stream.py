@@ -13,19 +13,24 @@
 """
 from __future__ import annotations
 
+import http.client
+import io
 import shutil
 import statistics
 import time
+from urllib.parse import urlparse
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
 import torch
 
 from ..backends import ModelSpec, get_backend
 from ..batching import chunk_plan, vocode_stream
+from ..checkpoint import model_fingerprint, save_waveglow
 from ..config import GUIDE_MEL_LENGTHS, ModelConfig, STFTConfig, WorkflowConfig
-from ..errors import ConfigError
+from ..engines.ray import INSTALL
+from ..errors import ConfigError, SynthesisError, import_optional
 from ..hardware import machine_busy, machine_info
 from ..io import atomic_write_json, atomic_write_text
 from ..layout import BENCH_CACHE_DIR, BENCH_STREAM, inside, measurement_files
@@ -36,6 +41,8 @@ from .report import markdown_text
 from .workload import build_model, exported_graph
 
 STREAM_BACKENDS = ("torch", "fast", "onnxruntime", "openvino")
+#: a streamed WAV's header (`audio.stream_wav_header`): the audio's bytes follow it
+STREAM_HEADER_BYTES = 44
 MEMORY_SECONDS = (10, 60, 600, 3600)
 #: the memory rows' model (`memory_model="tiny"`): 2 flows, random weights
 MEMORY_MODEL = ModelConfig(n_flows=2, n_group=8, n_early_every=4, n_early_size=2, n_layers=1, n_channels=8,
@@ -55,12 +62,13 @@ def _mel(frames: int, n_mel: int, seed: int) -> np.ndarray:
     return (rng.standard_normal((n_mel, frames)) - 5.0).astype(np.float32)
 
 
-def _timed_stream(backend, mel, config, cfg, chunk_frames, utt_id) -> dict:
+def _timed_stream(backend, mel, config, cfg, chunk_frames, utt_id, first_chunk_frames: int = 0) -> dict:
     latencies, sizes = [], 0
     start = last = time.perf_counter()
     first = None
     for audio in vocode_stream(iter(mel.T), backend, config, sigma=cfg.sigma, seed=cfg.seed, utt_id=utt_id,
-                               chunk_frames=chunk_frames, pad_value=STFTConfig().pad_value):
+                               chunk_frames=chunk_frames, pad_value=STFTConfig().pad_value,
+                               first_chunk_frames=first_chunk_frames):
         now = time.perf_counter()
         first = now - start if first is None else first
         latencies.append(now - last)
@@ -72,9 +80,16 @@ def _timed_stream(backend, mel, config, cfg, chunk_frames, utt_id) -> dict:
 def stream_bench(cfg: WorkflowConfig | None = None, *, model: Any = "demo", backends: Sequence[str] | None = None,
                  lengths: Sequence[int] = GUIDE_MEL_LENGTHS, chunk_frames: int | None = None,
                  memory_seconds: Sequence[int] = MEMORY_SECONDS, memory_backend: str = "fast",
-                 memory_model: Any = "tiny", threads: int | None = None, out_dir: str | Path | None = None) -> dict:
+                 memory_model: Any = "tiny", threads: int | None = None, out_dir: str | Path | None = None,
+                 serve: Callable[..., ContextManager[str]] | None = None, serve_backend: str = "fast",
+                 serve_precision: str = "auto", stream_chunks: tuple[int, int] = (16, 256)) -> dict:
     """Time to first audio, per-chunk latency and real-time factor per backend; peak memory of the vocode
-    stage by length (`memory_model`: "tiny" = MEMORY_MODEL, or what `model` takes)."""
+    stage by length (`memory_model`: "tiny" = MEMORY_MODEL, or what `model` takes).
+
+    With `serve(checkpoint=, backend=, precision=, threads=, stream_chunks=)` (a context manager that runs the
+    service and gives its /vocode URL; the CLI's starts `serve` on Ray): the same mels, whole, through the
+    service's streamed answers — HTTP and the WebSocket (`transport_rows`) — beside the library path with
+    the same backend, precision and chunks (`stream_chunks`: the first chunk's frames, the largest's), batch 1."""
     cfg = cfg or WorkflowConfig()
     chunk_frames = cfg.chunk_frames if chunk_frames is None else chunk_frames
     if chunk_frames < 1:
@@ -105,6 +120,8 @@ def stream_bench(cfg: WorkflowConfig | None = None, *, model: Any = "demo", back
                      "chunk_ms_p50": 1e3 * _percentile(latencies, 50), "chunk_ms_p95": 1e3 * _percentile(latencies, 95),
                      "real_time_factor": seconds / audio_seconds, "audio_seconds": audio_seconds,
                      "busy": machine_busy()})
+    transports = _transports(serve, net, config, cfg, mels, serve_backend, serve_precision, stream_chunks, threads,
+                             cache) if serve is not None else None
     memory_net, memory_name = (tiny_waveglow(MEMORY_MODEL), "2-flow WaveGlow, random weights") \
         if memory_model == "tiny" else build_model(memory_model)
     memory = _memory_rows(cfg, memory_net, memory_backend, memory_seconds, chunk_frames, threads, cache) \
@@ -115,13 +132,34 @@ def stream_bench(cfg: WorkflowConfig | None = None, *, model: Any = "demo", back
               "context_frames": [left, right],
               "computed_per_output_frame": sum(b - a for a, b, _, _ in plan) / plan[-1][3],
               "lengths": list(lengths), "rows": rows, "memory_backend": memory_backend, "memory_model": memory_name,
-              "memory": memory}
+              "memory": memory, **({"transports": transports} if transports else {})}
     out_dir.mkdir(parents=True, exist_ok=True)
     record, table = measurement_files(out_dir, BENCH_STREAM)
     atomic_write_json(record, result)
     atomic_write_text(table, render_stream_markdown(result))
     result["files"] = [str(record), str(table)]
     return result
+
+
+def _transports(serve, net, config, cfg, mels, backend_name, precision, stream_chunks, threads, cache) -> dict:
+    """The library row (in this process), then the service's HTTP and WebSocket rows, same model and chunks."""
+    first, most = stream_chunks
+    checkpoint = cache / f"stream_{model_fingerprint(net)}.safetensors"
+    if not checkpoint.is_file():
+        save_waveglow(net, checkpoint)  # what the service's replica loads
+    threads = threads or torch.get_num_threads()
+    backend = get_backend(backend_name, model=net, precision=precision, threads=threads,
+                          **({"cache_dir": cache / "engines"} if backend_name == "fast" else {}))
+    try:
+        used = getattr(backend, "precision", precision)
+        rows = [library_row(backend, mels, config, cfg, first, most)]
+    finally:
+        backend.close()
+    with serve(checkpoint=str(checkpoint), backend=backend_name, precision=precision, threads=threads,
+               stream_chunks=stream_chunks) as url:
+        rows += transport_rows(url, mels, config, first, most)
+    return {"backend": backend_name, "precision": precision, "precision_used": used, "threads": threads,
+            "first_chunk_frames": first, "chunk_frames": most, "lengths": [m.shape[1] for m in mels], "rows": rows}
 
 
 def tiny_waveglow(config: ModelConfig, seed: int = 0) -> WaveGlow:
@@ -178,6 +216,17 @@ def render_stream_markdown(result: dict) -> str:
         lines.append(f"| {markdown_text(row['backend'])} | {row['chunks']} | {row['first_audio_ms_median']:.0f} | "
                      f"{row['chunk_ms_p50']:.0f} | {row['chunk_ms_p95']:.0f} | {row['real_time_factor']:.3f} | "
                      f"{'yes' if row['busy'] else 'no'} |")
+    if result.get("transports"):
+        t = result["transports"]
+        lines += ["", f"Streamed answers of `serve` at batch 1 ({markdown_text(t['backend'])}, precision "
+                  f"{markdown_text(t['precision'])} → {markdown_text(str(t['precision_used']))}, {t['threads']} threads; "
+                  f"chunks of {t['first_chunk_frames']} frames doubling to {t['chunk_frames']}; mels of "
+                  f"{', '.join(map(str, t['lengths']))} frames, whole):", "",
+                  "| path | chunks | first audio ms (median) | chunk ms p50 | chunk ms p95 | RTF | busy |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {markdown_text(r['backend'])} | {r['chunks']} | {r['first_audio_ms_median']:.0f} | "
+                  f"{r['chunk_ms_p50']:.0f} | {r['chunk_ms_p95']:.0f} | {r['real_time_factor']:.3f} | "
+                  f"{'yes' if r['busy'] else 'no'} |" for r in t["rows"]]
     if result["memory"]:
         lines += ["", f"Peak memory of the vocode stage by length ({markdown_text(result['memory_backend'])}, "
                   f"{markdown_text(result.get('memory_model', ''))}, a mel file to a wav):", "",
@@ -185,3 +234,108 @@ def render_stream_markdown(result: dict) -> str:
         lines += [f"| {m['audio_seconds']} | {m['frames']} | {m['peak_rss_growth_mib']:.1f} | {m['peak_rss_mib']:.0f} | "
                   f"{m['real_time_factor']:.3f} |" for m in result["memory"]]
     return "\n".join(lines) + "\n"
+
+
+# --- the streamed answers of `serve` (issue 36): HTTP `?stream=true` and the WebSocket, beside the library ----
+def transport_rows(url: str, mels: Sequence[np.ndarray], model_config: ModelConfig, first_frames: int,
+                   chunk_frames: int, *, piece_frames: int = 16) -> list[dict]:
+    """Time to first audio, per-chunk latency p50/p95 and real-time factor of a running service's streamed
+    answers (`url`: its /vocode), one utterance at a time (batch 1): HTTP (`POST ?stream=true` of the whole
+    mel; first audio = the first sample's bytes after the WAV header) and the WebSocket (the mel sent in
+    `piece_frames` pieces as fast as the socket takes them, then `end`). A chunk's latency is the time between
+    the arrivals of its last byte and the last byte of the chunk before (the first: since the request began);
+    the chunks are the service's (`batching.chunk_plan` with its first_frames / chunk_frames)."""
+    rate, hop = STFTConfig().sampling_rate, model_config.hop_length
+    rows = []
+    for path, timed in (("http", _timed_http), ("websocket", _timed_ws)):
+        timed(url, mels[int(np.argmin([m.shape[1] for m in mels]))], "warm", piece_frames)  # warm-up
+        runs = []
+        for i, mel in enumerate(mels):
+            sizes = [stop - start for _, _, start, stop in chunk_plan(mel.shape[1], chunk_frames, model_config,
+                                                                       first_frames)]
+            run = timed(url, mel, f"u{i}", piece_frames)
+            if run["samples"] != mel.shape[1] * hop:
+                raise SynthesisError(f"{path}: {run['samples']} samples for {mel.shape[1]} frames")
+            ends = np.cumsum([n * hop for n in sizes])
+            done = [run["arrivals"][int(np.searchsorted(run["counts"], end))] for end in ends]
+            run["latencies"] = list(np.diff([0.0, *done]))
+            runs.append(run)
+        rows.append(_latency_row(path, runs, rate))
+    return rows
+
+
+def _latency_row(name: str, runs: list[dict], rate: int) -> dict:
+    latencies = [t for r in runs for t in r["latencies"]]
+    audio_seconds = sum(r["samples"] for r in runs) / rate
+    return {"backend": name, "utterances": len(runs), "chunks": len(latencies),
+            "first_audio_ms_median": 1e3 * statistics.median(r["first"] for r in runs),
+            "chunk_ms_p50": 1e3 * _percentile(latencies, 50), "chunk_ms_p95": 1e3 * _percentile(latencies, 95),
+            "real_time_factor": sum(r["seconds"] for r in runs) / audio_seconds, "audio_seconds": audio_seconds,
+            "seconds_by_utterance": [round(r["seconds"], 3) for r in runs],
+            "first_audio_s_by_utterance": [round(r["first"], 3) for r in runs], "busy": machine_busy()}
+
+
+def _npy(mel: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(mel, dtype=np.float32), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _arrival(run: dict, start: float, received: int) -> None:
+    """Note that the audio's first `received` samples are in, now."""
+    now = time.perf_counter() - start
+    if run["first"] is None and received:
+        run["first"] = now
+    run["counts"].append(received)
+    run["arrivals"].append(now)
+
+
+def _timed_http(url: str, mel: np.ndarray, utt_id: str, piece_frames: int = 0) -> dict:
+    target = urlparse(url)
+    conn = http.client.HTTPConnection(target.hostname, target.port, timeout=600)
+    run: dict = {"first": None, "counts": [], "arrivals": []}
+    try:
+        start = time.perf_counter()
+        conn.request("POST", f"{target.path}?id={utt_id}&stream=true", body=_npy(mel),
+                     headers={"Content-Type": "application/octet-stream"})
+        response = conn.getresponse()
+        if response.status != 200:
+            raise SynthesisError(f"POST {url}?stream=true: {response.status} {response.read()[:200]!r}")
+        data = 0
+        while True:
+            piece = response.read1(1 << 20)
+            if not piece:
+                break
+            data += len(piece)
+            _arrival(run, start, max(0, data - STREAM_HEADER_BYTES) // 4)
+    finally:
+        conn.close()
+    run["seconds"], run["samples"] = run["arrivals"][-1], run["counts"][-1]
+    return run
+
+
+def _timed_ws(url: str, mel: np.ndarray, utt_id: str, piece_frames: int = 16) -> dict:
+    connect = import_optional("websockets.sync.client", INSTALL, "the WebSocket bench").connect
+    run: dict = {"first": None, "counts": [], "arrivals": []}
+    with connect(url.replace("http", "ws", 1) + f"/ws?id={utt_id}", max_size=None, open_timeout=120) as ws:
+        start = time.perf_counter()
+        for a in range(0, mel.shape[1], piece_frames):
+            ws.send(_npy(mel[:, a: a + piece_frames]))
+        ws.send("end")
+        samples = 0
+        while isinstance(message := ws.recv(timeout=600), bytes):
+            samples += len(message) // 4
+            _arrival(run, start, samples)
+    if "error" in message:
+        raise SynthesisError(f"WebSocket {url}/ws: {message[:200]}")
+    run["seconds"], run["samples"] = run["arrivals"][-1], samples
+    return run
+
+
+def library_row(backend, mels: Sequence[np.ndarray], config: ModelConfig, cfg: WorkflowConfig, first_frames: int,
+                chunk_frames: int) -> dict:
+    """The library path with the service's chunks (`vocode_stream`, frames handed over one by one), batch 1."""
+    _timed_stream(backend, mels[int(np.argmin([m.shape[1] for m in mels]))], config, cfg, chunk_frames, "warm",
+                  first_frames)
+    runs = [_timed_stream(backend, mel, config, cfg, chunk_frames, f"u{i}", first_frames) for i, mel in enumerate(mels)]
+    return _latency_row("library", runs, STFTConfig().sampling_rate)
