@@ -48,10 +48,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[all]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (waveglow-workflow)" >/dev/null
 	@# notebooks are committed without outputs: nbstripout cleans them on `git add` (.gitattributes);
-	@# --keep-id keeps the notebooks' own cell ids (nbstripout would renumber them)
+	@# --keep-id keeps the notebooks' own cell ids (nbstripout would renumber them); language_info is what
+	@# the kernel that last ran a notebook reports (its Python version...): stripped too
 	if git rev-parse --git-dir >/dev/null 2>&1; then \
 	  $(PY) -m nbstripout --install --attributes .gitattributes && \
-	  git config filter.nbstripout.clean '"$(abspath $(PY))" -m nbstripout --keep-id'; fi
+	  git config filter.nbstripout.clean '"$(abspath $(PY))" -m nbstripout --keep-id --extra-keys metadata.language_info'; fi
 	touch $@
 
 # removes the environment and build leftovers; your results in runs/ stay (see clean-runs)

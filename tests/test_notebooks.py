@@ -69,15 +69,17 @@ def test_committed_without_outputs_and_with_one_parameters_cell(name):
     assert len(tagged) == 1
     namespace: dict = {}
     exec(tagged[0].source, namespace)  # plain assignments only
-    # the training notebook reads training parameters (TrainConfig), every other one the run's
-    expected = "params/train_demo.yaml" if name == "07_train.ipynb" else "params/demo.yaml"
+    # the training notebook reads training parameters (TrainConfig), every other one the run's: each the
+    # copy a person makes once (git ignores it), the shipped file until then (runner.own_params)
+    expected = nr.MY_TRAIN_PARAMS if name == "07_train.ipynb" else nr.MY_PARAMS
     assert namespace["params_file"] == expected and namespace["overrides"] == {}
+    assert f"/{expected}" in (ROOT / ".gitignore").read_text().splitlines()
     assert nb.metadata.kernelspec.name == nr.KERNEL_NAME
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
     # all logic lives in waveglow_lib: the notebooks import nothing else that computes
     sources = "\n".join(c.source for c in code)
-    reader = "load_train_config(params_file, overrides" if name == "07_train.ipynb" else \
-        "notebook_config(params_file, overrides)"
+    reader = "notebook_train_config(params_file, overrides" if name == "07_train.ipynb" else \
+        "notebook_config(params_file, overrides"
     assert reader in sources
     assert "def " not in sources.replace("def show", "")
 
@@ -382,3 +384,64 @@ def test_jupyterlab_runs_a_notebook_top_to_bottom_and_its_dropdown_works(ci_run,
             kernel.close()
     finally:
         server.close()
+
+
+# --- papermill's parameters: names are code, and only the notebook's own are taken --------------------
+def test_injected_parameter_names_are_checked_against_what_the_notebook_reads():
+    from waveglow_lib.errors import ConfigError
+    from waveglow_lib.notebook.parameters import check_names, injected_names
+
+    assert injected_names('# Parameters\nparams_file = "x.yaml"\noverrides = {"limit": 2}\n') == \
+        ["params_file", "overrides"]
+    with pytest.raises(ConfigError, match=r"'param_file' is not one this notebook reads \(did you mean 'params_file'\?\)"):
+        check_names(["param_file"], ["params_file", "overrides"])
+    check_names(["params_file", "mels"], ["params_file", "overrides", "mels"])
+    # papermill writes a name as given: `-p 'x=__import__("os");y' 1` is code, refused as such
+    with pytest.raises(ConfigError, match="hold code"):
+        injected_names('# Parameters\nx = __import__("os")\nprint(1)\n')
+
+
+@pytest.mark.parametrize("params_file, overrides, says", [
+    ("params/demo.yaml", "limit=3", "parameter 'overrides' must be a mapping"),
+    (7, {}, "parameter 'params_file' must be a path"),
+    ("params/demo.yaml", {1: 2}, "must have parameter names as keys"),
+])
+def test_wrong_parameter_types_get_one_line(params_file, overrides, says):
+    from waveglow_lib.errors import ConfigTypeError
+
+    with pytest.raises(ConfigTypeError, match=re.escape(says)) as info:
+        nr.notebook_config(params_file, overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_my_params_falls_back_to_the_shipped_file_until_a_person_makes_it(tmp_path):
+    (tmp_path / "params").mkdir()
+    assert nr.own_params(nr.MY_PARAMS, tmp_path) == tmp_path / nr.DEMO_PARAMS
+    assert nr.own_params(nr.MY_TRAIN_PARAMS, tmp_path) == tmp_path / nr.TRAIN_DEMO_PARAMS
+    (tmp_path / nr.MY_PARAMS).write_text("limit: 2\n")
+    assert nr.own_params(nr.MY_PARAMS, tmp_path) == tmp_path / nr.MY_PARAMS
+    assert nr.own_params("params/other.yaml", tmp_path) == tmp_path / "params" / "other.yaml"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("parameters, says", [
+    ({"param_file": "params/ci.yaml"}, "ConfigError: papermill parameter 'param_file' is not one this notebook "
+                                       "reads (did you mean 'params_file'?)"),
+    ({"overrides": "limit=3"}, "ConfigTypeError: parameter 'overrides' must be a mapping"),
+    ({"params_file": 3}, "ConfigTypeError: parameter 'params_file' must be a path"),
+])
+def test_papermill_with_a_wrong_parameter_stops_at_the_first_cell_with_one_line(tmp_path, parameters, says):
+    """papermill called directly (not through `run`): a typo'd name or a wrong type stops the notebook in its
+    first code cell after the parameters, with the one-line message and no traceback through the library."""
+    import papermill as pm
+
+    output = tmp_path / "out.ipynb"
+    with pytest.raises(pm.PapermillExecutionError):
+        pm.execute_notebook(str(NOTEBOOKS / "00_setup.ipynb"), str(output), parameters=parameters,
+                            kernel_name=nr.KERNEL_NAME, kernel_manager_class=nr._kernel_manager_class(),
+                            cwd=str(ROOT), progress_bar=False)
+    nb = nbformat.read(output, as_version=4)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert len(errors) == 1
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(errors[0].traceback))
+    assert shown.startswith(says) and "\n" not in shown and "Traceback" not in shown, shown

@@ -293,6 +293,9 @@ MelLayout = Literal["auto", "mel_first", "time_first"]
 #: the explicit conversion of a mel in another format (mel_input.CONVERSIONS); none = refuse it
 MelConvert = Literal["none", "log10", "db_amplitude", "db_power", "magnitude", "power"]
 Engine = Literal["local", "ray"]
+#: 04_infer's throughput table: quick (one timed pass per batch size), full (bench_repeats passes, and the
+#: benchmark harness's smoke comparison of backends), off
+ThroughputMode = Literal["quick", "full", "off"]
 
 
 @parameters
@@ -336,6 +339,9 @@ class WorkflowConfig:
         "a non-empty list of ints in 1..4096")] = field(default_factory=lambda: [1, 4, 8, 16])
     bench_repeats: Annotated[int, within(1, 1000)] = 3
     bench_quick: bool = False
+    #: 04_infer's throughput table, after the players: quick | full | off (ThroughputMode); re-measured only
+    #: when what it measures changed
+    throughput: ThroughputMode = "quick"
     #: run the metrics that need optional packages (pystoi, pesq) when installed
     metrics: bool = True
     #: where infer's batches run: local (this process) | ray (a Ray Data actor pool; waveglow_lib.engines)

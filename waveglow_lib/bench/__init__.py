@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from .harness import (DEFAULT_ROWS, REFERENCE, ROWS, Row, default_path, default_path_summary,
                       folded_macs_per_step, matmul_peaks, pick_auto, reference_flops_per_audio_second,
-                      reference_macs_per_step, run_bench, throughput_table)
+                      reference_macs_per_step, run_bench, run_throughput, throughput_table)
 from .profile import profile_paths
 from .report import guide_throughput_rows, render_markdown
 from .workload import DEFAULT_LENGTHS, GUIDE_MEAN_SECONDS, QUICK_LENGTHS, build_model, parse_lengths, workload
 
-__all__ = ["run_bench", "render_markdown", "throughput_table", "guide_throughput_rows", "profile_paths",
+__all__ = ["run_bench", "render_markdown", "throughput_table", "run_throughput", "guide_throughput_rows", "profile_paths",
            "ROWS", "DEFAULT_ROWS", "REFERENCE", "Row", "pick_auto", "default_path", "default_path_summary",
            "parse_lengths", "workload", "build_model", "matmul_peaks", "reference_macs_per_step",
            "folded_macs_per_step", "reference_flops_per_audio_second", "DEFAULT_LENGTHS", "QUICK_LENGTHS",

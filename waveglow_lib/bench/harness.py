@@ -43,6 +43,7 @@ demo model unless one is given, three short lengths, batch 1 and 2, one repeat.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -60,10 +61,10 @@ from tqdm.auto import tqdm
 from ..backends import ModelSpec, get_backend, runs_utterances
 from ..batching import Utterance, plan_batches, utterance_noise, vocode
 from ..config import GUIDE_THROUGHPUT, ModelConfig, STFTConfig, WorkflowConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, WaveGlowError
 from ..backends.fast.auto import precision_order, races
-from ..hardware import cpu_flags, machine_busy, machine_info
-from ..io import atomic_write_json, atomic_write_text, read_bin
+from ..hardware import cpu_flags, cpu_signature, machine_busy, machine_info, usable_cpus
+from ..io import atomic_write_json, atomic_write_text, read_bin, read_json
 from ..jobs import backend_name, open_backend, resolve_model_config
 from ..layout import BENCH, BENCH_MODELS_DIR, inside, load_manifest, measurement_files, mel_bin
 from ..metrics import MAX_LOG_MEL_DISTANCE, MIN_SNR_DB, quality_check, quality_ok
@@ -580,3 +581,51 @@ def throughput_table(cfg: WorkflowConfig, batch_sizes: Sequence[int] | None = No
         runner.close()
     atomic_write_json(layout.throughput, rows)
     return rows
+
+
+#: what each `throughput` mode times (WorkflowConfig.throughput): passes per batch size (None: bench_repeats)
+THROUGHPUT_PASSES = {"quick": 1, "full": None}
+
+
+def throughput_key(cfg: WorkflowConfig, mode: str) -> dict[str, Any] | None:
+    """What the throughput table measured: the infer stage's model and output settings (out/timings.json),
+    the mels' contents, the batch sizes and passes, the batching, and this CPU; None before infer ran."""
+    from ..provenance import read_timings
+
+    path = cfg.layout.timings
+    if not path.is_file():
+        return None
+    timings = read_timings(path)
+    settings = {k: timings["settings"].get(k) for k in ("checkpoint", "model", "sigma", "seed", "backend",
+                                                         "precision", "precision_used", "device")}
+    passes = THROUGHPUT_PASSES[mode] or cfg.bench_repeats
+    return {"infer": settings, "mels": {i: item.get("source_sha256") for i, item in timings["items"].items()},
+            "batch_sizes": list(cfg.bench_batch_sizes), "passes": passes, "exact_batching": cfg.exact_batching,
+            "cpu": cpu_signature(), "usable_cpus": usable_cpus()}
+
+
+def run_throughput(cfg: WorkflowConfig, mode: str | None = None) -> dict[str, Any]:
+    """04_infer's throughput table on the run's `throughput` mode: {"mode", "rows", "measured_at" (UTC),
+    "reused"}. The rows of an earlier run are shown again (reused) when nothing they measured changed
+    (`throughput_key`); `off` measures nothing (rows: [])."""
+    mode = mode or cfg.throughput
+    if mode not in ("quick", "full", "off"):
+        raise ConfigError(f"parameter 'throughput' must be one of quick, full, off, got {mode!r}")
+    if mode == "off":
+        return {"mode": mode, "rows": [], "measured_at": None, "reused": False}
+    layout = cfg.layout
+    key_file = layout.throughput.with_name("throughput_key.json")
+    key = throughput_key(cfg, mode)
+    if key is not None and key_file.is_file() and layout.throughput.is_file():
+        try:
+            stored = read_json(key_file, "the throughput table's key")
+            rows = read_json(layout.throughput, "the notebooks' throughput rows", kind=list)
+        except WaveGlowError:
+            stored, rows = {}, []
+        if stored.get("key") == json.loads(json.dumps(key)) and rows:
+            return {"mode": mode, "rows": rows, "measured_at": stored.get("measured_at"), "reused": True}
+    rows = throughput_table(cfg, repeats=THROUGHPUT_PASSES[mode])
+    measured_at = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    if key is not None:
+        atomic_write_json(key_file, {"key": key, "measured_at": measured_at})
+    return {"mode": mode, "rows": rows, "measured_at": measured_at, "reused": False}

@@ -41,9 +41,35 @@ def html_text(value: Any) -> Html:
 
 
 # --- tables ---------------------------------------------------------------------------------------
+_HEX_DIGEST = __import__("re").compile(r"\b[0-9a-f]{32,}\b")
+
+
+def short_hash(text: str, keep: int = 12) -> str:
+    """Hex digests (sha256 and the like) in `text` cut to their first `keep` digits and an ellipsis."""
+    return _HEX_DIGEST.sub(lambda m: m.group(0)[:keep] + "…", text)
+
+
+def human_size(size: int | float) -> str:
+    """A size in bytes as people read it: 512 B, 578.0 KiB, 6.9 MiB, 1.2 GiB."""
+    size = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
 def format_value(value: Any, digits: int = 4) -> str:
+    """A cell's text: numbers rounded, yes/no, mappings and lists as plain `key value` text (never a
+    Python repr), hex digests shortened."""
     if value is None:
         return "—"
+    if isinstance(value, Mapping):
+        return "; ".join(f"{k} {format_value(v, digits)}" for k, v in value.items()) or "—"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(format_value(v, digits) for v in value) or "—"
+    if isinstance(value, str):
+        return short_hash(value)
     if isinstance(value, (bool, np.bool_)):
         return "yes" if value else "no"
     if isinstance(value, (float, np.floating)):
@@ -101,7 +127,22 @@ def stored_at(path: str | Path | None) -> str | None:
     return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-class StageNote:
+class Note:
+    """A one-paragraph note in the notebooks' style (blue: what happened; yellow: kept from before)."""
+
+    def __init__(self, text: str, reused: bool = False):
+        self.text, self.reused = text, reused
+
+    def _repr_html_(self) -> str:
+        colour = "#fff3cd" if self.reused else "#eef5ff"
+        return (f'<div class="wg-stage-note" style="background:{colour};padding:4px 8px;border-radius:4px;'
+                f'text-align:left">{html_text(self.text)}</div>')
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+class StageNote(Note):
     """One line saying what a stage did this time: done now, kept from an earlier run (with the date of the
     stored result), or skipped altogether, so results shown below are never mistaken for fresh ones."""
 
@@ -122,14 +163,7 @@ class StageNote:
         else:
             self.skipped = False
             self.text = f"{stage}: {plural(self.done)} done now."
-
-    def _repr_html_(self) -> str:
-        colour = "#fff3cd" if self.skipped else "#eef5ff"
-        return (f'<div class="wg-stage-note" style="background:{colour};padding:4px 8px;border-radius:4px;'
-                f'text-align:left">{html_text(self.text)}</div>')
-
-    def __repr__(self) -> str:
-        return self.text
+        self.reused = self.skipped
 
 
 def key_value_table(mapping: Mapping[str, Any], caption: str | None = None) -> Table:
@@ -300,3 +334,115 @@ def utterance_picker(ids: Sequence[str], show: Callable[[str], None], descriptio
 
     dropdown.observe(on_change, names="value")
     return widgets.VBox([dropdown, output])
+
+
+# --- 04_infer: the first sound, the timings, the throughput ------------------------------------------
+def first_sound(cfg, count: int = 3):
+    """The first `count` utterances as infer wrote them (`out/<id>_out.bin`, trimmed to the recording's
+    length as postprocess trims it) beside their recordings: one labelled row of players each."""
+    from IPython.display import HTML
+
+    from ..audio import load_wav
+    from ..io import read_bin
+    from ..layout import corpus_wav, load_manifest, out_bin
+
+    manifest = load_manifest(cfg.layout.mel_dir)
+    rate, hop = manifest["sampling_rate"], manifest["hop_length"]
+    rows = []
+    for item in manifest["items"][:count]:
+        path = out_bin(cfg.layout.out_dir, item["id"])
+        if not path.is_file():
+            continue
+        synthesised = read_bin(path, (int(item["mel_frames"]) * hop,))[: int(item["samples"])]
+        original, _ = load_wav(corpus_wav(cfg.corpus_dir, item["wav"]), expected_rate=rate, resample=cfg.resample,
+                               downmix=cfg.downmix)
+        rows.append(f"<tr><td><b>{html_text(item['id'])}</b><br>{item['samples'] / rate:.1f} s</td>"
+                    f"<td>{audio_player(original, rate)._repr_html_()}</td>"
+                    f"<td>{audio_player(synthesised, rate)._repr_html_()}</td></tr>")
+    head = "<tr><th></th><th style='text-align:left'>original</th><th style='text-align:left'>synthesised</th></tr>"
+    return HTML(f"<table class='wg-first-sound'>{head}{''.join(rows)}</table>")
+
+
+def timings_view(timings: Mapping[str, Any]) -> Table:
+    """out/timings.json per utterance, as a learner reads it: length, batch, seconds, × real time, size."""
+    rows = []
+    for utt_id, item in timings["items"].items():
+        audio = item.get("audio_seconds")
+        seconds = item.get("seconds")
+        rows.append({"id": utt_id, "audio (s)": audio, "mel frames": item.get("frames"),
+                     "batch": item.get("batch"), "seconds": seconds,
+                     "× real time": audio / seconds if audio and seconds else None,
+                     "output": human_size(item["output"]["size"]) if isinstance(item.get("output"), Mapping)
+                     and "size" in item["output"] else None})
+    return Table(rows, digits=3)
+
+
+def throughput_note(result: Mapping[str, Any]) -> Note:
+    """What 04's throughput cell did: measured now, shown again from an earlier run (nothing it measured
+    changed), or off; the machine-busy warning once, not per row."""
+    mode, rows = result["mode"], result["rows"]
+    if mode == "off":
+        return Note("Throughput: off (`throughput: off` in the parameters); set it to quick or full to measure.")
+    passes = rows[0]["repeats"] if rows else 1
+    what = "one timed pass per batch size" if passes == 1 else f"the median of {passes} passes per batch size"
+    busy = next((r["busy"] for r in rows if r.get("busy")), None)
+    tail = f" Note: {busy}." if busy else ""
+    if result["reused"]:
+        return Note(f"Throughput kept from {result['measured_at']}: nothing it measured has changed (model, "
+                    f"settings, mels, this CPU); {what}.{tail} Set `throughput: full` for more passes.", reused=True)
+    return Note(f"Throughput measured now ({result['measured_at']}): {what}.{tail}")
+
+
+def throughput_view(rows: Sequence[Mapping[str, Any]]) -> Table:
+    """The throughput rows in a few columns: batch size, utterances/s, × real time, real-time factor."""
+    shown = [{"batch size": r["batch_size"], "utterances/s": r["utterances_per_second"],
+              "× real time": r["audio_seconds_per_second"], "real-time factor": r["real_time_factor"],
+              "seconds per pass": r["seconds"]} for r in rows]
+    caption = (f"{rows[0]['backend']} {rows[0]['precision']}, {rows[0]['utterances']} utterances"
+               if rows else None)
+    return Table(shown, caption=caption, digits=3)
+
+
+def seam_verdict(snr_db: float, precision: str | None = None) -> Note:
+    """What a stream-vs-one-shot SNR means, in words taken from the measured value (so the notebook's text
+    stays true whichever precision ran and however exact its chunks are)."""
+    ran = f" ({precision})" if precision else ""
+    if snr_db >= 100:
+        text = (f"Measured {snr_db:.1f} dB{ran}: the stream equals one-shot synthesis to float32 rounding — "
+                "no clicks at the seams, no cross-fade.")
+    elif snr_db >= 60:
+        text = (f"Measured {snr_db:.1f} dB{ran}: not bit-exact, but the joined stream differs from one-shot "
+                "synthesis by less than 0.1 % of its level: nothing you can hear at the seams.")
+    elif snr_db >= 30:
+        text = (f"Measured {snr_db:.1f} dB{ran}: close, not exact. This precision rounds each chunk a little "
+                "differently from the whole utterance (differences around "
+                f"{100 * 10 ** (-snr_db / 20):.1f} % of the level); precision fp32 gives equality to rounding.")
+    else:
+        text = (f"Measured {snr_db:.1f} dB{ran}: the stream and one-shot synthesis differ clearly; "
+                "try precision fp32, and report it if fp32 differs too.")
+    return Note(text, reused=snr_db < 60)
+
+
+def bench_summary(result: Mapping[str, Any], markdown_file: str | Path | None = None):
+    """The benchmark harness's result as a learner reads it: one table (path, batch, × real time, agreement
+    with the reference), the full detail (machine, workload, every column) folded below it, in bench.md."""
+    from IPython.display import HTML
+
+    rows = [{"path": r["label"], "batch size": r["batch_size"], "× real time": r["audio_seconds_per_second"],
+             "SNR vs reference (dB)": r.get("snr_db"), "agrees with the reference": r.get("quality_ok")}
+            for r in result["rows"]]
+    table = Table(rows, digits=3)._repr_html_()
+    where = f" (all of it in <code>{html_text(markdown_file)}</code>)" if markdown_file else ""
+    smoke = (" A smoke run: a few one-second slices, one pass — it shows that every path runs and agrees; "
+             "speed verdicts need the full benchmark." if result.get("settings", {}).get("quick") else "")
+    skipped = result.get("skipped_rows") or {}
+    missing = (f"<p>Not run here: {html_text(', '.join(skipped))}.</p>" if skipped else "")
+    return HTML(f"<p>{html_text(smoke.strip())}</p>{table}{missing}<details><summary>Machine, workload and every "
+                f"column{where}</summary><pre style='white-space:pre-wrap'>{html_text(_bench_text(result))}</pre>"
+                "</details>")
+
+
+def _bench_text(result: Mapping[str, Any]) -> str:
+    from ..bench import render_markdown
+
+    return render_markdown(result)

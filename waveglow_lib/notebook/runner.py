@@ -28,6 +28,7 @@ from ..io import atomic_write_text
 from ..provenance import COMMIT_ENV, git_commit
 from ..runlock import run_folder_lock
 from .display import html_text
+from .parameters import check_parameters
 from .report import export_html, summary_html
 
 
@@ -92,13 +93,46 @@ def resolve_paths(cfg: WorkflowConfig, base: str | Path | None = None) -> Workfl
     return cfg.with_overrides(**changes) if changes else cfg
 
 
-def notebook_config(params_file: str | Path, overrides: Mapping[str, Any] | None = None) -> WorkflowConfig:
-    """What each notebook calls after its `parameters` cell: validated parameters, paths resolved."""
+def notebook_config(params_file: str | Path, overrides: Mapping[str, Any] | None = None, *,
+                    also: Sequence[str] = ()) -> WorkflowConfig:
+    """What each notebook calls after its `parameters` cell: the injected parameter names and their types
+    checked (`parameters.check_parameters`; `also`: the notebook's own parameters beside params_file and
+    overrides), then validated parameters, paths resolved."""
+    check_parameters(params_file, overrides, also=also)
     base = project_dir()
-    path = Path(params_file)
-    if not path.is_absolute():
-        path = base / path
+    path = own_params(params_file, base)
     return resolve_paths(WorkflowConfig.from_yaml(path, overrides), base)
+
+
+#: the params file a person copies and edits once (from DEMO_PARAMS); git ignores it
+MY_PARAMS = "params/my.yaml"
+DEMO_PARAMS = "params/demo.yaml"
+#: the same for 07_train's training parameters
+MY_TRAIN_PARAMS, TRAIN_DEMO_PARAMS = "params/my_train.yaml", "params/train_demo.yaml"
+
+
+def own_params(params_file: str | Path, base: str | Path | None = None) -> Path:
+    """`params_file` made absolute against `base`; the notebooks' default, `params/my.yaml` (your copy of
+    params/demo.yaml, named once for every notebook), falls back to params/demo.yaml until you make it
+    (`params/my_train.yaml` to params/train_demo.yaml for 07_train)."""
+    base = Path(base) if base is not None else project_dir()
+    path = Path(params_file)
+    path = path if path.is_absolute() else base / path
+    fallback = {MY_PARAMS: DEMO_PARAMS, MY_TRAIN_PARAMS: TRAIN_DEMO_PARAMS}.get(Path(params_file).as_posix())
+    if fallback is not None and not path.exists():
+        return base / fallback
+    return path
+
+
+def notebook_train_config(params_file: str | Path, overrides: Mapping[str, Any] | None = None, *,
+                          also: Sequence[str] = ()):
+    """07_train's `notebook_config`: injected names and types checked, then `stages.train.load_train_config`
+    (every key and type validated, paths from the repository root)."""
+    from ..stages.train import load_train_config
+
+    check_parameters(params_file, overrides, also=also)
+    base = project_dir()
+    return load_train_config(own_params(params_file, base), overrides, base_dir=base)
 
 
 # --- the kernel -----------------------------------------------------------------------------------

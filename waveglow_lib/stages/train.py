@@ -96,7 +96,7 @@ def check_train_folder(out_dir: str | Path, force: bool = False) -> Path:
 
 def run_train(config: TrainConfig, on_log: Callable[[dict], None] | None = None,
               on_sample: Callable[[int, WaveGlow], None] | None = None, sample_every: int = 0,
-              force: bool = False) -> dict[str, Any]:
+              force: bool = False, progress: bool = False) -> dict[str, Any]:
     """Train as `config` says (engine local: this process or its torchrun group; engine ray: Ray Train).
 
     `out_dir` must be new, empty or a training folder (check_train_folder) unless `force`."""
@@ -108,4 +108,4 @@ def run_train(config: TrainConfig, on_log: Callable[[dict], None] | None = None,
         atomic_write_text(out_dir / PARAMS_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
     if config.engine == "ray":
         return train_with_ray(config, num_workers=config.ray_workers, use_gpu=config.device.startswith("cuda"))
-    return train(config, on_log=on_log, on_sample=on_sample, sample_every=sample_every)
+    return train(config, on_log=on_log, on_sample=on_sample, sample_every=sample_every, progress=progress)

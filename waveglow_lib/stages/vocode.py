@@ -326,7 +326,7 @@ def vocode_pipe(cfg: WorkflowConfig, mels: str | Path, out: BinaryIO, *, model=N
 def stream_matches_offline(cfg: WorkflowConfig, mel, utt_id: str, *, model=None, chunk_frames: int | None = None,
                            backend=None) -> dict:
     """Feed `mel` frame by frame through `batching.vocode_stream` (as a TTS front-end would) and compare the
-    joined stream with one-shot synthesis of the whole mel, same noise: {chunks, samples, snr_db}."""
+    joined stream with one-shot synthesis of the whole mel, same noise: {chunks, samples, snr_db, precision}."""
     model_config = resolve_model_config(cfg, model)
     chunk_frames = cfg.chunk_frames if chunk_frames is None else chunk_frames
     own_backend = backend is None
@@ -338,8 +338,9 @@ def stream_matches_offline(cfg: WorkflowConfig, mel, utt_id: str, *, model=None,
                                     utt_id=utt_id, chunk_frames=chunk_frames, pad_value=pad_value))
         noise = utterance_noise(model_config, mel.shape[1], cfg.seed, utt_id)
         offline = backend.run(mel[None], cfg.sigma * noise[None])[0]
+        precision = getattr(backend, "precision", None)   # what `auto` became
     finally:
         if own_backend:
             backend.close()
     return {"chunk_frames": chunk_frames, "chunks": len(pieces), "samples": int(offline.size),
-            "snr_db": round(snr_db(offline, np.concatenate(pieces)), 1)}
+            "snr_db": round(snr_db(offline, np.concatenate(pieces)), 1), "precision": precision}

@@ -66,7 +66,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     device: Text = "cpu"
     seed: int = 1234
-    #: torch threads per process; 0 = torch's default
+    #: torch threads per process; 0 = one per core not busy with other work, re-measured as it trains
     num_threads: Count = 0
     #: dtype of the model snapshots (keep_snapshots): float32 | float16 (gzipped)
     save_dtype: Literal["float32", "float16"] = "float32"

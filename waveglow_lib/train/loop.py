@@ -18,7 +18,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..backends.fast.engine import choose_threads
 from ..checkpoint import save_waveglow
+from ..hardware import CpuMeter, usable_cpus
 from ..config import ModelConfig, STFTConfig
 from ..errors import ConfigError, MissingDependency, TrainingError
 from ..io import atomic_write_json
@@ -31,27 +33,57 @@ from .state import read_train_state, restore_train_state, save_train_state
 from .weights import apply_weight_norm, folded_copy, init_from_scratch, warm_start_model
 
 
+class ThreadPlan:
+    """Torch's threads for the training steps. `num_threads` > 0: that many, always. 0: one per core not
+    busy with other processes' work (`backends.fast.engine.choose_threads`, the inference path's rule),
+    measured every `every` seconds: OpenMP splits each op evenly across its threads and waits for the
+    slowest, so a thread sharing its core with another process slows every op to that thread's pace (a
+    busy machine then costs training far more than its fair share of the cores)."""
+
+    def __init__(self, num_threads: int, world_size: int = 1, every: float = 5.0):
+        self.fixed = num_threads
+        self.cap = max(1, usable_cpus() // max(1, world_size))
+        self.meter = CpuMeter(reuse=every)
+        self.threads = num_threads or self.cap
+
+    def update(self) -> int:
+        if not self.fixed:
+            # this run's other ranks count as others' work: each rank takes its share of the free cores
+            chosen = choose_threads(usable_cpus(), self.meter.others_busy(), self.cap)
+            if chosen != torch.get_num_threads():
+                torch.set_num_threads(chosen)
+            self.threads = chosen
+        return self.threads
+
+
 def train(config: TrainConfig, stft: STFTConfig = STFTConfig(),
           on_log: Callable[[dict], None] | None = None,
-          on_sample: Callable[[int, WaveGlow], None] | None = None, sample_every: int = 0) -> dict[str, Any]:
+          on_sample: Callable[[int, WaveGlow], None] | None = None, sample_every: int = 0,
+          progress: bool = False) -> dict[str, Any]:
     """Train (or fine-tune, or resume) as `config` says; returns a summary. Rank 0 writes into `out_dir`:
     `model.safetensors` (folded, for `load_waveglow`), `train_state.safetensors` (resume) and `history.json`.
 
     On rank 0, `on_log(entry)` gets each history entry (loss, lr, samples/s, validation loss) and
-    `on_sample(step, model)` the folded model (eval mode) every `sample_every` steps, to listen to.
+    `on_sample(step, model)` the folded model (eval mode) before the first step, every `sample_every` steps
+    and after the last, to listen to; `progress`: a tqdm bar over the steps with the loss and the speed.
+    Threads: `ThreadPlan` (`num_threads` 0: as many as there are free cores, re-measured as it runs).
     """
+    threads_before = torch.get_num_threads()   # a notebook's kernel goes on after training
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     info = setup_distributed(config.device)
     try:
-        return _train(config, stft, info, on_log, on_sample if sample_every > 0 else None, sample_every)
+        return _train(config, stft, info, on_log, on_sample if sample_every > 0 else None, sample_every,
+                      progress and info.is_main)
     finally:
+        torch.set_num_threads(threads_before)
         if info.initialised_here:
             dist.destroy_process_group()
 
 
 def _train(config: TrainConfig, stft: STFTConfig, info: DistInfo, on_log: Callable[[dict], None] | None,
-           on_sample: Callable[[int, WaveGlow], None] | None, sample_every: int) -> dict[str, Any]:
+           on_sample: Callable[[int, WaveGlow], None] | None, sample_every: int,
+           progress: bool = False) -> dict[str, Any]:
     if config.batch_size % info.world_size:
         raise ConfigError(f"parameter 'batch_size' ({config.batch_size}, the global batch) must be a "
                           f"multiple of the number of processes ({info.world_size})")
@@ -126,6 +158,15 @@ def _train(config: TrainConfig, stft: STFTConfig, info: DistInfo, on_log: Callab
         with torch.no_grad():
             return float(loss_module(mel, audio, autocast_dtype))
 
+    threads = ThreadPlan(config.num_threads, info.world_size) if device.type == "cpu" else None
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.max_steps, initial=step, unit="step", desc="train")
+    if on_sample is not None and info.is_main and step < config.max_steps:
+        on_sample(step, folded_copy(glow))   # before: what the model makes now
+    sampled_step = step
     started = time.monotonic()
     window_start, window_samples, window_losses, window_terms = time.monotonic(), 0, [], []
     stopped_by = "max_steps"
@@ -133,6 +174,8 @@ def _train(config: TrainConfig, stft: STFTConfig, info: DistInfo, on_log: Callab
         if config.max_seconds and time.monotonic() - started >= config.max_seconds:
             stopped_by = "max_seconds"
             break
+        if threads is not None:
+            threads.update()
         lr = lr_at(config, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -156,6 +199,12 @@ def _train(config: TrainConfig, stft: STFTConfig, info: DistInfo, on_log: Callab
         window_samples += config.batch_size * config.segment_length
         window_losses.append(global_loss)
         window_terms.append(loss_module.terms)
+        if bar is not None:
+            speed = window_samples / max(time.monotonic() - window_start, 1e-9)
+            bar.set_postfix_str(f"loss {global_loss:.3f}, {speed / 1000:.1f} k samples/s"
+                                + (f", {threads.threads} thread{'s' if threads.threads > 1 else ''}" if threads else ""),
+                                refresh=False)
+            bar.update(1)
         if step % config.log_every == 0 or step == config.max_steps:
             elapsed = time.monotonic() - window_start
             entry = {"step": step, "loss": float(np.mean(window_losses)), "lr": lr,
@@ -175,8 +224,13 @@ def _train(config: TrainConfig, stft: STFTConfig, info: DistInfo, on_log: Callab
             checkpoint(step)
         if on_sample is not None and info.is_main and step % sample_every == 0:
             on_sample(step, folded_copy(glow))
+            sampled_step = step
+    if bar is not None:
+        bar.close()
     if saved_step != step:
         checkpoint(step)
+    if on_sample is not None and info.is_main and sampled_step != step:
+        on_sample(step, folded_copy(glow))   # after: what it makes now
     glow.eval()
     return {"step": step, "stopped_by": stopped_by, "out_dir": str(out_dir), "model": str(model_path),
             "state": str(state_path), "final_loss": history[-1]["loss"] if history else None,
