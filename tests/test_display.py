@@ -102,3 +102,58 @@ def test_html_text_is_the_one_escape_and_html_built_here_passes():
     label = d.players({payload: np.zeros(100, np.float32)}).data
     assert "<img" not in label and d.html_text(payload) in label
     assert "<img" not in d.StageNote(payload, 1, 0)._repr_html_()
+
+
+# --- what a learner reads ----------------------------------------------------------------------------
+def test_cells_never_show_a_python_repr_and_sizes_and_hashes_are_short():
+    cell = d.format_value({"size": 591872, "sha256": "8535" * 16})
+    assert cell == "size 591872; sha256 853585358535…" and "{" not in cell and "'" not in cell
+    assert d.format_value([1, 2.5]) == "1, 2.5" and d.format_value({}) == "—"
+    assert (d.human_size(591872), d.human_size(7e6), d.human_size(12)) == ("578.0 KiB", "6.7 MiB", "12 B")
+
+
+def test_the_seam_verdict_follows_the_measured_value():
+    exact, close, off = d.seam_verdict(131.2, "fp32"), d.seam_verdict(38.1, "int8"), d.seam_verdict(12.0)
+    assert "float32 rounding" in exact.text and not exact.reused
+    assert "38.1 dB (int8)" in close.text and "not exact" in close.text and "float32 rounding" not in close.text
+    assert "differ clearly" in off.text
+    assert "<code>" not in d.Note("plain").__repr__() and "<code>a: b</code>" in d.Note("set `a: b`")._repr_html_()
+
+
+def test_throughput_note_says_once_whether_it_was_measured_now_or_kept():
+    rows = [{"repeats": 1, "busy": "machine busy: load average 9.0 on 2 usable cores"}] * 3
+    now = d.throughput_note({"mode": "quick", "rows": rows, "measured_at": "2026-12-07 21:00 UTC", "reused": False})
+    kept = d.throughput_note({"mode": "quick", "rows": rows, "measured_at": "2026-12-07 21:00 UTC", "reused": True})
+    assert now.text.startswith("Throughput measured now") and now.text.count("machine busy") == 1
+    assert kept.text.startswith("Throughput kept from 2026-12-07 21:00 UTC") and kept.reused
+    assert "off" in d.throughput_note({"mode": "off", "rows": [], "measured_at": None, "reused": False}).text
+
+
+def test_the_guide_comparison_is_in_real_time_multiples():
+    from waveglow_lib.bench import GUIDE_MEAN_SECONDS, guide_throughput_rows
+
+    rows = guide_throughput_rows([{"batch_size": 1, "utterances_per_second": 2.0, "audio_seconds_per_second": 8.6}])
+    first = rows[0]
+    assert first["batch size"] == 1 and first["this machine (× real time)"] == 8.6
+    assert first["Ascend 310P3 (guide) (× real time)"] == pytest.approx(0.59 * GUIDE_MEAN_SECONDS)
+    assert not any("utt" in key for key in first)
+
+
+def test_throughput_is_kept_until_something_it_measured_changes(tmp_path, preprocessed_run, monkeypatch):
+    from waveglow_lib.bench import harness, run_throughput
+    from waveglow_lib.stages.infer import infer
+
+    cfg = preprocessed_run(tmp_path, bench_batch_sizes=[1, 2])
+    assert run_throughput(cfg, "off") == {"mode": "off", "rows": [], "measured_at": None, "reused": False}
+    infer(cfg)
+    first = run_throughput(cfg)
+    assert not first["reused"] and [r["batch_size"] for r in first["rows"]] == [1, 2]
+    assert {r["repeats"] for r in first["rows"]} == {1}                     # quick: one pass each
+    timed = []
+    monkeypatch.setattr(harness, "throughput_table", lambda *a, **k: timed.append(k) or first["rows"])
+    again = run_throughput(cfg)
+    assert again["reused"] and again["rows"] == first["rows"] and again["measured_at"] == first["measured_at"]
+    assert not timed
+    run_throughput(cfg.with_overrides(bench_batch_sizes=[1]))                # another table: measured
+    run_throughput(cfg, "full")                                              # more passes: measured
+    assert timed == [{"repeats": 1}, {"repeats": None}]

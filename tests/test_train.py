@@ -277,7 +277,7 @@ def test_train_notebook_is_committed_clean_with_one_parameters_cell():
     assert len(tagged) == 1
     namespace: dict = {}
     exec(tagged[0].source, namespace)
-    assert namespace["params_file"] == "params/train_demo.yaml" and namespace["overrides"] == {}
+    assert namespace["params_file"] == "params/my_train.yaml" and namespace["overrides"] == {}   # train_demo until made
     sources = "\n".join(c.source for c in code)
     assert "run_train(" in sources and "def " not in sources  # the logic stays in the library
 
@@ -353,3 +353,39 @@ def test_the_envelope_ceilings_show_what_voicing_adds():
     whisper, voiced = ceilings["random_phase"], ceilings["griffin_lim"]
     assert 0 < whisper["stoi"] < voiced["stoi"] <= 1
     assert voiced["pesq"] > whisper["pesq"] + 0.5
+
+
+# --- what 07_train shows: before/after samples, a progress bar; threads that follow the free cores ----------
+def test_samples_come_before_the_first_step_and_after_the_last(tmp_path):
+    steps = []
+    result = train(tiny_run(tmp_path, max_steps=5), on_sample=lambda step, model: steps.append(step),
+                   sample_every=2, progress=True)
+    assert result["step"] == 5 and steps == [0, 2, 4, 5]     # before, every 2 steps, after
+    steps.clear()
+    train(tiny_run(tmp_path, max_steps=8), on_sample=lambda step, model: steps.append(step), sample_every=8)
+    assert steps == [5, 8]                                  # resumed: what it makes now, then at the end
+
+
+def test_auto_threads_take_the_free_cores_and_are_given_back(tmp_path, monkeypatch):
+    """num_threads 0: one thread per core not busy with other processes' work (measured), at least 1; a
+    fixed num_threads is kept; torch's setting is what it was once training returns."""
+    monkeypatch.setattr(train_module.loop, "usable_cpus", lambda: 4)
+    busy = {"others": 2.6}
+    monkeypatch.setattr(train_module.loop.CpuMeter, "others_busy", lambda self: busy["others"])
+    plan = train_module.loop.ThreadPlan(0)
+    before = torch.get_num_threads()
+    try:
+        assert plan.update() == 1 and torch.get_num_threads() == 1      # 4 cores, 2.6 busy: 1 free
+        busy["others"] = 0.2
+        assert plan.update() == 4                                         # idle: all of them
+        busy["others"] = 9.0
+        assert plan.update() == 1                                         # never fewer than one
+        assert train_module.loop.ThreadPlan(3).update() == 3              # fixed: as asked
+        assert train_module.loop.ThreadPlan(0, world_size=2).cap == 2      # two ranks share the cores
+    finally:
+        torch.set_num_threads(before)
+    used = []
+    monkeypatch.setattr(train_module.loop.ThreadPlan, "update",
+                        lambda self: used.append(torch.get_num_threads()) or 1)
+    train(tiny_run(tmp_path, max_steps=2, num_threads=0))
+    assert used and torch.get_num_threads() == before

@@ -67,6 +67,7 @@ from ..hardware import cpu_flags, cpu_signature, machine_busy, machine_info, usa
 from ..io import atomic_write_json, atomic_write_text, read_bin, read_json
 from ..jobs import backend_name, open_backend, resolve_model_config
 from ..layout import BENCH, BENCH_MODELS_DIR, inside, load_manifest, measurement_files, mel_bin
+from ..provenance import read_timings
 from ..metrics import MAX_LOG_MEL_DISTANCE, MIN_SNR_DB, quality_check, quality_ok
 from .load import CpuLoad
 from .profile import profile_paths
@@ -590,8 +591,6 @@ THROUGHPUT_PASSES = {"quick": 1, "full": None}
 def throughput_key(cfg: WorkflowConfig, mode: str) -> dict[str, Any] | None:
     """What the throughput table measured: the infer stage's model and output settings (out/timings.json),
     the mels' contents, the batch sizes and passes, the batching, and this CPU; None before infer ran."""
-    from ..provenance import read_timings
-
     path = cfg.layout.timings
     if not path.is_file():
         return None

@@ -10,6 +10,7 @@ import re
 from typing import Any, Mapping, Sequence
 
 from ..config import GUIDE_MEL_LENGTHS, GUIDE_THROUGHPUT
+from .workload import GUIDE_MEAN_SECONDS
 
 #: what makes markup in a line of Markdown: HTML's &, <, >, quotes (as entities); emphasis, code, links,
 #: table cells, math (backslash escapes). Line breaks and control characters would end a table row or
@@ -190,13 +191,11 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def guide_throughput_rows(measured: Sequence[Mapping[str, Any]], guide_mean_seconds: float | None = None
+def guide_throughput_rows(measured: Sequence[Mapping[str, Any]], guide_mean_seconds: float = GUIDE_MEAN_SECONDS
                           ) -> list[dict[str, Any]]:
     """The guide's table layout, like with like: one row per batch size, × real time (seconds of audio made
     per second) here beside the guide's devices. Their utterances/s are for utterances of
     `guide_mean_seconds` (6.67 s) on average, ours are shorter: utterances/s would flatter the shorter ones."""
-    if guide_mean_seconds is None:
-        from .workload import GUIDE_MEAN_SECONDS as guide_mean_seconds
     sizes = sorted({int(r["batch_size"]) for r in measured} | {b for t in GUIDE_THROUGHPUT.values() for b in t})
     by_size = {int(r["batch_size"]): r for r in measured}
     rows = []

@@ -15,7 +15,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..audio import load_wav
+from ..bench import render_markdown
 from ..config import STFTConfig
+from ..io import read_bin
+from ..layout import corpus_wav, load_manifest, out_bin
 
 #: NVIDIA's STFT settings: the time axis of the plots and players below unless told otherwise
 _NVIDIA = STFTConfig()
@@ -127,6 +131,9 @@ def stored_at(path: str | Path | None) -> str | None:
     return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
+_CODE = __import__("re").compile(r"`([^`<>]+)`")
+
+
 class Note:
     """A one-paragraph note in the notebooks' style (blue: what happened; yellow: kept from before)."""
 
@@ -135,8 +142,9 @@ class Note:
 
     def _repr_html_(self) -> str:
         colour = "#fff3cd" if self.reused else "#eef5ff"
+        text = _CODE.sub(r"<code>\1</code>", html_text(self.text))   # `name: value` as code, as in the prose
         return (f'<div class="wg-stage-note" style="background:{colour};padding:4px 8px;border-radius:4px;'
-                f'text-align:left">{html_text(self.text)}</div>')
+                f'text-align:left">{text}</div>')
 
     def __repr__(self) -> str:
         return self.text
@@ -342,10 +350,6 @@ def first_sound(cfg, count: int = 3):
     length as postprocess trims it) beside their recordings: one labelled row of players each."""
     from IPython.display import HTML
 
-    from ..audio import load_wav
-    from ..io import read_bin
-    from ..layout import corpus_wav, load_manifest, out_bin
-
     manifest = load_manifest(cfg.layout.mel_dir)
     rate, hop = manifest["sampling_rate"], manifest["hop_length"]
     rows = []
@@ -443,6 +447,4 @@ def bench_summary(result: Mapping[str, Any], markdown_file: str | Path | None = 
 
 
 def _bench_text(result: Mapping[str, Any]) -> str:
-    from ..bench import render_markdown
-
     return render_markdown(result)

@@ -27,6 +27,7 @@ from ..errors import InputNotFound, NotebookRunError, WaveGlowError
 from ..io import atomic_write_text
 from ..provenance import COMMIT_ENV, git_commit
 from ..runlock import run_folder_lock
+from ..stages.train import load_train_config
 from .display import html_text
 from .parameters import check_parameters
 from .report import export_html, summary_html
@@ -128,8 +129,6 @@ def notebook_train_config(params_file: str | Path, overrides: Mapping[str, Any] 
                           also: Sequence[str] = ()):
     """07_train's `notebook_config`: injected names and types checked, then `stages.train.load_train_config`
     (every key and type validated, paths from the repository root)."""
-    from ..stages.train import load_train_config
-
     check_parameters(params_file, overrides, also=also)
     base = project_dir()
     return load_train_config(own_params(params_file, base), overrides, base_dir=base)

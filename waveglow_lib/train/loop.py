@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..backends.fast.engine import choose_threads
 from ..checkpoint import save_waveglow
@@ -161,8 +162,6 @@ def _train(config: TrainConfig, stft: STFTConfig, info: DistInfo, on_log: Callab
     threads = ThreadPlan(config.num_threads, info.world_size) if device.type == "cpu" else None
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=config.max_steps, initial=step, unit="step", desc="train")
     if on_sample is not None and info.is_main and step < config.max_steps:
         on_sample(step, folded_copy(glow))   # before: what the model makes now
