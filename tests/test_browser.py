@@ -306,6 +306,9 @@ def test_a_new_user_hears_04_soon_after_opening_00(demo_lab, browser):
     _assert_playable(players, durations.values())
     _run_all_done(page, timeout_s=FIRST_SOUND_LIMIT_S + 300)
     _check_outputs(page, demo_lab, CHAIN[-1])
+    shot = demo_lab["root"] / "04_infer.png"      # what a person sees, to look at when this fails
+    page.screenshot(path=str(shot), full_page=True)
+    print(f"screenshot: {shot}")
     page.close()
     assert first_sound <= FIRST_SOUND_LIMIT_S, f"first sound after {first_sound:.0f} s"
 

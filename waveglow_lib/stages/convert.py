@@ -53,8 +53,8 @@ def check_onnx_model(cfg: WorkflowConfig, onnx_path: Path, info: dict, model=Non
 def _stamped(cfg: WorkflowConfig, artefact: Path, stamp: dict) -> tuple[bool, str]:
     """(up to date?, why not) for a converted file whose record should hold `stamp` and its files' entries."""
     record = record_path(artefact)
-    if not record.is_file():
-        return False, "no record of what it was made from"
+    if not record.is_file():   # built for the first time: a state, not a problem
+        return False, "first build" if not artefact.exists() else "no record of what it was made from"
     # a damaged record (not JSON, a field of the wrong shape) is said and counts as none: converted again
     recorded = read_record(record, "the record of what a converted model was made from", CONVERTED_RECORD_FIELDS,
                            on_damage=announce_redo)
