@@ -20,7 +20,7 @@ test: $(VENV)/.installed browser
 # the fast engine's exactness tests again, run as a CPU without AMX (AMD EPYC) and one without AVX-512 would
 # run them (WAVEGLOW_ISA_CAP, waveglow_lib/isa.py): a guarantee that holds on one CPU only fails here too
 ISA_CAPS  := no_amx avx2
-ISA_TESTS := reproduces or matches_reference or reduced_precision or ragged or packed or cache_hit or repacks or threads_per_run
+ISA_TESTS := reproduces or matches_reference or reduced_precision or ragged or packed or cache_hit or repacks or threads_per_run or one_shot or calibrated_once
 test-isa: $(VENV)/.installed
 	@failed=""; for cap in $(ISA_CAPS); do echo "== WAVEGLOW_ISA_CAP=$$cap"; \
 	  WAVEGLOW_ISA_CAP=$$cap $(PY) -m pytest -q -p no:cacheprovider tests/test_fast.py -k "$(ISA_TESTS)" \

@@ -610,6 +610,54 @@ def test_packed_utterances_equal_each_run_alone(precision):
             assert snr_db(single, together) >= bound
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8", "auto"])
+def test_chunked_streamed_and_batched_equal_one_shot_on_every_precision(precision):
+    """Issue 36: a chunk of a stream is a sequence of its own, so any scale taken from the sequence (int8's
+    were, 38 dB) makes chunked synthesis differ from one-shot. On every precision, `auto` included, on the
+    tests' model and on the demo model (48 channels: `auto` tries int8 there), the audio in chunks (a whole
+    mel, and frames arriving one piece at a time) and in a batch of two equals one-shot synthesis."""
+    from waveglow_lib.batching import utterance_noise, vocode_chunked, vocode_stream
+    from waveglow_lib.checkpoint import load_waveglow
+    for model in (tiny_model(seed=6), load_waveglow(None)):
+        config = model.config
+        backend = get_backend("fast", model=model, precision=precision, threads=2, cache_dir="off")
+        generator = torch.Generator().manual_seed(4)
+        mels = [(torch.randn(80, n, generator=generator) - 5).numpy() for n in (150, 70)]
+        noises = [utterance_noise(config, mel.shape[1], 1234, f"u{i}") for i, mel in enumerate(mels)]
+        whole = [backend.run(mel[None], 0.6 * noise[None])[0] for mel, noise in zip(mels, noises)]
+        chunked = vocode_chunked(backend, mels[0], noises[0], 0.6, config, 64)
+        pieces = (mels[0][:, f:f + 7] for f in range(0, mels[0].shape[1], 7))  # a TTS producing frames
+        streamed = np.concatenate(list(vocode_stream(pieces, backend, config, sigma=0.6, noise=noises[0],
+                                                     chunk_frames=40)))
+        batched = backend.run_utterances(mels, [0.6 * noise for noise in noises])
+        where = f"{backend.precision} ({precision}), {config.n_channels} channels"
+        assert snr_db(whole[0], chunked) >= 100, where
+        assert snr_db(whole[0], streamed) >= 100, where
+        assert all(snr_db(w, b) >= 100 for w, b in zip(whole, batched)), where
+
+
+def test_int8_scales_are_calibrated_once_and_saturate_beyond_their_range():
+    """int8 quantises with ranges calibrated on the probe (`FastEngine.calibrate`, every one holding 0,
+    widened past what the probe showed): an engine given those ranges runs bit for bit as the calibrated
+    one; ranges that do not fit the model are refused; a value beyond a range saturates, not wraps."""
+    if not native_int8():
+        pytest.skip("no native int8 on this CPU")
+    model = tiny_model(seed=2)
+    engine = FastEngine(model, "int8", threads=1)
+    ranges = engine.activations
+    assert len(ranges["x"]) == model.config.n_flows and all(len(f) == model.config.n_layers for f in ranges["x"])
+    assert all(lo < 0.0 < hi for lo, hi in [ranges["mel"], *(r for f in ranges["x"] for r in f)])
+    mel, z = inputs(model, batch=1, frames=20)
+    flows = [fast_engine.flow_arrays(model, k, "int8") for k in range(model.config.n_flows)]
+    again = FastEngine(model, "int8", threads=1, flows=flows, activations=json.loads(json.dumps(ranges)))
+    assert again.activations == ranges and np.array_equal(engine.run(mel, z), again.run(mel, z))
+    with pytest.raises(ValueError, match="do not fit"):
+        again.set_activations({"mel": ranges["mel"], "x": ranges["x"][:-1]})
+    scale, zero_point = fast_engine.u8_params(-1.0, 1.0)
+    q = fast_engine.quantize_u8(torch.tensor([[-5.0, 0.0, 5.0]]), scale, zero_point)
+    assert q.data.tolist() == [[0, zero_point, 255]]
+
+
 def test_importing_the_package_leaves_openmps_wait_policy_alone():
     """OpenMP reads OMP_WAIT_POLICY once, when torch loads. The package does not force one (PASSIVE cost a
     quarter of the idle batch-1 speed; on a shared machine the engine runs one thread per free core), and a

@@ -15,17 +15,11 @@ import time
 import numpy as np
 import torch
 
-from ...audio import load_wav, mel_spectrogram
-from ...config import DEMO_CORPUS_DIR, STFTConfig
 from ...hardware import cpu_flags, native_bf16, native_int8
-from ...layout import CORPUS_WAVS_DIR
 from ...metrics import MAX_LOG_MEL_DISTANCE, MIN_SNR_DB, quality_check, quality_ok
 from .cache import EngineCache
 from .engine import FastEngine, LoadTimes
-
-#: frames of real speech a reduced-precision engine is checked on before `precision: auto` trusts it
-PROBE_FRAMES = 48
-PROBE_SIGMA = 0.6
+from .probe import PROBE_FRAMES, PROBE_SIGMA, probe_mel
 #: `auto` tries int8 only for WN layers this wide: the demo model's 48 channels ran faster in int8 than in
 #: bf16 (`bench --quick`, AMD EPYC, 2026-12-07); narrower layers, not measured, may lose int8's gain to the
 #: quantisation of their activations
@@ -33,13 +27,6 @@ INT8_MIN_CHANNELS = 48
 #: the race on AMX times each engine on the probe mel repeated to this many frames, best of RACE_REPEATS
 RACE_FRAMES = 192
 RACE_REPEATS = 2
-
-
-def probe_mel(n_mel: int, frames: int = PROBE_FRAMES) -> torch.Tensor:
-    """[1, n_mel, frames]: the log-mel of the bundled demo corpus's first utterance (speech, not noise)."""
-    audio, _ = load_wav(sorted((DEMO_CORPUS_DIR / CORPUS_WAVS_DIR).glob("*.wav"))[0])
-    mel = mel_spectrogram(audio, STFTConfig(n_mel_channels=n_mel))[:, :frames]
-    return torch.from_numpy(np.ascontiguousarray(mel))[None]
 
 
 @torch.inference_mode()

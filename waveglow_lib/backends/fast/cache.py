@@ -5,7 +5,8 @@ Layout (`cache_dir`, default `$WAVEGLOW_CACHE_DIR`, else `$XDG_CACHE_HOME/wavegl
 `~/.cache/waveglow-workflow`):
 
     secret.key                           this user's key for the entries' MACs (32 random bytes, 0600)
-    fast/engine-<key>/meta.json          what the entry is (its key's fields), each file's sha256, and the MAC
+    fast/engine-<key>/meta.json          what the entry is (its key's fields), each file's sha256, int8's
+                                         calibrated activation ranges, and the MAC
     fast/engine-<key>/flow<k>.safetensors the engine's tensors of flow k (`engine.flow_arrays`)
     fast/probe-<key>.json                precision: auto's verdict for a model on this machine, with its MAC
 
@@ -14,8 +15,8 @@ weight), the precision, the CPU (`hardware.cpu_signature`), the library versions
 change makes another key, and an old entry is never read again.
 
 An entry proves it is this model's before it is used: its meta.json carries an HMAC-SHA256, made with the
-cache's secret, over the key fields (this model's fingerprint, computed here, not read from the entry) and
-every file's sha256, and each file's bytes are checked against that sha256 before they are parsed. Whoever
+cache's secret, over the key fields (this model's fingerprint, computed here, not read from the entry),
+every file's sha256 and the activation ranges, and each file's bytes are checked against that sha256 before they are parsed. Whoever
 can write to the cache but cannot read the secret cannot make an entry pass: flow files swapped for
 corrupt or foreign ones with meta.json's hashes rewritten to match, an entry copied from another cache,
 or one written with another secret are misses, rebuilt and replaced with a warning (`events`: "rebuilt:
@@ -62,7 +63,7 @@ from ...userkey import CACHE_ENV, SECRET_BYTES, SECRET_NAME, default_cache_dir, 
 from .engine import FastEngine, LoadTimes, flow_arrays, native_precision
 
 #: bump when what an entry holds changes (tensor names, layout, quantisation, its proof)
-CACHE_FORMAT = 7
+CACHE_FORMAT = 8
 #: meta.json and a verdict are a few KiB; one flow's tensors of the official model about 90 MB (bf16)
 MAX_META_BYTES = 2**20
 MAX_FLOW_BYTES = 2**30
@@ -174,6 +175,11 @@ def _parse_flow(data: torch.Tensor) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _meta_record(fields: dict, files: dict, activations: dict | None) -> dict:
+    """What an engine entry's meta.json says, and its MAC covers."""
+    return {"key": fields, "files": files, "activations": activations}
+
+
 _mac = mac
 
 
@@ -234,11 +240,11 @@ class EngineCache:
             folder = self.engine_dir(model, precision)
             fields = self.engine_fields(model, precision)
         secret = self.secret()
-        files, problem = self._proven_files(folder, fields, model.config.n_flows, secret)
+        files, activations, problem = self._proven_files(folder, fields, model.config.n_flows, secret)
         if files is not None:
             try:
                 engine = FastEngine(model, precision, flows=self._read_flows(folder, files, times),
-                                    load_times=times, **options)
+                                    load_times=times, activations=activations, **options)
                 self.events.append("hit")
                 return engine
             except Exception as exc:  # noqa: BLE001  any failure to read an entry: never trusted, rebuilt
@@ -249,30 +255,31 @@ class EngineCache:
         return self._build(model, precision, folder, fields, secret, times, **options)
 
     def _proven_files(self, folder: Path, fields: dict, n_flows: int,
-                      secret: bytes | None) -> tuple[dict | None, str | None]:
-        """(each flow file's sha256, None) when the entry at `folder` is complete, matches `fields` and its
-        MAC proves it was written with this cache's secret for them; else (None, why not)."""
+                      secret: bytes | None) -> tuple[dict | None, dict | None, str | None]:
+        """(each flow file's sha256, the activation ranges, None) when the entry at `folder` is complete,
+        matches `fields` and its MAC proves it was written with this cache's secret for them; else (None,
+        None, why not)."""
         meta_path = folder / "meta.json"
         if folder.is_symlink():
-            return None, "not an entry this cache wrote (a symbolic link)"
+            return None, None, "not an entry this cache wrote (a symbolic link)"
         if not (meta_path.exists() or meta_path.is_symlink()):
-            return None, "missing"
+            return None, None, "missing"
         try:
             meta = json.loads(read_bounded(meta_path, "an engine's meta.json", MAX_META_BYTES, follow_links=False))
         except (OSError, ValueError, RecursionError) as exc:
-            return None, f"meta.json unreadable ({exc})"
+            return None, None, f"meta.json unreadable ({exc})"
         if not isinstance(meta, dict) or meta.get("key") != fields:
-            return None, "stale (its key fields differ)"
-        files = meta.get("files")
+            return None, None, "stale (its key fields differ)"
+        files, activations = meta.get("files"), meta.get("activations")
         names = [f"flow{k:02d}.safetensors" for k in range(n_flows)]
         if not isinstance(files, dict) or sorted(files) != names or not all(isinstance(files[n], str) for n in names):
-            return None, "incomplete (file list)"
+            return None, None, "incomplete (file list)"
         if secret is None:
-            return None, f"not proven: {self._no_secret}"
-        if not hmac.compare_digest(str(meta.get("mac", "")), _mac(secret, {"key": fields, "files": files})):
-            return None, ("not proven (its MAC does not match this cache's secret and this model: "
-                          "altered, or written with another secret)")
-        return files, None
+            return None, None, f"not proven: {self._no_secret}"
+        if not hmac.compare_digest(str(meta.get("mac", "")), _mac(secret, _meta_record(fields, files, activations))):
+            return None, None, ("not proven (its MAC does not match this cache's secret and this model: "
+                                "altered, or written with another secret)")
+        return files, activations, None
 
     def _read_flows(self, folder: Path, files: dict, times: LoadTimes) -> Iterator[dict[str, torch.Tensor]]:
         """Each flow's tensors, in order, its bytes checked against the proven sha256 (`files`) before they
@@ -335,8 +342,8 @@ class EngineCache:
                 raise failures[0]
         if tmp is not None:
             try:
-                atomic_write_json(tmp / "meta.json", {"key": fields, "files": files,
-                                                      "mac": _mac(secret, {"key": fields, "files": files})})
+                record = _meta_record(fields, files, engine.activations)
+                atomic_write_json(tmp / "meta.json", {**record, "mac": _mac(secret, record)})
                 if folder.is_symlink():  # planted: the link goes, not what it points to
                     folder.unlink()
                 elif folder.exists():  # a stale, corrupt or unproven entry under this key: replaced

@@ -13,8 +13,9 @@ Precisions: fp32; bf16 (GEMM operands and the WN state in bf16, fp32 accumulatio
 conditioning, dilated taps, res/skip — through oneDNN's u8·s8 GEMM, `onednn.qlinear_pointwise`: weights
 int8 with one scale per output channel, packed at load; each activation quantized once where it is made,
 not per GEMM call — the mel once per sequence, the residual stream once per layer for its three taps,
-−gate with a fixed scale as it lies in (−1, 1) — and every GEMM adding onto its fp32 output inside the
-kernel; the residual stream and the skip sum stay fp32). Where the time goes, and why int8 covers the
+−gate — with scales fixed per engine (calibrated on the probe, `FastEngine.calibrate`; −gate's is 1/127 as
+it lies in (−1, 1)), so that chunked, streamed and batched synthesis equal one-shot synthesis exactly;
+every GEMM adds onto its fp32 output inside the kernel; the residual stream and the skip sum stay fp32). Where the time goes, and why int8 covers the
 conditioning GEMM too, is recorded by `python -m waveglow_lib bench --profile`.
 
 Cost: the folded conditioning weights are `steps` phases × (4·80 → 2C) per layer, 16× the original
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from ...errors import ConfigError, MelError
 from ...hardware import CpuMeter, native_bf16, native_int8, usable_cpus
 from .fold import FastWaveGlow, FastWN, conditioning_layers, fold_wn
+from .probe import PROBE_SIGMA, probe_mel
 
 # the quantized-tensor API is deprecated in torch 2.x but is what hands oneDNN's int8 GEMM its uint8 input
 # in one vectorised pass; the day it goes, `hardware.native_int8` is False and int8 falls back to bf16
@@ -116,19 +118,49 @@ class _U8:
 
 #: −gate = tanh(a)·σ(b) lies in (−1, 1): it is quantized with this fixed scale (zero point 128), no range pass
 GATE_SCALE = 1.0 / 127.0
+#: int8 engines quantise the mel and each layer's residual stream with static scales, calibrated once per
+#: engine (`FastEngine.calibrate`) on this many frames of the probe (real speech), each observed range
+#: widened by ACTIVATION_MARGIN (a value beyond it saturates) and rounded outwards to 4 significant bits
+#: (a last-bit difference in the calibration run cannot change a scale); the margins tried and the SNR
+#: each gave are in docs/benchmarks.md
+CALIBRATION_FRAMES = 96
+ACTIVATION_MARGIN = 1.1
+
+
+def value_range(x: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of x; MelError when either is not finite."""
+    lo, hi = (v.item() for v in torch.aminmax(x))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise MelError("FastEngine (int8): the activations are not finite (inf or NaN in the mel or the "
+                       "model's weights)")
+    return lo, hi
+
+
+def u8_params(lo: float, hi: float) -> tuple[float, int]:
+    """(scale, zero point) of the uint8 quantisation of [lo, hi], widened to hold 0 so that zeros (padding,
+    the gaps between packed utterances) stay exactly zero."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max((hi - lo) / 255.0, 1e-12)
+    return scale, min(255, max(0, round(-lo / scale)))
+
+
+def widened_range(lo: float, hi: float) -> list[float]:
+    """A calibrated range [lo, hi] (holding 0) widened by ACTIVATION_MARGIN and rounded outwards to 4
+    significant bits."""
+    def outwards(v: float) -> float:
+        v *= ACTIVATION_MARGIN
+        if v == 0.0:
+            return 0.0
+        step = 2.0 ** (math.floor(math.log2(abs(v))) - 3)
+        return math.copysign(math.ceil(abs(v) / step) * step, v)
+    return [outwards(min(lo, 0.0)), outwards(max(hi, 0.0))]
 
 
 def quantize_u8(x: torch.Tensor, scale: float | None = None, zero_point: int = 128) -> _U8:
-    """x (fp32, contiguous) → uint8, per tensor. Without `scale`: from x's range, widened to hold 0, so that
-    zeros (padding, the gaps between packed utterances) stay exactly zero."""
+    """x (fp32, contiguous) → uint8, per tensor; values beyond the scale's range saturate. Without `scale`:
+    from x's range (`value_range`, `u8_params`)."""
     if scale is None:
-        lo, hi = (v.item() for v in torch.aminmax(x))
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise MelError("FastEngine (int8): the activations are not finite (inf or NaN in the mel or the "
-                           "model's weights)")
-        lo, hi = min(lo, 0.0), max(hi, 0.0)
-        scale = max((hi - lo) / 255.0, 1e-12)
-        zero_point = min(255, max(0, round(-lo / scale)))
+        scale, zero_point = u8_params(*value_range(x))
     q = torch.quantize_per_tensor(x, scale, zero_point, torch.quint8)
     # the quantized tensor's bytes as a plain uint8 tensor, no copy (oneDNN's int8 GEMM takes uint8)
     data = torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), q.storage_offset(), q.shape, q.stride())
@@ -169,12 +201,12 @@ BLOCK_FRAMES = {"fp32": 2048, "bf16": 2048, "int8": 256}
 #: ~1,000 frames per sequence ran fastest (short ones leave the conditioning GEMM bound by its weights,
 #: long ones spill out of cache), and faster than an utterance per thread
 PACK_FRAMES = 1024
-#: how close an utterance run in a batch (packed with others) is to the same utterance run alone, as SNR in
-#: dB, per precision. fp32 and bf16 differ by rounding only: the GEMM library may sum a row in another order
-#: when the matrix holds other rows (MKL's AVX2 path, which it takes on AMD CPUs, does; measured ≥ 144 dB on
-#: the tests' model), and are bit-identical where it does not (seen with AMX). int8 quantises the mel and
-#: the residual stream with scales from the whole sequence, so its neighbours change an utterance's rounding.
-PACKED_MIN_SNR_DB = {"fp32": 100.0, "bf16": 100.0, "int8": 25.0}
+#: how close an utterance run in a batch (packed with others), or in chunks, is to the same utterance run
+#: alone and whole, as SNR in dB, per precision. They differ by rounding at most: the float GEMM library may
+#: sum a row in another order when the matrix holds other rows (MKL's AVX2 path, which it takes on AMD CPUs,
+#: does; measured ≥ 144 dB on the tests' model), and are bit-identical where it does not (seen with AMX).
+#: int8 quantises with scales fixed per engine (`FastEngine.calibrate`) and sums in int32, exactly.
+PACKED_MIN_SNR_DB = {"fp32": 100.0, "bf16": 100.0, "int8": 100.0}
 #: float res/skip GEMMs have their rows and columns padded to a multiple of this
 RS_ALIGN = 32
 
@@ -254,12 +286,13 @@ class _Layer:
     contiguous output."""
 
     __slots__ = ("dilation", "taps", "has_residual", "cond_gemm", "tap_gemms", "taps_gemm", "res_skip_gemm",
-                 "res_gemm", "skip_gemm")
+                 "res_gemm", "skip_gemm", "x_quant")
 
     def __init__(self, arrays: dict[str, torch.Tensor], dilation: int, taps: int, precision: str,
                  has_residual: bool):
         self.dilation, self.taps, self.has_residual = dilation, taps, has_residual
         self.tap_gemms, self.taps_gemm = [], None
+        self.x_quant: tuple[float, int] | None = None  # int8: the residual stream's (scale, zero point)
         self.res_skip_gemm = self.res_gemm = self.skip_gemm = None
         if precision == "int8":
             self.taps_gemm = _Int8Gemm(arrays["taps.q"], arrays["taps.scale"], None)  # [out, (tap, channel)]
@@ -351,11 +384,14 @@ class FastEngine:
       `self.load_times` holds them.
     - `plan_load`: fold and pack on the cores free now (`plan_threads`, one 50 ms measurement), as `run`
       does; default: where there is heavy work, i.e. it folds the model itself or packs int8 weights.
+    - `activations`: int8: the activation ranges `calibrate` returned for these weights (the cache's way
+      in); default: calibrated here. `self.activations` holds them (None for float engines).
     """
 
     def __init__(self, model, precision: str = "bf16", block_frames: int | None = None, threads: int | None = None,
                  adaptive: bool = True, flows: Iterable[dict[str, torch.Tensor]] | None = None,
-                 load_times: LoadTimes | None = None, plan_load: bool | None = None):
+                 load_times: LoadTimes | None = None, plan_load: bool | None = None,
+                 activations: dict | None = None):
         if block_frames is not None and block_frames < 1:
             raise ConfigError(f"FastEngine: block_frames must be >= 1, got {block_frames}")
         self.precision = precision = native_precision(precision)
@@ -392,13 +428,62 @@ class FastEngine:
                     # the start 1x1 conv writes the WN state directly, so in its dtype
                     self.flows.append(_Flow(layers, arrays["start.weight"].to(self.dtype),
                                             arrays["start.bias"].to(self.dtype), arrays["inverse"]))
+            if len(self.flows) != c.n_flows:
+                raise ConfigError(f"FastEngine: {len(self.flows)} flows given for a model of {c.n_flows}")
+            self.mel_quant: tuple[float, int] | None = None  # int8: the mel's (scale, zero point)
+            self.activations = None
+            if precision == "int8":
+                if activations is None:
+                    with times.phase("calibrate"):
+                        activations = self.calibrate()
+                self.set_activations(activations)
         finally:
             torch.set_num_threads(previous)
-        if len(self.flows) != c.n_flows:
-            raise ConfigError(f"FastEngine: {len(self.flows)} flows given for a model of {c.n_flows}")
 
     def noise_shape(self, batch: int, frames: int) -> tuple[int, int, int]:
         return batch, self.config.n_group, frames * self.config.hop_length // self.config.n_group
+
+    @torch.inference_mode()
+    def calibrate(self) -> dict:
+        """int8: the activation ranges to quantise with, {"mel": [lo, hi], "x": per flow, per layer [lo, hi]
+        of the residual stream}: observed on CALIBRATION_FRAMES of the probe mel (real speech, noise of
+        sigma PROBE_SIGMA) run with per-sequence scales, then widened (`widened_range`).
+
+        Why static: a scale taken from the sequence run makes an utterance's audio depend on what else is in
+        that sequence — a chunk of a stream is a sequence, so chunked and streamed synthesis would differ
+        from one-shot (38 dB measured), and a batch's neighbours would change an utterance. With every scale
+        fixed per engine, a row's int8 GEMM sums are exact integers and every fp32 step after them is
+        elementwise: an utterance's audio does not depend on the chunking or the batch."""
+        c = self.config
+        mel = probe_mel(c.n_mel_channels, CALIBRATION_FRAMES)[0]
+        z = PROBE_SIGMA * torch.randn(self.noise_shape(1, mel.shape[1])[1:], generator=torch.Generator().manual_seed(2))
+        self.mel_quant = None
+        for flow in self.flows:
+            for layer in flow.layers:
+                layer.x_quant = None
+        observed: dict = {}
+        self._reverse(self._unfold(mel), z.t().contiguous(), observed=observed)
+        return {"mel": widened_range(*observed["mel"]),
+                "x": [[widened_range(*observed[k, i]) for i in range(c.n_layers)] for k in range(c.n_flows)]}
+
+    def set_activations(self, activations: dict) -> None:
+        """Quantise with these ranges (`calibrate`'s form); ValueError when they do not fit this engine."""
+        c = self.config
+        try:
+            mel, x = activations["mel"], activations["x"]
+            ranges = [mel, *(r for flow in x for r in flow)]
+            ok = len(x) == c.n_flows and all(len(flow) == c.n_layers for flow in x) and all(
+                len(r) == 2 and all(isinstance(v, float) and math.isfinite(v) for v in r) and r[0] <= 0.0 <= r[1]
+                for r in ranges)
+        except (KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise ValueError("FastEngine: int8 activation ranges that do not fit this model")
+        self.activations = activations
+        self.mel_quant = u8_params(*mel)
+        for flow, flow_ranges in zip(self.flows, x):
+            for layer, r in zip(flow.layers, flow_ranges):
+                layer.x_quant = u8_params(*r)
 
     def plan_threads(self) -> int:
         """The threads the next `run` uses (see `choose_threads`)."""
@@ -427,12 +512,7 @@ class FastEngine:
             if mel.dim() != 2 or tuple(z.shape) != self.noise_shape(1, mel.shape[1])[1:]:
                 raise MelError(f"FastEngine: mel {tuple(mel.shape)} and z {tuple(z.shape)} do not fit (z must be "
                                f"[{self.config.n_group}, T*{self.steps}] for mel [n_mel, T])")
-            # conditioning input at frame rate: row f holds mel frames f-3 .. f (zeros before the start)
-            rows = F.pad(mel.t(), (0, 0, self.taps - 1, 0))
-            unfolded = rows.unfold(0, self.taps, 1).transpose(1, 2).reshape(mel.shape[1], -1)
-            if self.precision != "int8":  # the conditioning bias's column (see layer_arrays)
-                unfolded = F.pad(unfolded, (0, 1), value=1.0)
-            prepared.append((unfolded.to(self.dtype).contiguous(), z.t().contiguous()))  # noise [steps, n_group]
+            prepared.append((self._unfold(mel), z.t().contiguous()))  # noise [steps, n_group]
         threads = self.last_threads = self.plan_threads()
         previous = torch.get_num_threads()
         try:
@@ -440,6 +520,15 @@ class FastEngine:
             return self._run_packed(prepared)
         finally:
             torch.set_num_threads(previous)
+
+    def _unfold(self, mel: torch.Tensor) -> torch.Tensor:
+        """mel [n_mel, T] → the conditioning input at frame rate [T, taps·n_mel] (+ the bias's column of ones,
+        float; see layer_arrays) in the engine's dtype: row f holds mel frames f-3 .. f (zeros before the start)."""
+        rows = F.pad(mel.t(), (0, 0, self.taps - 1, 0))
+        unfolded = rows.unfold(0, self.taps, 1).transpose(1, 2).reshape(mel.shape[1], -1)
+        if self.precision != "int8":
+            unfolded = F.pad(unfolded, (0, 1), value=1.0)
+        return unfolded.to(self.dtype).contiguous()
 
     def _run_packed(self, prepared) -> list[np.ndarray]:
         """Utterances end to end, longest first, as few sequences of up to `pack_frames` frames as they fit
@@ -475,16 +564,19 @@ class FastEngine:
         return outputs
 
     @torch.inference_mode()
-    def _reverse(self, unfolded: torch.Tensor, noise: torch.Tensor, gaps=()) -> torch.Tensor:
+    def _reverse(self, unfolded: torch.Tensor, noise: torch.Tensor, gaps=(), observed: dict | None = None
+                 ) -> torch.Tensor:
         """One sequence (an utterance, or several packed by `_run_packed`): unfolded mel [T, taps·n_mel],
         noise [T·steps, n_group] → audio [T·steps, n_group].
         `gaps`: (first, end) step rows that separate packed utterances (`_run_packed`): kept at zero in the
-        WN state, as the padding around an utterance is."""
+        WN state, as the padding around an utterance is. `observed` (int8 calibration): receives the
+        activations' ranges."""
         c, steps = self.config, self.steps
         total = unfolded.shape[0] * steps
         frames = unfolded.shape[0]
         blocks = [(f0, min(frames, f0 + self.block_frames)) for f0 in range(0, frames, self.block_frames)]
-        wn = (_Int8WN if self.precision == "int8" else _FloatWN)(self, unfolded, blocks, gaps)
+        wn = _Int8WN(self, unfolded, blocks, gaps, observed) if self.precision == "int8" else \
+            _FloatWN(self, unfolded, blocks, gaps)
         audio = noise[:, : self.n_remaining_channels]
         next_row = self.n_remaining_channels
         for k in reversed(range(c.n_flows)):
@@ -492,7 +584,7 @@ class FastEngine:
             n_half = audio.shape[1] // 2
             swap = c.swaps_halves(k)
             audio_0, audio_1 = (audio[:, n_half:], audio[:, :n_half]) if swap else (audio[:, :n_half], audio[:, n_half:])
-            skip = wn.run(flow, audio_0)
+            skip = wn.run(flow, audio_0, k)
             log_s, b = skip[:, n_half:], skip[:, :n_half]
             audio_1 = (audio_1 - b) * torch.exp(-log_s)
             audio = torch.cat((audio_1, audio_0) if swap else (audio_0, audio_1), 1) @ flow.inverse
@@ -522,8 +614,8 @@ class _FloatWN:
         # the conditioning of a block, [frames, steps·2C]: reused by every layer
         self.cond = torch.empty(blocks[0][1], engine.flows[0].layers[0].cond_gemm.out_features, dtype=dtype)
 
-    def run(self, flow: _Flow, audio_0: torch.Tensor) -> torch.Tensor:
-        """The flow's WN on audio_0 [total, n_half] → its output [total, 2·n_half] (b | log s), fp32."""
+    def run(self, flow: _Flow, audio_0: torch.Tensor, k: int) -> torch.Tensor:
+        """Flow k's WN on audio_0 [total, n_half] → its output [total, 2·n_half] (b | log s), fp32."""
         engine, pad, total, steps = self.engine, self.engine.pad, self.total, self.engine.steps
         n = engine.config.n_channels
         rows = self.state[pad: pad + total]
@@ -564,20 +656,29 @@ class _FloatWN:
 
 class _Int8WN:
     """The WN layers of one sequence in int8: the mel quantized once for all layers, the residual stream
-    (fp32, `pad` zero rows around) quantized once per layer for all its taps, −gate quantized with a
-    fixed scale; every GEMM adds onto its fp32 output in oneDNN's kernel. The taps read the layer's
-    quantized copy, so the residual stream is updated in place."""
+    (fp32, `pad` zero rows around) quantized once per layer for all its taps, both with the engine's
+    calibrated scales (`FastEngine.calibrate`), −gate with a fixed scale; every GEMM adds onto its fp32
+    output in oneDNN's kernel. The taps read the layer's quantized copy, so the residual stream is updated
+    in place. `observed` (calibration: the engine has no scales yet): scales from this sequence's ranges,
+    which are recorded there."""
 
-    def __init__(self, engine: FastEngine, unfolded: torch.Tensor, blocks, gaps):
-        self.engine, self.blocks, self.gaps = engine, blocks, gaps
-        self.mel = quantize_u8(unfolded)
+    def __init__(self, engine: FastEngine, unfolded: torch.Tensor, blocks, gaps, observed: dict | None = None):
+        self.engine, self.blocks, self.gaps, self.observed = engine, blocks, gaps, observed
+        self.mel = quantize_u8(unfolded, *(engine.mel_quant or self._observe("mel", unfolded)))
         self.total = total = unfolded.shape[0] * engine.steps
         n = engine.config.n_channels
         self.x = torch.zeros(total + 2 * engine.pad, n)
         self.gate = torch.empty(min(total, blocks[0][1] * engine.steps), n)
 
-    def run(self, flow: _Flow, audio_0: torch.Tensor) -> torch.Tensor:
-        """The flow's WN on audio_0 [total, n_half] → its output [total, 2·n_half] (b | log s), fp32."""
+    def _observe(self, key, x: torch.Tensor) -> tuple[float, int]:
+        """Calibration: x's range recorded under `key`, and the scale it gives."""
+        if self.observed is None:
+            raise ConfigError("FastEngine (int8): no activation scales (calibrate, or set_activations, first)")
+        self.observed[key] = value_range(x)
+        return u8_params(*self.observed[key])
+
+    def run(self, flow: _Flow, audio_0: torch.Tensor, k: int) -> torch.Tensor:
+        """Flow k's WN on audio_0 [total, n_half] → its output [total, 2·n_half] (b | log s), fp32."""
         engine, pad, total, steps = self.engine, self.engine.pad, self.total, self.engine.steps
         n, x = engine.config.n_channels, self.x
         rows = x[pad: pad + total]
@@ -585,8 +686,8 @@ class _Int8WN:
         for g0, g1 in self.gaps:
             rows[g0:g1] = 0.0
         skip = torch.zeros(total, flow.layers[-1].skip_gemm.out_features)
-        for layer in flow.layers:
-            x_q = quantize_u8(x)  # pad and gap rows stay exactly zero
+        for i, layer in enumerate(flow.layers):
+            x_q = quantize_u8(x, *(layer.x_quant or self._observe((k, i), x)))  # pad and gap rows stay zero
             centre, d = (layer.taps - 1) // 2, layer.dilation
             for f0, f1 in self.blocks:
                 s0, s1 = f0 * steps, f1 * steps
