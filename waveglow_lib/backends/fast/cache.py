@@ -29,7 +29,8 @@ not a regular file (a link, a folder), belongs to another user, is readable or w
 other hard links or is not 32 bytes: delete it and a new one is made (every entry is then rebuilt once).
 A cache folder where no secret can be made (read-only) is not used: the engine is built and not stored.
 Every file is read only when it is a regular file (not a link) of a bounded size: a link to a device
-would be read until memory runs out. Tensors are stored with safetensors (no pickles). oneDNN's packed
+would be read until memory runs out. Tensors are stored as safetensors (no pickles) and parsed by the
+safetensors library from the very bytes whose sha256 was checked. oneDNN's packed
 int8 weights cannot be serialised: the entry holds the int8 weights and their scales, and they are packed
 again at load (`engine._Int8Gemm`, bit-identical to a fresh build).
 
@@ -41,7 +42,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import math
 import os
 import platform
 import shutil
@@ -53,12 +53,13 @@ from typing import Iterator
 
 import numpy as np
 import safetensors
+import safetensors.torch
 import torch
 
 from ...checkpoint import model_fingerprint
 from ...errors import BackendError
 from ...hardware import cpu_signature
-from ...io import atomic_write_json, open_bounded, read_bounded
+from ...io import atomic_write_json, read_bounded
 from ...userkey import CACHE_ENV, SECRET_BYTES, SECRET_NAME, default_cache_dir, folder_secret, mac
 from .engine import FastEngine, LoadTimes, flow_arrays, native_precision
 
@@ -103,28 +104,13 @@ _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "I8": torch.int8, "F64"
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
-def _read_flow_file(path: Path) -> torch.Tensor:
-    """A flow file's bytes as a uint8 tensor (not zero-filled first: a pass less; the engine's tensors are
-    views of it), read only when it is a regular file, not a link, of at most MAX_FLOW_BYTES
-    (`io.open_bounded`)."""
-    with open_bounded(path, "a flow's tensors", MAX_FLOW_BYTES, follow_links=False) as handle:
-        data = torch.empty(os.fstat(handle.fileno()).st_size, dtype=torch.uint8)
-        view, filled = memoryview(data.numpy()), 0
-        while filled < len(view):
-            got = handle.readinto(view[filled:])
-            if not got:
-                raise ValueError(f"{path}: shorter than its size (changed while read)")
-            filled += got
-        if handle.read(1):
-            raise ValueError(f"{path}: grew while it was read")
-    return data
-
-
 def _write_flow(path: Path, tensors: dict[str, torch.Tensor]) -> str:
-    """Write `tensors` to `path` as a safetensors file straight from their memory (`safetensors.torch.save`
-    copies each tensor twice first, and writing the cache slowed the packing it overlaps), largest element
-    size first so that every span is aligned for `_parse_flow`; returns the file's sha256, hashed as it is
-    written."""
+    """Write `tensors` to `path` as a safetensors file straight from their memory, largest element size
+    first so that every span is aligned; returns the file's sha256, hashed as it is written. Read back by
+    the safetensors library (`_parse_flow`). Why not its writer: `safetensors.torch.save` copies each
+    tensor twice first, and the copies slowed the packing the writer thread overlaps — the official
+    model's first int8 load spent store 2.7 s with it, 1.3 s with this (AMD EPYC, 2 cores, commit f1e219b;
+    docs/benchmarks.md)."""
     order = sorted(tensors, key=lambda key: (-tensors[key].element_size(), key))
     header, chunks, offset = {}, [], 0
     for key in order:
@@ -144,34 +130,13 @@ def _write_flow(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _parse_flow(data: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors (`data`: its bytes, uint8) as views of `data` (no copy), each one's
-    dtype, shape and span checked against the buffer; what `_write_flow` writes (every span aligned to its
-    element size, so that every view is). ValueError for anything else."""
-    size = data.numel()
-    if size < 8:
-        raise ValueError("not a safetensors file (too short)")
-    length = int.from_bytes(data[:8].numpy().tobytes(), "little")
-    if length > MAX_META_BYTES or 8 + length > size:
-        raise ValueError("not a safetensors file (header length)")
-    header = json.loads(data[8: 8 + length].numpy().tobytes())
-    if not isinstance(header, dict):
-        raise ValueError("not a safetensors file (header)")
-    base, tensors = 8 + length, {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        dtype = _DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
-        shape, span = (info.get("shape"), info.get("data_offsets")) if dtype is not None else (None, None)
-        if dtype is None or not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape) \
-                or not isinstance(span, list) or len(span) != 2 or not all(isinstance(n, int) for n in span):
-            raise ValueError(f"tensor {key!r}: not one an engine holds")
-        begin, end = span
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        if not 0 <= begin <= end <= size - base or end - begin != math.prod(shape) * itemsize \
-                or (base + begin) % itemsize:
-            raise ValueError(f"tensor {key!r}: its span does not fit the file")
-        tensors[key] = data[base + begin: base + end].view(dtype).reshape(shape)
+def _parse_flow(data: bytes) -> dict[str, torch.Tensor]:
+    """A flow file's tensors, parsed by the safetensors library from the bytes whose sha256 was checked
+    (not from the file again: it could have changed since); ValueError for a dtype no engine holds."""
+    tensors = safetensors.torch.load(data)
+    for key, tensor in tensors.items():
+        if tensor.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"tensor {key!r}: {tensor.dtype}, not one an engine holds")
     return tensors
 
 
@@ -283,15 +248,15 @@ class EngineCache:
 
     def _read_flows(self, folder: Path, files: dict, times: LoadTimes) -> Iterator[dict[str, torch.Tensor]]:
         """Each flow's tensors, in order, its bytes checked against the proven sha256 (`files`) before they
-        are parsed; the tensors are views of the bytes read (`_parse_flow`: a pass less over the entry).
+        are parsed (`_parse_flow`, the safetensors library).
         One thread: reading and hashing the next flow on a second one while this one was packed slowed the
         packing (oneDNN's reorder) by as much as it hid (measured 2.1–2.3 s either way); on a thread per
         core, a hit ran slower on a shared machine (4.6 s against 2.4 s)."""
         for name in sorted(files):
             with times.phase("read"):
-                data = _read_flow_file(folder / name)
+                data = read_bounded(folder / name, "a flow's tensors", MAX_FLOW_BYTES, follow_links=False)
             with times.phase("verify"):
-                if not hmac.compare_digest(hashlib.sha256(data.numpy()).hexdigest(), files[name]):
+                if not hmac.compare_digest(hashlib.sha256(data).hexdigest(), files[name]):
                     raise ValueError(f"{name}: sha256 differs from meta.json (corrupt)")
             with times.phase("parse"):
                 tensors = _parse_flow(data)
