@@ -42,7 +42,7 @@ BACKENDS: dict[str, BackendInfo] = {b.name: b for b in (
     BackendInfo("onnxruntime", "onnxruntime_backend", "OnnxRuntimeBackend", "onnx",
                 "cpu, cuda[:N] (CUDA EP), npu[:N] (CANN EP)", ("fp32",), "the exported ONNX graph (mel, z)",
                 "onnxruntime", "pip install onnxruntime (or onnxruntime-gpu / onnxruntime-cann)"),
-    BackendInfo("openvino", "openvino_backend", "OpenVinoBackend", "onnx", "cpu", ("fp32", "bf16", "fp16"),
+    BackendInfo("openvino", "openvino_backend", "OpenVinoBackend", "onnx", "cpu", ("fp32", "bf16", "fp16", "int8"),
                 "the exported ONNX graph or the OpenVINO IR", "openvino", "pip install openvino"),
     BackendInfo("om", "om_backend", "OmBackend", "om", "npu[:N]", ("fp32",), "the ATC `.om` through ais_bench"),
     BackendInfo("fast", "fast", "FastBackend", "model", "cpu", ("fp32", "bf16", "int8"),
@@ -68,7 +68,8 @@ def get_backend(name: str, *, model=None, onnx_path=None, device: str = "cpu", p
     """Load a backend once; then call `.run(mel, z)` per batch and `.close()` at the end.
 
     - torch, fast: `model=` a WaveGlow.
-    - onnxruntime / openvino: `onnx_path=` the exported graph (openvino also takes the IR `.xml`).
+    - onnxruntime / openvino: `onnx_path=` the exported graph (openvino also takes the IR `.xml`; at
+      precision int8 also `calibration=` and `cache_dir=`: NNCF's quantisation, backends/openvino_int8.py).
     - om: `om_path=` the ATC output (or an `.om` passed as onnx_path); `batch=`/`gears=` override the
       `.gears.json` convert wrote beside it.
     `spec=` (ModelSpec) tells the graph backends the model's sizes; taken from `model.config` when a model

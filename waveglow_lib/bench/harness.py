@@ -7,6 +7,8 @@ that a change in machine load hits all rows alike:
 - `reference`: NVIDIA's glow.py algorithm (our `WaveGlow.infer`), PyTorch fp32 eager; the quality truth;
 - `torch-bf16`: the same model cast to bf16; `onnxruntime-fp32`, `openvino-fp32`, `openvino-bf16`: the
   exported graph (stages.export) in those runtimes; `openvino-folded-bf16`: OpenVINO on our folded graph;
+- `openvino-int8`: the exported graph quantised by NNCF (post-training, calibrated on the run's mels with
+  their noise; backends/openvino_int8.py), the quantised graph cached beside the exported ONNX;
 - `fast-fp32`, `fast-bf16`, `fast-int8`: our fast path (backends/fast/: folded model on blocked GEMMs; int8 = oneDNN u8·s8 GEMMs with per-channel weight scales, each activation quantised once where it is made).
 bf16 rows are skipped on CPUs without native bf16 (AVX512-BF16 / AMX), where they would only emulate it;
 int8 rows likewise without int8 dot products (VNNI / AMX-INT8).
@@ -59,9 +61,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backends import ModelSpec, get_backend, runs_utterances
+from ..backends.openvino_int8 import import_nncf
 from ..batching import Utterance, plan_batches, utterance_noise, vocode
 from ..config import GUIDE_THROUGHPUT, ModelConfig, STFTConfig, WorkflowConfig
-from ..errors import ConfigError, WaveGlowError
+from ..errors import ConfigError, MissingDependency, WaveGlowError
 from ..backends.fast.auto import precision_order, races
 from ..hardware import cpu_flags, cpu_signature, machine_busy, machine_info, usable_cpus
 from ..io import atomic_write_json, atomic_write_text, read_bin, read_json
@@ -97,6 +100,7 @@ ROWS = {r.id: r for r in (
     Row("onnxruntime-fp32", "onnxruntime", "fp32", "ONNX Runtime fp32 (CPU EP)", graph="model"),
     Row("openvino-fp32", "openvino", "fp32", "OpenVINO f32", graph="model"),
     Row("openvino-bf16", "openvino", "bf16", "OpenVINO bf16 (INFERENCE_PRECISION_HINT)", graph="model"),
+    Row("openvino-int8", "openvino", "int8", "OpenVINO int8 (NNCF post-training quantisation)", graph="model"),
     Row("openvino-folded-bf16", "openvino", "bf16", "OpenVINO bf16 on our folded graph", graph="folded"),
     Row("fast-fp32", "fast", "fp32", "ours: folded model, blocked GEMMs, fp32"),
     Row("fast-bf16", "fast", "bf16", "ours: folded model, blocked GEMMs, bf16"),
@@ -197,13 +201,17 @@ def rss_bytes() -> int:
 
 
 # --- building the rows ----------------------------------------------------------------------------------
-def open_row(row: Row, model, threads: int | None, cache_dir: Path, engine_cache: str | Path | None = None):
-    """The row's backend; `engine_cache`: the fast backend's engine cache folder (None: none)."""
+def open_row(row: Row, model, threads: int | None, cache_dir: Path, engine_cache: str | Path | None = None,
+             calibration=None):
+    """The row's backend; `engine_cache`: the fast backend's engine cache folder (None: none); `calibration`:
+    [(mel, z), ...] an int8 graph row is quantised on (its quantised graph cached in `cache_dir`)."""
     if row.factory is not None:
         return row.factory(model, threads)
     opts = {"threads": threads} if threads else {}
     if row.backend == "fast":
         opts["cache_dir"] = engine_cache if engine_cache is not None else "off"
+    elif row.precision == "int8":
+        opts.update(calibration=calibration, cache_dir=cache_dir)
     if row.graph is None:
         return get_backend(row.backend, model=model, precision=row.precision, **opts)
     return get_backend(row.backend, onnx_path=exported_graph(model, row.graph, cache_dir), precision=row.precision,
@@ -271,6 +279,7 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
                   "int8": ("native_int8", "no int8 dot products on this CPU (VNNI/AMX-INT8): no faster than bf16")}
     skipped = {r.id: not_native[r.precision][1] for r in row_list
                if r.factory is None and r.precision in not_native and not machine[not_native[r.precision][0]]}
+    skipped.update(missing_packages(row_list))
     row_list = [r for r in row_list if r.id not in skipped]
 
     net, model_name = build_model(model, cfg.seed)
@@ -286,6 +295,7 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
     peaks_before = matmul_peaks(peak_size, bf16=machine["native_bf16"], int8=want_int8)
 
     backends, load_info, engine_build = {}, {}, {}
+    calibration = [(m[None], (cfg.sigma * n)[None]) for m, n in zip(mels, noises)]  # int8 graph rows' (batch 1)
     with tempfile.TemporaryDirectory(prefix="engine_cache_", dir=_writable(out_dir)) as engine_cache:
         for row in tqdm(row_list, desc="bench: load", disable=not progress):
             cached = row.backend == "fast" and row.factory is None
@@ -296,7 +306,7 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
                 first_phases = first_backend.load_times
                 first_backend.close()
             before, t0 = rss_bytes(), time.perf_counter()
-            backends[row.id] = open_row(row, net, threads, models_dir, engine_cache if cached else None)
+            backends[row.id] = open_row(row, net, threads, models_dir, engine_cache if cached else None, calibration)
             load_info[row.id] = {"load_seconds": round(time.perf_counter() - t0, 4),
                                  "load_mib": round((rss_bytes() - before) / 2 ** 20, 1),
                                  "description": getattr(backends[row.id], "description", row.id)}
@@ -305,6 +315,8 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
                                         "cache": getattr(backends[row.id], "cache_events", []),
                                         "first_phases": first_phases, "cached_phases": backends[row.id].load_times}
     auto_load = time_auto_loads(net, threads, out_dir) if engine_build else None  # on a cache of its own
+    # the int8 graph rows' quantisation: {"cache": hit | built | rebuilt, "seconds", "entry", "samples"}
+    quantised = {k: b.cache for k, b in backends.items() if getattr(b, "cache", None)}
 
     def one_pass(backend, bs):
         outputs = [None] * len(utts)
@@ -381,6 +393,7 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
                      "quality_gate": {"max_log_mel_distance": MAX_LOG_MEL_DISTANCE, "min_snr_db": MIN_SNR_DB},
                      "load": competitor.summary()},
         "rows": results, "skipped_rows": skipped, "engine_build": engine_build, "auto_load": auto_load,
+        "quantised_graphs": quantised,
         "auto": pick_auto(results),
         "default_path": default_path_summary(results, precision_order(flags), race=races(flags)),
         "busy": busy,
@@ -447,6 +460,18 @@ def _row_result(row: Row, bs: int, times: list[float], peak_mib: float, output: 
         "load_seconds": load["load_seconds"], **quality, "quality_ok": quality_ok(quality),
         "quality_reference": reference_kind,
     }
+
+
+def missing_packages(rows: Sequence[Row]) -> dict[str, str]:
+    """Rows whose optional package is not installed → what to install (int8 graph rows: nncf); skipped, so
+    that `--rows all` runs without it."""
+    needing = [r.id for r in rows if r.factory is None and r.backend != "fast" and r.precision == "int8"]
+    try:
+        if needing:
+            import_nncf()
+    except MissingDependency as exc:
+        return {row: str(exc) for row in needing}
+    return {}
 
 
 def executes_folded_model(row: Row) -> bool:

@@ -136,6 +136,12 @@ def render_markdown(result: Mapping[str, Any]) -> str:
                       f"{markdown_text(auto['first']['seconds'])} s ({_phases(auto['first']['phases'])}); cached "
                       f"{markdown_text(auto['cached']['seconds'])} s ({_phases(auto['cached']['phases'])})"]
         lines += [""] if lines[-1] else []
+    if result.get("quantised_graphs"):
+        lines += ["**Quantised graphs** (NNCF post-training int8, calibrated on this run's mels, cached beside the "
+                  "exported ONNX): " + "; ".join(
+                      f"{markdown_text(row)} {markdown_text(q['cache'])} ({markdown_text(q['samples'])} calibration "
+                      f"windows{', quantised in ' + markdown_text(q['seconds']) + ' s' if q['seconds'] else ''})"
+                      for row, q in result["quantised_graphs"].items()) + ".", ""]
     header = ("| row | utt/s | × real time (p10–p90) | vs reference | vs OpenVINO bf16 | eff. GFLOP/s | % of peak "
               "| peak MiB (+load) | SNR dB | log-mel dist | quality |")
     for bs in s["batch_sizes"]:
