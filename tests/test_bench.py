@@ -321,3 +321,15 @@ def test_stream_bench_memory_rows_run_the_vocode_stage(tmp_path):
     assert result["memory_model"] == "2-flow WaveGlow, random weights"
     assert "vocode stage" in render_stream_markdown(result)
     assert not list((tmp_path / BENCH_CACHE_DIR / "memory").rglob("*.npy"))  # its mels and wavs removed
+
+
+def test_cli_bench_profile_records_where_the_time_goes(tmp_path):
+    """`bench --profile` runs the profilers and writes their top operations into bench.json."""
+    from waveglow_lib.cli import main
+
+    assert main(["bench", "--quick", "--backends", "reference", "--batch-sizes", "1", "--repeats", "1",
+                 "--out-dir", str(tmp_path), "--name", "profiled", "--profile"]) == 0
+    profile = json.loads((tmp_path / "bench.json").read_text())["profile"]
+    assert profile["reference_torch_fp32"]["top"] and all(
+        entry["self_ms"] >= 0 and entry["calls"] >= 1 for entry in profile["reference_torch_fp32"]["top"])
+    assert any(key.startswith("fast_") and profile[key]["top"] for key in profile)

@@ -445,3 +445,23 @@ def test_papermill_with_a_wrong_parameter_stops_at_the_first_cell_with_one_line(
     assert len(errors) == 1
     shown = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(errors[0].traceback))
     assert shown.startswith(says) and "\n" not in shown and "Traceback" not in shown, shown
+
+
+@pytest.mark.e2e
+def test_training_notebook_runs_headless_on_tiny_settings(tmp_path):
+    """07_train end to end under papermill (as `run` executes notebooks), on a tiny model for 2 steps."""
+    import papermill as pm
+
+    from support import TINY
+
+    overrides = {"out_dir": str(tmp_path / "train"), "model": dict(TINY), "segment_length": 1024, "batch_size": 1,
+                 "max_steps": 2, "log_every": 1, "checkpoint_every": 2, "validate_every": 0, "num_threads": 1}
+    output = tmp_path / "07_train.ipynb"
+    pm.execute_notebook(str(nr.NOTEBOOKS_DIR / "07_train.ipynb"), str(output),
+                        parameters={"params_file": "params/train_demo.yaml", "overrides": overrides, "show_every": 1},
+                        kernel_name=nr.KERNEL_NAME, kernel_manager_class=nr._kernel_manager_class(),
+                        cwd=str(nr.project_dir()), progress_bar=False)
+    executed = nbformat.read(output, as_version=4)
+    errors = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors, errors
+    assert (tmp_path / "train" / "train_state.safetensors").is_file()

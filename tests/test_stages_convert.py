@@ -158,3 +158,21 @@ def test_a_folder_where_a_converted_model_goes_is_one_line(preprocessed_run, tmp
     with pytest.raises(ResourceError, match=rf"{name}: could not write \(a folder is where the file goes"):
         convert(cfg, targets=(target,))
     assert not list((cfg.run_dir / "onnx").glob(".*tmp*"))
+
+
+def test_cli_convert_script_only_writes_the_script_and_never_runs_atc(preprocessed_run, tmp_path, monkeypatch):
+    """`convert --script-only` with an `atc` on PATH (a stand-in that would leave args.txt): the script is
+    written, atc is not run."""
+    from waveglow_lib.cli import main
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "atc").write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/args.txt"\n')
+    (bin_dir / "atc").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    cfg = preprocessed_run(tmp_path / "runs", with_onnx=True)
+    cfg.to_yaml(tmp_path / "params.yaml")
+    assert main(["convert", "--params", str(tmp_path / "params.yaml"), "--targets", "atc", "--script-only"]) == 0
+    script = cfg.run_dir / "om" / "convert_atc.sh"
+    assert script.is_file() and "atc" in script.read_text()
+    assert not (bin_dir / "args.txt").exists() and not (cfg.run_dir / "om" / "waveglow.om").exists()

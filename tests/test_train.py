@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -389,3 +390,25 @@ def test_auto_threads_take_the_free_cores_and_are_given_back(tmp_path, monkeypat
                         lambda self: used.append(torch.get_num_threads()) or 1)
     train(tiny_run(tmp_path, max_steps=2, num_threads=0))
     assert used and torch.get_num_threads() == before
+
+
+@pytest.mark.e2e
+def test_ray_train_runs_two_steps_on_a_local_ray(tmp_path):
+    """Ray Train's TorchTrainer on a local Ray (2 CPUs): two workers run two steps, rank 0 writes the model."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.train.torch")
+    from waveglow_lib.engines.ray import with_startup_retries
+
+    started = not ray.is_initialized()
+    if started:
+        with_startup_retries(lambda: ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
+                                              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}}))
+    try:
+        result = train_with_ray(tiny_run(tmp_path / "out", max_steps=2, checkpoint_every=2, batch_size=1),
+                                num_workers=2)
+    finally:
+        if started:
+            ray.shutdown()
+    metrics = result["metrics"]
+    assert metrics["step"] == 2 and math.isfinite(metrics["final_loss"]), result
+    assert (tmp_path / "out" / "train_state.safetensors").is_file()

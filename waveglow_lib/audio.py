@@ -22,8 +22,8 @@ from __future__ import annotations
 import functools
 import io
 import os
-import struct
 import stat
+import struct
 import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator, Literal
@@ -33,7 +33,6 @@ import numpy as np
 import soundfile
 import soxr
 import torch
-from scipy.io import wavfile
 from scipy.signal import get_window
 
 from .config import STFTConfig
@@ -234,45 +233,53 @@ def to_int16(audio: np.ndarray) -> np.ndarray:
 
 def wav_bytes(audio: np.ndarray, sample_rate: int = _NVIDIA.sampling_rate,
               sample_format: Literal["int16", "float32"] = "int16") -> bytes:
-    """A complete mono .wav file in memory (the caller writes it atomically or sends it).
+    """A complete mono .wav file in memory (the caller writes it atomically or sends it): `WavWriter`'s bytes.
 
     "int16": 16-bit PCM, the guide's wavs (float audio through `to_int16`; int16 samples as they are);
     "float32": 32-bit float, the exact samples a backend made (the service's answer).
     """
     buffer = io.BytesIO()
-    if sample_format == "int16":
-        audio = np.asarray(audio)
-        wavfile.write(buffer, sample_rate, audio if audio.dtype == np.int16 else to_int16(audio))
-    elif sample_format == "float32":
-        soundfile.write(buffer, np.asarray(audio, dtype=np.float32), sample_rate, subtype="FLOAT", format="WAV")
-    else:
-        raise AudioError(f"wav sample format must be 'int16' or 'float32', got {sample_format!r}")
+    with WavWriter(buffer, sample_rate, sample_format) as writer:
+        writer.write(audio)
     return buffer.getvalue()
 
 
 class WavWriter:
-    """`wav_bytes`' int16 mono file written piece by piece into an open binary file (`io.atomic_stream`):
-    the same bytes for the joined audio; the header's sizes are written by `close()`, when they are known."""
+    """The one writer of every .wav the workflow makes (libsndfile, through soundfile): a mono file written
+    piece by piece into an open binary file (`io.atomic_stream`, a BytesIO ...) with `write(samples)`, its
+    header's sizes fixed by `close()` when they are known; the same bytes, whatever the pieces.
+    `sample_format` as `wav_bytes`'."""
 
-    def __init__(self, handle: BinaryIO, sample_rate: int = _NVIDIA.sampling_rate) -> None:
-        self.handle, self.rate, self.data_bytes = handle, int(sample_rate), 0
-        handle.write(self._header())
+    SUBTYPES = {"int16": "PCM_16", "float32": "FLOAT"}
 
-    def _header(self) -> bytes:
-        return struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + self.data_bytes, b"WAVE", b"fmt ", 16, 1, 1, self.rate,
-                           2 * self.rate, 2, 16, b"data", self.data_bytes)
+    def __init__(self, handle: BinaryIO, sample_rate: int = _NVIDIA.sampling_rate,
+                 sample_format: Literal["int16", "float32"] = "int16") -> None:
+        if sample_format not in self.SUBTYPES:
+            raise AudioError(f"wav sample format must be 'int16' or 'float32', got {sample_format!r}")
+        self.sample_format, self.samples = sample_format, 0
+        self.file = soundfile.SoundFile(handle, mode="w", samplerate=int(sample_rate), channels=1, format="WAV",
+                                        subtype=self.SUBTYPES[sample_format])
 
     def write(self, audio: np.ndarray) -> None:
-        data = to_int16(audio).astype("<i2").tobytes()
-        if 36 + self.data_bytes + len(data) > 0xFFFFFFFF:
-            raise AudioError(f"audio of more than {0xFFFFFFFF // 2} samples does not fit a .wav file (4 GiB)")
-        self.handle.write(data)
-        self.data_bytes += len(data)
+        audio = np.asarray(audio).reshape(-1)
+        if self.sample_format == "float32":
+            audio = audio.astype(np.float32, copy=False)
+        elif audio.dtype != np.int16:
+            audio = to_int16(audio)
+        if (self.samples + audio.size) * audio.itemsize > 0xFFFFFFFF - 36:
+            raise AudioError(f"audio of more than {0xFFFFFFFF // audio.itemsize} samples does not fit a .wav "
+                             "file (4 GiB)")
+        self.file.write(audio)
+        self.samples += audio.size
 
     def close(self) -> None:
-        self.handle.seek(0)
-        self.handle.write(self._header())
-        self.handle.seek(0, io.SEEK_END)
+        self.file.close()
+
+    def __enter__(self) -> "WavWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # --- streamed audio (issue 36): the bytes a pipe or an HTTP stream sends, beside wav_bytes / WavWriter ----

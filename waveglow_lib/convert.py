@@ -180,7 +180,7 @@ def load_export_info(onnx_path: Path, on_damage: Callable[[str], Any] | None = N
     and taken as none."""
     info_path = record_path(onnx_path)
     info = read_record(info_path, "the export record written beside the ONNX graph", EXPORT_RECORD_FIELDS,
-                       redo=None if on_damage else EXPORT_AGAIN, on_damage=on_damage)
+                       damaged="redo" if on_damage else "refuse", advice=EXPORT_AGAIN, on_damage=on_damage)
     if "model_config" in info:  # read_record: a null field is gone
         try:
             ModelConfig.from_dict(info["model_config"])

@@ -5,12 +5,13 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Literal, Mapping
 
 import numpy as np
 
@@ -298,15 +299,16 @@ def read_json(path: str | Path, what: str, kind: type = dict, fields: Mapping[st
 
 
 def read_record(path: str | Path, what: str, fields: Mapping[str, Any] | None = None, *,
-                entries: tuple[str, Mapping[str, Any]] | None = None, redo: str | None = None,
+                entries: tuple[str, Mapping[str, Any]] | None = None,
+                damaged: Literal["redo", "refuse"] = "redo", advice: str = "",
                 on_damage: Callable[[str], Any] | None = None) -> dict:
     """A stage's record (a JSON object the workflow wrote), or {} when there is none. Records are data:
     one of the wrong shape (not JSON, not an object, a field `fields` names of another type) is never
-    trusted, never a traceback:
+    trusted, never a traceback; what damage means is the caller's to say:
 
-    - with `redo` (a record needed to run: the one that proves which model a graph was made from), it is
-      DataError "<file>: <what is wrong>; <redo>", naming the file and the field;
-    - without (a record that only says what work may be skipped), it counts as absent: {} after
+    - `damaged="refuse"` (a record needed to run: the one that proves which model a graph was made from):
+      DataError "<file>: <what is wrong>; <advice>", naming the file and the field;
+    - `damaged="redo"` (a record that only says what work may be skipped): it counts as absent, {} after
       `on_damage("<file>: <what is wrong>")` (`stamps.announce_redo`), so the work is done again.
 
     `entries=(key, entry_fields)`: the record's `key` is a mapping of entries (id → object) each checked
@@ -321,8 +323,8 @@ def read_record(path: str | Path, what: str, fields: Mapping[str, Any] | None = 
     except InputNotFound:  # removed since the look
         return {}
     except DataError as exc:
-        if redo:
-            raise DataError(f"{exc}; {redo}", path=path) from None
+        if damaged == "refuse":
+            raise DataError(f"{exc}; {advice}" if advice else str(exc), path=path) from None
         if on_damage is not None:
             on_damage(str(exc))
         return {}
@@ -430,6 +432,44 @@ def write_bin_blocks(path: str | Path, blocks: Iterable[np.ndarray]) -> tuple[st
         for data in iter(lambda: out.read(1 << 20), b""):
             digest.update(data)
     return digest.hexdigest(), (rows, total)
+
+
+#: what a .npy opens with (np.save)
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def npy_header(handle: BinaryIO, size: int) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran_order, dtype, offset of the data) of the `.npy` that `handle` holds (`size` bytes in all),
+    checked before anything is allocated (a header of a few bytes may declare terabytes): format 1.0 or 2.0
+    (what np.save writes for numbers; 3.0 only adds UTF-8 field names, which no number array has), no Python
+    objects (pickles), no negative dimension, and a shape whose bytes are exactly the `size` after the header.
+    The one reader of .npy headers (mel files and service bodies): DataError with a one-line reason, which
+    the caller prefixes with the file or request it read."""
+    problem = "not a plain numeric .npy array"
+    try:
+        version = np.lib.format.read_magic(handle)
+        if version not in ((1, 0), (2, 0)):
+            raise DataError(f"{problem}: format version {version[0]}.{version[1]} (np.save writes 1.0 or 2.0 "
+                            "for numbers)")
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(handle)
+    except DataError:
+        raise
+    except Exception as error:  # numpy parses the header with ast and, for old headers, tokenize: anything goes
+        raise DataError(f"{problem}: its header is unreadable ({error})") from None
+    if dtype.hasobject:
+        raise DataError(f"{problem}: dtype {dtype} holds Python objects (a pickle; pickles are never read)")
+    if any(n < 0 for n in shape):
+        raise DataError(f"its header declares shape {tuple(shape)}, with a negative dimension: not an array np.save "
+                        "wrote (damaged or forged header); save it again")
+    offset = handle.tell()
+    expected, actual = math.prod(shape) * dtype.itemsize, size - offset
+    if expected != actual:
+        diff = (f"{actual - expected} bytes more (data after the array: not written by np.save?)"
+                if actual > expected else f"{expected - actual} bytes fewer (truncated?)")
+        raise DataError(f"its header declares shape {tuple(shape)} of {dtype} ({expected} bytes), but it holds "
+                        f"{actual} bytes after its header: {diff}")
+    return tuple(shape), bool(fortran), dtype, offset
 
 
 def read_bin(path: str | Path, shape: tuple[int, ...], dtype: str = "float32") -> np.ndarray:

@@ -91,7 +91,7 @@ def check_model_file(cfg: WorkflowConfig, path: Path, model=None) -> None:
         redo = "the export and convert stages (then atc)"
         record_file = gears_file(path)
         record = read_record(record_file, "the gears the .om was built for", GEARS_RECORD_FIELDS,
-                             redo=f"run {redo} again")
+                             damaged="refuse", advice=f"run {redo} again")
         recorded = record.get("source", {}).get("model") or onnx_info.get("model_fingerprint")
     elif path == layout.onnx:
         record = onnx_info
@@ -100,7 +100,7 @@ def check_model_file(cfg: WorkflowConfig, path: Path, model=None) -> None:
     else:
         redo = "the convert stage"
         record = read_record(record_file, "the record of what a converted model was made from",
-                             CONVERTED_RECORD_FIELDS, redo=f"run {redo} again")
+                             CONVERTED_RECORD_FIELDS, damaged="refuse", advice=f"run {redo} again")
         recorded = record.get("source", {}).get("model")
     if recorded == expected:
         # an .om built by atc elsewhere (from the script) has no record of its bytes
@@ -280,8 +280,10 @@ def _check_finite(audio: np.ndarray, u: Utterance, backend, settings: VocodeSett
 
 # --- the job: what is left to do, and its record -----------------------------------------------------------
 #: what a job's record (`timings.json`, `vocode.json`) holds besides its entries, and its JSON types
-#: (`io.read_record`: a record of another shape is not trusted)
-RECORD_FIELDS = {"settings": {"backend_used": str, "precision_used": str, "precision_probe": dict},
+#: (`io.read_record`: a record of another shape is not trusted); the one description of it, which the
+#: report and metrics.json's provenance read too (`provenance.read_timings`)
+RECORD_FIELDS = {"settings": {"backend_used": str, "precision_used": str,
+                              "precision_probe": {"reason": str, "snr_db": NUMBER, "log_mel_distance": NUMBER}},
                  "workers": dict}
 #: an entry of `timings.json`'s items (id → entry): its output by size and sha256, its source's sha256
 TIMINGS_ENTRY_FIELDS = {OUTPUT_KEY: {"size": int, "sha256": str}, SOURCE_KEY: str, "frames": int,
@@ -406,7 +408,7 @@ def prepare_job(cfg: WorkflowConfig, *, items: list[Utterance], read_mel: Callab
     # a damaged entry only says less of what is finished (redone)
     record = {} if force else read_record(timings_path, "the infer stage's settings and per-utterance timings",
                                           RECORD_FIELDS, entries=("items", TIMINGS_ENTRY_FIELDS),
-                                          redo=f"or {FORCE_ADVICE}",
+                                          damaged="refuse", advice=f"or {FORCE_ADVICE}",
                                           on_damage=announce_redo)
     if record and not force:
         changed = differences(record.get("settings", {}), stamp)

@@ -28,7 +28,6 @@ import io
 import math
 import os
 import re
-import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -37,8 +36,8 @@ import numpy as np
 import torch
 
 from .config import STFTConfig
-from .errors import MelError
-from .io import atomic_write_bytes, open_bounded, read_bounded, write_bin
+from .errors import DataError, MelError
+from .io import atomic_write_bytes, npy_header, open_bounded, read_bounded, write_bin
 from .layout import sample_count_file
 from .safe_reader import load_tensor_file
 
@@ -262,40 +261,13 @@ def _read_npy(path: Path, handle: BinaryIO) -> np.ndarray:
 
 
 def _npy_header(path: Path, handle: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype, int]:
-    """(shape, fortran_order, dtype, offset of the data) of a plain numeric `.npy` whose header accounts for
-    exactly the bytes after it; MelError otherwise."""
+    """`io.npy_header` of a mel file; MelError naming it."""
     try:
-        version = np.lib.format.read_magic(handle)
-        # version 3.0 differs from 2.0 only in the header's encoding (utf-8): the same reader fits
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(handle)
-        if dtype.hasobject:
-            raise ValueError(f"dtype {dtype} holds Python objects (pickles)")
-        _check_npy_shape(path, shape)
-        expected = math.prod(shape) * dtype.itemsize
-        actual = os.fstat(handle.fileno()).st_size - handle.tell()
-        if expected != actual:
-            diff = (f"{actual - expected} bytes more (data after the array: not written by np.save?)"
-                    if actual > expected else f"{expected - actual} bytes fewer (truncated?)")
-            raise MelError(f"{path}: its header declares shape {shape} of {dtype} ({expected} bytes), but the file "
-                           f"holds {actual} bytes after its header: {diff}", path=path)
-        return tuple(shape), bool(fortran), dtype, handle.tell()
-    except MelError:
-        raise
-    # not a .npy, a bad header (numpy parses an old one with ast, then tokenize: a header cut short raises
-    # TokenError), object arrays (pickles: refused)
-    except (ValueError, SyntaxError, tokenize.TokenError) as error:
-        raise MelError(f"{path}: not a plain numeric .npy array ({error})", path=path) from None
+        return npy_header(handle, os.fstat(handle.fileno()).st_size)
+    except DataError as error:
+        raise MelError(f"{path}: {error}", path=path) from None
     except (OSError, EOFError) as error:
         raise MelError(f"{path}: unreadable .npy file (truncated or corrupt?): {error}", path=path) from None
-
-
-def _check_npy_shape(path: Path, shape: tuple) -> None:
-    """A `.npy` header's shape has no negative dimension (np.save never writes one; its byte count would be
-    negative, "-1600 bytes"): MelError naming it."""
-    if any(n < 0 for n in shape):
-        raise MelError(f"{path}: its header declares shape {tuple(shape)}, with a negative dimension: not an array "
-                       f"np.save wrote (damaged or forged header); save the mel again", path=path)
 
 
 def _read_pt(path: Path) -> np.ndarray:

@@ -17,7 +17,8 @@ from typing import Any
 
 from .config import DEMO_MODEL_PATH, PACKAGE_DIR, WorkflowConfig
 from .hardware import cpu_model, usable_cpus
-from .io import NUMBER, read_json
+from .io import read_json
+from .jobs import RECORD_FIELDS
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -54,7 +55,7 @@ def machine() -> dict[str, Any]:
 #: the commit the runner worked out once, handed to its notebook kernels (they inherit the environment)
 COMMIT_ENV = "WAVEGLOW_COMMIT"
 #: bound on the dirty check: `git status` runs the nbstripout clean filter (a Python start) for every notebook
-#: whose file stat changed, which took 18 s for the 8 notebooks on a loaded 2-core machine
+#: whose file stat changed (docs/benchmarks.md, "Figures behind constants", has what it took)
 DIRTY_CHECK_SECONDS = 30
 
 
@@ -94,9 +95,8 @@ def git_commit(where: str | Path | None = None) -> str:
     return head.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
 
 
-#: what is read back of out/timings.json (here and by the report), and its JSON types (`io.check_fields`)
-TIMINGS_FIELDS = {"settings": {"backend_used": str, "precision_used": str,
-                               "precision_probe": {"reason": str, "snr_db": NUMBER, "log_mel_distance": NUMBER}}}
+#: what is read back of out/timings.json (here and by the report): the infer job's own description of it
+TIMINGS_FIELDS = RECORD_FIELDS
 
 
 def read_timings(path: str | Path) -> dict[str, Any]:

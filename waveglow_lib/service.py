@@ -54,17 +54,18 @@ import threading
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator, Iterator
+from typing import Annotated, AsyncIterator, Iterator
 
 import numpy as np
 import torch
 
 from .audio import stream_wav_header, wav_bytes
 from .batching import NOT_YET, utterance_noise, vocode, vocode_stream
-from .config import STFTConfig, WorkflowConfig
+from .config import Finite, STFTConfig, WorkflowConfig, above, from_mapping, parameters
 from .engines.ray import (INSTALL, actor_resources, child_pids, connect, end_processes, replica_grpc_on_loopback,
                           started_since)
-from .errors import ConfigError, MelError, WaveGlowError, import_optional
+from .errors import ConfigError, DataError, MelError, WaveGlowError, import_optional
+from .io import NPY_MAGIC, npy_header
 from .jobs import backend_name, open_backend, resolve_model_config
 from .layout import check_utterance_id
 from .mel_input import check_mel_format
@@ -72,24 +73,19 @@ from .mel_input import check_mel_format
 APP_NAME = "waveglow"
 
 
-@dataclass(frozen=True)
+@parameters(frozen=True, label="ServeLimits.{key}")
 class ServeLimits:
     """What one request may hold: body bytes (npy / JSON), mel frames (a hop of audio each), the time its
     body may take to arrive; and how many bodies one replica reads at once."""
 
-    max_body_bytes: int = 8 * 1024 * 1024
-    max_json_bytes: int = 512 * 1024
-    max_frames: int = 4000  # 46 s of audio
+    max_body_bytes: Annotated[int, above(0)] = 8 * 1024 * 1024
+    max_json_bytes: Annotated[int, above(0)] = 512 * 1024
+    max_frames: Annotated[int, above(0)] = 4000  # 46 s of audio
     #: for the whole body, from when the replica starts reading it (a per-chunk timeout would let a client
     #: that sends a byte every few seconds hold its slot forever); 8 MiB in 10 s is 0.8 MB/s
-    body_timeout_s: float = 10.0
+    body_timeout_s: Annotated[Finite, above(0)] = 10.0
     #: bodies read at once per replica, beyond which 503 at once; worst-case body memory is this × max_body_bytes
-    max_concurrent_bodies: int = 64
-
-    def __post_init__(self):
-        for name in ("max_body_bytes", "max_json_bytes", "max_frames", "body_timeout_s", "max_concurrent_bodies"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"ServeLimits.{name} must be > 0, not {getattr(self, name)!r}")
+    max_concurrent_bodies: Annotated[int, above(0)] = 64
 
 
 class BadRequest(WaveGlowError):
@@ -185,8 +181,7 @@ async def receive_body(request, limits: ServeLimits, slots: BodySlots) -> bytes:
             raise BadRequest(400, "the client disconnected before the end of its body") from None
 
 
-#: what a .npy body opens with (np.save); a zip (.npz, np.savez) opens with ZIP_MAGIC
-NPY_MAGIC = b"\x93NUMPY"
+#: a zip (.npz, np.savez) opens with ZIP_MAGIC, a .npy with io.NPY_MAGIC
 ZIP_MAGIC = b"PK\x03\x04"
 #: element kinds a mel may come in, cast to float32: floats, signed and unsigned integers; anything else
 #: (object = pickles, complex, bool, text, dates, records, sub-arrays) is refused
@@ -205,35 +200,15 @@ def npy_array(body: bytes) -> np.ndarray:
                  else "JSON? send it with Content-Type: application/json" if body.lstrip()[:1] in (b"[", b"{")
                  else f"it starts {body[:8]!r}")
         raise BadRequest(400, f"body is not .npy bytes (np.save of a float array; no pickles): {found}")
-    stream = io.BytesIO(body)
     try:
-        version = np.lib.format.read_magic(stream)
-        if version == (1, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
-        elif version == (2, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
-        else:  # 3.0 only differs by a UTF-8 header, which only record field names need
-            raise BadRequest(400, f".npy format version {version[0]}.{version[1]}: send version 1.0 or 2.0 "
-                                  "(what np.save writes for a float array)")
-    except BadRequest:
-        raise
-    except Exception as exc:  # numpy parses the header with ast and, for old headers, tokenize: anything goes
-        raise BadRequest(400, f"body is not .npy bytes, its header is unreadable: {exc}") from None
-    if dtype.hasobject:
-        raise BadRequest(400, f"the .npy holds Python objects (dtype {dtype}, a pickle): send numbers; "
-                              "pickles are never read")
+        shape, fortran_order, dtype, offset = npy_header(io.BytesIO(body), len(body))
+    except DataError as exc:
+        raise BadRequest(400, f"the .npy body: {exc}") from None
     if dtype.kind not in NUMBER_KINDS or dtype.shape:
         raise BadRequest(422, f"the .npy holds dtype {dtype}, not numbers (float or integer)")
-    if any(n < 0 for n in shape):
-        raise BadRequest(400, f"the .npy header declares shape {shape}, with a negative dimension")
     if len(shape) not in (2, 3):
         raise BadRequest(422, f"the .npy holds shape {shape}, not a mel ([80, T] or [1, 80, T])")
-    data = len(body) - stream.tell()
-    needed = dtype.itemsize * math.prod(shape)
-    if needed != data:
-        raise BadRequest(400, f"the .npy header declares shape {shape} of {dtype} ({needed} bytes), the body "
-                              f"holds {data} bytes after it")
-    flat = np.frombuffer(body, dtype=dtype, count=math.prod(shape), offset=stream.tell())
+    flat = np.frombuffer(body, dtype=dtype, count=math.prod(shape), offset=offset)
     return flat.reshape(shape, order="F" if fortran_order else "C")
 
 
@@ -362,7 +337,7 @@ def request_id(query_id: str | None, mel: np.ndarray) -> str:
 
 
 # --- streamed answers (issue 36): POST /vocode?stream=true and the WebSocket /vocode/ws ---------------------
-@dataclass(frozen=True)
+@parameters(frozen=True, label="StreamChunks.{key}")
 class StreamChunks:
     """How a streamed answer is cut (`batching.vocode_stream`): a first chunk of `first_frames` mel frames
     (audio starts once it and its right context are there), each next one twice the last, up to
@@ -688,15 +663,7 @@ def application(args: dict):
     "batch_wait_s": S, "limits": {ServeLimits fields}, "stream": {StreamChunks fields}}."""
     args = dict(args or {})
     cfg = WorkflowConfig.from_dict(args.pop("params", {}) or {}, source="serve application args")
-    try:
-        limits = ServeLimits(**(args.pop("limits", {}) or {}))
-    except TypeError as exc:
-        raise ConfigError(f"serve application args: limits: {exc} (fields: {', '.join(ServeLimits.__annotations__)})") \
-            from None
-    try:
-        stream = StreamChunks(**(args.pop("stream", {}) or {}))
-    except TypeError as exc:
-        raise ConfigError(f"serve application args: stream: {exc} (fields: "
-                          f"{', '.join(StreamChunks.__annotations__)})") from None
+    limits = from_mapping(ServeLimits, args.pop("limits", {}) or {}, "serve application args: limits")
+    stream = from_mapping(StreamChunks, args.pop("stream", {}) or {}, "serve application args: stream")
     return build_app(cfg, replicas=int(args.pop("replicas", 1)), max_batch=int(args.pop("max_batch", 8)),
                      batch_wait_s=float(args.pop("batch_wait_s", 0.01)), limits=limits, stream=stream)
