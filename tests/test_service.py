@@ -770,3 +770,22 @@ def test_websocket_sends_audio_as_its_context_arrives_and_equals_the_whole(serve
         ws.send(npy_bytes(mel))
     status, body, _ = post_mel(url, npy_bytes(mel), utt_id, timeout=60)
     assert status == 200 and wav_samples(body)[0].tobytes() == expected[utt_id].tobytes()
+
+
+@needs_ray
+@pytest.mark.e2e
+def test_stream_bench_measures_the_served_paths(served):
+    """`bench --stream`'s HTTP and WebSocket rows against a running service: every chunk of the plan timed."""
+    from support import TINY_PIPELINE
+    from waveglow_lib.batching import chunk_plan
+    from waveglow_lib.bench.stream import transport_rows
+
+    url, mels, _ = served
+    mel = np.concatenate([mels[0][1]] * 3, axis=1)
+    rows = transport_rows(url, [mel], TINY_PIPELINE, 16, 256)
+    assert [r["backend"] for r in rows] == ["http", "websocket"]
+    chunks = len(chunk_plan(mel.shape[1], 256, TINY_PIPELINE, 16))
+    for row in rows:
+        assert row["chunks"] == chunks and row["audio_seconds"] == pytest.approx(mel.shape[1] * 256 / 22050)
+        assert 0 < row["first_audio_ms_median"] <= 1e3 * row["seconds_by_utterance"][0]
+        assert row["chunk_ms_p50"] <= row["chunk_ms_p95"]
