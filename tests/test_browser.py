@@ -301,6 +301,8 @@ def test_a_new_user_hears_04_soon_after_opening_00(demo_lab, browser):
     first_sound = time.monotonic() - started
     print(f"\nseconds from opening 00_setup to a playable synthesised <audio> in 04_infer: {first_sound:.1f} "
           f"(load average {os.getloadavg()[0]:.1f})")
+    page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .wg-first-sound").scroll_into_view_if_needed()
+    page.screenshot(path=str(demo_lab["root"] / "04_first_sound.png"))   # what a person sees then
     players = _audio(page, ".wg-first-sound")
     durations = _durations(demo_lab["run"])
     _assert_playable(players, durations.values())
