@@ -404,7 +404,7 @@ def test_ray_train_runs_two_steps_on_a_local_ray(tmp_path):
         with_startup_retries(lambda: ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
                                               runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}}))
     try:
-        result = train_with_ray(tiny_run(tmp_path / "out", max_steps=2, checkpoint_every=2, batch_size=1),
+        result = train_with_ray(tiny_run(tmp_path / "out", max_steps=2, checkpoint_every=2, batch_size=2),
                                 num_workers=2)
     finally:
         if started:

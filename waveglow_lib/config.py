@@ -298,8 +298,34 @@ Engine = Literal["local", "ray"]
 ThroughputMode = Literal["quick", "full", "off"]
 
 
+class ParamsFile:
+    """What a set of parameters read from a params/*.yaml file offers (WorkflowConfig, train.TrainConfig):
+    reading (`from_yaml`: overrides named as the command line's in errors, `from_dict`), copying with changes,
+    and the corpus it names."""
+
+    @property
+    def corpus_dir(self) -> Path:
+        return DEMO_CORPUS_DIR if self.corpus == "demo" else Path(self.corpus).expanduser()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "parameters") -> Any:
+        return from_mapping(cls, data, source)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> Any:
+        overrides = dict(overrides or {})
+        return from_mapping(cls, {**read_params_file(path), **overrides}, str(path),
+                            {key: "command line" for key in overrides})
+
+    def with_overrides(self, **changes: Any) -> Any:
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+
 @parameters
-class WorkflowConfig:
+class WorkflowConfig(ParamsFile):
     """Parameters of one run of the workflow (one params/*.yaml file)."""
 
     name: Text = "demo"
@@ -391,34 +417,11 @@ class WorkflowConfig:
         return RunLayout(self.run_dir)
 
     @property
-    def corpus_dir(self) -> Path:
-        return DEMO_CORPUS_DIR if self.corpus == "demo" else Path(self.corpus).expanduser()
-
-    @property
     def checkpoint_path(self) -> Path | None:
         return None if self.checkpoint == "demo" else Path(self.checkpoint).expanduser()
 
-    # --- I/O -------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "parameters") -> "WorkflowConfig":
-        return from_mapping(cls, data, source)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> "WorkflowConfig":
-        overrides = dict(overrides or {})
-        return from_mapping(cls, {**read_params_file(path), **overrides}, str(path),
-                            {key: "command line" for key in overrides})
-
     def to_yaml(self, path: str | Path) -> None:
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-    def with_overrides(self, **changes: Any) -> "WorkflowConfig":
-        data = self.to_dict()
-        data.update(changes)
-        return type(self).from_dict(data)
 
 
 def check_run_name(name: object) -> None:

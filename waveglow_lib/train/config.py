@@ -1,14 +1,11 @@
 """The parameters of one training run (`TrainConfig`, one params/train_*.yaml file) and its learning-rate schedule."""
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import field
-from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping
+from typing import Annotated, Literal
 
-from ..config import (DEMO_CORPUS_DIR, Finite, ModelConfig, Text, above, at_least, check_os_path, from_mapping,
-                      parameters, read_params_file)
+from ..config import Finite, ModelConfig, ParamsFile, Text, above, at_least, check_os_path, parameters
 from ..errors import ConfigError
 
 Positive = Annotated[int, at_least(1)]
@@ -17,7 +14,7 @@ NonNegative = Annotated[Finite, at_least(0)]
 
 
 @parameters
-class TrainConfig:
+class TrainConfig(ParamsFile):
     """Parameters of one training run (one params/train_*.yaml file)."""
 
     #: LJSpeech-layout folder (wavs/*.wav); "demo" = the bundled demo corpus
@@ -89,23 +86,6 @@ class TrainConfig:
     def uses_generation_loss(self) -> bool:
         return self.stft_loss_weight > 0 or self.mel_loss_weight > 0
 
-    @property
-    def corpus_dir(self) -> Path:
-        return DEMO_CORPUS_DIR if self.corpus == "demo" else Path(self.corpus).expanduser()
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "parameters") -> "TrainConfig":
-        return from_mapping(cls, data, source)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> "TrainConfig":
-        return cls.from_dict({**read_params_file(path), **(overrides or {})}, source=str(path))
-
-    def with_overrides(self, **changes: Any) -> "TrainConfig":
-        return type(self).from_dict({**self.to_dict(), **changes})
 
 
 def lr_at(config: TrainConfig, step: int) -> float:
