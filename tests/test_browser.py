@@ -159,8 +159,13 @@ def _run_all_done(page, timeout_s=240):
 
 
 def _save(page, lab, name):
-    page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook").first.click()
-    page.keyboard.press("Control+s")
+    # the toolbar's save button: a click in the notebook could land on a player or a link
+    button = page.locator('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Toolbar [data-command="docmanager:save"]')
+    if button.count():
+        button.first.click()
+    else:
+        page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-InputPrompt").first.click()
+        page.keyboard.press("Control+s")
     path = lab["root"] / "notebooks" / name
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:    # saved once the file holds executed cells
