@@ -633,7 +633,8 @@ def test_chunked_streamed_and_batched_equal_one_shot_on_every_precision(precisio
         where = f"{backend.precision} ({precision}), {config.n_channels} channels"
         assert snr_db(whole[0], chunked) >= 100, where
         assert snr_db(whole[0], streamed) >= 100, where
-        assert all(snr_db(w, b) >= 100 for w, b in zip(whole, batched)), where
+        packed_bound = fast_engine.PACKED_MIN_SNR_DB[backend.precision]  # bf16 without AMX: 90 (see there)
+        assert all(snr_db(w, b) >= packed_bound for w, b in zip(whole, batched)), where
 
 
 def test_int8_scales_are_calibrated_once_and_saturate_beyond_their_range():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -322,12 +323,15 @@ def test_vocode_stdout_is_the_wavs_data_chunk(wav_route, tmp_path, chunk_frames,
                                    denoiser_strength=denoise)
     argv = _pipe_argv(cfg, mel_path)
     argv.remove("--stdout")
-    staged = subprocess.run(argv, capture_output=True, cwd=Path(__file__).parents[1], timeout=300)
+    # one torch thread in both processes, so both compute alike (fp32 rounding can follow the thread count, as
+    # the denoiser's does; with the default threads a full `make test` once saw one int16 sample differ by 1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    staged = subprocess.run(argv, capture_output=True, cwd=Path(__file__).parents[1], timeout=300, env=env)
     assert staged.returncode == 0, staged.stderr.decode()[-2000:]
     wav = syn_wav(cfg.layout.vocode_dir, item["id"])
     piped = cfg.with_overrides(name="piped")
     done = subprocess.run(_pipe_argv(piped, mel_path), capture_output=True, cwd=Path(__file__).parents[1],
-                          timeout=300)
+                          timeout=300, env=env)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert done.stdout == _data_chunk(wav)
     assert len(done.stdout) == 2 * item["samples"]  # the .txt length
