@@ -1,6 +1,7 @@
 """What this machine can do: CPU features that decide bf16/int8 speed, usable cores, load, versions."""
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
@@ -173,3 +174,15 @@ def machine_info() -> dict:
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "versions": library_versions(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "isa_cap": isa_cap(),
             "load_average": load_average()}
+
+
+def choose_threads(usable: int, others_busy: float, limit: int | None = None) -> int:
+    """Threads for one `run`: the cores not taken by other processes (`others_busy`: cores' worth of
+    other work measured just before), at least 1, at most `limit` (the caller's cap) and `usable`.
+
+    Why: OpenMP's GEMMs split every op evenly across threads and wait at a barrier after each, so one
+    thread sharing its core with another process makes every op as slow as that thread; one thread per
+    free core avoids it."""
+    cap = max(1, min(limit or usable, usable))
+    free = usable - max(0.0, others_busy)
+    return max(1, min(cap, math.floor(free + 0.5)))

@@ -19,9 +19,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..backends.fast.engine import choose_threads
 from ..checkpoint import save_waveglow
-from ..hardware import CpuMeter, usable_cpus
+from ..hardware import CpuMeter, choose_threads, usable_cpus
 from ..config import ModelConfig, STFTConfig
 from ..errors import ConfigError, MissingDependency, TrainingError
 from ..io import atomic_write_json
@@ -36,7 +35,7 @@ from .weights import apply_weight_norm, folded_copy, init_from_scratch, warm_sta
 
 class ThreadPlan:
     """Torch's threads for the training steps. `num_threads` > 0: that many, always. 0: one per core not
-    busy with other processes' work (`backends.fast.engine.choose_threads`, the inference path's rule),
+    busy with other processes' work (`hardware.choose_threads`, the inference path's rule),
     measured every `every` seconds: OpenMP splits each op evenly across its threads and waits for the
     slowest, so a thread sharing its core with another process slows every op to that thread's pace (a
     busy machine then costs training far more than its fair share of the cores)."""

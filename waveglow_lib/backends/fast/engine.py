@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import ConfigError, MelError
-from ...hardware import CpuMeter, native_bf16, native_int8, usable_cpus
+from ...hardware import CpuMeter, choose_threads, native_bf16, native_int8, usable_cpus
 from .fold import FastWaveGlow, FastWN, conditioning_layers, fold_wn
 from .probe import PROBE_SIGMA, probe_mel
 
@@ -355,18 +355,6 @@ def native_precision(precision: str) -> str:
     if precision == "bf16" and not native_bf16():
         precision = "fp32"
     return precision
-
-
-def choose_threads(usable: int, others_busy: float, limit: int | None = None) -> int:
-    """Threads for one `run`: the cores not taken by other processes (`others_busy`: cores' worth of
-    other work measured just before), at least 1, at most `limit` (the caller's cap) and `usable`.
-
-    Why: OpenMP's GEMMs split every op evenly across threads and wait at a barrier after each, so one
-    thread sharing its core with another process makes every op as slow as that thread; one thread per
-    free core avoids it."""
-    cap = max(1, min(limit or usable, usable))
-    free = usable - max(0.0, others_busy)
-    return max(1, min(cap, math.floor(free + 0.5)))
 
 
 class FastEngine:
