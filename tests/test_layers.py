@@ -17,7 +17,7 @@ import waveglow_lib
 
 #: the layers, first to last; a module belongs to the first entry that is its name or a parent package of it
 LAYERS = [
-    ("errors", "isa"), ("io",), ("userkey",), ("layout",), ("safe_yaml", "runlock", "safe_reader"), ("config",), ("hardware",),
+    ("errors", "isa"), ("io",), ("records",), ("userkey",), ("layout",), ("safe_yaml", "runlock", "safe_reader"), ("config",), ("hardware",),
     ("audio",), ("metrics",), ("model",), ("checkpoint", "denoiser"), ("mel_input",),
     ("export", "convert"), ("backends",), ("batching",), ("train",), ("stamps",), ("jobs",), ("engines",),
     ("stages",),

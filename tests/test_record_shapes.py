@@ -1,6 +1,6 @@
 """Records are data, not instructions: a stage record whose fields have the wrong JSON type (a string, a
 number, a list or null where an object is expected, an entry that is not an object) is never a traceback
-and never trusted (`io.read_record`).
+and never trusted (`records.read_record`).
 
 A record that only says what work may be skipped (the manifest and journal as preprocess reads them, the
 records of postprocess, vocode and convert, the export record as export reads it, the file stamps cache,
@@ -40,7 +40,7 @@ def wrong_type(field: str, value) -> bool:
 
 
 def field_name(where: str) -> str:
-    """`io.check_fields`'s name of a field: items.0.id -> items[0].id"""
+    """`records.field_name` of a field: items.0.id -> items[0].id"""
     return re.sub(r"\.(\d+)", r"[\1]", where)
 
 

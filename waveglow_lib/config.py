@@ -22,6 +22,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from .errors import ConfigError, ConfigTypeError, InputNotFound, WaveGlowError
 from .io import atomic_write_text, read_bounded
 from .layout import RunLayout, run_folder
+from .records import first_problem, is_type_error
 
 from .safe_yaml import MAX_YAML_BYTES, load_yaml
 
@@ -109,9 +110,8 @@ def parameters(cls: type | None = None, *, frozen: bool = False, label: str = "p
 
 def _config_error(error: ValidationError, cls: Any, data: Mapping[str, Any], source: str | None,
                   sources: Mapping[str, str]) -> ConfigError:
-    """The first of pydantic's errors as users have always read it: a wrong type before a bad value."""
-    items = error.errors(include_url=False)
-    item = next((i for i in items if _is_type_error(i, data)), items[0])
+    """The first of pydantic's errors (`records.first_problem`) in a parameter's words."""
+    item = first_problem(error, data)
     cause = (item.get("ctx") or {}).get("error")
     if isinstance(cause, WaveGlowError):  # a cross-field check's own message (__post_init__)
         return cause
@@ -123,17 +123,11 @@ def _config_error(error: ValidationError, cls: Any, data: Mapping[str, Any], sou
     name, value, hint = cls._label.format(key=key), data.get(key, item["input"]), typing.get_type_hints(cls).get(key)
     if item["type"] == "unexpected_keyword_argument":
         return ConfigTypeError(f"{prefix}unknown {name}")
-    if _is_type_error(item, data):
+    if is_type_error(item, data):
         return ConfigTypeError(f"{prefix}{name} expects {_type_name(hint)}, got {type(value).__name__} {value!r}")
     if item["type"] == "literal_error":
         return ConfigError(f"{prefix}{name}: {value!r} is not one of {', '.join(typing.get_args(hint))}")
     return ConfigError(f"{prefix}{name} {cause or item['msg']}")
-
-
-def _is_type_error(item: Mapping[str, Any], data: Mapping[str, Any]) -> bool:
-    if item["type"] == "literal_error":  # a string not among the choices is a bad value; anything else a type
-        return not isinstance(data.get(item["loc"][0], item["input"]), str)
-    return item["type"].endswith("_type") or item["type"] in ("none_required", "unexpected_keyword_argument")
 
 
 @parameters(frozen=True)

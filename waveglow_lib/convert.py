@@ -18,8 +18,9 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import ConfigError, ConvertError, DataError, import_optional
-from .io import read_record, replace_file
+from .io import replace_file
 from .layout import record_path
+from .records import ExportRecord, read_record
 from .export import ONNX_INPUTS
 
 #: ATC's limit on the number of `--dynamic_dims` gears
@@ -161,25 +162,17 @@ def with_window_gear(gears: Sequence[int], model_config: ModelConfig) -> list[in
 
 
 # --- graph files ---------------------------------------------------------------------------------
-#: what is read back of the export record (`<graph>.json`, written by `export.export_onnx` and the export
-#: stage) and its JSON types (`io.check_fields`); `files` is {name: {"size", "sha256"}}
-EXPORT_RECORD_FIELDS = {"model_fingerprint": str, "files": dict, "model_config": dict, "opset": int,
-                        "variant": str, "n_mel_channels": int, "n_group": int, "hop_length": int, "stamp": dict}
-#: a converted model's record (`<artefact>.json`: what it was made from, its files)
-CONVERTED_RECORD_FIELDS = {"source": {"model": str}, "files": dict}
-#: the gears record beside the `.om` (the om backend reads batch and mel_lengths)
-GEARS_RECORD_FIELDS = {**CONVERTED_RECORD_FIELDS, "command": str, "batch": int, "mel_lengths": [int]}
 #: what to do about a damaged export record (it proves which model the graph holds: never guessed)
 EXPORT_AGAIN = "run the export stage again (it rebuilds the graph and its record)"
 
 
 def load_export_info(onnx_path: Path, on_damage: Callable[[str], Any] | None = None) -> dict:
     """The sizes the export stage recorded beside the graph (`layout.record_path`), {} when there is none.
-    One of the wrong shape (`io.read_record`; a `model_config` that is no WaveGlow config) is DataError
+    One of the wrong shape (`records.ExportRecord`; a `model_config` that is no WaveGlow config) is DataError
     naming the file and the field, or, with `on_damage` (the export stage, which rebuilds it), said to it
     and taken as none."""
     info_path = record_path(onnx_path)
-    info = read_record(info_path, "the export record written beside the ONNX graph", EXPORT_RECORD_FIELDS,
+    info = read_record(info_path, ExportRecord, "the export record written beside the ONNX graph",
                        damaged="redo" if on_damage else "refuse", advice=EXPORT_AGAIN, on_damage=on_damage)
     if "model_config" in info:  # read_record: a null field is gone
         try:

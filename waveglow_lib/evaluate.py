@@ -16,13 +16,14 @@ from .backends import available_backends
 from .batching import utterance_noise, vocode
 from .config import STFTConfig, WorkflowConfig
 from .errors import AudioError, InputNotFound
-from .io import NUMBER, atomic_write_json, read_bin, read_json
+from .io import atomic_write_json, read_bin, read_json
 from .jobs import open_backend, resolve_model_config
 from .layout import corpus_wav, load_manifest, mel_bin, syn_wav
 from .metrics import _as_1d, log_mel_distance, quality_metrics, snr_db
 from .runlock import locked
 from .stages.infer import manifest_stft
-from .provenance import TIMINGS_FIELDS, run_provenance
+from .provenance import run_provenance
+from .records import METRIC_KEYS, Metrics, read_record
 
 
 # --- the round trip ---------------------------------------------------------------------------------
@@ -131,27 +132,10 @@ def backend_outputs(cfg: WorkflowConfig, names: Sequence[str] | None = None, *, 
 
 
 # --- metrics.json ---------------------------------------------------------------------------------
-#: metrics.json's fields that are read back (the report), and their JSON types (`io.check_fields`)
-METRIC_KEYS = ("log_mel_distance", "mcd_db", "stoi", "pesq")
-METRICS_FIELDS: dict[str, Any] = {
-    "name": str, "backend": str, "precision": str, "sigma": NUMBER, "seed": int,
-    "summary": {"utterances": int, **{k: NUMBER for k in METRIC_KEYS}},
-    "utterances": [{"id": str, "seconds": NUMBER, **{k: NUMBER for k in METRIC_KEYS}, "notes": [str]}],
-    "parity": [{"backend": str, "reference": str, "utterances": int, "snr_db_min": NUMBER, "snr_db_mean": NUMBER,
-                "max_abs_diff": NUMBER}],
-    "round_trip": {"seconds": NUMBER, "snr_db": NUMBER, "log_mel_distance": NUMBER},
-    "throughput": [{"batch_size": int, "backend": str, "precision": str}],
-    "checkpoint": {"path": str, "file": str, "size_bytes": int, "parameters": int, "sha256": str,
-                   "is_demo_model": bool, "note": str},
-    "machine": {"cpu": str, "hostname": str, "usable_cpus": int, "logical_cpus": int},
-    "commit": str, "written_at": str, **TIMINGS_FIELDS["settings"],
-}
-
-
 def read_metrics(path: str | Path) -> dict[str, Any]:
-    """A run's metrics.json read back, its shape checked (`METRICS_FIELDS`): DataError naming the file and
+    """A run's metrics.json read back through its model (`records.Metrics`): DataError naming the file and
     the field otherwise."""
-    return read_json(path, "a run's metrics (written by evaluate)", fields=METRICS_FIELDS)
+    return read_record(path, Metrics, "a run's metrics (written by evaluate)", damaged="refuse", required=True)
 
 
 def summarise(utterances: Sequence[Mapping[str, Any]], keys: Sequence[str] = METRIC_KEYS) -> dict[str, Any]:

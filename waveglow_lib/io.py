@@ -11,7 +11,7 @@ import re
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Literal, Mapping
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import numpy as np
 
@@ -236,48 +236,17 @@ def read_bounded(path: str | Path, what: str, max_bytes: int, error: type[WaveGl
 
 #: JSON's names for Python's types, for errors that say what a record holds
 _JSON_NAMES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
-#: a JSON number in a record's `fields` (a bool is not one)
-NUMBER = (int, float)
 
 
-def _json_name(value: Any) -> str:
+def json_name(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words: "object", "array", "string", "number", "boolean", "null"."""
     return _JSON_NAMES.get(type(value), "null")
 
 
-def check_fields(value: Mapping[str, Any], fields: Mapping[str, Any], path: str | Path, what: str,
-                 at: str = "") -> None:
-    """A record's shape, before anything reads it: each key of `fields` that `value` holds (not null) must be
-    of the type named there: a type or tuple of types, a nested `fields` mapping (an object), or a one-item
-    list of either (an array of them). DataError naming the file and the field otherwise."""
-    def refuse(where: str, got: Any, expected: str) -> None:
-        raise DataError(f"{path}: field {where} holds a JSON {_json_name(got)}, expected {expected} "
-                        f"({what})", path=path)
-
-    def check(item: Any, spec: Any, where: str) -> None:
-        if isinstance(spec, Mapping):
-            if not isinstance(item, dict):
-                refuse(where, item, "an object")
-            check_fields(item, spec, path, what, f"{where}.")
-        elif isinstance(spec, list):
-            if not isinstance(item, list):
-                refuse(where, item, "an array")
-            for index, element in enumerate(item):
-                check(element, spec[0], f"{where}[{index}]")
-        else:
-            types = spec if isinstance(spec, tuple) else (spec,)
-            if not isinstance(item, types) or (isinstance(item, bool) and bool not in types):
-                names = " or ".join(sorted({_JSON_NAMES[t] for t in types}))
-                refuse(where, item, ("an " if names[0] in "aeiou" else "a ") + names)
-
-    for key, spec in fields.items():
-        if value.get(key) is not None:
-            check(value[key], spec, f"{at}{key}")
-
-
-def read_json(path: str | Path, what: str, kind: type = dict, fields: Mapping[str, Any] | None = None) -> Any:
+def read_json(path: str | Path, what: str, kind: type = dict) -> Any:
     """Parse a JSON file the workflow wrote: DataError naming the file and what it should hold when it is
-    missing, not JSON, or not a `kind` (dict by default), or, with `fields`, when a field the reader will
-    use has another type (`check_fields`)."""
+    missing, not JSON, or not a `kind` (dict by default). A record's fields are checked by its model
+    (`records.read_record`)."""
     path = Path(path)
     try:
         text = read_bounded(path, what, MAX_RECORD_BYTES).decode("utf-8")
@@ -291,66 +260,9 @@ def read_json(path: str | Path, what: str, kind: type = dict, fields: Mapping[st
     except RecursionError:
         raise DataError(f"{path}: JSON nested too deeply; expected {what}", path=path) from None
     if not isinstance(value, kind):
-        raise DataError(f"{path}: holds a JSON {_json_name(value)}, expected {what} "
+        raise DataError(f"{path}: holds a JSON {json_name(value)}, expected {what} "
                         f"(a JSON {_JSON_NAMES.get(kind, kind.__name__)})", path=path)
-    if fields is not None:
-        check_fields(value, fields, path, what)
     return value
-
-
-def read_record(path: str | Path, what: str, fields: Mapping[str, Any] | None = None, *,
-                entries: tuple[str, Mapping[str, Any]] | None = None,
-                damaged: Literal["redo", "refuse"] = "redo", advice: str = "",
-                on_damage: Callable[[str], Any] | None = None) -> dict:
-    """A stage's record (a JSON object the workflow wrote), or {} when there is none. Records are data:
-    one of the wrong shape (not JSON, not an object, a field `fields` names of another type) is never
-    trusted, never a traceback; what damage means is the caller's to say:
-
-    - `damaged="refuse"` (a record needed to run: the one that proves which model a graph was made from):
-      DataError "<file>: <what is wrong>; <advice>", naming the file and the field;
-    - `damaged="redo"` (a record that only says what work may be skipped): it counts as absent, {} after
-      `on_damage("<file>: <what is wrong>")` (`stamps.announce_redo`), so the work is done again.
-
-    `entries=(key, entry_fields)`: the record's `key` is a mapping of entries (id → object) each checked
-    against `entry_fields`; one of the wrong shape is dropped (said to `on_damage`): its item is redone.
-    """
-    path = Path(path)
-    if not path.is_file():
-        return {}
-    fields = {**(fields or {}), **({entries[0]: dict} if entries else {})}
-    try:
-        record = read_json(path, what, fields=fields)
-    except InputNotFound:  # removed since the look
-        return {}
-    except DataError as exc:
-        if damaged == "refuse":
-            raise DataError(f"{exc}; {advice}" if advice else str(exc), path=path) from None
-        if on_damage is not None:
-            on_damage(str(exc))
-        return {}
-    for key in fields:  # a null field is an absent one (`check_fields`): readers need not tell them apart
-        if record.get(key, ...) is None:
-            del record[key]
-    if entries:
-        key, spec = entries
-        kept = {}
-        for name, entry in (record.get(key) or {}).items():
-            try:
-                check_fields({name: entry}, {name: spec}, path, what, f"{key}.")
-            except DataError as exc:
-                if on_damage is not None:
-                    on_damage(str(exc))
-                continue
-            if entry is not None:  # null: no entry
-                kept[name] = entry
-        record[key] = kept
-    return record
-
-
-def read_hint(path: str | Path, what: str) -> dict:
-    """A JSON object that only says what work may be skipped or reused (a cache): `read_record`'s, {} when
-    the file is missing or damaged (silently), so that the work is done again rather than refused."""
-    return read_record(path, what)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

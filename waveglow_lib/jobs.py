@@ -28,11 +28,12 @@ from .backends import ModelSpec, get_backend, resolve_backend
 from .batching import Utterance, batch_noise, check_mel, chunk_window, plan_batches, vocode
 from .checkpoint import load_waveglow
 from .config import FORCE_ADVICE, ModelConfig, STFTConfig, WorkflowConfig, forced
-from .convert import CONVERTED_RECORD_FIELDS, GEARS_RECORD_FIELDS, load_export_info
+from .convert import load_export_info
 from .errors import ConfigError, ResourceError, RunFolderError, SynthesisError
-from .io import NUMBER, allocation_problem, atomic_write_json, read_bin, read_record, write_bin
+from .io import allocation_problem, atomic_write_json, read_bin, write_bin
 from .layout import TIMINGS_FILE, gears_file, out_bin, record_path
 from .mel_input import list_mels, open_mel, read_mel
+from .records import ConvertedRecord, GearsRecord, JobRecord, TimingsEntry, read_record
 from .stamps import (OUTPUT_KEY, SOURCE_KEY, FileStamps, announce_redo, differences, file_stamps, model_changed,
                      model_stamp)
 
@@ -90,7 +91,7 @@ def check_model_file(cfg: WorkflowConfig, path: Path, model=None) -> None:
     if path == layout.om:
         redo = "the export and convert stages (then atc)"
         record_file = gears_file(path)
-        record = read_record(record_file, "the gears the .om was built for", GEARS_RECORD_FIELDS,
+        record = read_record(record_file, GearsRecord, "the gears the .om was built for",
                              damaged="refuse", advice=f"run {redo} again")
         recorded = record.get("source", {}).get("model") or onnx_info.get("model_fingerprint")
     elif path == layout.onnx:
@@ -99,8 +100,8 @@ def check_model_file(cfg: WorkflowConfig, path: Path, model=None) -> None:
         redo = "the export stage"
     else:
         redo = "the convert stage"
-        record = read_record(record_file, "the record of what a converted model was made from",
-                             CONVERTED_RECORD_FIELDS, damaged="refuse", advice=f"run {redo} again")
+        record = read_record(record_file, ConvertedRecord, "the record of what a converted model was made from",
+                             damaged="refuse", advice=f"run {redo} again")
         recorded = record.get("source", {}).get("model")
     if recorded == expected:
         # an .om built by atc elsewhere (from the script) has no record of its bytes
@@ -279,15 +280,8 @@ def _check_finite(audio: np.ndarray, u: Utterance, backend, settings: VocodeSett
 
 
 # --- the job: what is left to do, and its record -----------------------------------------------------------
-#: what a job's record (`timings.json`, `vocode.json`) holds besides its entries, and its JSON types
-#: (`io.read_record`: a record of another shape is not trusted); the one description of it, which the
-#: report and metrics.json's provenance read too (`provenance.read_timings`)
-RECORD_FIELDS = {"settings": {"backend_used": str, "precision_used": str,
-                              "precision_probe": {"reason": str, "snr_db": NUMBER, "log_mel_distance": NUMBER}},
-                 "workers": dict}
-#: an entry of `timings.json`'s items (id → entry): its output by size and sha256, its source's sha256
-TIMINGS_ENTRY_FIELDS = {OUTPUT_KEY: {"size": int, "sha256": str}, SOURCE_KEY: str, "frames": int,
-                        "samples": int, "audio_seconds": NUMBER}
+#: a job's record (`timings.json`, `vocode.json`) is `records.JobRecord`, its entries `records.TimingsEntry`
+#: (infer) and `records.VocodeEntry` (vocode)
 
 
 @dataclass
@@ -406,8 +400,8 @@ def prepare_job(cfg: WorkflowConfig, *, items: list[Utterance], read_mel: Callab
     timings_path = out_dir / TIMINGS_FILE
     # it says which settings the folder's outputs were made with (never mixed): a damaged one is refused;
     # a damaged entry only says less of what is finished (redone)
-    record = {} if force else read_record(timings_path, "the infer stage's settings and per-utterance timings",
-                                          RECORD_FIELDS, entries=("items", TIMINGS_ENTRY_FIELDS),
+    record = {} if force else read_record(timings_path, JobRecord, "the infer stage's settings and per-utterance timings",
+                                          entries=TimingsEntry,
                                           damaged="refuse", advice=f"or {FORCE_ADVICE}",
                                           on_damage=announce_redo)
     if record and not force:

@@ -17,8 +17,7 @@ from typing import Any
 
 from .config import DEMO_MODEL_PATH, PACKAGE_DIR, WorkflowConfig
 from .hardware import cpu_model, usable_cpus
-from .io import read_json
-from .jobs import RECORD_FIELDS
+from .records import JobRecord, read_record
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -95,13 +94,9 @@ def git_commit(where: str | Path | None = None) -> str:
     return head.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
 
 
-#: what is read back of out/timings.json (here and by the report): the infer job's own description of it
-TIMINGS_FIELDS = RECORD_FIELDS
-
-
 def read_timings(path: str | Path) -> dict[str, Any]:
-    """The infer stage's out/timings.json, its shape checked (`TIMINGS_FIELDS`)."""
-    return read_json(path, "the infer stage's settings and timings", fields=TIMINGS_FIELDS)
+    """The infer stage's out/timings.json read through the infer job's own model of it (`records.JobRecord`)."""
+    return read_record(path, JobRecord, "the infer stage's settings and timings", damaged="refuse", required=True)
 
 
 def backend_used(cfg: WorkflowConfig) -> dict[str, Any]:

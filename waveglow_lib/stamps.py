@@ -41,21 +41,22 @@ from tqdm.auto import tqdm
 from .checkpoint import load_waveglow, model_fingerprint, read_stft_config
 from .config import DEMO_MODEL_PATH, STFTConfig, WorkflowConfig, from_mapping
 from .errors import ConfigError, DataError, InputNotFound, ResourceError, WaveGlowError
-from .io import atomic_write_json, read_hint, sha256_file
+from .io import atomic_write_json, sha256_file
 from .layout import FILE_STAMPS_FILE as CACHE_NAME
+from .records import OUTPUT_KEY, SOURCE_KEY, FileStampsCache, read_record
 from .userkey import default_cache_dir, folder_secret, mac, proven
 
+#: what the cache file holds, for its errors
+STAMPS_WHAT = "the run's file stamps (content hashes by path and stat)"
 #: a run's cache holds at most this many files (the oldest are dropped: read again when next asked)
 _MAX_ENTRIES = 200_000
 #: a value read less than this after the file's last change is read again next time (coarse fs clocks)
 RACY_NS = 2_000_000_000
 #: unsaved values are written to the cache at most this often (and when a stage ends, `FileStamps.save`)
 _SAVE_EVERY_S = 10.0
-#: the stamp's key for the model's fingerprint, and for the source's sha256
+#: the stamp's key for the model's fingerprint (those of the source's sha256 and a record entry's output:
+#: `records.SOURCE_KEY`, `records.OUTPUT_KEY`)
 MODEL_KEY = "model"
-SOURCE_KEY = "source_sha256"
-#: a record entry's key for the output it describes (`FileStamps.entry`: size and sha256)
-OUTPUT_KEY = "output"
 #: `stage_stamp`'s default: the fingerprint of the model given, else of the run's checkpoint
 RUN_MODEL = "<the run's model>"
 
@@ -108,7 +109,7 @@ class FileStamps:
     @property
     def entries(self) -> dict:
         if self._entries is None:  # a damaged cache is rebuilt
-            self._entries = read_hint(self.cache_path, "the run's file stamps (content hashes by path and stat)")
+            self._entries = read_record(self.cache_path, FileStampsCache, STAMPS_WHAT)
         return self._entries
 
     def value(self, path: str | Path, field: str, compute, *, save_now: bool = False,
@@ -194,7 +195,7 @@ class FileStamps:
         """Add the values computed since the last save to the cache file (merged with what is there)."""
         if not self._unsaved:
             return
-        cache = read_hint(self.cache_path, "the run's file stamps (content hashes by path and stat)")
+        cache = read_record(self.cache_path, FileStampsCache, STAMPS_WHAT)
         for name, entry in self._unsaved.items():
             cache.pop(name, None)
             cache[name] = entry

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..io import read_json
+from ..records import GearsRecord, read_record
 from ..layout import gears_file
 from .base import Backend, BackendError, BackendUnavailable, ModelSpec
 
@@ -72,9 +72,8 @@ class OmBackend(Backend):
         if not om_path.is_file():
             raise BackendError(f"{om_path}: .om file not found; run the convert stage where atc is installed")
         InferSession = import_infer_session()
-        meta = {}
-        if gears_file(om_path).is_file():
-            meta = read_json(gears_file(om_path), "the gears the .om was built for (batch, mel_lengths)")
+        meta = read_record(gears_file(om_path), GearsRecord, "the gears the .om was built for (batch, mel_lengths)",
+                           damaged="refuse", advice="run the convert stage again")
         self.fixed_batch = int(batch or meta.get("batch", 1))
         lengths = gears if gears is not None else meta.get("mel_lengths")
         self.gear_lengths = sorted(int(g) for g in lengths) if lengths else None

@@ -30,9 +30,10 @@ from ..config import DEMO_MODEL_CARD, STFTConfig, WorkflowConfig
 from .display import METRIC_NAMES, REFERENCE, REFERENCE_NOTE, Html, html_text
 from ..errors import DataError, WaveGlowError
 from ..evaluate import read_metrics
-from ..io import read_bounded, read_json
+from ..io import read_bounded
 from ..layout import RunLayout, corpus_wav, load_manifest, syn_wav
 from ..provenance import checkpoint_info, git_commit, machine as this_machine, read_timings
+from ..records import BenchRecord, read_record
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
@@ -47,8 +48,6 @@ CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'none'; object-src 'n
                            "font-src data:")
 #: a corpus wav larger than this is not embedded in the report (LJSpeech's longest is about 450 KiB)
 MAX_EMBEDDED_WAV_BYTES = 64 * 2**20
-#: bench.json's fields the report reads (`io.check_fields`)
-BENCH_FIELDS = {"settings": {"model": str, "quick": bool, "utterances": int, "repeats": int}}
 
 _CSS = """
 .wg-summary { font-family: var(--jp-ui-font-family, sans-serif); max-width: 1100px; margin: 0 0 2em 0;
@@ -346,7 +345,8 @@ def summary_html(run_dir: str | Path, notebooks: Sequence[str | Path] = (), cfg:
     params = _params(run_dir, cfg)
     metrics = _record(layout.metrics, read_metrics) or {}
     timings = _record(layout.timings, read_timings)
-    bench = _record(layout.bench_json, lambda path: read_json(path, "the benchmark's record", fields=BENCH_FIELDS))
+    bench = _record(layout.bench_json, lambda path: read_record(path, BenchRecord, "the benchmark's record",
+                                                              damaged="refuse", required=True))
     manifest = _record(layout.manifest, lambda path: load_manifest(path.parent))
     name = params.get("name", run_dir.name)
     parts = [Html(f"<h1>WaveGlow run “{html_text(name)}”</h1>"),

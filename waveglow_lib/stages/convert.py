@@ -12,11 +12,11 @@ from typing import Sequence
 
 from ..batching import chunk_window
 from ..config import ModelConfig, WorkflowConfig, forced
-from ..convert import (CONVERTED_RECORD_FIELDS, GEARS_RECORD_FIELDS, atc_command, convert_openvino, format_command,
-                       load_export_info, mel_gears, optimize_onnxruntime, padding_overhead, with_window_gear)
+from ..convert import (atc_command, convert_openvino, format_command, load_export_info, mel_gears, optimize_onnxruntime, padding_overhead, with_window_gear)
 from ..errors import ConvertError, InputNotFound, RunFolderError
-from ..io import atomic_write_json, atomic_write_text, read_record
+from ..io import atomic_write_json, atomic_write_text
 from ..layout import CONVERT_TARGETS, gears_file, load_manifest, record_path
+from ..records import ConvertedRecord, GearsRecord, read_record
 from ..runlock import locked
 from ..stamps import announce_redo, describe, differences, file_stamps, is_current, model_stamp, stage_stamp
 
@@ -56,7 +56,7 @@ def _stamped(cfg: WorkflowConfig, artefact: Path, stamp: dict) -> tuple[bool, st
     if not record.is_file():   # built for the first time: a state, not a problem
         return False, "first build" if not artefact.exists() else "no record of what it was made from"
     # a damaged record (not JSON, a field of the wrong shape) is said and counts as none: converted again
-    recorded = read_record(record, "the record of what a converted model was made from", CONVERTED_RECORD_FIELDS,
+    recorded = read_record(record, ConvertedRecord, "the record of what a converted model was made from",
                            on_damage=announce_redo)
     if not recorded:
         return False, f"{record}: no usable record of what it was made from"
@@ -166,7 +166,7 @@ def convert_atc(cfg: WorkflowConfig, onnx_path: Path, *, lengths: Sequence[int] 
     layout.check(gears_path, "the gears record")
     meta["source"] = source_stamp(info)
     # damaged (not JSON, a field of the wrong shape): said, and rebuilt
-    previous = read_record(gears_path, "the gears the .om was built for (batch, mel_lengths)", GEARS_RECORD_FIELDS,
+    previous = read_record(gears_path, GearsRecord, "the gears the .om was built for (batch, mel_lengths)",
                            on_damage=announce_redo)
     # an .om atc built here is listed by size and sha256 (one built elsewhere, from the script, is not)
     altered = file_stamps(cfg).files_changed(om_dir, previous["files"], including=om_file.name) \

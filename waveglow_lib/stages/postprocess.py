@@ -16,13 +16,12 @@ from ..checkpoint import load_waveglow
 from ..config import STFTConfig, WorkflowConfig, forced
 from ..denoiser import Denoiser
 from ..errors import DataError, InputNotFound
-from ..io import atomic_write_bytes, atomic_write_json, read_bin, read_record
+from ..io import atomic_write_bytes, atomic_write_json, read_bin
 from ..layout import POSTPROCESS_RECORD_FILE, load_manifest, out_bin, syn_wav
+from ..records import PostprocessEntry, PostprocessRecord, read_record
 from ..runlock import locked
 from ..stamps import OUTPUT_KEY, announce_redo, file_stamps, is_current, model_stamp, stage_stamp
 
-#: an entry of `wav/postprocess.json`'s items (id → entry): the stamp it was made under, its wav's size and sha256
-ENTRY_FIELDS = {"settings": dict, OUTPUT_KEY: {"size": int, "sha256": str}}
 
 
 @locked("postprocess")
@@ -50,8 +49,8 @@ def postprocess(cfg: WorkflowConfig, *, out_dir: str | Path | None = None, wav_d
     rate = int(manifest.get("sampling_rate", STFTConfig().sampling_rate))
     record_path = wav_dir / POSTPROCESS_RECORD_FILE
     # only says what may be skipped: without it, or damaged (said), every wav is redone; a damaged entry, its wav
-    record = {} if force else read_record(record_path, "the postprocess record (settings per finished wav)",
-                                          entries=("items", ENTRY_FIELDS), on_damage=announce_redo)
+    record = {} if force else read_record(record_path, PostprocessRecord, "the postprocess record (settings per finished wav)",
+                                          entries=PostprocessEntry, on_damage=announce_redo)
     items_record = record.get("items", {})
     strength = float(cfg.denoiser_strength)
     # the denoiser subtracts the model's own bias spectrum: its wavs depend on the model too (a denoiser

@@ -17,17 +17,16 @@ from tqdm.auto import tqdm
 from ..audio import WavStream, mel_blocks, wav_file_stat
 from ..config import STFTConfig, WorkflowConfig, forced
 from ..errors import AudioError, DataError, InputNotFound, ManifestError, ResourceError
-from ..io import (MAX_RECORD_BYTES, atomic_write_json, atomic_write_text, read_bounded, read_record, sha256_bytes,
+from ..io import (MAX_RECORD_BYTES, atomic_write_json, atomic_write_text, read_bounded, sha256_bytes,
                   storage_problem, write_bin_blocks)
 from ..layout import (CORPUS_WAVS_DIR, MANIFEST_FORMAT, MANIFEST_NAME, check_utterance_id, load_manifest, mel_file,
                       sample_count_file)
 from ..layout import PREPROCESS_JOURNAL_FILE as JOURNAL_NAME
+from ..records import Manifest, read_record
 from ..runlock import locked
 from ..stamps import announce_redo, checkpoint_stft, file_stamps
 
 __all__ = ["preprocess", "list_wavs", "load_manifest", "ManifestError"]
-#: what preprocess reads back of its manifest (`io.read_record`; each item is checked by `_changed`)
-MANIFEST_FIELDS = {"settings": dict, "items": [dict]}
 
 
 def list_wavs(corpus_dir: str | Path, limit: int = 0) -> list[Path]:
@@ -67,7 +66,7 @@ def preprocess(cfg: WorkflowConfig, *, force: bool = False, stft: STFTConfig | N
     if not force:
         # only says what may be reused: a damaged manifest (not JSON, a field of the wrong shape) is said,
         # and rebuilt from the wavs
-        current = read_record(manifest_path, "the mel manifest", MANIFEST_FIELDS, on_damage=announce_redo)
+        current = read_record(manifest_path, Manifest, "the mel manifest", on_damage=announce_redo)
         if current.get("settings") == settings:
             previous = {item["id"]: item for item in current.get("items", []) if isinstance(item.get("id"), str)}
         previous.update(_read_journal(journal_path, settings))

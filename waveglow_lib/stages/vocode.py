@@ -29,20 +29,18 @@ from ..config import STFTConfig, WorkflowConfig, forced
 from ..denoiser import Denoiser
 from ..engines import run_job
 from ..errors import MelError
-from ..io import atomic_stream, atomic_write_bytes, read_record, write_bin
+from ..io import atomic_stream, atomic_write_bytes, write_bin
 from ..audio import PcmWriter, WavWriter, wav_bytes
-from ..jobs import (RECORD_FIELDS, InferJob, MelFileReader, StreamedAudio, VocodeSettings, backend_name,
+from ..jobs import (InferJob, MelFileReader, StreamedAudio, VocodeSettings, backend_name,
                     mel_folder_items, open_backend, resolve_model_config, vocode_batch)
 from ..layout import VOCODE_RECORD_FILE, out_bin, syn_wav
 from ..mel_input import list_mels, mel_sample_count
 from ..metrics import snr_db
+from ..records import JobRecord, VocodeEntry, read_record
 from ..runlock import locked
 from ..stamps import OUTPUT_KEY, SOURCE_KEY, announce_redo, file_stamps, is_current, stage_stamp
 
 __all__ = ["vocode", "vocode_pipe", "prepare_vocode", "VocodeJob", "read_mels", "stream_matches_offline"]
-#: an entry of `vocode/vocode.json`'s items (id → entry): the folder's stamp it was made under, its source's
-#: sha256, and its files ({name: {"size", "sha256"}}, `stamps.FileStamps.changed` checks each)
-ENTRY_FIELDS = {"settings": dict, SOURCE_KEY: str, "source": str, OUTPUT_KEY: dict, "frames": int, "samples": int}
 
 
 def read_mels(cfg: WorkflowConfig, mels: str | Path, n_mel: int = 80) -> list[dict]:
@@ -224,8 +222,8 @@ def prepare_vocode(cfg: WorkflowConfig, mels: str | Path, *, model=None, name: s
     record_path = out_dir / VOCODE_RECORD_FILE
     # only says what may be skipped (stale wavs are redone): damaged (not JSON, a field of the wrong shape), it is
     # said and counts as none; a damaged entry, its wav is redone
-    record = {} if force else read_record(record_path, "the vocode stage's record", RECORD_FIELDS,
-                                          entries=("items", ENTRY_FIELDS), on_damage=announce_redo)
+    record = {} if force else read_record(record_path, JobRecord, "the vocode stage's record",
+                                          entries=VocodeEntry, on_damage=announce_redo)
     done: dict = record.get("items", {})
     stamps = file_stamps(cfg)
     # each mel by its content (cached by file stamps: a re-run does not read the mels again to hash them)
