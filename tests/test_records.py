@@ -101,3 +101,25 @@ def test_every_record_model_is_strict_and_keeps_the_fields_it_does_not_name():
     for model in models:
         assert model.model_config["strict"] and model.model_config["extra"] == "allow", model
         assert all(not f.is_required() for f in model.model_fields.values()), model  # absent = null = none
+
+
+def test_caches_and_locks_are_read_through_their_models_too(tmp_path):
+    """The lock record and the cache files take `max_bytes` and `follow_links=False` (`io.read_bounded`)."""
+    from waveglow_lib.runlock import LOCK_NAME, read_holder
+
+    lock = tmp_path / LOCK_NAME
+    lock.write_text(json.dumps({"pid": 7, "host": "h", "started": "yesterday", "command": "run"}))
+    assert read_holder(tmp_path)["pid"] == 7  # a start time of another type is shown as unknown, not refused
+    lock.write_text(json.dumps({"pid": "7", "host": "h"}))
+    assert read_holder(tmp_path) == {}  # a pid of another type: the record gives no details
+    said = []
+    target = write(tmp_path, {"key": {}, "mac": "x"}, "target.json")
+    (tmp_path / "link.json").symlink_to(target)
+    assert read_record(tmp_path / "link.json", records.EngineMeta, WHAT, follow_links=False,
+                       on_damage=said.append) == {}
+    assert "not a regular file (a symbolic link)" in said[0]
+    assert read_record(target, records.EngineMeta, WHAT, max_bytes=4, on_damage=said.append) == {}
+    assert "more than" in said[1]
+    write(tmp_path, {"files": {"flow00.safetensors": 1}}, "meta.json")
+    assert "field files.flow00.safetensors holds a JSON number, expected a string" in refused(
+        tmp_path / "meta.json", records.EngineMeta)

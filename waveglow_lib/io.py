@@ -243,13 +243,14 @@ def json_name(value: Any) -> str:
     return _JSON_NAMES.get(type(value), "null")
 
 
-def read_json(path: str | Path, what: str, kind: type = dict) -> Any:
-    """Parse a JSON file the workflow wrote: DataError naming the file and what it should hold when it is
-    missing, not JSON, or not a `kind` (dict by default). A record's fields are checked by its model
+def read_json(path: str | Path, what: str, kind: type = dict, *, max_bytes: int = MAX_RECORD_BYTES,
+              follow_links: bool = True) -> Any:
+    """Parse a JSON file the workflow wrote (`read_bounded`): DataError naming the file and what it should hold
+    when it is missing, not JSON, or not a `kind` (dict by default). A record's fields are checked by its model
     (`records.read_record`)."""
     path = Path(path)
     try:
-        text = read_bounded(path, what, MAX_RECORD_BYTES).decode("utf-8")
+        text = read_bounded(path, what, max_bytes, follow_links=follow_links).decode("utf-8")
     except UnicodeDecodeError:
         raise DataError(f"{path}: not a text file (expected {what}, as JSON)", path=path) from None
     try:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Literal, Mapping, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import DataError, InputNotFound
-from .io import json_name, read_json
+from .io import MAX_RECORD_BYTES, json_name, read_json
 
 #: a record's entry: the key of the output file it describes, and of the sha256 of the source it was made from
 OUTPUT_KEY = "output"
@@ -220,16 +220,57 @@ class BenchRecord(Record):
     settings: Optional[BenchSettings] = None
 
 
-# --- caches: the file stamps (.file_stamps.json) -----------------------------------------------------------
+class ThroughputKey(Record):
+    """`throughput_key.json`: what the notebooks' throughput rows measured (`bench.harness.run_throughput`)."""
+    key: Object = None
+    measured_at: Optional[str] = None
+
+
+# --- caches and locks -----------------------------------------------------------------------------------------
 class FileStampsCache(Record):
-    """{resolved path: entry}: each entry is checked where it is used (`stamps.FileStamps.value`), a damaged
-    one computed again."""
+    """`.file_stamps.json`, {resolved path: entry}: each entry is checked where it is used
+    (`stamps.FileStamps.value`), a damaged one computed again."""
+
+
+class LockRecord(Record):
+    """A run folder's lock file (`runlock`): who holds it. Anyone in the folder can write it: `started` is
+    shown only when it is a time the clock can show."""
+    pid: Optional[int] = None
+    host: Optional[str] = None
+    command: Optional[str] = None
+    token: Optional[str] = None
+    started: Any = None
+    took_over: Object = None
+
+
+class EngineMeta(Record):
+    """The fast engine cache's `engine-*/meta.json`: the key fields, each flow file's sha256, the activation
+    ranges, and the MAC that proves it (`backends.fast.cache`)."""
+    key: Object = None
+    files: Optional[dict[str, str]] = None
+    activations: Object = None
+    mac: Optional[str] = None
+
+
+class ProbeVerdict(Record):
+    """The fast engine cache's stored `auto_engine` verdict, and its MAC."""
+    key: Object = None
+    record: Object = None
+    mac: Optional[str] = None
+
+
+class Int8Record(Record):
+    """An OpenVINO int8 cache entry's `record.json`: its key fields and each file's sha256."""
+    key: Object = None
+    files: Optional[dict[str, str]] = None
+    quantise_seconds: Number = None
 
 
 # --- the one reader ------------------------------------------------------------------------------------------
 def read_record(path: str | Path, model: type[Record], what: str, *, entries: type[Record] | None = None,
                 damaged: Literal["redo", "refuse"] = "redo", advice: str = "",
-                on_damage: Callable[[str], Any] | None = None, required: bool = False) -> dict:
+                on_damage: Callable[[str], Any] | None = None, required: bool = False,
+                max_bytes: int = MAX_RECORD_BYTES, follow_links: bool = True) -> dict:
     """The JSON object at `path`, loaded through `model` (the object as written, its null fields dropped:
     readers need not tell null from absent), or {} when there is none (`required`: InputNotFound naming the
     file). One of the wrong shape is never trusted; what damage means is the caller's to say:
@@ -241,12 +282,13 @@ def read_record(path: str | Path, model: type[Record], what: str, *, entries: ty
 
     `entries`: the record's `items` is a mapping of entries (id → object), each loaded through `entries`;
     one of the wrong shape is dropped (said to `on_damage`): its item is redone.
+    `max_bytes` and `follow_links=False` (a cache's files, a lock file) are `io.read_bounded`'s.
     """
     path = Path(path)
     if not required and not path.is_file():
         return {}
     try:
-        record = read_json(path, what)
+        record = read_json(path, what, max_bytes=max_bytes, follow_links=follow_links)
         check(record, model, path, what)
     except InputNotFound:
         if required:

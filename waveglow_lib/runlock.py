@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import ResourceError, RunFolderError
-from .io import TOKEN_ENV, held_lock_tokens, read_bounded, remove_temp_files
+from .io import TOKEN_ENV, held_lock_tokens, remove_temp_files
 from .layout import RunLayout
+from .records import LockRecord, read_record
 
 LOCK_NAME = ".lock"
 _READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
@@ -52,12 +53,9 @@ def lock_path(root: str | Path) -> Path:
 
 
 def read_holder(root: str | Path) -> dict:
-    """What the lock file says about its holder (empty when there is none or it is unreadable)."""
-    try:
-        info = json.loads(read_bounded(lock_path(root), "a lock record", MAX_LOCK_BYTES, follow_links=False))
-    except (OSError, ValueError):
-        return {}
-    return info if isinstance(info, dict) else {}
+    """What the lock file says about its holder (`records.LockRecord`; empty when there is none or it is
+    damaged)."""
+    return read_record(lock_path(root), LockRecord, "a lock record", max_bytes=MAX_LOCK_BYTES, follow_links=False)
 
 
 _inherited_tokens = held_lock_tokens

@@ -38,7 +38,8 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import BackendError, import_optional
-from ..io import atomic_write_json, read_bounded, sha256_file
+from ..io import atomic_write_json, sha256_file
+from ..records import Int8Record, read_record
 
 NNCF_INSTALL = "pip install nncf (or pip install 'waveglow-workflow[nncf]')"
 #: bump when what an entry holds or how it is made changes
@@ -171,12 +172,12 @@ def _check_entry(folder: Path, fields: dict) -> str | None:
         return "a symbolic link, not an entry this cache wrote"
     if not record_path.exists():
         return "missing"
-    try:
-        record = json.loads(read_bounded(record_path, "an int8 entry's record", MAX_RECORD_BYTES, BackendError,
-                                         follow_links=False))
-    except (OSError, ValueError, RecursionError, BackendError) as exc:
-        return f"record.json unreadable ({exc})"
-    if not isinstance(record, dict) or record.get("key") != fields:
+    damage: list[str] = []
+    record = read_record(record_path, Int8Record, "an int8 entry's record", on_damage=damage.append,
+                         max_bytes=MAX_RECORD_BYTES, follow_links=False)
+    if damage or not record:
+        return f"record.json unreadable ({damage[0] if damage else 'not a file'})"
+    if record.get("key") != fields:
         return "stale (its key fields differ)"
     files = record.get("files")
     if not isinstance(files, dict) or sorted(files) != ["model.bin", "model.xml"]:

@@ -71,6 +71,7 @@ from ..io import atomic_write_json, atomic_write_text, read_bin, read_json
 from ..jobs import backend_name, open_backend, resolve_model_config
 from ..layout import BENCH, BENCH_MODELS_DIR, inside, load_manifest, measurement_files, mel_bin
 from ..provenance import read_timings
+from ..records import ThroughputKey, read_record
 from ..metrics import MAX_LOG_MEL_DISTANCE, MIN_SNR_DB, quality_check, quality_ok
 from .load import CpuLoad
 from .profile import profile_paths
@@ -642,7 +643,7 @@ def run_throughput(cfg: WorkflowConfig, mode: str | None = None) -> dict[str, An
     key = throughput_key(cfg, mode)
     if key is not None and key_file.is_file() and layout.throughput.is_file():
         try:
-            stored = read_json(key_file, "the throughput table's key")
+            stored = read_record(key_file, ThroughputKey, "the throughput table's key", damaged="refuse")
             rows = read_json(layout.throughput, "the notebooks' throughput rows", kind=list)
         except WaveGlowError:
             stored, rows = {}, []
