@@ -140,8 +140,8 @@ def reference_flops_per_audio_second(c: ModelConfig, sample_rate: int = STFTConf
     return 2.0 * reference_macs_per_step(c) * sample_rate / c.n_group
 
 
-#: the matmul peak is the best of at least this many seconds of calls (a 512² matmul takes ~1 ms: three
-#: calls on a loaded machine gave bf16 13 GFLOP/s against 433 idle, and "% of peak" above 2,000)
+#: the matmul peak is the best of at least this many seconds of calls: a 512² matmul is short, and a few calls
+#: on a loaded machine gave a peak far below the idle one (docs/benchmarks.md, "Figures behind constants")
 PEAK_MIN_SECONDS = 0.25
 
 
@@ -331,7 +331,7 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
     # A row is judged against what it is meant to equal: a row that pads a batch (the graph runtimes) against
     # the reference's padded batch; a row that pads nothing (`run_utterances`: fast) against the reference on each
     # utterance alone, same noise. The padded reference's tails differ from that: on the quick bench's short
-    # utterances enough to fail the gate (SNR ~14 dB on the demo model at batch 2).
+    # utterances enough to fail the gate (docs/benchmarks.md, "Figures behind constants").
     alone: dict[str, list] = {}
 
     def reference_alone():

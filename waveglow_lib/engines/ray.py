@@ -32,8 +32,9 @@ from ..errors import ConfigError, SynthesisError, WaveGlowError, import_optional
 from ..jobs import BatchResult, InferJob, VocodeSettings, open_backend, vocode_batch, worker_name
 
 INSTALL = "pip install 'waveglow-workflow[ray]'  (ray[data,serve])"
-#: Ray's own settings for a Ray this module starts: on a small, busy machine the raylet's default 15 s wait
-#: for its metrics agent runs out and the node dies at start-up (a user's environment wins over these)
+#: Ray's own settings for a Ray this module starts: on a small, busy machine the raylet's default wait for its
+#: metrics agent runs out and the node dies at start-up (docs/benchmarks.md, "Figures behind constants"; a
+#: user's environment wins over these)
 LOCAL_RAY_ENV = {"RAY_agent_register_timeout_ms": "120000", "RAY_USAGE_STATS_ENABLED": "0"}
 #: Ray binds its gRPC servers, agents and metrics endpoints to the node's address, which is the loopback where
 #: Ray expects no cluster (its macOS / Windows default, this switch); a Ray started here is this machine's
@@ -126,7 +127,8 @@ def replica_grpc_on_loopback() -> bool:
     return True
 
 
-#: Ray's node start-up gives up after a fixed 30 s; on a busy machine (load ~20 on 2 cores) that can run out
+#: Ray's node start-up gives up after a fixed time, which a busy machine can run out (docs/benchmarks.md,
+#: "Figures behind constants")
 STARTUP_TRIES = 3
 
 

@@ -20,9 +20,9 @@ from ...metrics import MAX_LOG_MEL_DISTANCE, MIN_SNR_DB, quality_check, quality_
 from .cache import EngineCache
 from .engine import FastEngine, LoadTimes
 from .probe import PROBE_FRAMES, PROBE_SIGMA, probe_mel
-#: `auto` tries int8 only for WN layers this wide: the demo model's 48 channels ran faster in int8 than in
-#: bf16 (`bench --quick`, AMD EPYC, 2026-12-07); narrower layers, not measured, may lose int8's gain to the
-#: quantisation of their activations
+#: `auto` tries int8 only for WN layers this wide: the demo model's ran faster in int8 than in bf16
+#: (docs/benchmarks.md, "Figures behind constants"); narrower layers, not measured, may lose int8's gain to
+#: the quantisation of their activations
 INT8_MIN_CHANNELS = 48
 #: the race on AMX times each engine on the probe mel repeated to this many frames, best of RACE_REPEATS
 RACE_FRAMES = 192

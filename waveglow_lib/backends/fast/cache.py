@@ -252,8 +252,8 @@ class EngineCache:
         """Each flow's tensors, in order, its bytes checked against the proven sha256 (`files`) before they
         are parsed (`_parse_flow`, the safetensors library).
         One thread: reading and hashing the next flow on a second one while this one was packed slowed the
-        packing (oneDNN's reorder) by as much as it hid (measured 2.1–2.3 s either way); on a thread per
-        core, a hit ran slower on a shared machine (4.6 s against 2.4 s)."""
+        packing (oneDNN's reorder) by as much as it hid, and a thread per core ran a hit slower on a shared
+        machine (docs/benchmarks.md, "Figures behind constants")."""
         for name in sorted(files):
             with times.phase("read"):
                 data = read_bounded(folder / name, "a flow's tensors", MAX_FLOW_BYTES, follow_links=False)

@@ -194,19 +194,19 @@ class _Int8Gemm:
 
 
 #: mel frames per block by default, per precision: float, a whole utterance of up to ~24 s in one pass per
-#: op (on the CPU measured, large GEMMs win over keeping a block in cache); int8 ran fastest on blocks of
-#: ~256 frames (its fp32 gate input is 4× the bytes of the uint8 GEMM operands)
+#: op (large GEMMs win over keeping a block in cache); int8 runs fastest on short blocks (its fp32 gate input
+#: is 4× the bytes of the uint8 GEMM operands); the figures: docs/benchmarks.md, "Figures behind constants"
 BLOCK_FRAMES = {"fp32": 2048, "bf16": 2048, "int8": 256}
-#: the utterances of a batch run end to end in sequences of up to this many mel frames: on the CPU measured,
-#: ~1,000 frames per sequence ran fastest (short ones leave the conditioning GEMM bound by its weights,
-#: long ones spill out of cache), and faster than an utterance per thread
+#: the utterances of a batch run end to end in sequences of up to this many mel frames: short ones leave the
+#: conditioning GEMM bound by its weights, long ones spill out of cache, and either way it is faster than an
+#: utterance per thread (docs/benchmarks.md, "Figures behind constants")
 PACK_FRAMES = 1024
 #: how close an utterance run in a batch (packed with others), or in chunks, is to the same utterance run
 #: alone and whole, as SNR in dB, per precision. They differ by rounding at most: the float GEMM library may
 #: sum a row in another order when the matrix holds other rows (MKL's AVX2 path, which it takes on AMD CPUs,
-#: does; measured ≥ 144 dB on the tests' model), and are bit-identical where it does not (seen with AMX).
-#: bf16 without AMX (AVX-512 BF16) packed a 70-frame utterance behind a 150-frame one at 93 dB (tests' model,
-#: WAVEGLOW_ISA_CAP=no_amx): the blocks then cut it elsewhere. Chunked and streamed bf16 stay bit-identical.
+#: does), and are bit-identical where it does not (seen with AMX). bf16 without AMX (AVX-512 BF16) differs
+#: more: the blocks then cut a packed utterance elsewhere. Chunked and streamed bf16 stay bit-identical. The
+#: SNRs measured: docs/backends.md and docs/benchmarks.md, "Figures behind constants".
 #: int8 quantises with scales fixed per engine (`FastEngine.calibrate`) and sums in int32, exactly.
 PACKED_MIN_SNR_DB = {"fp32": 100.0, "bf16": 90.0, "int8": 100.0}
 #: float res/skip GEMMs have their rows and columns padded to a multiple of this
@@ -405,8 +405,8 @@ class FastEngine:
         previous = torch.get_num_threads()
         if plan_load is None:
             plan_load = flows is None or precision == "int8"
-        try:  # a core shared with another process makes every OpenMP op wait for it (int8 packing ran 2.6×
-            # slower on both cores of a busy machine than on one)
+        try:  # a core shared with another process makes every OpenMP op wait for it (the packing's figure:
+            # docs/benchmarks.md, "Figures behind constants")
             if plan_load:
                 torch.set_num_threads(self.plan_threads())
             for arrays in flows:
