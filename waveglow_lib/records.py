@@ -245,7 +245,8 @@ class LockRecord(Record):
 
 class EngineMeta(Record):
     """The fast engine cache's `engine-*/meta.json`: the key fields, each flow file's sha256, the activation
-    ranges, and the MAC that proves it (`backends.fast.cache`)."""
+    ranges, and the MAC that proves it (`backends.fast.cache`, which still checks it by hand: moving its
+    reader onto this model waits on other work in that file)."""
     key: Object = None
     files: Optional[dict[str, str]] = None
     activations: Object = None
