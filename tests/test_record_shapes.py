@@ -20,7 +20,7 @@ import time
 import pytest
 
 from support import SHORT_IDS
-from waveglow_lib import stamps as stamps_module
+from waveglow_lib import records, stamps as stamps_module
 from waveglow_lib.errors import WaveGlowError
 from waveglow_lib.stages import convert, export, infer, postprocess, preprocess, vocode
 
@@ -91,6 +91,29 @@ def refused(stage, *args, **kwargs) -> str:
         stage(*args, **kwargs)
     assert "\n" not in str(caught.value)
     return str(caught.value)
+
+
+# --- what the stages write is what their models read ------------------------------------------------------
+def test_every_record_a_run_writes_loads_through_its_model_whole(built):
+    """Each record of a clean run is read through its model (`records`) with nothing refused or dropped: the
+    writers and the models agree, field by field and entry by entry."""
+    cfg, _ = built
+    layout = cfg.layout
+    said = []
+    for path, model, entries in [
+            (layout.manifest, records.Manifest, None), (layout.onnx.with_suffix(".json"), records.ExportRecord, None),
+            (layout.onnx_optimized.with_suffix(".json"), records.ConvertedRecord, None),
+            (layout.om_dir / "waveglow.gears.json", records.GearsRecord, None),
+            (layout.timings, records.JobRecord, records.TimingsEntry),
+            (layout.postprocess_record, records.PostprocessRecord, records.PostprocessEntry),
+            (layout.vocode_record, records.JobRecord, records.VocodeEntry),
+            (cfg.run_dir / ".file_stamps.json", records.FileStampsCache, None)]:
+        written = json.loads(path.read_text())
+        read = records.read_record(path, model, "a record", entries=entries, damaged="refuse", on_damage=said.append)
+        assert read == {k: v for k, v in written.items() if v is not None} and read, path
+        if entries is not None:
+            assert sorted(read["items"]) == sorted(SHORT_IDS), path
+    assert said == []
 
 
 # --- records needed to run: a one-line error naming the file and the field ------------------------------

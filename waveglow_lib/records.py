@@ -254,7 +254,7 @@ class EngineMeta(Record):
 
 
 class ProbeVerdict(Record):
-    """The fast engine cache's stored `auto_engine` verdict, and its MAC."""
+    """The fast engine cache's stored `auto_engine` verdict, and its MAC (read by hand there, as `EngineMeta`)."""
     key: Object = None
     record: Object = None
     mac: Optional[str] = None
