@@ -58,7 +58,7 @@ import torch
 
 from ...checkpoint import model_fingerprint
 from ...errors import BackendError
-from ...hardware import cpu_signature
+from ...hardware import CpuMeter, choose_threads, cpu_signature, usable_cpus
 from ...io import atomic_write_json, read_bounded
 from ...userkey import CACHE_ENV, SECRET_BYTES, SECRET_NAME, default_cache_dir, folder_secret, mac
 from .engine import FastEngine, LoadTimes, flow_arrays, native_precision
@@ -208,7 +208,10 @@ class EngineCache:
         files, activations, problem = self._proven_files(folder, fields, model.config.n_flows, secret)
         if files is not None:
             try:
-                engine = FastEngine(model, precision, flows=self._read_flows(folder, files, times),
+                # float entries need no packing: read them on every free core
+                workers = 1 if precision == "int8" else choose_threads(usable_cpus(), CpuMeter().others_busy(),
+                                                                      options.get("threads"))
+                engine = FastEngine(model, precision, flows=self._read_flows(folder, files, times, workers),
                                     load_times=times, activations=activations, **options)
                 self.events.append("hit")
                 return engine
@@ -246,21 +249,37 @@ class EngineCache:
                                 "altered, or written with another secret)")
         return files, activations, None
 
-    def _read_flows(self, folder: Path, files: dict, times: LoadTimes) -> Iterator[dict[str, torch.Tensor]]:
+    def _read_flows(self, folder: Path, files: dict, times: LoadTimes,
+                    workers: int = 1) -> Iterator[dict[str, torch.Tensor]]:
         """Each flow's tensors, in order, its bytes checked against the proven sha256 (`files`) before they
-        are parsed (`_parse_flow`, the safetensors library).
-        One thread: reading and hashing the next flow on a second one while this one was packed slowed the
-        packing (oneDNN's reorder) by as much as it hid (measured 2.1–2.3 s either way); on a thread per
-        core, a hit ran slower on a shared machine (4.6 s against 2.4 s)."""
-        for name in sorted(files):
+        are parsed (`_parse_flow`, the safetensors library). `workers` threads read, hash and parse flows
+        ahead of the one being packed (hashing and the library's copy run outside the GIL), at most
+        `workers` flows ahead: the caller says how many (`EngineCache.engine`: one where the engine packs
+        int8 weights, as a second thread slowed oneDNN's reorder by as much as it hid; docs/benchmarks.md)."""
+        def load(name: str) -> dict[str, torch.Tensor]:
             with times.phase("read"):
                 data = read_bounded(folder / name, "a flow's tensors", MAX_FLOW_BYTES, follow_links=False)
             with times.phase("verify"):
                 if not hmac.compare_digest(hashlib.sha256(data).hexdigest(), files[name]):
                     raise ValueError(f"{name}: sha256 differs from meta.json (corrupt)")
             with times.phase("parse"):
-                tensors = _parse_flow(data)
-            yield tensors
+                return _parse_flow(data)
+
+        names = sorted(files)
+        if workers <= 1:
+            yield from map(load, names)
+            return
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="engine-cache-reader") as pool:
+            pending = [pool.submit(load, name) for name in names[:workers]]
+            try:
+                for name in names[workers:] + [None] * workers:
+                    tensors = pending.pop(0).result()
+                    if name is not None:
+                        pending.append(pool.submit(load, name))
+                    yield tensors
+            finally:  # an error (or a consumer that stops early) leaves nothing running behind it
+                for future in pending:
+                    future.cancel()
 
     def _build(self, model, precision: str, folder: Path, fields: dict, secret: bytes | None, times: LoadTimes,
                **options) -> FastEngine:

@@ -220,12 +220,21 @@ def state_width(n_channels: int, n_skip: int, precision: str) -> int:
     return width if precision == "int8" else -(-width // RS_ALIGN) * RS_ALIGN
 
 
+def layer_gain(n_channels: int) -> torch.Tensor:
+    """The factor on a WN layer's 2C gate inputs: 2 on the tanh half (see `layer_arrays`), 1 on the sigmoid
+    half; ×2 is exact in any binary format."""
+    gain = torch.ones(2 * n_channels)
+    gain[:n_channels] = 2.0
+    return gain
+
+
 def layer_arrays(fwn: FastWN, i: int, precision: str,
                  cond: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Layer i of a folded coupling network in GEMM form (x @ w, channels-last), as the tensors the engine
     is built from (and the cache stores): per GEMM `<name>.weight` (bf16/fp32, [in, out]) or `<name>.q`
     + `<name>.scale` (int8, [out, in]), and (int8) `<name>.bias` (fp32) where it has one. `cond`: the
-    layer's conditioning from `fold.conditioning_layers` (taken over: changed in place), else `fwn`'s.
+    layer's conditioning from `fold.conditioning_layers` with `layer_gain` (taken over: changed in place;
+    phase-major, or with `gemm=True` already the float GEMM form), else `fwn`'s.
 
     The gate needs no tanh: the tanh half of its input is scaled by 2 (exact in binary), so
     tanh(a)·σ(b) = (2σ(2a) − 1)·σ(b). The engine takes one in-place sigmoid over all 2C channels and one
@@ -238,28 +247,25 @@ def layer_arrays(fwn: FastWN, i: int, precision: str,
     only), its columns padded to a multiple of RS_ALIGN, and its rows (the gate, the bias, zeros) too: AMX
     tiles are that wide, and a ragged edge costs more than the padding."""
     n, steps, taps = fwn.n_channels, fwn.steps, fwn.taps
-    gain = torch.ones(2 * n)  # ×2 is exact in any binary format
-    gain[:n] = 2.0
+    gain = layer_gain(n)
     w_in = fwn.in_layers[i].weight.detach().float() * gain[:, None, None]  # [2n, n, kernel]
     w_in = w_in.permute(2, 1, 0).reshape(-1, 2 * n)  # rows (tap, channel)
-    # conditioning, the largest array of the engine: phase-major [p, o, (tap, mel)] (`conditioning_layers`;
-    # from the module's conv layout [(o, p), mel, tap] with one copy), so that int8 quantises it in place
-    # as its GEMM's [out, in]; float: [(tap, mel), (p, o)] with the bias as a last row, in one pass that
-    # also casts; then the gain
-    if cond is None:
+    # conditioning, the largest array of the engine: int8 phase-major [p, o, (tap, mel)], quantised in place
+    # as its GEMM's [out, in]; float [(tap, mel), (p, o)] with the bias as a last row. `conditioning_layers`
+    # composes it in that layout; a folded model's conv layout [(o, p), mel, tap] takes one copy
+    if cond is None:  # the folded model's own (conv layout), phase-major, with the gain
         conv = fwn.cond_layers[i]
-        cond = (conv.weight.detach().view(2 * n, steps, -1, taps).permute(1, 0, 3, 2).reshape(steps, 2 * n, -1),
-                conv.bias.detach().view(2 * n, steps).t())
+        cond = (conv.weight.detach().view(2 * n, steps, -1, taps).permute(1, 0, 3, 2).reshape(steps, 2 * n, -1)
+                * gain.view(1, -1, 1), conv.bias.detach().view(2 * n, steps).t() * gain)
     w, b_cond = cond
-    if precision == "int8":
-        w = w.float()  # in place from here: the tensor is this function's (a copy, or conditioning_layers')
-        w[:, :n].mul_(2.0)
-        w_cond, b_cond = w.view(steps * 2 * n, -1).t(), (b_cond.float() * gain).reshape(-1)  # [in, out] view
+    if b_cond is None:  # already the float GEMM form (`conditioning_layers(gemm=True)`)
+        w_cond = w.view(w.shape[0], -1)
+    elif precision == "int8":  # quantised in place as its GEMM's [out, in]
+        w_cond, b_cond = w.float().view(steps * 2 * n, -1).t(), b_cond.float().reshape(-1)
     else:
         weight = torch.empty(w.shape[2] + 1, steps, 2 * n, dtype=DTYPES[precision])
         weight[:-1].copy_(w.permute(2, 0, 1))
         weight[-1].copy_(b_cond)
-        weight[:, :, :n].mul_(2.0)
         w_cond, b_cond = weight.view(-1, steps * 2 * n), None
     rs = fwn.res_skip_layers[i]
     w_rs, b_rs = -rs.weight.detach()[..., 0].t().float(), rs.bias.detach().float()  # −W: applied to −gate
@@ -323,7 +329,9 @@ def flow_arrays(model, k: int, precision: str, times: LoadTimes | None = None) -
     dtype = torch.float64 if precision == "fp32" else torch.bfloat16 if native_bf16() else torch.float32
     with times.phase("fold"):
         fwn = model.WN[k] if folded else fold_wn(model, k, conditioning=False)
-        conds = None if folded else conditioning_layers(model, k, dtype)
+        # the float engines' weights come out of the composition in their GEMM layout, int8's phase-major
+        conds = None if folded else conditioning_layers(model, k, dtype, gemm=precision != "int8",
+                                                        gain=layer_gain(model.config.n_channels))
     arrays = {}
     for i in range(model.config.n_layers):
         with times.phase("fold"):  # the conditioning's composition, one batched GEMM per layer

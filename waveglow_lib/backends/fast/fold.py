@@ -100,33 +100,51 @@ def fold_waveglow(model) -> FastWaveGlow:
 
 
 @torch.no_grad()
-def conditioning_layers(model, k: int, dtype: torch.dtype = torch.float64) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def conditioning_layers(model, k: int, dtype: torch.dtype = torch.float64, *, gain: torch.Tensor | None = None,
+                        gemm: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """Flow k's conditioning of `model` (a WaveGlow) composed with the upsampler (point 1 above), one WN
-    layer at a time: (weight [steps, 2C, taps·n_mel] in `dtype` — row (step phase p, channel o), column
-    (tap, mel band) —, bias [steps, 2C] float64, the in-layer's bias merged). Phase-major: one GEMM per
-    layer makes it, and the int8 engine quantises it as it is. `dtype` bfloat16: the GEMM's operands
-    and its result in bf16 (fp32 accumulation), returned as float32 — 3× faster than float32 where the CPU
-    multiplies bf16 natively, for the engines that round their weights to bf16 or int8 anyway."""
+    layer at a time, by one GEMM per layer whose result is already in the layout its user wants:
+
+    - default: (weight [steps, 2C, taps·n_mel] — row (step phase p, channel o), column (tap, mel band) —,
+      bias [steps, 2C] float64, the in-layer's bias merged). Phase-major: the int8 engine quantises it as it
+      is. Returned as float32 when `dtype` is bfloat16.
+    - `gemm`: (weight [taps·n_mel + 1, steps, 2C] in `dtype`, None): the float engines' GEMM form, x @ w
+      with the bias as a last row (against a column of ones), written by the composing GEMM itself — no
+      transposing copy of the engine's largest array.
+
+    `gain`: a per-channel factor [2C] applied to the layer's outputs (exact when a power of two). `dtype`
+    bfloat16: the GEMM's operands and its result in bf16 (fp32 accumulation), 3× faster than float32
+    where the CPU multiplies bf16 natively, for the engines that round their weights to bf16 or int8 anyway."""
     c = model.config
     wn = model.WN[k]
     n, n_mel, g = c.n_channels, c.n_mel_channels, c.n_group
     steps, taps = c.steps_per_frame, c.upsample_taps
     # upsampler as a map mel[m, frame f - j] → folded channel (band c·g + sample offset) at step 32f + p:
     # W_up[m, band, 256 j + 8 p + g'] ; reshape its kernel axis as (j, p, g'). Frame f - j meets conv tap
-    # taps-1-j of the left-padded mel, hence the flip; laid out [(band, g'), (p, tap, m)], so that each
-    # layer's composition is one plain GEMM (a batched matmul over p copied w_cond once per phase)
-    w_up = model.upsample.weight.to(dtype).reshape(n_mel, n_mel, taps, steps, g).flip(2)
-    w_up = w_up.permute(1, 4, 3, 2, 0).reshape(n_mel * g, steps * taps * n_mel)
+    # taps-1-j of the left-padded mel, hence the flip. Laid out once per flow so that each layer's
+    # composition writes its result in the wanted layout
+    w_up = model.upsample.weight.to(dtype).reshape(n_mel, n_mel, taps, steps, g).flip(2)  # [m, band, tap, p, g']
+    if gemm:  # [(tap, m, p), (band, g')]
+        w_up = w_up.permute(2, 0, 3, 1, 4).reshape(taps * n_mel * steps, n_mel * g).contiguous()
+    else:  # [p, (band, g'), (tap, m)]
+        w_up = w_up.permute(3, 1, 4, 2, 0).reshape(steps, n_mel * g, taps * n_mel).contiguous()
     w_cond = wn.cond_layer.weight.to(dtype)[..., 0]  # [out, (band, g')]
     result = torch.float32 if dtype == torch.bfloat16 else dtype
     bias = wn.cond_layer.bias.double() + torch.einsum("obg,b->o", w_cond.double().reshape(-1, n_mel, g),
                                                       model.upsample.bias.double())
     for i in range(c.n_layers):
         rows = slice(2 * n * i, 2 * n * (i + 1))
-        # composed kernel [p, out, (tap, m)] = Σ_band,g' w_cond[out, band, g'] · w_up[m, band, j, p, g']
-        composed = torch.mm(w_cond[rows], w_up).view(2 * n, steps, taps * n_mel).transpose(0, 1)
-        yield (composed.to(result, memory_format=torch.contiguous_format).contiguous(),  # (float64: .to is a no-op)
-               (bias[rows] + wn.in_layers[i].bias.double()).expand(steps, 2 * n))
+        w_layer, b_layer = w_cond[rows], bias[rows] + wn.in_layers[i].bias.double()
+        if gain is not None:
+            w_layer, b_layer = w_layer * gain.to(dtype)[:, None], b_layer * gain.double()
+        if gemm:
+            # [(tap, m, p), out] = [(tap, m), (p, out)]: the GEMM writes the engine's weight rows in place
+            weight = torch.empty(taps * n_mel + 1, steps, 2 * n, dtype=dtype)
+            torch.mm(w_up, w_layer.t(), out=weight[:-1].view(-1, 2 * n))
+            weight[-1] = b_layer.to(dtype)
+            yield weight, None
+        else:  # one GEMM per phase: [p, out, (tap, m)]
+            yield torch.matmul(w_layer, w_up).to(result), b_layer.expand(steps, 2 * n)
 
 
 @torch.no_grad()
