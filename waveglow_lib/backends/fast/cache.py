@@ -60,6 +60,7 @@ from ...checkpoint import model_fingerprint
 from ...errors import BackendError
 from ...hardware import CpuMeter, choose_threads, cpu_signature, usable_cpus
 from ...io import atomic_write_json, read_bounded
+from ...records import EngineMeta, ProbeVerdict, read_record
 from ...userkey import CACHE_ENV, SECRET_BYTES, SECRET_NAME, default_cache_dir, folder_secret, mac
 from .engine import FastEngine, LoadTimes, flow_arrays, native_precision
 
@@ -232,15 +233,16 @@ class EngineCache:
             return None, None, "not an entry this cache wrote (a symbolic link)"
         if not (meta_path.exists() or meta_path.is_symlink()):
             return None, None, "missing"
-        try:
-            meta = json.loads(read_bounded(meta_path, "an engine's meta.json", MAX_META_BYTES, follow_links=False))
-        except (OSError, ValueError, RecursionError) as exc:
-            return None, None, f"meta.json unreadable ({exc})"
-        if not isinstance(meta, dict) or meta.get("key") != fields:
+        damage: list[str] = []
+        meta = read_record(meta_path, EngineMeta, "an engine's meta.json", on_damage=damage.append,
+                           max_bytes=MAX_META_BYTES, follow_links=False)
+        if damage or not meta:
+            return None, None, f"meta.json unreadable ({damage[0] if damage else 'not a file'})"
+        if meta.get("key") != fields:
             return None, None, "stale (its key fields differ)"
         files, activations = meta.get("files"), meta.get("activations")
         names = [f"flow{k:02d}.safetensors" for k in range(n_flows)]
-        if not isinstance(files, dict) or sorted(files) != names or not all(isinstance(files[n], str) for n in names):
+        if not isinstance(files, dict) or sorted(files) != names:
             return None, None, "incomplete (file list)"
         if secret is None:
             return None, None, f"not proven: {self._no_secret}"
@@ -254,8 +256,9 @@ class EngineCache:
         """Each flow's tensors, in order, its bytes checked against the proven sha256 (`files`) before they
         are parsed (`_parse_flow`, the safetensors library). `workers` threads read, hash and parse flows
         ahead of the one being packed (hashing and the library's copy run outside the GIL), at most
-        `workers` flows ahead: the caller says how many (`EngineCache.engine`: one where the engine packs
-        int8 weights, as a second thread slowed oneDNN's reorder by as much as it hid; docs/benchmarks.md)."""
+        `workers` flows ahead: the caller says how many (`EngineCache.engine`: the cores other processes
+        leave free, and one where the engine packs int8 weights, as a second thread slowed oneDNN's reorder
+        by as much as it hid; docs/benchmarks.md, "Figures behind constants")."""
         def load(name: str) -> dict[str, torch.Tensor]:
             with times.phase("read"):
                 data = read_bounded(folder / name, "a flow's tensors", MAX_FLOW_BYTES, follow_links=False)
@@ -345,11 +348,13 @@ class EngineCache:
         if not (path.exists() or path.is_symlink()):
             return None
         fields = self.probe_fields(model, probe_settings)
-        try:
-            stored = json.loads(read_bounded(path, "a probe verdict", MAX_META_BYTES, follow_links=False))
-        except (OSError, ValueError, RecursionError) as exc:
-            return _warn(path, f"unreadable ({exc}); probing again")
-        record = stored.get("record") if isinstance(stored, dict) else None
+        damage: list[str] = []
+        stored = read_record(path, ProbeVerdict, "a probe verdict", on_damage=damage.append,
+                             max_bytes=MAX_META_BYTES, follow_links=False)
+        if damage or not stored:
+            why = damage[0].removeprefix(f"{path}: ") if damage else "not a file"
+            return _warn(path, f"unreadable ({why}); probing again")
+        record = stored.get("record")
         if not isinstance(record, dict) or stored.get("key") != fields \
                 or record.get("precision") not in ("int8", "bf16", "fp32"):
             return _warn(path, "not a verdict for this model and machine; probing again")
