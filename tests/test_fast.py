@@ -194,36 +194,33 @@ def test_auto_tries_int8_first_where_it_pays(monkeypatch):
     assert "int8" not in record["tried"] and "int8 not faster for 16 WN channels" in record["reason"]
 
 
-@pytest.mark.parametrize("faster", ["int8", "bf16"])
-def test_auto_races_int8_and_bf16_on_amx(monkeypatch, faster):
-    """With AMX-BF16 neither precision is known faster in advance: both are built and probed, each that
-    passes the gate is timed on the probe, and the faster is kept (the timing is the contract here: it is
-    set, so that both outcomes are checked on any CPU; a real race runs in the test below)."""
+@pytest.mark.parametrize("bf16_passes", [True, False])
+def test_auto_puts_bf16_before_int8_on_amx(monkeypatch, bf16_passes):
+    """With AMX-BF16, bf16 is tried first and kept when it passes the gate (int8 is then never built); when it
+    fails, int8 is tried next. Elsewhere int8 comes first. (The AMX flag is set here, so that both orders are
+    checked on any CPU; the measurements behind the order are in docs/benchmarks.md.)"""
     if not int8_api():
         pytest.skip("this torch build has no oneDNN int8 GEMM")
     assert fast_auto.precision_order({"amx_bf16", "amx_int8"}) == ("bf16", "int8")
     assert fast_auto.precision_order({"avx512_vnni", "avx512_bf16"}) == ("int8", "bf16")
-    assert fast_auto.races({"amx_bf16"}) and not fast_auto.races({"avx512_vnni", "avx512_bf16"})
     patch_native(monkeypatch, amx=True, int8=True, bf16=True)
     monkeypatch.setattr(fast_auto, "INT8_MIN_CHANNELS", 16)
-    seconds = {faster: 1.0, ({"int8", "bf16"} - {faster}).pop(): 2.0}
-    monkeypatch.setattr(fast_auto, "probe_seconds", lambda engine, probe: seconds[engine.precision])
-    engine, record = auto_engine(tiny_model(seed=6), threads=1)
-    assert engine.precision == record["precision"] == faster and set(record["tried"]) == {"int8", "bf16"}
-    assert {p: record["tried"][p]["seconds"] for p in seconds} == seconds
-    assert "AMX-BF16" in record["reason"] and "fastest" in record["reason"]
+    real_quality = fast_auto.probe_quality
+    built = []
 
+    def quality(engine, probe):
+        built.append(engine.precision)
+        result = real_quality(engine, probe)
+        return {**result, "snr_db": -1.0} if engine.precision == "bf16" and not bf16_passes else result
 
-def test_auto_race_keeps_the_engine_it_timed_fastest(monkeypatch):
-    if not int8_api():
-        pytest.skip("this torch build has no oneDNN int8 GEMM")
-    patch_native(monkeypatch, amx=True, int8=True, bf16=True)
-    monkeypatch.setattr(fast_auto, "INT8_MIN_CHANNELS", 16)
-    monkeypatch.setattr(fast_auto, "RACE_FRAMES", 60)
+    monkeypatch.setattr(fast_auto, "probe_quality", quality)
     engine, record = auto_engine(tiny_model(seed=6), threads=1)
-    timed = {p: r["seconds"] for p, r in record["tried"].items()}
-    assert set(timed) == {"int8", "bf16"} and all(v > 0 for v in timed.values())
-    assert engine.precision == min(timed, key=timed.get)
+    if bf16_passes:
+        assert built == ["bf16"] and engine.precision == record["precision"] == "bf16"
+        assert "AMX-BF16: bf16 before int8" in record["reason"]
+    else:
+        assert built == ["bf16", "int8"] and engine.precision == record["precision"] == "int8"
+        assert "bf16 failed the quality gate" in record["reason"]
 
 
 def test_auto_without_native_int8_or_bf16_runs_fp32(monkeypatch):

@@ -465,3 +465,23 @@ def test_training_notebook_runs_headless_on_tiny_settings(tmp_path):
     errors = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
     assert (tmp_path / "train" / "train_state.safetensors").is_file()
+
+
+def test_run_hands_the_training_notebook_no_workflow_params_file(tmp_path, monkeypatch):
+    """Contract test (papermill's execute_notebook replaced by a recorder, nothing executed): `run` injects
+    the run's params.yaml, a workflow params file, into every notebook but 07_train, which reads training
+    parameters (its own params/my_train.yaml, else params/train_demo.yaml); before, 07 was handed the
+    workflow file and failed on its keys. 07's real run under papermill is the e2e test above."""
+    import papermill as pm
+
+    given = {}
+
+    def record(source, output, parameters=None, **_):
+        given[Path(source).name] = parameters
+        Path(output).write_text("{}")
+
+    monkeypatch.setattr(pm, "execute_notebook", record)
+    nr.run_notebooks(ROOT / "params" / "ci.yaml", {"runs_dir": str(tmp_path / "runs")},
+                     notebooks=["00_setup.ipynb", "07_train.ipynb"], report=False, progress=False)
+    assert given["07_train.ipynb"] == {"overrides": {}}
+    assert Path(given["00_setup.ipynb"]["params_file"]).name == "params.yaml"

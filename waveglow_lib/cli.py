@@ -33,7 +33,7 @@ from .errors import ConfigError, NotebookRunError, WaveGlowError
 from .evaluate import collect_metrics
 from .io import atomic_write_json, atomic_write_text
 from .layout import CONVERT_TARGETS, SERVE_LOAD, RunLayout, measurement_files
-from .notebook.runner import NOTEBOOKS, run_notebooks
+from .notebook.runner import MY_TRAIN_PARAMS, NOTEBOOKS, TRAIN_DEMO_PARAMS, run_notebooks
 from .stages.train import load_train_config, run_train
 from .train import TrainConfig
 from . import service
@@ -153,7 +153,9 @@ def _vocode_to_stdout(cfg: WorkflowConfig, args: argparse.Namespace) -> Any:
 
 def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--notebooks", nargs="+", metavar="NAME", default=None,
-                        help=f"run only these notebooks, in the order given (default: all of {', '.join(NOTEBOOKS)})")
+                        help=f"run only these notebooks, in the order given (default: all of {', '.join(NOTEBOOKS)}; "
+                             f"07_train.ipynb reads its own training parameters, {MY_TRAIN_PARAMS} else "
+                             f"{TRAIN_DEMO_PARAMS})")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per cell before giving up (default: none)")
     parser.add_argument("--no-report", action="store_true", help="skip report.html")
 

@@ -65,7 +65,7 @@ from ..backends.openvino_int8 import import_nncf
 from ..batching import Utterance, plan_batches, utterance_noise, vocode
 from ..config import GUIDE_THROUGHPUT, ModelConfig, STFTConfig, WorkflowConfig
 from ..errors import ConfigError, MissingDependency, WaveGlowError
-from ..backends.fast.auto import precision_order, races
+from ..backends.fast.auto import precision_order
 from ..hardware import cpu_flags, cpu_signature, machine_busy, machine_info, usable_cpus
 from ..io import atomic_write_json, atomic_write_text, read_bin, read_json
 from ..jobs import backend_name, open_backend, resolve_model_config
@@ -396,7 +396,7 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
         "rows": results, "skipped_rows": skipped, "engine_build": engine_build, "auto_load": auto_load,
         "quantised_graphs": quantised,
         "auto": pick_auto(results),
-        "default_path": default_path_summary(results, precision_order(flags), race=races(flags)),
+        "default_path": default_path_summary(results, precision_order(flags)),
         "busy": busy,
         "guide": {name: {str(b): v for b, v in table.items()} for name, table in GUIDE_THROUGHPUT.items()},
         "guide_mean_audio_seconds": round(GUIDE_MEAN_SECONDS, 3),
@@ -528,27 +528,21 @@ def pick_auto(results: Sequence[Mapping[str, Any]]) -> dict:
             "rejected": sorted({r["row"] for r in results if not r["quality_ok"]})}
 
 
-def default_path(results: Sequence[Mapping[str, Any]], order: Sequence[str] = ("int8", "bf16"),
-                 race: bool = False) -> str | None:
+def default_path(results: Sequence[Mapping[str, Any]], order: Sequence[str] = ("int8", "bf16")) -> str | None:
     """The row the workflow's defaults run (`backend: auto`, `precision: auto` → fast): the first of the fast
     rows in auto's order (`order`: the reduced precisions, `fast.auto.precision_order`; then fp32) that was
-    measured (native on this CPU) and passes the gate at every batch size — where auto races them (`race`,
-    `fast.auto.races`), the fastest of those (geometric mean over batch sizes); without fast rows, the
-    bench's own auto pick."""
+    measured (native on this CPU) and passes the gate at every batch size; without fast rows, the bench's
+    own auto pick."""
     rows = by_row(results)
     passing = [row for row in [f"fast-{p}" for p in order] + ["fast-fp32"]
                if rows.get(row) and all(r["quality_ok"] for r in rows[row])]
-    reduced = [row for row in passing if row != "fast-fp32"]
-    if race and reduced:
-        return max(reduced, key=lambda row: overall_speed(rows[row]))
     return passing[0] if passing else pick_auto(results)["overall"]
 
 
-def default_path_summary(results: Sequence[Mapping[str, Any]], order: Sequence[str] = ("int8", "bf16"),
-                         race: bool = False) -> dict:
+def default_path_summary(results: Sequence[Mapping[str, Any]], order: Sequence[str] = ("int8", "bf16")) -> dict:
     """The default path's row and, per batch size, its speed-up over the reference, its ratio to OpenVINO
     bf16 (when measured), × real time and its quality verdict: ratios, no thresholds."""
-    chosen = default_path(results, order, race)
+    chosen = default_path(results, order)
     per_batch = {str(r["batch_size"]): {"speedup_vs_reference": r["speedup_vs_reference"],
                                         "ratio_vs_openvino_bf16": r["ratio_vs_openvino_bf16"],
                                         "real_time_factor": r["audio_seconds_per_second"],

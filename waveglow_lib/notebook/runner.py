@@ -53,6 +53,9 @@ ON_DEMAND_NOTEBOOKS = (
     "06_vocode_mels.ipynb",
     "07_train.ipynb",
 )
+#: notebooks that read training parameters (`TrainConfig`: MY_TRAIN_PARAMS, else TRAIN_DEMO_PARAMS), not the
+#: run's workflow parameters: `run` injects no params file into them
+TRAINING_NOTEBOOKS = ("07_train.ipynb",)
 #: the kernel name the notebooks carry in their metadata
 KERNEL_NAME = "python3"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
@@ -177,6 +180,7 @@ def run_notebooks(params: str | Path | WorkflowConfig, overrides: Mapping[str, A
                   report: bool = True, timeout: float | None = None, progress: bool = True,
                   force: bool = False) -> RunResult:
     """Execute the notebooks in order into runs/<name>/notebooks/, then render runs/<name>/report.html.
+    Each gets the run's params file, except TRAINING_NOTEBOOKS, which read their own training parameters.
     `force`: every stage the notebooks call redoes its finished work (`config.forced`, through FORCE_ENV)."""
     import papermill as pm
 
@@ -214,7 +218,8 @@ def run_notebooks(params: str | Path | WorkflowConfig, overrides: Mapping[str, A
                 try:
                     pm.execute_notebook(
                         str(source_dir / name), str(output),
-                        parameters={"params_file": str(params_file), "overrides": {}},
+                        parameters={"overrides": {}} if name in TRAINING_NOTEBOOKS else
+                        {"params_file": str(params_file), "overrides": {}},
                         kernel_name=KERNEL_NAME, kernel_manager_class=manager, cwd=str(base),
                         progress_bar=progress, execution_timeout=timeout)
                 except pm.PapermillExecutionError as exc:

@@ -233,7 +233,7 @@ def prepare_vocode(cfg: WorkflowConfig, mels: str | Path, *, model=None, name: s
 
     def finished(u: Utterance) -> bool:
         # an entry records the folder's stamp under "settings" and its own source beside it
-        entry = done.get(u.id, {})  # io.read_record: an entry, when there is one, is of the right shape
+        entry = done.get(u.id, {})  # records.read_record: an entry, when there is one, is of the right shape
         if entry.get("settings") is None:
             return False
         recorded = {**entry["settings"], SOURCE_KEY: entry.get(SOURCE_KEY)}

@@ -2,15 +2,13 @@
 
 int8 (VNNI or AMX-INT8; only for WN layers of at least INT8_MIN_CHANNELS, where it beats bf16), then bf16
 (AVX512-BF16 or AMX), each checked against the fp32 model with the same noise on a probe of real speech —
-the bundled demo corpus's first wav — with `metrics.quality_ok`; else fp32. On a CPU with AMX-BF16 the
-order is not known in advance (bf16 tiles run GEMMs at ~70 % of int8's peak and bf16 quantises nothing),
-so there both are built and probed, and the faster on a timed run of the probe (`probe_seconds`) is kept:
-a race, paid once per model and machine since the verdict is cached. The verdict and the probe's numbers
-are kept with the engine.
+the bundled demo corpus's first wav — with `metrics.quality_ok`; else fp32. On a CPU with AMX-BF16, bf16
+comes first (`precision_order`): its tiles make the GEMMs so short that int8's fp32 passes between them
+(sigmoid, gate, quantisation) cost more than int8 saves, and bf16 quantises nothing (measured on every
+length and with a core kept busy: docs/benchmarks.md, "Figures behind constants"). The verdict and the
+probe's numbers are kept with the engine.
 """
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import torch
@@ -24,9 +22,6 @@ from .probe import PROBE_FRAMES, PROBE_SIGMA, probe_mel
 #: (docs/benchmarks.md, "Figures behind constants"); narrower layers, not measured, may lose int8's gain to
 #: the quantisation of their activations
 INT8_MIN_CHANNELS = 48
-#: the race on AMX times each engine on the probe mel repeated to this many frames, best of RACE_REPEATS
-RACE_FRAMES = 192
-RACE_REPEATS = 2
 
 
 @torch.inference_mode()
@@ -48,33 +43,16 @@ def probe_quality(engine: "FastEngine", probe: tuple[torch.Tensor, torch.Tensor,
 
 
 def precision_order(flags: set[str]) -> tuple[str, ...]:
-    """The reduced precisions `auto` tries, fastest first (int8's GEMMs have twice bf16's peak with VNNI
-    and AVX512-BF16); on a CPU with AMX-BF16, bf16 first, and `races` says both are timed."""
-    return ("bf16", "int8") if races(flags) else ("int8", "bf16")
-
-
-def races(flags: set[str]) -> bool:
-    """True where `auto` times every precision that passes the gate and keeps the fastest (AMX-BF16)."""
-    return "amx_bf16" in flags
-
-
-def probe_seconds(engine: "FastEngine", probe: tuple[torch.Tensor, torch.Tensor, np.ndarray]) -> float:
-    """Seconds `engine` takes for the probe mel repeated to RACE_FRAMES frames (best of RACE_REPEATS)."""
-    mel = probe[0].repeat(1, 1, -(-RACE_FRAMES // probe[0].shape[2]))[:, :, :RACE_FRAMES]
-    z = PROBE_SIGMA * torch.randn(engine.noise_shape(1, RACE_FRAMES), generator=torch.Generator().manual_seed(1))
-    best = float("inf")
-    for _ in range(RACE_REPEATS):
-        start = time.perf_counter()
-        engine.run(mel, z)
-        best = min(best, time.perf_counter() - start)
-    return best
+    """The reduced precisions `auto` tries, fastest first: int8's GEMMs have twice bf16's peak with VNNI and
+    AVX512-BF16; on a CPU with AMX-BF16, bf16 first (see the module doc)."""
+    return ("bf16", "int8") if "amx_bf16" in flags else ("int8", "bf16")
 
 
 def probe_settings(flags: set[str]) -> dict:
     """What a stored verdict depends on besides the model and the machine (the cache's key); `flags`: the
     CPU's (`hardware.cpu_flags`)."""
     return {"frames": PROBE_FRAMES, "sigma": PROBE_SIGMA, "int8_min_channels": INT8_MIN_CHANNELS,
-            "order": list(precision_order(flags)), "race": {"frames": RACE_FRAMES} if races(flags) else None,
+            "order": list(precision_order(flags)),
             "gate": {"max_log_mel_distance": MAX_LOG_MEL_DISTANCE, "min_snr_db": MIN_SNR_DB}}
 
 
@@ -106,9 +84,7 @@ def auto_engine(model, cache: EngineCache | None = None, **options) -> tuple["Fa
     record = None
     candidates = {"int8": (native_int8, "int8 dot products (VNNI / AMX-INT8)"),
                   "bf16": (native_bf16, "native bf16 (AVX512-BF16 / AMX)")}
-    order, race = precision_order(flags), races(flags)
-    passed: dict[str, FastEngine] = {}
-    for precision in order:
+    for precision in precision_order(flags):
         native, hardware = candidates[precision]
         if not native():
             skipped.append(f"no {hardware} on this CPU")
@@ -122,25 +98,15 @@ def auto_engine(model, cache: EngineCache | None = None, **options) -> tuple["Fa
                 probe = probe_reference(model)
         with times.phase("probe_run"):
             tried[precision] = quality = probe_quality(engine, probe)
-            if race and quality_ok(quality):
-                quality["seconds"] = round(probe_seconds(engine, probe), 4)
         if quality_ok(quality):
-            passed[precision] = engine
-            if not race:
-                break
-        del engine  # a failed engine's packed weights go before the next ones are built
-    if passed:
-        precision = min(passed, key=lambda p: tried[p].get("seconds", 0.0))  # without a race: the only one
-        engine = passed.pop(precision)
-        passed.clear()
-        why = [f"{precision}: native, quality gate passed on the probe"]
-        if race:
-            timed = ", ".join(f"{p} {tried[p]['seconds']:.3f} s" for p in tried if "seconds" in tried[p])
-            why = [f"AMX-BF16: every precision passing the gate timed on {RACE_FRAMES} probe frames ({timed})",
-                   f"{precision}: native, quality gate passed on the probe, fastest"]
-        record = {"precision": precision, "reason": "; ".join(
-            skipped + [f"{p} failed the quality gate" for p in tried if not quality_ok(tried[p])] + why),
-            **{k: v for k, v in tried[precision].items() if k != "seconds"}, "tried": tried}
+            why = "native, quality gate passed on the probe"
+            if precision == "bf16" and "amx_bf16" in flags:
+                why += " (AMX-BF16: bf16 before int8)"
+            record = {"precision": precision, "reason": "; ".join(
+                skipped + [f"{p} failed the quality gate" for p in tried if not quality_ok(tried[p])]
+                + [f"{precision}: {why}"]), **quality, "tried": tried}
+            break
+        engine = None  # a failed engine's packed weights go before the next ones are built
     if record is None:
         reasons = skipped + [f"{p} failed the quality gate on the probe" for p in tried]
         engine = build("fp32")
