@@ -671,3 +671,30 @@ def test_importing_the_package_leaves_openmps_wait_policy_alone():
     env["OMP_WAIT_POLICY"] = "PASSIVE"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "PASSIVE"
+
+
+def test_a_cached_flow_is_proven_as_loaded_and_owns_its_memory(tmp_path):
+    """A flow file is loaded by the safetensors library (which maps the file) and its sha256 computed over
+    the tensors copied out: they pass when the file is the one written, are refused when its bytes differ,
+    and do not change (or crash) when the file is rewritten or truncated after the load."""
+    from pathlib import Path
+
+    path = Path(tmp_path) / "flow00.safetensors"
+    tensors = {"b.weight": torch.randn(300, 7).bfloat16(), "a.q": torch.randint(-128, 127, (64,), dtype=torch.int8),
+               "c": torch.randn(5, 5)}
+    sha = fast_cache._write_flow(path, tensors)
+    assert sha == hashlib.sha256(path.read_bytes()).hexdigest()  # the digest is the file's own
+    loaded = fast_cache._read_flow(path, sha, fast_engine.LoadTimes())
+    assert set(loaded) == set(tensors) and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    with pytest.raises(ValueError, match="sha256 differs"):
+        fast_cache._read_flow(path, "0" * 64, fast_engine.LoadTimes())
+    kept = loaded["c"].clone()
+    data = bytearray(path.read_bytes())
+    data[-4:] = b"\x00\x00\x80\x7f"  # the last float becomes inf, in place
+    with open(path, "r+b") as handle:
+        handle.write(data)
+    assert torch.equal(loaded["c"], kept)
+    with pytest.raises(ValueError, match="sha256 differs"):
+        fast_cache._read_flow(path, sha, fast_engine.LoadTimes())
+    os.truncate(path, 16)
+    assert torch.equal(loaded["c"], kept)

@@ -16,7 +16,7 @@ change makes another key, and an old entry is never read again.
 
 An entry proves it is this model's before it is used: its meta.json carries an HMAC-SHA256, made with the
 cache's secret, over the key fields (this model's fingerprint, computed here, not read from the entry),
-every file's sha256 and the activation ranges, and each file's bytes are checked against that sha256 before they are parsed. Whoever
+every file's sha256 and the activation ranges, and each file's tensors are checked against that sha256 before they are used. Whoever
 can write to the cache but cannot read the secret cannot make an entry pass: flow files swapped for
 corrupt or foreign ones with meta.json's hashes rewritten to match, an entry copied from another cache,
 or one written with another secret are misses, rebuilt and replaced with a warning (`events`: "rebuilt:
@@ -29,8 +29,9 @@ not a regular file (a link, a folder), belongs to another user, is readable or w
 other hard links or is not 32 bytes: delete it and a new one is made (every entry is then rebuilt once).
 A cache folder where no secret can be made (read-only) is not used: the engine is built and not stored.
 Every file is read only when it is a regular file (not a link) of a bounded size: a link to a device
-would be read until memory runs out. Tensors are stored as safetensors (no pickles) and parsed by the
-safetensors library from the very bytes whose sha256 was checked. oneDNN's packed
+would be read until memory runs out. Tensors are stored as safetensors (no pickles) and loaded by the
+safetensors library from the file opened once; the sha256 is that of the file the loaded tensors make,
+so what is proven is what is used (a file changed after the check cannot slip in). oneDNN's packed
 int8 weights cannot be serialised: the entry holds the int8 weights and their scales, and they are packed
 again at load (`engine._Int8Gemm`, bit-identical to a fresh build).
 
@@ -59,7 +60,7 @@ import torch
 from ...checkpoint import model_fingerprint
 from ...errors import BackendError
 from ...hardware import CpuMeter, choose_threads, cpu_signature, usable_cpus
-from ...io import atomic_write_json, read_bounded
+from ...io import atomic_write_json, open_bounded, read_bounded
 from ...records import EngineMeta, ProbeVerdict, read_record
 from ...userkey import CACHE_ENV, SECRET_BYTES, SECRET_NAME, default_cache_dir, folder_secret, mac
 from .engine import FastEngine, LoadTimes, flow_arrays, native_precision
@@ -105,13 +106,11 @@ _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "I8": torch.int8, "F64"
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
-def _write_flow(path: Path, tensors: dict[str, torch.Tensor]) -> str:
-    """Write `tensors` to `path` as a safetensors file straight from their memory, largest element size
-    first so that every span is aligned; returns the file's sha256, hashed as it is written. Read back by
-    the safetensors library (`_parse_flow`). Why not its writer: `safetensors.torch.save` copies each
-    tensor twice first, and the copies slowed the packing the writer thread overlaps — the official
-    model's first int8 load spent store 2.7 s with it, 1.3 s with this (AMD EPYC, 2 cores, commit f1e219b;
-    docs/benchmarks.md)."""
+def _flow_chunks(tensors: dict[str, torch.Tensor]) -> list:
+    """The bytes of a flow file as this cache writes it, in order, as views of the tensors' memory (no copy):
+    the safetensors header's length, the header (largest element size first, so that every span is
+    aligned; padded to 8 bytes), then each tensor's bytes. The writer writes them; the reader hashes them
+    again from the tensors it loaded (`_read_flow`)."""
     order = sorted(tensors, key=lambda key: (-tensors[key].element_size(), key))
     header, chunks, offset = {}, [], 0
     for key in order:
@@ -123,21 +122,46 @@ def _write_flow(path: Path, tensors: dict[str, torch.Tensor]) -> str:
         offset += chunk.size
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the tensors' bytes start 8-aligned
+    return [len(head).to_bytes(8, "little"), head, *chunks]
+
+
+def _write_flow(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    """Write `tensors` to `path` as a safetensors file straight from their memory (`_flow_chunks`); returns
+    the file's sha256, hashed as it is written. Read back by the safetensors library (`_read_flow`). Why
+    not its writer: `safetensors.torch.save` copies each tensor twice first, and the copies slowed the
+    packing the writer thread overlaps — the official model's first int8 load spent store 2.7 s with it,
+    1.3 s with this (AMD EPYC, 2 cores, commit f1e219b; docs/benchmarks.md)."""
     digest = hashlib.sha256()
     with open(path, "xb") as handle:
-        for chunk in (len(head).to_bytes(8, "little"), head, *chunks):
+        for chunk in _flow_chunks(tensors):
             digest.update(chunk)
             handle.write(chunk)
     return digest.hexdigest()
 
 
-def _parse_flow(data: bytes) -> dict[str, torch.Tensor]:
-    """A flow file's tensors, parsed by the safetensors library from the bytes whose sha256 was checked
-    (not from the file again: it could have changed since); ValueError for a dtype no engine holds."""
-    tensors = safetensors.torch.load(data)
+def _read_flow(path: Path, sha256: str, times: LoadTimes) -> dict[str, torch.Tensor]:
+    """A flow file's tensors, loaded by the safetensors library from the file this opened (a regular file
+    of bounded size, not a link: `io.open_bounded`), then proven: the sha256 of the file they make
+    (`_flow_chunks`) must be `sha256`. What is hashed is what is used — the tensors copied out of the
+    file's pages, not the file again (it could have changed since). ValueError when the digest or a dtype
+    is not one an engine holds."""
+    with open_bounded(path, "a flow's tensors", MAX_FLOW_BYTES, follow_links=False) as handle:
+        with times.phase("read"):
+            opened = f"/proc/self/fd/{handle.fileno()}"
+            mapped = safetensors.torch.load_file(opened if os.path.exists(opened) else path)
+            # the library's tensors are views of the file's pages (mmap): copied out, so that the file
+            # changed or truncated later cannot change (or crash) the engine; one copy, as read() was
+            tensors = {key: tensor.clone() for key, tensor in mapped.items()}
+            del mapped
     for key, tensor in tensors.items():
         if tensor.dtype not in _DTYPE_NAMES:
             raise ValueError(f"tensor {key!r}: {tensor.dtype}, not one an engine holds")
+    with times.phase("verify"):
+        digest = hashlib.sha256()
+        for chunk in _flow_chunks(tensors):
+            digest.update(chunk)
+        if not hmac.compare_digest(digest.hexdigest(), sha256):
+            raise ValueError(f"{path.name}: sha256 differs from meta.json (corrupt)")
     return tensors
 
 
@@ -199,7 +223,7 @@ class EngineCache:
         """The engine for `model` at `precision` (resolved to what this CPU runs natively), from the cache
         when an entry exists and proves itself, else built and stored. `options`: FastEngine's block_frames /
         threads. `engine.load_times`: seconds per phase (fingerprint, fold, arrays, pack, store; read,
-        verify, parse)."""
+        verify)."""
         precision = native_precision(precision)
         times = LoadTimes()
         with times.phase("fingerprint"):
@@ -254,19 +278,13 @@ class EngineCache:
     def _read_flows(self, folder: Path, files: dict, times: LoadTimes,
                     workers: int = 1) -> Iterator[dict[str, torch.Tensor]]:
         """Each flow's tensors, in order, its bytes checked against the proven sha256 (`files`) before they
-        are parsed (`_parse_flow`, the safetensors library). `workers` threads read, hash and parse flows
-        ahead of the one being packed (hashing and the library's copy run outside the GIL), at most
+        are used (`_read_flow`, the safetensors library). `workers` threads load and hash flows ahead of
+        the one being packed (hashing and the library's copy run outside the GIL), at most
         `workers` flows ahead: the caller says how many (`EngineCache.engine`: the cores other processes
         leave free, and one where the engine packs int8 weights, as a second thread slowed oneDNN's reorder
         by as much as it hid; docs/benchmarks.md, "Figures behind constants")."""
         def load(name: str) -> dict[str, torch.Tensor]:
-            with times.phase("read"):
-                data = read_bounded(folder / name, "a flow's tensors", MAX_FLOW_BYTES, follow_links=False)
-            with times.phase("verify"):
-                if not hmac.compare_digest(hashlib.sha256(data).hexdigest(), files[name]):
-                    raise ValueError(f"{name}: sha256 differs from meta.json (corrupt)")
-            with times.phase("parse"):
-                return _parse_flow(data)
+            return _read_flow(folder / name, files[name], times)
 
         names = sorted(files)
         if workers <= 1:

@@ -54,8 +54,9 @@ DTYPES = {"int8": torch.float32, "bf16": torch.bfloat16, "fp32": torch.float32}
 class LoadTimes(dict):
     """Seconds per phase of making an engine, summed over its flows: fingerprint, fold, arrays (GEMM form,
     int8 quantisation), pack (the engine's GEMMs; int8: oneDNN's packing), store (serialise, hash, write);
-    on a cache hit read, verify (sha256), parse; `precision: auto` adds probe_reference and probe_run.
-    Phases run on several threads (a hit's read, verify, parse) are summed over them. The bench reports
+    on a cache hit read (the safetensors library's load) and verify (sha256); `precision: auto` adds
+    probe_reference and probe_run. Phases run on several threads (a hit's read and verify) are summed over
+    them. The bench reports
     them (where a first load's time goes)."""
 
     _lock = threading.Lock()
