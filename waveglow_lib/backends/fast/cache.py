@@ -60,7 +60,7 @@ import torch
 from ...checkpoint import model_fingerprint
 from ...errors import BackendError
 from ...hardware import CpuMeter, choose_threads, cpu_signature, usable_cpus
-from ...io import atomic_write_json, open_bounded, read_bounded
+from ...io import atomic_write_json, open_bounded
 from ...records import EngineMeta, ProbeVerdict, read_record
 from ...userkey import CACHE_ENV, SECRET_BYTES, SECRET_NAME, default_cache_dir, folder_secret, mac
 from .engine import FastEngine, LoadTimes, flow_arrays, native_precision

@@ -56,8 +56,7 @@ class LoadTimes(dict):
     int8 quantisation), pack (the engine's GEMMs; int8: oneDNN's packing), store (serialise, hash, write);
     on a cache hit read (the safetensors library's load) and verify (sha256); `precision: auto` adds
     probe_reference and probe_run. Phases run on several threads (a hit's read and verify) are summed over
-    them. The bench reports
-    them (where a first load's time goes)."""
+    them. The bench reports them (where a first load's time goes)."""
 
     _lock = threading.Lock()
 
