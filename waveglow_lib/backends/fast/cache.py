@@ -60,7 +60,7 @@ import torch
 from ...checkpoint import model_fingerprint
 from ...errors import BackendError
 from ...hardware import CpuMeter, choose_threads, cpu_signature, usable_cpus
-from ...io import atomic_write_json, open_bounded
+from ...io import atomic_write_json, file_kind, open_bounded
 from ...records import EngineMeta, ProbeVerdict, read_record
 from ...userkey import CACHE_ENV, SECRET_BYTES, SECRET_NAME, default_cache_dir, folder_secret, mac
 from .engine import FastEngine, LoadTimes, flow_arrays, native_precision
@@ -261,7 +261,7 @@ class EngineCache:
         meta = read_record(meta_path, EngineMeta, "an engine's meta.json", on_damage=damage.append,
                            max_bytes=MAX_META_BYTES, follow_links=False)
         if damage or not meta:
-            return None, None, f"meta.json unreadable ({damage[0] if damage else 'not a file'})"
+            return None, None, f"meta.json unreadable ({damage[0] if damage else _not_regular(meta_path)})"
         if meta.get("key") != fields:
             return None, None, "stale (its key fields differ)"
         files, activations = meta.get("files"), meta.get("activations")
@@ -370,7 +370,7 @@ class EngineCache:
         stored = read_record(path, ProbeVerdict, "a probe verdict", on_damage=damage.append,
                              max_bytes=MAX_META_BYTES, follow_links=False)
         if damage or not stored:
-            why = damage[0].removeprefix(f"{path}: ") if damage else "not a file"
+            why = damage[0].removeprefix(f"{path}: ") if damage else _not_regular(path)
             return _warn(path, f"unreadable ({why}); probing again")
         record = stored.get("record")
         if not isinstance(record, dict) or stored.get("key") != fields \
@@ -394,6 +394,15 @@ class EngineCache:
             atomic_write_json(path, {"key": fields, "record": record, "mac": _mac(secret, {"key": fields, "record": record})})
         except OSError:
             pass  # a read-only cache: the probe runs again next time
+
+
+def _not_regular(path: Path) -> str:
+    """Why `records.read_record` found no record at a path that is there: it is not a regular file (a link
+    is not followed: the cache's files are ours, never links)."""
+    try:
+        return f"not a regular file ({file_kind(os.lstat(path))})"
+    except OSError:
+        return "removed since the look"
 
 
 def _warn(path: Path, problem: str) -> None:
