@@ -245,8 +245,8 @@ class LockRecord(Record):
 
 class EngineMeta(Record):
     """The fast engine cache's `engine-*/meta.json`: the key fields, each flow file's sha256, the activation
-    ranges, and the MAC that proves it (`backends.fast.cache`, which still checks it by hand: moving its
-    reader onto this model waits on other work in that file)."""
+    ranges, and the MAC that proves it (read through this model by `backends.fast.cache`, which then checks
+    the key and the MAC)."""
     key: Object = None
     files: Optional[dict[str, str]] = None
     activations: Object = None
@@ -254,7 +254,8 @@ class EngineMeta(Record):
 
 
 class ProbeVerdict(Record):
-    """The fast engine cache's stored `auto_engine` verdict, and its MAC (read by hand there, as `EngineMeta`)."""
+    """The fast engine cache's stored `auto_engine` verdict, and its MAC (read through this model, as
+    `EngineMeta`)."""
     key: Object = None
     record: Object = None
     mac: Optional[str] = None
