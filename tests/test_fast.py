@@ -698,3 +698,17 @@ def test_a_cached_flow_is_proven_as_loaded_and_owns_its_memory(tmp_path):
         fast_cache._read_flow(path, sha, fast_engine.LoadTimes())
     os.truncate(path, 16)
     assert torch.equal(loaded["c"], kept)
+
+
+@pytest.mark.parametrize("n_flows, workers", [(1, 2), (2, 2), (5, 2), (3, 1)])
+def test_cached_flows_come_back_in_order_on_any_number_of_readers(tmp_path, n_flows, workers):
+    """A cache hit reads flows on `workers` threads, ahead of the one being built: every flow comes back
+    once, in order, also when the model has fewer flows than there are readers."""
+    from pathlib import Path
+
+    folder, files = Path(tmp_path), {}
+    for k in range(n_flows):
+        name = f"flow{k:02d}.safetensors"
+        files[name] = fast_cache._write_flow(folder / name, {"x": torch.full((3,), float(k))})
+    flows = list(fast_cache.EngineCache(folder)._read_flows(folder, files, fast_engine.LoadTimes(), workers))
+    assert [int(t["x"][0]) for t in flows] == list(range(n_flows))

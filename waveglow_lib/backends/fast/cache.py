@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
 import os
 import platform
@@ -292,11 +293,11 @@ class EngineCache:
             return
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="engine-cache-reader") as pool:
             pending = [pool.submit(load, name) for name in names[:workers]]
+            queued = iter(names[workers:])
             try:
-                for name in names[workers:] + [None] * workers:
+                while pending:
                     tensors = pending.pop(0).result()
-                    if name is not None:
-                        pending.append(pool.submit(load, name))
+                    pending.extend(pool.submit(load, name) for name in itertools.islice(queued, 1))
                     yield tensors
             finally:  # an error (or a consumer that stops early) leaves nothing running behind it
                 for future in pending:
