@@ -94,6 +94,13 @@ def test_rows_have_every_field_with_finite_numbers(result):
         assert r["percent_of_peak_executed"] == pytest.approx(r["percent_of_peak"] * (share if folded else 1.0), abs=0.2)
     assert res["machine"]["isa"].keys() >= {"AMX-BF16", "AVX-512 BF16", "AVX-512 VNNI"}
     assert res["machine"]["versions"]["torch"] == torch.__version__
+    # the rows that choose their threads per run (fast) record each timed run's choice; the others nothing
+    for r in rows:
+        chosen = r["threads_per_run"]
+        assert (chosen is not None) == r["row"].startswith("fast-"), r["row"]
+        if chosen is not None:  # one per vocode call: a batch of the run's 3 slices at a time, one pass
+            assert len(chosen) == -(-len(bench.QUICK_LENGTHS) // r["batch_size"])
+            assert all(1 <= t <= res["settings"]["threads"] for t in chosen)
 
 
 def test_quality_gate_rejects_paths_that_break_the_audio(result):
@@ -300,6 +307,9 @@ def test_bench_load_and_engine_build_are_recorded(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("engine_cache_*"))  # the bench's engine cache is temporary
     md = (tmp_path / "bench.md").read_text()
     assert "busy-loop competitor" in md and "**Engine build**" in md and "**AMX**" in md
+    chosen = next(r for r in res["rows"] if r["row"] == "fast-fp32")["threads_per_run"]
+    assert f"Threads chosen per timed run (the cores free at that moment, up to {res['settings']['threads']}): " \
+           f"fast-fp32 {chosen[0]} thread" in md
     assert "fp32: first load " in md and "precision auto, what a run loads (" in md  # the breakdown is printed
     assert ("this CPU has AMX" in md) == bool(res["machine"]["isa"]["AMX-INT8"] or res["machine"]["isa"]["AMX-BF16"])
 

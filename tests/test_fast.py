@@ -560,6 +560,25 @@ def test_cpu_jiffies_and_meter():
     assert 0.0 <= value <= usable_cpus()
 
 
+
+def test_meter_measures_since_its_previous_call_when_that_was_recent(monkeypatch):
+    """Back to back, the meter measures over the time since its previous call (the run just done) and
+    sleeps no window; after more than `max_age`, or on the first call, it sleeps one fresh window."""
+    import waveglow_lib.hardware as hardware
+
+    tick = os.sysconf("SC_CLK_TCK")
+    # (busy ticks of all processes, this process's CPU seconds, monotonic seconds, usable cores)
+    samples = iter([(0, 0.0, 100.0, 2), (tick // 20, 0.0, 100.05, 2),  # first call: others 1 core in the window
+                    (tick // 20 + 5 * tick, 4.0, 104.05, 2),            # 4 s later: we used 4 of the 5 busy core-s
+                    (6 * tick, 5.0, 124.05, 2), (6 * tick, 5.0, 124.10, 2)])  # 20 s later: stale, idle window
+    monkeypatch.setattr(hardware.CpuMeter, "_sample", staticmethod(lambda: next(samples)))
+    slept = []
+    monkeypatch.setattr(hardware.time, "sleep", slept.append)
+    meter = hardware.CpuMeter(window=0.05, reuse=0.0, max_age=10.0)
+    assert meter.others_busy() == pytest.approx(1.0) and slept == [0.05]
+    assert meter.others_busy() == pytest.approx(0.25) and slept == [0.05]  # (5 − 4) core-s over 4 s, no sleep
+    assert meter.others_busy() == pytest.approx(0.0) and slept == [0.05, 0.05]
+
 def test_batches_run_unpadded_and_equal_each_utterance_alone(monkeypatch):
     """vocode hands the fast backend the utterances at their own lengths: nothing padded is computed, and
     the batch's audio equals each utterance run alone (batch 1) within the documented bound (bit for bit

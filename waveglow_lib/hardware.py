@@ -88,14 +88,20 @@ def cpu_jiffies(stat_text: str, cpus: set[int] | None = None, count_nice: bool =
 
 class CpuMeter:
     """How many cores' worth of *other* processes' work runs on this process's CPUs right now: /proc/stat's
-    busy ticks over a short window (niced processes' ticks left out when this one is not niced: they
-    yield to it), less this process's own CPU time. `others_busy()` measures at most
-    once per `reuse` seconds (`window` seconds each) and returns 0.0 where /proc/stat is missing."""
+    busy ticks over a window (niced processes' ticks left out when this one is not niced: they yield to
+    it), less this process's own CPU time. `others_busy()` measures at most once per `reuse` seconds and
+    returns 0.0 where /proc/stat is missing.
 
-    def __init__(self, window: float = 0.05, reuse: float = 1.0):
-        self.window, self.reuse = window, reuse
+    The window: since the previous call, when that was at least `window` and at most `max_age` seconds
+    ago — for back-to-back runs, the run just done, measured for free (others' share of the cores while
+    we ran; a competitor still shows) and over more ticks than a short window has; else a fresh `window`
+    seconds, slept."""
+
+    def __init__(self, window: float = 0.05, reuse: float = 1.0, max_age: float = 10.0):
+        self.window, self.reuse, self.max_age = window, reuse, max_age
         self._value: float | None = None
         self._when = -1e9
+        self._last: tuple[int, float, float, int] | None = None  # the previous call's sample
 
     @staticmethod
     def _sample() -> tuple[int, float, float, int] | None:
@@ -116,11 +122,13 @@ class CpuMeter:
         now = time.monotonic()
         if self._value is not None and now - self._when < self.reuse:
             return self._value
-        first = self._sample()
-        if first is None:
+        first, second = self._last, self._sample()
+        if second is None:
             return 0.0
-        time.sleep(self.window)
-        second = self._sample()
+        if first is None or not self.window <= second[2] - first[2] <= self.max_age:
+            time.sleep(self.window)
+            first, second = second, self._sample()
+        self._last = second
         ticks_per_second = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         wall = max(second[2] - first[2], 1e-6)
         busy = (second[0] - first[0]) / ticks_per_second - (second[1] - first[1])

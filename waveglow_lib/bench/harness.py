@@ -319,11 +319,14 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
     # the int8 graph rows' quantisation: {"cache": hit | built | rebuilt, "seconds", "entry", "samples"}
     quantised = {k: b.cache for k, b in backends.items() if getattr(b, "cache", None)}
 
-    def one_pass(backend, bs):
+    def one_pass(backend, bs, threads_used: list | None = None):
         outputs = [None] * len(utts)
         for batch in plan_batches(utts, bs):
             audio, _ = vocode(backend, [mels[index[u.id]] for u in batch], [noises[index[u.id]] for u in batch],
                               cfg.sigma, c, exact=False, pad_value=pad_value)
+            chosen = getattr(getattr(backend, "engine", None), "last_threads", None)  # rows that choose per run
+            if threads_used is not None and chosen is not None:
+                threads_used.append(chosen)
             for u, a in zip(batch, audio):
                 outputs[index[u.id]] = a
         return outputs
@@ -346,6 +349,7 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
         competitor.__enter__()
         for bs in batch_sizes:
             times = {r.id: [] for r in row_list}
+            threads_used = {r.id: [] for r in row_list}
             peak_mib = {r.id: 0.0 for r in row_list}
             outputs = {}
             warm = [np.ascontiguousarray(m[:, : min(lengths)]) for m in mels[:bs]]
@@ -357,7 +361,7 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
                     for row in row_list:  # interleaved: load changes hit every row alike
                         with RssSampler() as rss:
                             t0 = time.perf_counter()
-                            out = one_pass(backends[row.id], bs)
+                            out = one_pass(backends[row.id], bs, threads_used[row.id])
                             times[row.id].append(time.perf_counter() - t0)
                         peak_mib[row.id] = max(peak_mib[row.id], (rss.peak - rss.start) / 2 ** 20)
                         if rep == 0:
@@ -370,7 +374,7 @@ def run_bench(cfg: WorkflowConfig | None = None, *, model: Any = "official", len
                 reference = reference_alone() if unpadded else outputs[REFERENCE]
                 results.append(_row_result(row, bs, times[row.id], peak_mib[row.id], outputs[row.id], reference,
                                            "each utterance alone" if unpadded else "padded batch", len(utts),
-                                           audio_seconds, useful_flops, load_info[row.id]))
+                                           audio_seconds, useful_flops, load_info[row.id], threads_used[row.id]))
         # measured again after the rows (the competitor still running): one stall cannot make the peak low
         peaks_after = matmul_peaks(peak_size, bf16=machine["native_bf16"], int8=want_int8)
     finally:
@@ -442,7 +446,8 @@ def _select_rows(rows, native_bf16: bool) -> list[Row]:
 
 
 def _row_result(row: Row, bs: int, times: list[float], peak_mib: float, output: list, reference: list,
-                reference_kind: str, n_utts: int, audio_seconds: float, useful_flops: float, load: dict) -> dict:
+                reference_kind: str, n_utts: int, audio_seconds: float, useful_flops: float, load: dict,
+                threads_used: list[int] | None = None) -> dict:
     median = statistics.median(times)
     quality = quality_check(reference, output)
     gflops = useful_flops / median / 1e9
@@ -460,6 +465,8 @@ def _row_result(row: Row, bs: int, times: list[float], peak_mib: float, output: 
         "peak_memory_mib": round(peak_mib, 1), "load_memory_mib": load["load_mib"],
         "load_seconds": load["load_seconds"], **quality, "quality_ok": quality_ok(quality),
         "quality_reference": reference_kind,
+        # rows that choose their threads per run (fast: the cores free then): what each timed run chose
+        "threads_per_run": threads_used or None,
     }
 
 

@@ -88,6 +88,12 @@ def _amx_note(machine: Mapping[str, Any]) -> str:
     return "**AMX**: none on this CPU: the bf16 and int8 rows run on AVX-512 / AVX-VNNI where present."
 
 
+def _thread_counts(chosen: list[int]) -> str:
+    """[2, 2, 1, 2] → "2 threads ×3, 1 thread ×1" (most used first)."""
+    counts = sorted(((chosen.count(t), t) for t in set(chosen)), reverse=True)
+    return ", ".join(f"{t} thread{'s' if t != 1 else ''} ×{n}" for n, t in counts)
+
+
 def _load_note(load: Mapping[str, Any] | None) -> str:
     if not load or not load.get("cores"):
         return "**Load**: no competitor (`--load 0`); see the load average above."
@@ -156,6 +162,11 @@ def render_markdown(result: Mapping[str, Any]) -> str:
                 f"(+{_fmt(r['load_memory_mib'], 0)}) | {_fmt(r['snr_db'], 1)} | {_fmt(r['log_mel_distance'], 4)} "
                 f"| {_fmt(r['quality_ok'])} |")
         lines.append("")
+        chose = [r for r in result["rows"] if r["batch_size"] == bs and r.get("threads_per_run")]
+        if chose:  # a shared machine shows here: the default path runs on the cores free at each run
+            lines += ["Threads chosen per timed run (the cores free at that moment, up to "
+                      f"{markdown_text(s['threads'])}): " + "; ".join(
+                          f"{markdown_text(r['row'])} {_thread_counts(r['threads_per_run'])}" for r in chose) + ".", ""]
     auto = result["auto"]
     if s["quick"]:  # a smoke run times a few tiny utterances once: no verdicts from it
         lines += [f"*Smoke run (`--quick`): what was timed is {s['utterances']} slices of {_frames(s['lengths'])} mel "
