@@ -596,15 +596,17 @@ class FastEngine:
 
 class _FloatWN:
     """The WN layers of one sequence in fp32 or bf16: the state, [residual stream (C) | skip sum | zeros],
-    with `pad` zero rows around the sequence; each layer but the last writes the next state into the other
-    buffer (the dilated taps of the rows after a block still read the old one)."""
+    with `pad` zero rows around the sequence; with several blocks, each layer but the last writes the next
+    state into the other buffer (the dilated taps of the rows after a block still read the old one); with
+    one, it adds onto the state in place."""
 
     def __init__(self, engine: FastEngine, unfolded: torch.Tensor, blocks, gaps):
         self.engine, self.unfolded, self.blocks, self.gaps = engine, unfolded, blocks, gaps
         n, steps, dtype = engine.config.n_channels, engine.steps, engine.dtype
         self.total = total = unfolded.shape[0] * steps
         width = n + max(flow.layers[-1].res_skip_gemm.out_features for flow in engine.flows)
-        self.state, self.state_next = (torch.zeros(total + 2 * engine.pad, width, dtype=dtype) for _ in range(2))
+        self.state, self.state_next = (torch.zeros(total + 2 * engine.pad, width, dtype=dtype) if k == 0 or len(blocks) > 1
+                                       else None for k in range(2))  # one block: no second buffer
         # −gate, then a column of ones for the res/skip bias and zeros up to the GEMM's K
         k_rs = engine.flows[0].layers[0].res_skip_gemm.in_features
         self.gate = torch.zeros(min(total, blocks[0][1] * steps), k_rs, dtype=dtype)
@@ -626,7 +628,8 @@ class _FloatWN:
                 acts = layer.cond_gemm(self.unfolded[f0:f1], out=self.cond[: f1 - f0])
                 self._block(layer, acts.view(-1, 2 * n), f0 * steps, f1 * steps)
             if layer.has_residual:
-                self.state, self.state_next = self.state_next, self.state
+                if len(self.blocks) > 1:
+                    self.state, self.state_next = self.state_next, self.state
                 for g0, g1 in self.gaps:
                     self.state[pad + g0: pad + g1, :n] = 0.0
         return self.state[pad: pad + total, n: n + 2 * audio_0.shape[1]].float()  # past it: padding
@@ -645,8 +648,11 @@ class _FloatWN:
         gate = self.gate[: s1 - s0]
         torch.addcmul(sig[:, n:], sig[:, :n], sig[:, n:], value=-2.0, out=gate[:, :n])  # −gate: see layer_arrays
         width = layer.res_skip_gemm.out_features
-        if layer.has_residual:  # next state = state + residual and skip, one GEMM
+        if layer.has_residual and len(self.blocks) > 1:  # next state = state + residual and skip, one GEMM
             layer.res_skip_gemm.add_into(state_next[t0:t1, :width], state[t0:t1, :width], gate)
+        elif layer.has_residual:  # one block: its taps are done, so in place (no copy of the state)
+            columns = state[t0:t1, :width]
+            layer.res_skip_gemm.add_into(columns, columns, gate)
         else:  # skip only, in place: no later block reads these columns
             columns = state[t0:t1, n:n + width]
             layer.res_skip_gemm.add_into(columns, columns, gate)
