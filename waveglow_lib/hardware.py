@@ -186,7 +186,7 @@ def machine_info() -> dict:
 
 def choose_threads(usable: int, others_busy: float, limit: int | None = None) -> int:
     """Threads for one `run`: the cores not taken by other processes (`others_busy`: cores' worth of
-    other work measured just before), at least 1, at most `limit` (the caller's cap) and `usable`.
+    other work, `CpuMeter.others_busy`), at least 1, at most `limit` (the caller's cap) and `usable`.
 
     Why: OpenMP's GEMMs split every op evenly across threads and wait at a barrier after each, so one
     thread sharing its core with another process makes every op as slow as that thread; one thread per

@@ -380,7 +380,7 @@ class FastEngine:
       asked for its `config` and `n_remaining_channels`.
     - `load_times`: a `LoadTimes` the seconds of making it are added to (default: a new one);
       `self.load_times` holds them.
-    - `plan_load`: fold and pack on the cores free now (`plan_threads`, one 50 ms measurement), as `run`
+    - `plan_load`: fold and pack on the cores free now (`plan_threads`: `CpuMeter.others_busy`), as `run`
       does; default: where there is heavy work, i.e. it folds the model itself or packs int8 weights.
     - `activations`: int8: the activation ranges `calibrate` returned for these weights (the cache's way
       in); default: calibrated here. `self.activations` holds them (None for float engines).
