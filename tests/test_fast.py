@@ -560,7 +560,6 @@ def test_cpu_jiffies_and_meter():
     assert 0.0 <= value <= usable_cpus()
 
 
-
 def test_meter_measures_since_its_previous_call_when_that_was_recent(monkeypatch):
     """Back to back, the meter measures over the time since its previous call (the run just done) and
     sleeps no window; after more than `max_age`, or on the first call, it sleeps one fresh window."""
@@ -578,6 +577,7 @@ def test_meter_measures_since_its_previous_call_when_that_was_recent(monkeypatch
     assert meter.others_busy() == pytest.approx(1.0) and slept == [0.05]
     assert meter.others_busy() == pytest.approx(0.25) and slept == [0.05]  # (5 − 4) core-s over 4 s, no sleep
     assert meter.others_busy() == pytest.approx(0.0) and slept == [0.05, 0.05]
+
 
 def test_batches_run_unpadded_and_equal_each_utterance_alone(monkeypatch):
     """vocode hands the fast backend the utterances at their own lengths: nothing padded is computed, and

@@ -605,8 +605,8 @@ class _FloatWN:
         n, steps, dtype = engine.config.n_channels, engine.steps, engine.dtype
         self.total = total = unfolded.shape[0] * steps
         width = n + max(flow.layers[-1].res_skip_gemm.out_features for flow in engine.flows)
-        self.state, self.state_next = (torch.zeros(total + 2 * engine.pad, width, dtype=dtype) if k == 0 or len(blocks) > 1
-                                       else None for k in range(2))  # one block: no second buffer
+        self.state = torch.zeros(total + 2 * engine.pad, width, dtype=dtype)
+        self.state_next = torch.zeros_like(self.state) if len(blocks) > 1 else None  # one block: in place
         # −gate, then a column of ones for the res/skip bias and zeros up to the GEMM's K
         k_rs = engine.flows[0].layers[0].res_skip_gemm.in_features
         self.gate = torch.zeros(min(total, blocks[0][1] * steps), k_rs, dtype=dtype)
